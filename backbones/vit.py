@@ -1,0 +1,113 @@
+"""timm Vision Transformers: ``VisionTransformer`` of any size and its subclasses (DeiT, distilled DeiT).
+
+timm's ``Attention`` computes q, k, v with one fused ``qkv`` linear and calls SDPA itself, so there is no
+dispatch point to hook: the adapted blocks' ``attn.forward`` is replaced (on the instance, undone by eject) by
+:func:`_zinit_forward`, which is timm's forward with the gated prompt term added to the attention output before
+``norm``/``proj``. Prompt keys/values are the k and v slices of the fused ``qkv`` applied to the prompt (with the
+layer's ``k_norm``, Identity unless the model uses qk-norm). Bidirectional: no mask on the prompt part.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zinit.prompts import ADAPTER_ATTR
+from zinit.registry import Backbone, Dims, register_backbone
+
+
+def _matches(model: nn.Module) -> bool:
+    if "timm" not in sys.modules:  # a model can only be a timm ViT if timm is loaded
+        return False
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [block.attn for block in model.blocks]
+
+
+def _dims(model: nn.Module) -> Dims:
+    attn = model.blocks[0].attn
+    return Dims(
+        hidden_size=attn.qkv.in_features,
+        num_heads=attn.num_heads,
+        num_kv_heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        num_layers=len(model.blocks),
+    )
+
+
+def _project(attn: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
+    width = attn.num_heads * attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    kv = F.linear(prompt, weight[width:], None if bias is None else bias[width:])  # [..., K, 2·H·d]
+    kv = kv.view(*prompt.shape[:-1], 2, attn.num_heads, attn.head_dim)
+    key = kv.select(-3, 0).transpose(-2, -3)  # [..., H, K, d]
+    value = kv.select(-3, 1).transpose(-2, -3)
+    return attn.k_norm(key), value
+
+
+def _token_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """timm's own token attention, fused (SDPA) or eager as the module is configured."""
+    if attn.fused_attn:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0, is_causal=is_causal
+        )
+    from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    scores = maybe_add_mask(scores, resolve_self_attn_mask(q.shape[-2], scores, attn_mask, is_causal))
+    return attn.attn_drop(scores.softmax(dim=-1)) @ v
+
+
+def _zinit_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """timm ``Attention.forward`` plus the gated prompt term (DESIGN.md §1)."""
+    B, N, _ = x.shape
+    out_gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    out = _token_attention(self, q, k, v, attn_mask, is_causal)
+    out = out + getattr(self, ADAPTER_ATTR).attend(q, self, self.scale).to(out.dtype)
+    out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+    out = self.norm(out)
+    if out_gate is not None:
+        out = out * out_gate
+    return self.proj_drop(self.proj(out))
+
+
+def _install(model: nn.Module, modules: list[nn.Module]) -> None:
+    from timm.layers import Attention
+
+    for attn in modules:
+        if type(attn) is not Attention:
+            raise TypeError(
+                f"zinit's vit backbone adapts timm.layers.Attention, but this model's block uses "
+                f"{type(attn).__module__}.{type(attn).__qualname__}; register a backbone for it"
+            )
+    for attn in modules:
+        attn.forward = types.MethodType(_zinit_forward, attn)
+
+
+def _uninstall(model: nn.Module, modules: list[nn.Module]) -> None:
+    for attn in modules:
+        attn.__dict__.pop("forward", None)
+
+
+register_backbone(
+    Backbone(
+        name="vit",
+        matches=_matches,
+        attention_modules=_attention_modules,
+        dims=_dims,
+        project=_project,
+        install=_install,
+        uninstall=_uninstall,
+        description="timm VisionTransformer / DeiT (fused qkv, class token, bidirectional)",
+    )
+)

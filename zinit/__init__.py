@@ -1,0 +1,48 @@
+"""zinit: zero-init gated prompt attention (LLaMA-Adapter) for any transformer.
+
+>>> import timm, zinit
+>>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False), layers=4, K=10)
+>>> sum(p.numel() for p in zinit.trainable_parameters(vit))  # 4·10·192 + 4·3
+7692
+"""
+
+from . import convert
+from ._version import __version__
+from .inject import (
+    Injection,
+    adapter_state_dict,
+    eject,
+    inject,
+    injection,
+    is_injected,
+    layer_adapters,
+    load_adapter_state_dict,
+    trainable_parameters,
+)
+from .io import load_adapter, read_adapter_config, save_adapter
+from .prompts import LayerAdapter
+from .registry import Backbone, Dims, backbones, find_backbone, get_backbone, register_backbone
+
+__all__ = [
+    "Backbone",
+    "Dims",
+    "Injection",
+    "LayerAdapter",
+    "__version__",
+    "adapter_state_dict",
+    "backbones",
+    "convert",
+    "eject",
+    "find_backbone",
+    "get_backbone",
+    "inject",
+    "injection",
+    "is_injected",
+    "layer_adapters",
+    "load_adapter",
+    "load_adapter_state_dict",
+    "read_adapter_config",
+    "register_backbone",
+    "save_adapter",
+    "trainable_parameters",
+]

@@ -1,0 +1,79 @@
+"""Gated prompt attention as plain functions on tensors (no module state).
+
+The method (DESIGN.md §1): every token query of an adapted layer also attends to K learnable prompt keys,
+through a softmax of its own, and the result is scaled per head by a gate that starts at exactly zero::
+
+    out = softmax(q·Kwᵀ·s + mask)·Vw  +  gate ⊙ softmax(q·Kpᵀ·s)·Vp
+
+The first term is the layer's own attention, computed by the model's own kernel (SDPA / flash) and never
+touched here. This module computes the second term only: it is ``T × K`` per head, tiny beside the first.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+GATE_FUNCTIONS = ("tanh", "identity")
+
+
+def gate_values(gate: Tensor, gate_fn: str, num_heads: int) -> Tensor:
+    """The per-head multiplier ``[num_heads]`` from a raw gate parameter (``[num_heads]`` or ``[1]``).
+
+    ``gate_fn="tanh"`` is the paper's training code, ``"identity"`` the official v1 inference code, peft and litgpt.
+
+    >>> gate_values(torch.zeros(1), "tanh", 4)
+    tensor([0., 0., 0., 0.])
+    """
+    if gate_fn == "tanh":
+        g = torch.tanh(gate)
+    elif gate_fn == "identity":
+        g = gate
+    else:
+        raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
+    return g.expand(num_heads)
+
+
+def _expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[..., Hkv, K, d]`` → ``[..., H, K, d]``: query head h uses KV head ``h // (H // Hkv)``, as HF ``repeat_kv``.
+
+    The prompt has only K rows, so this copy is K·d per head: negligible, and it lets the query stay as it is.
+    """
+    kv_heads = x.shape[-3]
+    if kv_heads == num_heads:
+        return x
+    if num_heads % kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {kv_heads} key/value heads")
+    return x.repeat_interleave(num_heads // kv_heads, dim=-3)
+
+
+def gated_prompt_attention(
+    query: Tensor, prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, scaling: float
+) -> Tensor:
+    """The prompt term ``gate ⊙ softmax(q·Kpᵀ·scaling)·Vp`` for every query, in the query's layout ``[B, H, T, d]``.
+
+    Args:
+        query: ``[B, H, T, d]``, the layer's own query (already rotated by RoPE where the model uses it).
+        prompt_key, prompt_value: ``[Hkv, K, d]`` (one prompt for the batch) or ``[B, Hkv, K, d]`` (one per example).
+            No positional encoding: prompt keys carry none. With grouped-query attention ``Hkv < H``.
+        gate: ``[H]``, the already-applied gate function (see :func:`gate_values`).
+        scaling: the layer's own score scale, usually ``d ** -0.5``.
+
+    There is no mask: every query sees every prompt key. The softmax runs in float32 (as HF eager attention),
+    the rest in the query's dtype. The gate is folded into ``Vp`` (``[H, K, d]``, tiny) rather than applied to
+    the ``[B, H, T, d]`` output; with a zero gate the result is exactly zero.
+
+    >>> q = torch.randn(2, 4, 5, 8); k = v = torch.randn(2, 3, 8)
+    >>> gated_prompt_attention(q, k, v, torch.zeros(4), 8 ** -0.5).abs().max().item()
+    0.0
+    """
+    num_heads = query.shape[1]
+    dtype = query.dtype
+    key = _expand_kv_heads(prompt_key, num_heads).to(dtype)
+    value = _expand_kv_heads(prompt_value, num_heads).to(dtype)
+    if key.dim() == 4 and key.shape[0] != query.shape[0]:
+        raise ValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
+    value = value * gate.to(dtype).view(num_heads, 1, 1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+    return torch.matmul(probs, value)

@@ -1,0 +1,221 @@
+"""inject / eject, and access to what was injected (adapters, trainable parameters, canonical state dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention import GATE_FUNCTIONS
+from .prompts import ADAPTER_ATTR, GATE_KINDS, LayerAdapter
+from .registry import Backbone, Dims, find_backbone, get_backbone
+
+#: Attribute of an injected model that holds its :class:`Injection`.
+STATE_ATTR = "_zinit"
+
+
+@dataclass
+class Injection:
+    """What :func:`inject` did to a model; kept on the model as ``model._zinit``."""
+
+    backbone: Backbone
+    dims: Dims
+    layers: tuple[int, ...]  #: adapted layer indices, ascending (the backbone's own numbering)
+    K: int
+    gate: str
+    gate_fn: str
+    requires_grad: dict[str, bool]  #: each base parameter's flag before inject froze it, restored by eject
+
+
+def _check_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    if isinstance(layers, bool):
+        raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices")
+    if isinstance(layers, int):
+        if not 1 <= layers <= num_layers:
+            raise ValueError(
+                f"layers={layers} is out of range: this model has {num_layers} layers, so L must be in 1..{num_layers}"
+            )
+        return tuple(range(num_layers - layers, num_layers))
+    try:
+        chosen = list(layers)
+    except TypeError:
+        raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices") from None
+    if not chosen:
+        raise ValueError("layers=[] is empty: pass at least one layer index, or an int L for the top L layers")
+    for n in chosen:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"layer index {n!r} is not an int")
+        if not 0 <= n < num_layers:
+            raise ValueError(f"layer index {n} is out of range: this model has layers 0..{num_layers - 1}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers={chosen} names a layer twice")
+    return tuple(sorted(chosen))
+
+
+def inject(
+    model: nn.Module,
+    layers: int | Sequence[int],
+    K: int,
+    *,
+    gate: str = "head",
+    gate_fn: str = "tanh",
+    backbone: str | None = None,
+) -> nn.Module:
+    """Turn a frozen transformer into a zero-init prompt-adapted one, in place, and return it.
+
+    Every base parameter is frozen; each adapted layer gets a learnable prompt ``[K, C]`` (N(0, 1)) and a gate that
+    starts at exactly 0, so until training moves the gates the model computes what it computed before.
+
+    Args:
+        model: a Hugging Face LLaMA/Mistral/Qwen2, RoBERTa/BERT model or a timm ViT/DeiT (see :func:`zinit.backbones`).
+        layers: an int L (the top L layers, the paper's choice) or explicit layer indices (0 = bottom layer).
+        K: prompt length (the paper uses 10).
+        gate: ``"head"`` (one gate per query head) or ``"layer"`` (one per layer, as peft).
+        gate_fn: ``"tanh"`` (paper) or ``"identity"`` (raw gate: official v1 inference, peft, litgpt).
+        backbone: registry name to use instead of detecting it from the model.
+
+    Returns:
+        ``model`` itself, whose only trainable parameters are now the prompts and gates.
+
+    Example:
+        >>> import torch, zinit
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        ...                   num_attention_heads=4, num_key_value_heads=2)
+        >>> model = zinit.inject(LlamaForCausalLM(cfg), layers=2, K=10)
+        >>> sum(p.numel() for p in zinit.trainable_parameters(model))  # 2·10·64 + 2·4
+        1288
+    """
+    if is_injected(model):
+        raise RuntimeError("this model is already injected with zinit; call zinit.eject(model) first to re-inject")
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"K={K!r} must be an int >= 1 (the prompt length; the paper uses 10)")
+    if gate not in GATE_KINDS:
+        raise ValueError(f"gate={gate!r} is not one of {GATE_KINDS}")
+    if gate_fn not in GATE_FUNCTIONS:
+        raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
+    spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
+    dims = spec.dims(model)
+    chosen = _check_layers(layers, dims.num_layers)
+    modules = list(spec.attention_modules(model))
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    targets = [modules[n] for n in chosen]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for attention in targets:
+            device = next(attention.parameters()).device
+            adapter = LayerAdapter(
+                K, dims.hidden_size, dims.num_heads, gate=gate, gate_fn=gate_fn, project=spec.project, device=device
+            )
+            attention.add_module(ADAPTER_ATTR, adapter)
+        spec.install(model, targets)
+    except BaseException:  # leave the model exactly as it was given
+        for attention in targets:
+            if ADAPTER_ATTR in attention._modules:
+                delattr(attention, ADAPTER_ATTR)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        raise
+    setattr(model, STATE_ATTR, Injection(spec, dims, chosen, K, gate, gate_fn, flags))
+    return model
+
+
+def is_injected(model: nn.Module) -> bool:
+    """Whether :func:`inject` has been applied to ``model`` (and not undone by :func:`eject`)."""
+    return isinstance(getattr(model, STATE_ATTR, None), Injection)
+
+
+def injection(model: nn.Module) -> Injection:
+    """The :class:`Injection` record of an injected model; a clear error otherwise."""
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, Injection):
+        raise ValueError("this model has no zinit adapter: call zinit.inject(model, layers, K) first")
+    return state
+
+
+def layer_adapters(model: nn.Module) -> dict[int, LayerAdapter]:
+    """``{layer index: LayerAdapter}`` of an injected model, bottom to top."""
+    state = injection(model)
+    modules = state.backbone.attention_modules(model)
+    return {n: getattr(modules[n], ADAPTER_ATTR) for n in state.layers}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters zinit added (prompts and gates), in canonical order: what an optimizer should get.
+
+    >>> import zinit, timm
+    >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False), layers=2, K=4)
+    >>> [tuple(p.shape) for p in zinit.trainable_parameters(vit)]
+    [(4, 192), (3,), (4, 192), (3,)]
+    """
+    return [p for a in layer_adapters(model).values() for p in (a.prompt, a.gate)]
+
+
+def eject(model: nn.Module) -> nn.Module:
+    """Remove everything :func:`inject` added and restore each parameter's ``requires_grad``; returns ``model``.
+
+    Afterwards the model's state_dict, parameters and outputs are those of a never-injected model.
+
+    >>> import zinit, timm
+    >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    >>> keys = list(vit.state_dict())
+    >>> list(zinit.eject(zinit.inject(vit, 2, 4)).state_dict()) == keys
+    True
+    """
+    state = injection(model)
+    modules = state.backbone.attention_modules(model)
+    targets = [modules[n] for n in state.layers]
+    state.backbone.uninstall(model, targets)
+    for attention in targets:
+        delattr(attention, ADAPTER_ATTR)
+    for name, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter's tensors under canonical keys ``layers.{n}.prompt`` ``[K, C]`` and ``layers.{n}.gate`` ``[H]``/``[1]``.
+
+    ``n`` is the backbone's own layer index. Tensors are detached views of the parameters (as ``state_dict``).
+    """
+    out: dict[str, Tensor] = {}
+    for n, adapter in layer_adapters(model).items():
+        out[f"layers.{n}.prompt"] = adapter.prompt.detach()
+        out[f"layers.{n}.gate"] = adapter.gate.detach()
+    return out
+
+
+def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy a canonical adapter state into an injected model. Strict: every key must be present with its exact shape.
+
+    Raises:
+        KeyError: a missing or unexpected key (named, with the keys this model expects).
+        ValueError: a wrong shape (naming the key, the given shape and the expected one).
+    """
+    expected = adapter_state_dict(model)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected}")
+        raise KeyError(
+            f"adapter state does not fit this model: {'; '.join(parts)}. The model's adapter has layers "
+            f"{list(injection(model).layers)} (keys layers.N.prompt / layers.N.gate)"
+        )
+    for key, target in expected.items():
+        value = state[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"adapter state key {key!r} has shape {tuple(value.shape)}, but this model expects {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])
