@@ -19,6 +19,7 @@ mask function gets *no mask at all*; so the wrapper's name is registered there w
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
@@ -73,16 +74,29 @@ def attention_name(original: str) -> str:
     return name
 
 
+# Models built from one config object share it, so routing one model through zinit routes its siblings too.
+# That is harmless (modules without an adapter pass straight through the wrapper), but the original name may only
+# come back when the last injected model on that config is ejected: count them, per config object.
+_routed: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _users(config: Any) -> int:
+    ref, count = _routed.get(id(config), (None, 0))
+    return count if ref is not None and ref() is config else 0
+
+
 def install(model: nn.Module, modules: Sequence[nn.Module]) -> None:
     """Route ``model``'s attention through zinit's wrapper of its current implementation."""
     config = model.config
-    original = config._attn_implementation or "eager"
     for m in modules:
         if m.config is not config:
             raise RuntimeError(
                 f"{type(m).__qualname__} does not share the model's config; zinit's attention hook cannot reach it"
             )
-    config._attn_implementation = attention_name(original)
+    current = config._attn_implementation or "eager"
+    if not current.startswith(PREFIX):
+        config._attn_implementation = attention_name(current)
+    _routed[id(config)] = (weakref.ref(config), _users(config) + 1)
 
 
 def uninstall(model: nn.Module, modules: Sequence[nn.Module]) -> None:
@@ -94,4 +108,9 @@ def uninstall(model: nn.Module, modules: Sequence[nn.Module]) -> None:
             f"config._attn_implementation is {name!r}, not zinit's: it was changed after zinit.inject "
             "(e.g. by set_attn_implementation); set it back to the zinit_ name before ejecting"
         )
+    left = _users(config) - 1  # a deep copy of an injected model has a config of its own, counted as 0 here
+    if left > 0:
+        _routed[id(config)] = (weakref.ref(config), left)
+        return
+    _routed.pop(id(config), None)
     config._attn_implementation = name[len(PREFIX):]

@@ -30,7 +30,7 @@ class Injection:
 
 
 def _check_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
-    if isinstance(layers, bool):
+    if isinstance(layers, (bool, str)):
         raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices")
     if isinstance(layers, int):
         if not 1 <= layers <= num_layers:

@@ -1,0 +1,95 @@
+"""A naive implementation of the method, written straight from DESIGN.md §1 and sharing no code with zinit.
+
+For one adapted layer, in float64, with explicit matmuls, one loop over heads and two separate softmaxes:
+
+    Kp = k_proj(P), Vp = v_proj(P)                    (no normalisation of P, no positional encoding)
+    out_h = softmax(q_h·Kw_hᵀ·s + mask)·Vw_h + g_h · softmax(q_h·Kp_hᵀ·s)·Vp_h      (no mask on the prompt part)
+    g = tanh(gate) or gate, one per head (a layer gate is the same for every head)
+
+with query head h using key/value head h // (H / Hkv) for grouped-query attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NEG = float("-inf")
+
+
+def _lin(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    y = x @ weight.double().T
+    return y if bias is None else y + bias.double()
+
+
+def _heads(x: Tensor, n: int) -> Tensor:  # [..., T, n·d] -> [..., n, T, d]
+    return x.unflatten(-1, (n, -1)).transpose(-2, -3)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def gated_attention(q, k, v, kp, vp, gate, gate_fn, scale, allowed):
+    """q [B,H,T,d], k/v [B,Hkv,S,d], kp/vp [Hkv,K,d], allowed [B,T,S] bool or None -> [B,H,T,d]."""
+    B, H, T, d = q.shape
+    group = H // k.shape[1]
+    g = torch.tanh(gate.double()) if gate_fn == "tanh" else gate.double()
+    g = g.expand(H)
+    out = torch.empty_like(q)
+    for h in range(H):
+        kv = h // group
+        sw = q[:, h] @ k[:, kv].transpose(-1, -2) * scale
+        if allowed is not None:
+            sw = sw.masked_fill(~allowed, NEG)
+        tok = torch.softmax(sw, dim=-1) @ v[:, kv]
+        sp = q[:, h] @ kp[kv].T * scale
+        out[:, h] = tok + g[h] * (torch.softmax(sp, dim=-1) @ vp[kv])
+    return out
+
+
+def llama_layer(attn, hidden: Tensor, cos: Tensor, sin: Tensor, mask_2d: Tensor | None, prompt, gate, gate_fn):
+    """A LLaMA-family attention layer's output (after o_proj) for ``hidden`` [B,T,C]; cos/sin [B,T,d]."""
+    hidden = hidden.double()
+    H, Hkv = attn.config.num_attention_heads, attn.config.num_key_value_heads
+    q = _heads(_lin(hidden, attn.q_proj.weight, attn.q_proj.bias), H)
+    k = _heads(_lin(hidden, attn.k_proj.weight, attn.k_proj.bias), Hkv)
+    v = _heads(_lin(hidden, attn.v_proj.weight, attn.v_proj.bias), Hkv)
+    cos, sin = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    q = q * cos + _rotate_half(q) * sin  # RoPE on token queries and keys only
+    k = k * cos + _rotate_half(k) * sin
+    kp = _heads(_lin(prompt.double(), attn.k_proj.weight, attn.k_proj.bias), Hkv)
+    vp = _heads(_lin(prompt.double(), attn.v_proj.weight, attn.v_proj.bias), Hkv)
+    T = hidden.shape[1]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril().expand(hidden.shape[0], T, T)
+    if mask_2d is not None:
+        allowed = allowed & mask_2d.bool()[:, None, :]
+    out = gated_attention(q, k, v, kp, vp, gate, gate_fn, 1 / math.sqrt(q.shape[-1]), allowed)
+    return _lin(out.transpose(1, 2).flatten(2), attn.o_proj.weight, attn.o_proj.bias)
+
+
+def vit_layer(attn, x: Tensor, prompt, gate, gate_fn):
+    """A timm ViT attention layer's output (after proj) for ``x`` [B,N,C]: bidirectional, no mask."""
+    x = x.double()
+    H, C = attn.num_heads, x.shape[-1]
+    w, b = attn.qkv.weight, attn.qkv.bias
+    parts = [(w[i * C:(i + 1) * C], None if b is None else b[i * C:(i + 1) * C]) for i in range(3)]
+    q, k, v = (_heads(_lin(x, *p), H) for p in parts)
+    kp, vp = (_heads(_lin(prompt.double(), *p), H) for p in parts[1:])
+    out = gated_attention(q, k, v, kp, vp, gate, gate_fn, 1 / math.sqrt(q.shape[-1]), None)
+    return _lin(out.transpose(1, 2).flatten(2), attn.proj.weight, attn.proj.bias)
+
+
+def encoder_layer(attn, hidden: Tensor, mask_2d: Tensor | None, prompt, gate, gate_fn):
+    """A BERT/RoBERTa self-attention output (the context, before the output dense) for ``hidden`` [B,T,C]."""
+    hidden = hidden.double()
+    H = attn.num_attention_heads
+    q, k, v = (_heads(_lin(hidden, lin.weight, lin.bias), H) for lin in (attn.query, attn.key, attn.value))
+    kp, vp = (_heads(_lin(prompt.double(), lin.weight, lin.bias), H) for lin in (attn.key, attn.value))
+    B, T = hidden.shape[:2]
+    allowed = None if mask_2d is None else mask_2d.bool()[:, None, :].expand(B, T, T)
+    out = gated_attention(q, k, v, kp, vp, gate, gate_fn, 1 / math.sqrt(q.shape[-1]), allowed)
+    return out.transpose(1, 2).flatten(2)
