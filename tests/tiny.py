@@ -100,3 +100,34 @@ def padded_batch(side: str, seed: int = 0):
         else:
             mask[row, n:] = 0
     return ids.masked_fill(mask == 0, 0), mask
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + newline), built offline; ids 0-3 are special."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny_causal_lm(folder, layers: int = 3, seed: int = 0, attention_dropout: float = 0.0):
+    """Save a tiny random LLaMA and its character tokenizer to ``folder`` (what ``--model PATH`` loads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      attention_dropout=attention_dropout)
+    torch.manual_seed(seed)
+    model = _unit_scale(LlamaForCausalLM(cfg), seed)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

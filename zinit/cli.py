@@ -3,7 +3,8 @@
 ``zinit demo`` shows the method end to end on a small random-weight LLaMA-shaped model: inject, check that the
 zero-init model computes what the base model computes, train the adapter for a few steps on a toy sequence
 (the gates open and the loss falls), save it and load it back into a fresh model. ``zinit backbones`` lists the
-registered backbones. Training recipes (``zinit train ...``) arrive with the trainer.
+registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``) and
+``zinit generate`` answers an instruction with a base model and an adapter.
 """
 
 from __future__ import annotations
@@ -84,6 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     sub.add_parser("backbones", help="list the registered backbones").set_defaults(func=_backbones)
+
+    from recipes import alpaca
+
+    train = sub.add_parser("train", help="train an adapter with a recipe").add_subparsers(dest="recipe", required=True)
+    p = train.add_parser("alpaca", help="Alpaca instruction tuning (default: embedded SmolLM2 + bundled set)")
+    alpaca.add_train_args(p)
+    p.set_defaults(func=alpaca.run_train)
+    p = sub.add_parser("generate", help="answer an instruction with a base model and an adapter")
+    alpaca.add_generate_args(p)
+    p.set_defaults(func=alpaca.run_generate)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,292 @@
+"""The one training loop every recipe uses.
+
+A recipe hands :func:`train` a model (already injected) and a :class:`Task` (examples, how to batch them, how to
+compute the loss); the loop does the rest the same way for every task: data-parallel processes under torchrun,
+bf16 autocast on GPU, gradient accumulation, the official schedule and optimizer, atomic resumable checkpoints,
+a progress bar, ``metrics.jsonl`` and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..inject import is_injected, layer_adapters
+from . import dist as D
+from .checkpoint import check_same_run, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import epoch_batches
+from .plots import plot_run
+from .schedule import lr_at, param_groups, scaled_lr
+
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Trainer settings; the defaults are the official LLaMA-Adapter Alpaca recipe (DESIGN.md §4).
+
+    ``epochs`` and ``warmup_epochs`` may be fractional. With ``max_steps`` the run stops there and the schedule is
+    compressed to fit (warmup is still ``warmup_epochs / epochs`` of the run). ``pad_to`` pads every batch to that
+    length, as the official code does (512); the default pads each batch to its longest example.
+    """
+
+    output: str
+    epochs: float = 5.0
+    max_steps: int | None = None
+    batch_size: int = 4  #: per process
+    grad_accum: int = 1
+    blr: float = 9e-3  #: lr = blr · global batch / 256
+    weight_decay: float = 0.02
+    warmup_epochs: float = 2.0
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    save_every: int = 100  #: optimizer steps between checkpoints (and one at the end)
+    log_every: int = 1
+    seed: int = 0
+    group_by_length: bool = True
+    pad_to: int | None = None
+    fsdp: bool = False  #: shard the frozen model with FSDP2 (fully_shard) instead of replicating it
+    device: str | None = None  #: "cpu", "cuda" or None (CUDA when available)
+    progress: bool = True
+
+    # settings that do not change the result, so a resumed run may change them
+    _RESUMABLE = ("output", "save_every", "log_every", "progress", "device")
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self._RESUMABLE}
+
+
+@dataclass
+class Task:
+    """What the trainer needs from a recipe.
+
+    Attributes:
+        examples: the training examples (any objects ``collate`` understands).
+        collate: ``list of examples -> dict of tensors`` (a batch).
+        loss: ``(model, batch) -> (mean loss, count)``; ``count`` is what tokens/s counts (tokens, or images).
+        lengths: per-example lengths for length-grouped batching, or None.
+        fingerprint: what identifies the data/model side of the run (model path, data file, K, L, ...): a
+            checkpoint of a run with another fingerprint is refused.
+    """
+
+    examples: Sequence[Any]
+    collate: Callable[[list[Any]], dict[str, Tensor]]
+    loss: Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, int | Tensor]]
+    lengths: Sequence[int] | None = None
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float
+    resumed_from: int | None
+    metrics_path: Path
+    plots: list[Path]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy over the target tokens (labels != -100), and the number of tokens processed."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, batch["attention_mask"].sum()
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters: call zinit.inject(model, layers, K) first")
+    return named
+
+
+def _apply_fsdp(model: nn.Module, trainable: list[nn.Parameter]) -> None:
+    """Shard the frozen model with FSDP2, one unit per transformer block; the adapter stays replicated."""
+    from torch.distributed.fsdp import fully_shard
+
+    ignored = set(trainable)
+    blocks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    for block in (blocks[0] if blocks else []):
+        fully_shard(block, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+
+
+def _gate_summary(model: nn.Module) -> dict[str, float]:
+    if not is_injected(model):
+        return {}
+    with torch.no_grad():
+        return {str(n): a.gate_values().abs().mean().item() for n, a in layer_adapters(model).items()}
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
+
+
+def train(model: nn.Module, task: Task, config: TrainConfig,
+          callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = ()) -> TrainResult:
+    """Train ``model``'s trainable parameters on ``task``; resume from ``config.output`` if it holds a checkpoint.
+
+    Every optimizer step reseeds the RNG from ``(seed, rank, step)`` and reads a batch that is a function of
+    ``(seed, epoch, position)``, so a run killed at any point and started again with the same command ends with the
+    same parameters as an uninterrupted one. ``callbacks`` are called on the main process after every step (and after
+    that step's checkpoint, if any) as ``callback(step, record)``.
+
+    Returns a :class:`TrainResult`; the output folder holds ``checkpoint.pt``, ``metrics.jsonl`` and the plots
+    (the recipe saves the adapter).
+    """
+    env = D.setup(config.device)
+    out = Path(config.output)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+
+    named = _trainable(model)
+    params = [p for _, p in named]
+    model.to(env.device)
+    if config.fsdp:
+        if env.world_size == 1:
+            raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N>1")
+        _apply_fsdp(model, params)
+    D.broadcast_([p.data for p in params])  # identical replicas, whatever each process drew at inject
+
+    world = env.world_size
+    lengths = task.lengths if task.lengths is not None else [1] * len(task.examples)
+    per_step = config.batch_size * world
+    micro_per_epoch = len(task.examples) // per_step
+    steps_per_epoch = micro_per_epoch // config.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{len(task.examples)} training examples are fewer than one optimizer step needs "
+            f"(batch {config.batch_size} × {world} processes × accumulation {config.grad_accum}); "
+            "lower --batch-size or add data"
+        )
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"max_steps={config.max_steps} must be >= 1")
+    warmup = total * config.warmup_epochs / config.epochs if config.epochs > 0 else 0.0
+    global_batch = per_step * config.grad_accum
+    peak = scaled_lr(config.blr, global_batch)
+    optimizer = torch.optim.AdamW(param_groups(named, config.weight_decay), lr=0.0, betas=config.betas)
+
+    fingerprint = {**task.fingerprint, **config.fingerprint(), "world_size": world}
+    fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes once stored
+    start, resumed_from = 0, None
+    saved = load_checkpoint(out)
+    if saved is not None:
+        check_same_run(json.loads(saved["fingerprint"]), fingerprint, out)
+        by_name = dict(named)
+        with torch.no_grad():
+            for name, value in saved["trainable"].items():
+                by_name[name].copy_(value)
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        start = resumed_from = int(saved["step"])
+
+    metrics_path = out / METRICS_NAME
+    if env.is_main:
+        kept = []
+        if resumed_from is not None and metrics_path.exists():
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_from]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+        (out / "train_config.json").write_text(json.dumps(
+            {**fingerprint, "steps_per_epoch": steps_per_epoch, "total_steps": total, "peak_lr": peak,
+             "global_batch": global_batch, "warmup_steps": warmup}, indent=2) + "\n")
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else nullcontext())
+    progress = None
+    if env.is_main and config.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total, initial=start, desc="zinit train", unit="step", dynamic_ncols=True)
+
+    def checkpoint(step: int) -> None:
+        if env.is_main:
+            save_checkpoint(out, {
+                "step": step, "epoch": step // steps_per_epoch, "position": step % steps_per_epoch,
+                "trainable": {n: p.detach().cpu().clone() for n, p in named},
+                "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "fingerprint": json.dumps(fingerprint, sort_keys=True),
+            })
+        D.barrier()
+
+    model.train()
+    epoch_cache: dict[int, list] = {}
+    loss_value = float("nan")
+    step = start
+    window_start, window_tokens = time.perf_counter(), 0.0
+    while step < total:
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = epoch_batches(lengths, config.batch_size, world, epoch, config.seed,
+                                               config.group_by_length)
+        batches = epoch_cache[epoch]
+        seed = _step_seed(config.seed, env.rank, step)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        total_loss = torch.zeros((), device=env.device)
+        tokens = torch.zeros((), device=env.device)
+        for micro in range(config.grad_accum):
+            indices = batches[position * config.grad_accum + micro][env.rank]
+            batch = {k: v.to(env.device) for k, v in task.collate([task.examples[i] for i in indices]).items()}
+            with autocast:
+                loss, count = task.loss(model, batch)
+            (loss / config.grad_accum).backward()
+            total_loss += loss.detach().float() / config.grad_accum
+            tokens += count
+        stats = torch.stack([total_loss, tokens.float()])
+        if world > 1:
+            D.all_reduce_mean_([stats] + [p.grad for p in params if p.grad is not None])
+        loss_value = stats[0].item()
+        if not math.isfinite(loss_value):
+            if progress is not None:
+                progress.close()
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {step + 1}; stopped without updating. The last good checkpoint "
+                f"(if any) is kept in {out}. Lower --blr or check the data."
+            )
+        lr = lr_at(step, total, warmup, peak, config.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_tokens += stats[1].item() * world
+
+        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value, "lr": lr}
+        if step % config.log_every == 0 or step == total:
+            elapsed = time.perf_counter() - window_start
+            record.update(tokens_per_s=window_tokens / max(elapsed, 1e-9), gates=_gate_summary(model))
+            window_start, window_tokens = time.perf_counter(), 0.0
+            if env.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                         tok_s=f"{record['tokens_per_s']:.0f}")
+        if progress is not None:
+            progress.update(1)
+        if step % config.save_every == 0 or step == total:
+            checkpoint(step)
+        if env.is_main:
+            for callback in callbacks:
+                callback(step, record)
+    if progress is not None:
+        progress.close()
+    model.eval()
+    plots = plot_run(metrics_path, out) if env.is_main else []
+    D.barrier()
+    return TrainResult(out, step, loss_value, resumed_from, metrics_path, plots)
