@@ -261,13 +261,14 @@ def run_train(args: argparse.Namespace) -> int:
             before_path.write_text(json.dumps(before, indent=2) + "\n")
     D.barrier()
     result = train(model, task, config)
+    # a sharded (FSDP) model needs every process in each forward, so then all of them evaluate (identically)
+    after = evaluate(model, tokenizer, heldout, s["max_seq_len"]) if heldout and (env.is_main or args.fsdp) else None
     if env.is_main:
         zinit.save_adapter(model, out / "adapter")
         report: dict[str, Any] = {"steps": result.steps, "final_train_loss": result.final_loss,
                                   "trainable_parameters": sum(p.numel() for p in zinit.trainable_parameters(model))}
-        if heldout is not None:
+        if after is not None:
             before = json.loads(before_path.read_text())
-            after = evaluate(model, tokenizer, heldout, s["max_seq_len"])
             report.update(heldout=str(eval_path), before=before, after=after)
             with open(result.metrics_path, "a") as f:
                 f.write(json.dumps({"step": 0, "eval_loss": before["loss"]}) + "\n")

@@ -243,15 +243,19 @@ def test_sigkill_and_resume_ends_with_the_same_adapter(tmp_path):
     assert steps == list(range(1, 11))  # the re-done step is logged once
 
 
-def test_torchrun_two_processes_alpaca_recipe(tmp_path, tiny_model_dir, alpaca_file):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
-           "-m", "zinit", "train", "alpaca", "--model", str(tiny_model_dir), "--data", str(alpaca_file),
-           "--eval-data", str(alpaca_file), "--output", str(out), "--layers", "2", "--K", "4", "--epochs", "8",
-           "--warmup-epochs", "1", "--blr", "8", "--batch-size", "2", "--save-every", "5", "--no-progress",
-           "--device", "cpu"]
+def _torchrun(port, model_dir, data, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "zinit", "train", "alpaca", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data),
+           "--output", str(out), "--layers", "2", "--K", "4", "--warmup-epochs", "1", "--blr", "8",
+           "--batch-size", "2", "--no-progress", "--device", "cpu", *extra]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_torchrun_two_processes_alpaca_recipe(tmp_path, tiny_model_dir, alpaca_file):
+    out = tmp_path / "run"
+    _torchrun(29731, tiny_model_dir, alpaca_file, out, "--epochs", "8", "--save-every", "5")
     config = json.loads((out / "train_config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch"] == 4 and config["total_steps"] == 48
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
@@ -266,3 +270,44 @@ def test_torchrun_two_processes_alpaca_recipe(tmp_path, tiny_model_dir, alpaca_f
 
     model = zinit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
     assert zinit.injection(model).layers == (1, 2)
+
+
+def test_fsdp2_sharded_run_matches_the_replicated_run(tmp_path, tiny_model_dir, alpaca_file):
+    """FSDP2 shards the frozen model; the adapter it trains must be the one the replicated run trains."""
+    from safetensors.torch import load_file
+
+    _torchrun(29732, tiny_model_dir, alpaca_file, tmp_path / "plain", "--epochs", "2")
+    _torchrun(29733, tiny_model_dir, alpaca_file, tmp_path / "fsdp", "--epochs", "2", "--fsdp")
+    plain = load_file(str(tmp_path / "plain" / "adapter" / "adapter.safetensors"))
+    sharded = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter.safetensors"))
+    assert plain.keys() == sharded.keys()
+    for key in plain:
+        assert (plain[key] - sharded[key]).abs().max().item() <= 1e-6, key
+    report = json.loads((tmp_path / "fsdp" / "report.json").read_text())
+    assert report["after"]["n"] == 24  # the held-out evaluation ran on the sharded model too
+
+
+def test_generate_command_answers_with_an_adapter(tmp_path, tiny_model_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = zinit.inject(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 2, K=4)
+    zinit.save_adapter(model, tmp_path / "adapter")
+    from zinit.cli import main
+
+    args = ["generate", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"), "--greedy",
+            "--max-new-tokens", "5", "--device", "cpu", "Reverse the word.", "--input", "cat"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    assert main(args) == 0 and capsys.readouterr().out == greedy  # greedy is deterministic
+    assert main(args[:5] + args[6:]) == 0  # the paper's sampling (top-p 0.75, temperature 0.1)
+
+
+def test_padding_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    from benchmarks import padding
+
+    result = padding.main(["--model", str(tiny_model_dir), "--repeats", "1", "--max-seq-len", "256",
+                           "--json", str(tmp_path / "padding.json")])
+    assert set(result["rows"]) == {"official", "dynamic", "grouped"}
+    assert result["rows"]["official"]["pad_fraction"] > result["rows"]["grouped"]["pad_fraction"]
+    assert json.loads((tmp_path / "padding.json").read_text())["rows"]
+    assert "vs official" in capsys.readouterr().out

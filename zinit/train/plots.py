@@ -26,14 +26,19 @@ def plot_run(metrics_path: str | Path, folder: str | Path) -> list[Path]:
     written = []
 
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    ax_loss.plot(steps, [r["loss"] for r in records], lw=1, color="tab:blue")
-    ax_loss.set_ylabel("training loss")
+    losses = [r["loss"] for r in records]
+    ax_loss.plot(steps, losses, lw=0.8, color="tab:blue", alpha=0.45, label="training loss")
+    span = max(1, len(losses) // 20)  # trailing mean over ~5% of the run, to see the trend through the noise
+    smooth = [sum(losses[max(0, i - span + 1):i + 1]) / len(losses[max(0, i - span + 1):i + 1])
+              for i in range(len(losses))]
+    ax_loss.plot(steps, smooth, lw=1.6, color="tab:blue", label=f"mean of last {span}")
+    ax_loss.set_ylabel("loss")
     ax_loss.grid(alpha=0.3)
     evals = [r for r in read_metrics(metrics_path) if "eval_loss" in r]
     if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", color="tab:orange",
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", ms=7, color="tab:orange",
                      label="held-out loss")
-        ax_loss.legend()
+    ax_loss.legend()
     ax_lr.plot(steps, [r["lr"] for r in records], lw=1, color="tab:green")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
