@@ -47,6 +47,29 @@ def _expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
     return x.repeat_interleave(num_heads // kv_heads, dim=-3)
 
 
+def prepare_prompt_kv(prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, num_heads: int,
+                      dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Prompt keys/values ready for every query head: ``[..., H, K, d]``, the gate folded into the values.
+
+    Depends on parameters only (never on tokens), so it can be computed once and reused for every decoding step.
+    """
+    key = _expand_kv_heads(prompt_key, num_heads).to(dtype)
+    value = _expand_kv_heads(prompt_value, num_heads).to(dtype)
+    return key, value * gate.to(dtype).view(num_heads, 1, 1)
+
+
+def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: float) -> Tensor:
+    """``softmax(q·Kpᵀ·scaling)·Vp`` for prepared prompt keys/values (see :func:`prepare_prompt_kv`): ``[B, H, T, d]``.
+
+    No mask: every query sees every prompt key. The softmax runs in float32, as HF eager attention does.
+    """
+    if key.dim() == 4 and key.shape[0] != query.shape[0]:
+        raise ValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, gated_value)
+
+
 def gated_prompt_attention(
     query: Tensor, prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, scaling: float
 ) -> Tensor:
@@ -67,13 +90,5 @@ def gated_prompt_attention(
     >>> gated_prompt_attention(q, k, v, torch.zeros(4), 8 ** -0.5).abs().max().item()
     0.0
     """
-    num_heads = query.shape[1]
-    dtype = query.dtype
-    key = _expand_kv_heads(prompt_key, num_heads).to(dtype)
-    value = _expand_kv_heads(prompt_value, num_heads).to(dtype)
-    if key.dim() == 4 and key.shape[0] != query.shape[0]:
-        raise ValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
-    value = value * gate.to(dtype).view(num_heads, 1, 1)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-    return torch.matmul(probs, value)
+    key, value = prepare_prompt_kv(prompt_key, prompt_value, gate, query.shape[1], query.dtype)
+    return prompt_attention(query, key, value, scaling)

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attention import gate_values, gated_prompt_attention
+from .attention import gate_values, prepare_prompt_kv, prompt_attention
 
 GATE_KINDS = ("head", "layer")
 
@@ -51,6 +51,7 @@ class LayerAdapter(nn.Module):
         self.gate_fn = gate_fn
         self.num_heads = num_heads
         self._project = project
+        self._cache: tuple[tuple, Tensor, Tensor] | None = None
 
     def extra_repr(self) -> str:
         K, C = self.prompt.shape
@@ -64,10 +65,24 @@ class LayerAdapter(nn.Module):
         """Prompt keys and values ``[Hkv, K, d]`` through ``attention``'s own frozen projections."""
         return self._project(attention, self.prompt.to(dtype))
 
+    def _prepared(self, attention: nn.Module, query: Tensor) -> tuple[Tensor, Tensor]:
+        key, value = self.prompt_kv(attention, query.dtype)
+        return prepare_prompt_kv(key, value, self.gate_values(), self.num_heads, query.dtype)
+
     def attend(self, query: Tensor, attention: nn.Module, scaling: float) -> Tensor:
         """The gated prompt term ``[B, H, T, d]`` for the layer's query ``[B, H, T, d]``.
 
-        Prompt keys/values are projected once per call, i.e. once per forward of the layer.
+        With gradients enabled (training), prompt keys/values are projected on every call, i.e. once per forward
+        of the layer, so the graph reaches the prompt and gate. Without gradients (evaluation, ``generate()``) they
+        are projected once and reused until a parameter of the layer changes: the cache is keyed on the storage
+        and version counter of every parameter of the attention module (prompt, gate, projections), which any
+        in-place update (an optimizer step, ``load_state_dict``, ``.to()``) changes.
         """
-        key, value = self.prompt_kv(attention, query.dtype)
-        return gated_prompt_attention(query, key, value, self.gate_values(), scaling)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            key, value = self._prepared(attention, query)
+        else:
+            stamp = (query.dtype, query.device, *((p.data_ptr(), p._version) for p in attention.parameters()))
+            if self._cache is None or self._cache[0] != stamp:
+                self._cache = (stamp, *self._prepared(attention, query))
+            _, key, value = self._cache
+        return prompt_attention(query, key, value, scaling)

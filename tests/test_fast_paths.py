@@ -1,0 +1,135 @@
+"""Fast paths stay exact: cached prompt K/V in evaluation and generation, torch.compile, gradient checkpointing,
+bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zinit
+from tiny import clone, padded_batch, randomize_adapter, tiny_encoder, tiny_llama, tiny_vit, tokens
+
+
+class CountProjections:
+    """Counts calls of every adapter's prompt projection."""
+
+    def __init__(self, model):
+        self.calls = 0
+        for adapter in zinit.layer_adapters(model).values():
+            inner = adapter._project
+
+            def counted(attn, prompt, inner=inner):
+                self.calls += 1
+                return inner(attn, prompt)
+
+            adapter._project = counted
+
+
+def test_generation_projects_the_prompt_once_not_per_token():
+    model = zinit.inject(tiny_llama(layers=4), 3, K=5)
+    randomize_adapter(model, scale=0.5)
+    counter = CountProjections(model)
+    ids, mask = padded_batch("left")
+    model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert counter.calls == 3  # once per adapted layer for the whole generation, not 3 × 10
+
+
+def test_cached_and_uncached_paths_agree_exactly():
+    model = zinit.inject(tiny_llama(), 3, K=5)
+    randomize_adapter(model, scale=0.5)
+    ids, mask = padded_batch("right")
+    run = lambda: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    fresh = run().detach()  # gradients on: projected in the call
+    with torch.no_grad():
+        first, second = run(), run()  # projected once, then reused
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
+    with torch.inference_mode():
+        assert torch.equal(run(), fresh)
+
+
+def test_cache_follows_every_parameter_change():
+    model = zinit.inject(tiny_llama(), 3, K=5)
+    randomize_adapter(model, scale=0.5)
+    ids, mask = padded_batch("right")
+
+    def check():
+        with torch.no_grad():
+            cached = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(cached, model(input_ids=ids, attention_mask=mask).logits.detach())
+
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # fill the cache
+    opt = torch.optim.SGD(zinit.trainable_parameters(model), lr=0.5)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    opt.step()  # in-place update of prompts and gates
+    check()
+    zinit.load_adapter_state_dict(model, {k: v * 0.5 for k, v in zinit.adapter_state_dict(model).items()})
+    check()
+    with torch.no_grad():  # a frozen projection changed in place (e.g. load_state_dict of the base model)
+        model.model.layers[3].self_attn.k_proj.weight.mul_(1.5)
+    check()
+    model.to(torch.float64)  # new storage for every parameter
+    ids64 = ids
+    with torch.no_grad():
+        out = model(input_ids=ids64, attention_mask=mask).logits
+    assert out.dtype == torch.float64 and torch.equal(out, model(input_ids=ids64, attention_mask=mask).logits.detach())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    base = zinit.inject(tiny_llama(), 3, K=5)
+    randomize_adapter(base, scale=0.5)
+    ckpt = clone(base)
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids, mask = padded_batch("right")
+    grads = []
+    for model in (base, ckpt):
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+        grads.append([p.grad for p in zinit.trainable_parameters(model)])
+    for a, b in zip(*grads):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["llama", "vit", "roberta"])
+def test_cpu_bf16_autocast_keeps_zero_init_and_trains(family, images):
+    if family == "llama":
+        base, call = tiny_llama(), lambda m: m(input_ids=tokens(2, 7)).logits
+    elif family == "vit":
+        base, call = tiny_vit(), lambda m: m(images)
+    else:
+        base, call = tiny_encoder("roberta", "cls"), lambda m: m(input_ids=tokens(2, 7)).logits
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = call(base)
+    model = zinit.inject(clone(base), 2, K=4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(call(model), want)
+    randomize_adapter(model, scale=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = call(model).float().pow(2).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in zinit.trainable_parameters(model))
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_without_graph_breaks_in_the_adapter():
+    torch._dynamo.reset()
+    model = zinit.inject(tiny_llama(layers=2), 2, K=4)
+    randomize_adapter(model, scale=0.5)
+    ids, mask = padded_batch("right")
+    run = lambda m: m(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    want = run(model)
+    want.sum().backward()
+    want_grads = [p.grad.clone() for p in zinit.trainable_parameters(model)]
+    model.zero_grad(set_to_none=True)
+
+    explanation = torch._dynamo.explain(model)(input_ids=ids, attention_mask=mask)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model)
+    got = run(compiled)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got.sum().backward()
+    for p, g in zip(zinit.trainable_parameters(model), want_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(run(compiled), want, rtol=1e-4, atol=1e-5)
