@@ -3,6 +3,9 @@ bf16 autocast."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,3 +136,22 @@ def test_torch_compile_matches_eager_without_graph_breaks_in_the_adapter():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(run(compiled), want, rtol=1e-4, atol=1e-5)
+
+
+def test_speed_benchmark_runs_every_suite_on_tiny_shapes(tmp_path, capsys, monkeypatch):
+    """The benchmark is a tool people rerun: every suite must work end to end (timings are not asserted)."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # memory children run `python -m benchmarks.speed`
+    from zinit.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "tiny", "--L", "3", "--K", "4", "--repeats", "1", "--seq", "16", "--batch", "2",
+                 "--new-tokens", "4", "--gen-batches", "1", "--scaling-lengths", "16", "--vit-model",
+                 "vit_tiny_patch16_224", "--vit-batch", "1", "--tiny-roberta", "--roberta-seq", "8",
+                 "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) >= {"train", "infer", "generate", "memory", "scaling", "vit", "roberta"}
+    train = results["train"][0]
+    assert set(train["seconds"]) == {"floor", "zinit", "adaption_prompt", "lora"}
+    assert train["trainable"]["zinit"] == 3 * 4 * 64 + 3 * 4 and train["trainable"]["floor"] == 64
+    assert set(results["memory"][0]["mb"]) == {"floor", "zinit", "adaption_prompt", "lora"}
+    assert "vs floor" in capsys.readouterr().out

@@ -73,8 +73,18 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    from benchmarks import speed
+
+    speed.main(argv)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zinit`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every option after `bench` belongs to the benchmark's own parser
+        return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="zinit", description="Zero-init gated prompt attention adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="inject, check zero-init, train a few steps, save and reload (CPU, seconds)")
@@ -95,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("generate", help="answer an instruction with a base model and an adapter")
     alpaca.add_generate_args(p)
     p.set_defaults(func=alpaca.run_generate)
+    p = sub.add_parser("bench", help="speed and memory vs peft and the floor (python -m benchmarks.speed -h)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     return args.func(args)
 

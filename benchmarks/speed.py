@@ -1,0 +1,439 @@
+"""Speed and memory of zinit against its peers and against the floor, measured side by side in one process.
+
+    python -m benchmarks.speed                      # every suite, CPU, random weights (also: zinit bench)
+    python -m benchmarks.speed --suite train --shape mha --repeats 7 --json out.json
+    python -m benchmarks.speed --device cuda --dtype bfloat16 --suite train --shape llama7b   # on a GPU
+
+Every timing is interleaved (A B C A B C ...) after one warm-up round, and reported as median (min-max) with the
+ratio to the reference row. Suites:
+
+  train      training step (forward + backward + AdamW step on the adapter parameters) of zinit, peft adaption
+             prompt (same K and L), peft LoRA (r=8 on q,v) and the floor: the same frozen model with one trainable
+             zero bias added to the input of the lowest adapted layer, so the backward pass reaches exactly as deep
+             and no adapter math is done. The least any adapter can cost.
+  infer      inference forward of zinit vs the base model.
+  generate   greedy generation with KV cache (batch 1 and 8, --new-tokens tokens): zinit, peft adaption prompt, base.
+  memory     peak memory of a training step of each method, in a fresh subprocess per method: on CPU the
+             process's peak RSS during the step (VmHWM reset just before it), so it includes the model; on CUDA
+             torch.cuda.max_memory_allocated.
+  scaling    zinit vs floor training step at sequence lengths 128, 512, 2048 (batch 1).
+  vit        timm ViT-B/16 training step (random weights): zinit vs peft LoRA on qkv vs floor.
+  roberta    RoBERTa-base training step (random weights): zinit vs peft prefix tuning vs floor.
+
+LLaMA shapes (random weights): ``smollm2`` (30 layers, hidden 576, 9 heads, 3 KV heads), ``mha`` (the same with
+9 KV heads, multi-head as LLaMA-7B), ``llama7b`` (32 layers, hidden 4096, 32 heads; GPU only), or ``--model PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import zinit
+
+SHAPES = {
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152),
+    "mha": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                num_key_value_heads=9, vocab_size=49152),
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+}
+
+
+# ---------------------------------------------------------------- models and methods
+
+
+def llama(shape: str, model_path: str | None, dtype: torch.dtype, device: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if model_path:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def _blocks(model: nn.Module) -> nn.Module:
+    return zinit.find_backbone(model).attention_modules(model)
+
+
+class _ZeroBias(nn.Module):
+    def __init__(self, width: int, device, dtype):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(width, device=device, dtype=dtype))
+
+
+def apply_floor(model: nn.Module, L: int) -> nn.Module:
+    """Freeze everything, then add one trainable zero bias to the input of the lowest of the top L layers."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    spec = zinit.find_backbone(model)
+    dims = spec.dims(model)
+    layer_modules = {"llama": lambda m: m.base_model.layers, "vit": lambda m: m.blocks,
+                     "roberta": lambda m: m.base_model.encoder.layer}[spec.name](model)
+    first = layer_modules[dims.num_layers - L]
+    p = next(model.parameters())
+    first.zinit_floor = _ZeroBias(dims.hidden_size, p.device, p.dtype)
+
+    def hook(module, args, kwargs):
+        if args:
+            return (args[0] + module.zinit_floor.bias, *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"] + module.zinit_floor.bias
+        return args, kwargs
+
+    first.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+def apply_method(name: str, model: nn.Module, L: int, K: int) -> nn.Module:
+    """``model`` (a private copy) prepared with method ``name``: zinit, floor, base, adaption_prompt, lora, prefix."""
+    if name == "base":
+        return model
+    if name == "floor":
+        return apply_floor(model, L)
+    if name == "zinit":
+        return zinit.inject(model, L, K)
+    import peft
+
+    spec = zinit.find_backbone(model).name
+    if name == "adaption_prompt":
+        cfg = peft.AdaptionPromptConfig(adapter_len=K, adapter_layers=L, task_type="CAUSAL_LM")
+    elif name == "lora":
+        targets = {"llama": ["q_proj", "v_proj"], "vit": ["qkv"], "roberta": ["query", "value"]}[spec]
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
+    elif name == "prefix":
+        cfg = peft.PrefixTuningConfig(num_virtual_tokens=K, task_type="SEQ_CLS")
+    else:
+        raise ValueError(f"unknown method {name!r}")
+    return peft.get_peft_model(model, cfg)
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, dict[str, float]]:
+    """Run each function once as warm-up, then ``repeats`` rounds A B C A B C ...; seconds per call."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in times.items()}
+
+
+def train_step_fn(model: nn.Module, make_loss: Callable[[nn.Module], torch.Tensor], autocast) -> Callable[[], None]:
+    params = trainable(model)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+
+    def step():
+        with autocast():
+            loss = make_loss(model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _autocast(device: str, dtype: torch.dtype):
+    if device.startswith("cuda") and dtype == torch.bfloat16:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    from contextlib import nullcontext
+
+    return nullcontext
+
+
+def lm_loss(batch: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
+    return lambda m: m(input_ids=batch, labels=batch).loss
+
+
+def report(title: str, stats: dict[str, dict[str, float]], reference: str, unit: str = "s",
+           extra: dict[str, str] | None = None) -> list[str]:
+    ref = stats[reference]["median"]
+    lines = [f"\n{title}", f"  {'method':18s} {'median ' + unit:>12s} {'(min-max)':>22s} {'vs ' + reference:>12s}"]
+    for name, s in stats.items():
+        note = f"  {extra[name]}" if extra and name in extra else ""
+        lines.append(f"  {name:18s} {s['median']:12.4f} ({s['min']:9.4f}-{s['max']:9.4f}) {s['median'] / ref:11.3f}x"
+                     + note)
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+# ---------------------------------------------------------------- suites
+
+
+def suite_train(args, shape: str) -> dict:
+    dtype = getattr(torch, args.dtype)
+    base = llama(shape, args.model, dtype, args.device)
+    L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
+    batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
+    methods = ["floor", "zinit", "adaption_prompt", "lora"]
+    models = {m: apply_method(m, copy.deepcopy(base), L, args.K) for m in methods}
+    del base
+    ac = _autocast(args.device, dtype)
+    stats = interleaved({m: train_step_fn(models[m], lm_loss(batch), ac) for m in methods}, args.repeats, args.device)
+    params = {m: str(sum(p.numel() for p in trainable(models[m]))) + " params" for m in methods}
+    report(f"train step [{shape}, batch {args.batch}x{args.seq}, L={L}, K={args.K}, {args.device} {args.dtype}]",
+           stats, "floor", extra=params)
+    z, a = stats["zinit"]["median"], stats["adaption_prompt"]["median"]
+    print(f"  zinit / peft adaption prompt = {z / a:.3f}; tokens/s: zinit {args.batch * args.seq / z:.0f}, "
+          f"peft {args.batch * args.seq / a:.0f}")
+    return {"shape": shape, "batch": args.batch, "seq": args.seq, "L": L, "K": args.K, "seconds": stats,
+            "trainable": {m: sum(p.numel() for p in trainable(models[m])) for m in methods}}
+
+
+def suite_infer(args, shape: str) -> dict:
+    dtype = getattr(torch, args.dtype)
+    base = llama(shape, args.model, dtype, args.device)
+    L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
+    batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
+    models = {"base": base, "zinit": apply_method("zinit", copy.deepcopy(base), L, args.K)}
+    ac = _autocast(args.device, dtype)
+
+    def fwd(m):
+        def run():
+            with torch.no_grad(), ac():
+                m(input_ids=batch)
+        return run
+
+    stats = interleaved({k: fwd(m) for k, m in models.items()}, args.repeats, args.device)
+    report(f"inference forward [{shape}, batch {args.batch}x{args.seq}]", stats, "base")
+    return {"shape": shape, "seconds": stats}
+
+
+def suite_generate(args, shape: str) -> dict:
+    dtype = getattr(torch, args.dtype)
+    base = llama(shape, args.model, dtype, args.device)
+    L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
+    models = {m: apply_method(m, copy.deepcopy(base), L, args.K) for m in ("zinit", "adaption_prompt")}
+    with torch.no_grad():  # nonzero gates, so every adapter really computes its prompt path
+        for m in models.values():
+            for p in trainable(m):
+                if p.ndim <= 1:
+                    p.fill_(0.1)
+    models = {"base": base, **models}
+    for m in models.values():
+        m.eval()
+    out = {}
+    for b in args.gen_batches:
+        prompt = torch.randint(0, base.config.vocab_size, (b, args.gen_prompt), device=args.device)
+
+        def gen(m):
+            def run():
+                with torch.no_grad():
+                    m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                               max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+            return run
+
+        stats = interleaved({k: gen(m) for k, m in models.items()}, max(1, args.repeats // 2), args.device)
+        rate = {k: {q: b * args.new_tokens / v for q, v in s.items()} for k, s in stats.items()}
+        report(f"greedy generation [{shape}, batch {b}, {args.new_tokens} new tokens]", stats, "base",
+               extra={k: f"{rate[k]['median']:.1f} tokens/s" for k in rate})
+        z, base_rate, p = (rate[k]["median"] for k in ("zinit", "base", "adaption_prompt"))
+        print(f"  zinit tokens/s = {z / base_rate:.3f} x base, {z / p:.2f} x peft adaption prompt")
+        out[str(b)] = {"seconds": stats, "tokens_per_s": rate}
+    return {"shape": shape, "batches": out}
+
+
+def _memory_child(args) -> None:
+    """Run in a fresh process: build one method, take two training steps, print peak memory as JSON."""
+    dtype = getattr(torch, args.dtype)
+    base = llama(args.shapes[0], args.model, dtype, args.device)
+    L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
+    model = apply_method(args.memory_child, base, L, args.K)
+    batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
+    step = train_step_fn(model, lm_loss(batch), _autocast(args.device, dtype))
+    step()  # first step: optimizer state and lazily allocated buffers exist from here on
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    setup = _rss_mb("VmRSS")
+    _reset_peak_rss()
+    step()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else _rss_mb("VmHWM")
+    print("MEMORY " + json.dumps({"peak_mb": peak, "before_step_mb": setup}))
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc (ru_maxrss would include the forked parent's pages)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux: writing 5 to clear_refs), so the peak is the training step's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def suite_memory(args, shape: str) -> dict:
+    results = {}
+    for method in ("floor", "zinit", "adaption_prompt", "lora"):
+        cmd = [sys.executable, "-m", "benchmarks.speed", "--memory-child", method, "--shape", shape,
+               "--batch", str(args.batch), "--seq", str(args.seq), "--L", str(args.L), "--K", str(args.K),
+               "--device", args.device, "--dtype", args.dtype] + (["--model", args.model] if args.model else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")), None)
+        if line is None:
+            raise RuntimeError(f"memory child for {method} failed:\n{proc.stderr[-2000:]}")
+        results[method] = json.loads(line[len("MEMORY "):])
+    floor = results["floor"]["peak_mb"]
+    what = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS during a step, fresh process"
+    print(f"\npeak training memory [{shape}, batch {args.batch}x{args.seq}] ({what})")
+    for method, r in results.items():
+        print(f"  {method:18s} {r['peak_mb']:10.0f} MB {r['peak_mb'] / floor:8.3f}x floor")
+    return {"shape": shape, "what": what, "mb": results}
+
+
+def suite_scaling(args, shape: str) -> dict:
+    dtype = getattr(torch, args.dtype)
+    base = llama(shape, args.model, dtype, args.device)
+    L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
+    models = {m: apply_method(m, copy.deepcopy(base), L, args.K) for m in ("floor", "zinit")}
+    ac = _autocast(args.device, dtype)
+    out = {}
+    for T in args.scaling_lengths:
+        batch = torch.randint(0, base.config.vocab_size, (1, T), device=args.device)
+        stats = interleaved({m: train_step_fn(models[m], lm_loss(batch), ac) for m in models},
+                            max(1, args.repeats // 2), args.device)
+        report(f"scaling: train step [{shape}, batch 1x{T}]", stats, "floor")
+        out[str(T)] = stats
+    return {"shape": shape, "seconds": out}
+
+
+def suite_vit(args) -> dict:
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model(args.vit_model, pretrained=False, num_classes=100).to(args.device).eval()
+    L = min(args.L, len(base.blocks))
+    images = torch.randn(args.vit_batch, 3, 224, 224, device=args.device)
+    labels = torch.randint(0, 100, (args.vit_batch,), device=args.device)
+    loss = lambda m: nn.functional.cross_entropy(m(images), labels)  # noqa: E731
+    models = {m: apply_method(m, copy.deepcopy(base), L, args.K) for m in ("floor", "zinit", "lora")}
+    stats = interleaved({m: train_step_fn(models[m], loss, _autocast(args.device, getattr(torch, args.dtype)))
+                         for m in models}, max(1, args.repeats // 2), args.device)
+    report(f"ViT train step [{args.vit_model}, batch {args.vit_batch}, L={L}, K={args.K}]", stats, "floor",
+           extra={m: f"{sum(p.numel() for p in trainable(models[m]))} params" for m in models})
+    return {"model": args.vit_model, "seconds": stats}
+
+
+def suite_roberta(args) -> dict:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(num_labels=2) if not args.tiny_roberta else RobertaConfig(
+        num_labels=2, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
+    base = RobertaForSequenceClassification(cfg).to(args.device).eval()
+    L = min(args.L, cfg.num_hidden_layers)
+    ids = torch.randint(5, cfg.vocab_size, (args.batch, args.roberta_seq), device=args.device)
+    labels = torch.randint(0, 2, (args.batch,), device=args.device)
+    loss = lambda m: m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss  # noqa: E731
+    models, skipped = {}, {}
+    for m in ("floor", "zinit", "prefix"):
+        try:
+            models[m] = apply_method(m, copy.deepcopy(base), L, args.K)
+            loss(models[m]).backward()  # peft's prefix tuning may not support this transformers version
+            models[m].zero_grad(set_to_none=True)
+        except Exception as exc:  # reported as n/a with the reason, not silently dropped
+            skipped[m] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            models.pop(m, None)
+    stats = interleaved({m: train_step_fn(models[m], loss, _autocast(args.device, getattr(torch, args.dtype)))
+                         for m in models}, max(1, args.repeats // 2), args.device)
+    report(f"RoBERTa train step [{'tiny' if args.tiny_roberta else 'base'}, batch {args.batch}x{args.roberta_seq}, "
+           f"L={L}, K={args.K}]", stats, "floor",
+           extra={m: f"{sum(p.numel() for p in trainable(models[m]))} params" for m in models})
+    for m, why in skipped.items():
+        print(f"  {m:18s} n/a: {why}")
+    return {"seconds": stats, "n/a": skipped}
+
+
+SUITES = ("train", "infer", "generate", "memory", "scaling", "vit", "roberta")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="zinit bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="all", help=f"comma-separated among {', '.join(SUITES)} (default all)")
+    p.add_argument("--shape", dest="shapes", default="smollm2,mha", help="LLaMA shapes (default smollm2,mha)")
+    p.add_argument("--model", default=None, help="a Hugging Face checkpoint instead of a random-weight shape")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--L", type=int, default=30)
+    p.add_argument("--K", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--gen-prompt", type=int, default=32)
+    p.add_argument("--gen-batches", default="1,8")
+    p.add_argument("--scaling-lengths", default="128,512,2048")
+    p.add_argument("--vit-model", default="vit_base_patch16_224")
+    p.add_argument("--vit-batch", type=int, default=4)
+    p.add_argument("--roberta-seq", type=int, default=128)
+    p.add_argument("--tiny-roberta", action="store_true", help="a 4-layer RoBERTa (for smoke tests)")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
+    args.scaling_lengths = [int(t) for t in args.scaling_lengths.split(",")]
+    if args.memory_child:
+        _memory_child(args)
+        return {}
+    suites = SUITES if args.suite == "all" else tuple(args.suite.split(","))
+    unknown = set(suites) - set(SUITES)
+    if unknown:
+        raise SystemExit(f"unknown suite(s) {sorted(unknown)}; choose among {', '.join(SUITES)}")
+    print(f"zinit bench: torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"dtype {args.dtype}, repeats {args.repeats} (interleaved, after one warm-up round)")
+    results: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
+                               "threads": torch.get_num_threads()}
+    per_shape = {"train": suite_train, "infer": suite_infer, "generate": suite_generate, "memory": suite_memory,
+                 "scaling": suite_scaling}
+    for suite in suites:
+        if suite in per_shape:
+            shapes = args.shapes if suite in ("train", "memory") else args.shapes[:1]
+            results[suite] = [per_shape[suite](args, shape) for shape in shapes]
+        elif suite == "vit":
+            results["vit"] = suite_vit(args)
+        elif suite == "roberta":
+            results["roberta"] = suite_roberta(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
