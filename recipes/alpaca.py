@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import zinit
+from zinit.io import read_json
 from zinit.train import Task, TrainConfig, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
@@ -61,12 +62,7 @@ def format_prompt(instruction: str, input: str = "") -> str:
 def load_records(path: str | Path) -> list[dict[str, str]]:
     """Read and check an Alpaca JSON file; errors name the file and the record that is wrong."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Alpaca data file {path} does not exist")
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    records = read_json(path, "Alpaca data file")
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path} must hold a non-empty JSON list of {{instruction, input, output}} records")
     for i, r in enumerate(records):

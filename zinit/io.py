@@ -52,6 +52,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         raise
 
 
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Parse a JSON file; a missing file or bad JSON raises an error naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
 def adapter_config(model: nn.Module) -> dict[str, Any]:
     """The ``zinit.json`` description of an injected model's adapter."""
     state = injection(model)
@@ -88,12 +99,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check ``zinit.json`` in ``directory``; errors name the file and what is wrong with it."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: not a zinit adapter folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    config = read_json(path, f"adapter description ({CONFIG_NAME} beside {WEIGHTS_NAME})")
     if not isinstance(config, dict) or config.get("format") != "zinit-adapter":
         raise ValueError(f"{path} is not a zinit adapter description (no \"format\": \"zinit-adapter\")")
     if config.get("format_version", 0) > FORMAT_VERSION:
