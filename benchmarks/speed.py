@@ -246,7 +246,7 @@ def suite_generate(args, shape: str) -> dict:
     for b in args.gen_batches:
         prompt = torch.randint(0, base.config.vocab_size, (b, args.gen_prompt), device=args.device)
 
-        def gen(m):
+        def gen(m, prompt=prompt):
             def run():
                 with torch.no_grad():
                     m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,

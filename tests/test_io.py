@@ -100,7 +100,7 @@ def test_load_adapter_bad_files_leave_the_model_uninjected(tmp_path):
         zinit.load_adapter(model, tmp_path)
     folder = zinit.save_adapter(zinit.inject(tiny_llama(), 2, K=3), tmp_path / "a")
     (folder / "adapter.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="adapter.safetensors cannot be read as safetensors"):
         zinit.load_adapter(model, folder)
     assert not zinit.is_injected(model)  # the failed load rolled its injection back
     (folder / "zinit.json").write_text("{not json")

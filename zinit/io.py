@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -157,8 +157,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
                     f"the model is injected with {key}={value}; eject it first or load into a fresh model"
                 )
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except SafetensorError as exc:
+            raise ValueError(f"adapter weights {weights} cannot be read as safetensors: {exc}") from None
         load_adapter_state_dict(model, tensors)
     except BaseException:
         if injected_here:
