@@ -155,3 +155,18 @@ def test_speed_benchmark_runs_every_suite_on_tiny_shapes(tmp_path, capsys, monke
     assert train["trainable"]["zinit"] == 3 * 4 * 64 + 3 * 4 and train["trainable"]["floor"] == 64
     assert set(results["memory"][0]["mb"]) == {"floor", "zinit", "adaption_prompt", "lora"}
     assert "vs floor" in capsys.readouterr().out
+
+
+def test_decoding_steps_match_a_full_forward_with_open_gates():
+    """Each cached decoding step (one query per sequence, its own code path) gives the logits a full forward gives."""
+    model = zinit.inject(tiny_llama(layers=4), 3, K=5)
+    randomize_adapter(model, scale=0.5)
+    ids, mask = padded_batch("left")
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], 6, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # what generate() uses for left-padded rows
+        full = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=positions).logits
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, full[:, ids.shape[1] - 1 + step], rtol=1e-4, atol=1e-5)

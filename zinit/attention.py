@@ -62,17 +62,24 @@ def prepare_prompt_kv(prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, nu
 def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: float) -> Tensor:
     """``softmax(q·Kpᵀ·scaling)·Vp`` for prepared prompt keys/values (see :func:`prepare_prompt_kv`): ``[B, H, T, d]``.
 
-    No mask: every query sees every prompt key. It runs as one ``scaled_dot_product_attention`` call over the K
-    prompt keys (broadcast over the batch without a copy): one fused kernel forward and backward instead of
-    matmul/softmax/matmul, 2-3x faster for a handful of keys on CPU. Its softmax accumulates in float32, as HF
-    eager attention does.
+    No mask: every query sees every prompt key. The softmax is computed in float32, as HF eager attention does.
+    Two exact formulations, chosen by shape for speed (measured on CPU, SmolLM2 shape, K=10):
+
+    - many queries (training, prefill): scores laid out ``[..., K, T]``, so the softmax over the K prompt keys
+      runs along contiguous T; 3.6x faster forward than an SDPA call over K keys, whose kernel is built for long
+      key sequences, and faster than ``[..., T, K]`` scores, whose softmax rows are only K long;
+    - one query per sequence (a decoding step): one ``scaled_dot_product_attention`` call (2x fewer µs).
     """
-    if key.dim() == 3:
-        shape = (query.shape[0], *key.shape)
-        key, gated_value = key.expand(shape), gated_value.expand(shape)
-    elif key.shape[0] != query.shape[0]:
+    if key.dim() == 4 and key.shape[0] != query.shape[0]:
         raise ValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
-    return F.scaled_dot_product_attention(query, key, gated_value, scale=scaling)
+    if query.shape[-2] == 1:
+        if key.dim() == 3:
+            shape = (query.shape[0], *key.shape)
+            key, gated_value = key.expand(shape), gated_value.expand(shape)
+        return F.scaled_dot_product_attention(query, key, gated_value, scale=scaling)
+    scores = torch.matmul(key * scaling, query.transpose(-1, -2))  # [..., H, K, T]
+    probs = torch.softmax(scores, dim=-2, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs.transpose(-1, -2), gated_value)
 
 
 def gated_prompt_attention(
