@@ -172,9 +172,9 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
             f"(batch {config.batch_size} × {world} processes × accumulation {config.grad_accum}); "
             "lower --batch-size or add data"
         )
-    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"max_steps={config.max_steps} must be >= 1")
+    total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     warmup = total * config.warmup_epochs / config.epochs if config.epochs > 0 else 0.0
     global_batch = per_step * config.grad_accum
     peak = scaled_lr(config.blr, global_batch)
@@ -218,6 +218,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
                 "step": step, "epoch": step // steps_per_epoch, "position": step % steps_per_epoch,
                 "trainable": {n: p.detach().cpu().clone() for n, p in named},
                 "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "schedule": {"total_steps": total, "warmup_steps": warmup, "peak_lr": peak},  # lr = lr_at(step, ...)
                 "fingerprint": json.dumps(fingerprint, sort_keys=True),
             })
         D.barrier()
