@@ -94,9 +94,9 @@ def gated_prompt_attention(
         gate: ``[H]``, the already-applied gate function (see :func:`gate_values`).
         scaling: the layer's own score scale, usually ``d ** -0.5``.
 
-    There is no mask: every query sees every prompt key. The softmax accumulates in float32 (as HF eager
-    attention), the rest runs in the query's dtype. The gate is folded into ``Vp`` (``[H, K, d]``, tiny) rather than applied to
-    the ``[B, H, T, d]`` output; with a zero gate the result is exactly zero.
+    There is no mask: every query sees every prompt key. The softmax runs in float32 (as HF eager attention),
+    the rest in the query's dtype. The gate is folded into ``Vp`` (``[H, K, d]``, tiny) rather than applied to the
+    ``[B, H, T, d]`` output; with a zero gate the result is exactly zero.
 
     >>> q = torch.randn(2, 4, 5, 8); k = v = torch.randn(2, 3, 8)
     >>> gated_prompt_attention(q, k, v, torch.zeros(4), 8 ** -0.5).abs().max().item()

@@ -18,6 +18,7 @@ mask function gets *no mask at all*; so the wrapper's name is registered there w
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from typing import Any, Callable, Sequence
@@ -29,11 +30,14 @@ from .prompts import ADAPTER_ATTR
 PREFIX = "zinit_"
 
 
-def _eager_for(module: nn.Module) -> Callable[..., Any]:
-    """The ``eager_attention_forward`` of the module's own modeling file (what transformers uses for "eager")."""
-    fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+@functools.cache
+def _eager_for(cls: type) -> Callable[..., Any]:
+    """The ``eager_attention_forward`` of the class's own modeling file (what transformers uses for "eager").
+
+    Looked up once per attention class: the wrapper runs in every attention call of the model."""
+    fn = getattr(sys.modules[cls.__module__], "eager_attention_forward", None)
     if fn is None:
-        raise RuntimeError(f"{type(module).__qualname__}'s module has no eager_attention_forward to delegate to")
+        raise RuntimeError(f"{cls.__qualname__}'s module has no eager_attention_forward to delegate to")
     return fn
 
 
@@ -43,7 +47,7 @@ def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
     def zinit_attention(
         module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
     ) -> tuple[Tensor, Any]:
-        base = ALL_ATTENTION_FUNCTIONS.get_interface(original, None) or _eager_for(module)
+        base = ALL_ATTENTION_FUNCTIONS.get_interface(original, None) or _eager_for(type(module))
         out, weights = base(module, query, key, value, attention_mask, **kwargs)
         adapter = module._modules.get(ADAPTER_ATTR)
         if adapter is None:
