@@ -150,3 +150,35 @@ def test_models_sharing_one_config_inject_and_eject_independently():
         zinit.eject(second)
         assert first.config._attn_implementation == "sdpa"
         assert torch.equal(run(second), plain)
+
+
+def test_train_modules_train_save_and_load_with_the_adapter(tmp_path):
+    model = zinit.inject(tiny_vit(), 2, K=3, train_modules=["head"])
+    head_keys = {"modules.head.weight": (10, 48), "modules.head.bias": (10,)}
+    state = zinit.adapter_state_dict(model)
+    assert {k: tuple(v.shape) for k, v in state.items() if k.startswith("modules.")} == head_keys
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable and len(trainable) == 2 * 2 + 2
+    assert sum(p.numel() for p in zinit.trainable_parameters(model)) == 2 * (3 * 48 + 3) + 10 * 48 + 10
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    folder = zinit.save_adapter(model, tmp_path / "a")
+    assert json.loads((folder / "zinit.json").read_text())["train_modules"] == ["head"]
+    fresh = zinit.load_adapter(tiny_vit(), folder)  # the same base weights, its own random head replaced
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
+    with pytest.raises(ValueError, match=r"'modules.head.weight' has shape \(10, 48\).*expects \(5, 48\)"):
+        zinit.load_adapter(tiny_vit(num_classes=5), folder)
+    ejected = zinit.eject(model)
+    assert not any(p.requires_grad is False for p in ejected.parameters())  # flags restored (all were trainable)
+
+
+def test_train_modules_errors_name_the_module():
+    with pytest.raises(ValueError, match=r"no submodule 'classifier' \(its children: \[.*'head'"):
+        zinit.inject(tiny_vit(), 2, K=3, train_modules=["classifier"])
+    with pytest.raises(TypeError, match=r"pass a list of submodule names, e.g. \['head'\]"):
+        zinit.inject(tiny_vit(), 2, K=3, train_modules="head")
+    with pytest.raises(ValueError, match="has no parameters"):
+        zinit.inject(tiny_vit(), 2, K=3, train_modules=["head_drop"])

@@ -27,6 +27,7 @@ class Injection:
     gate: str
     gate_fn: str
     requires_grad: dict[str, bool]  #: each base parameter's flag before inject froze it, restored by eject
+    train_modules: tuple[str, ...] = ()  #: submodules left trainable and saved with the adapter (a task head)
 
 
 def _check_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -62,6 +63,7 @@ def inject(
     gate: str = "head",
     gate_fn: str = "tanh",
     backbone: str | None = None,
+    train_modules: Sequence[str] = (),
 ) -> nn.Module:
     """Turn a frozen transformer into a zero-init prompt-adapted one, in place, and return it.
 
@@ -75,9 +77,12 @@ def inject(
         gate: ``"head"`` (one gate per query head) or ``"layer"`` (one per layer, as peft).
         gate_fn: ``"tanh"`` (paper) or ``"identity"`` (raw gate: official v1 inference, peft, litgpt).
         backbone: registry name to use instead of detecting it from the model.
+        train_modules: names of submodules (``model.get_submodule`` paths, e.g. ``"head"`` of a timm ViT or
+            ``"qa_outputs"`` of a question-answering model) that stay trainable and are saved and loaded with the
+            adapter under ``modules.{name}.{parameter}``: a new task head, as peft's ``modules_to_save``.
 
     Returns:
-        ``model`` itself, whose only trainable parameters are now the prompts and gates.
+        ``model`` itself, whose only trainable parameters are now the prompts and gates (and ``train_modules``).
 
     Example:
         >>> import torch, zinit
@@ -99,6 +104,7 @@ def inject(
     spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
     dims = spec.dims(model)
     chosen = _check_layers(layers, dims.num_layers)
+    extra = _check_train_modules(model, train_modules)
     modules = list(spec.attention_modules(model))
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -112,6 +118,9 @@ def inject(
                 K, dims.hidden_size, dims.num_heads, gate=gate, gate_fn=gate_fn, project=spec.project, device=device
             )
             attention.add_module(ADAPTER_ATTR, adapter)
+        for name in extra:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
         spec.install(model, targets)
     except BaseException:  # leave the model exactly as it was given
         for attention in targets:
@@ -120,8 +129,32 @@ def inject(
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
         raise
-    setattr(model, STATE_ATTR, Injection(spec, dims, chosen, K, gate, gate_fn, flags))
+    setattr(model, STATE_ATTR, Injection(spec, dims, chosen, K, gate, gate_fn, flags, extra))
     return model
+
+
+def _check_train_modules(model: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise TypeError(f"train_modules={names!r}: pass a list of submodule names, e.g. [{names!r}]")
+    chosen = tuple(names)
+    for name in chosen:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(
+                f"train_modules: {type(model).__name__} has no submodule {name!r} (its children: {children})"
+            ) from None
+        if not any(True for _ in module.parameters()):
+            raise ValueError(f"train_modules: submodule {name!r} ({type(module).__name__}) has no parameters")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"train_modules={list(chosen)} names a module twice")
+    return chosen
+
+
+def _train_module_parameters(model: nn.Module, state: Injection) -> dict[str, nn.Parameter]:
+    return {f"modules.{name}.{pname}": p for name in state.train_modules
+            for pname, p in model.get_submodule(name).named_parameters()}
 
 
 def is_injected(model: nn.Module) -> bool:
@@ -145,14 +178,16 @@ def layer_adapters(model: nn.Module) -> dict[int, LayerAdapter]:
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters zinit added (prompts and gates), in canonical order: what an optimizer should get.
+    """The parameters zinit trains (prompts and gates, then any ``train_modules``), in canonical order: what an
+    optimizer should get.
 
     >>> import zinit, timm
     >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False), layers=2, K=4)
     >>> [tuple(p.shape) for p in zinit.trainable_parameters(vit)]
     [(4, 192), (3,), (4, 192), (3,)]
     """
-    return [p for a in layer_adapters(model).values() for p in (a.prompt, a.gate)]
+    params = [p for a in layer_adapters(model).values() for p in (a.prompt, a.gate)]
+    return params + list(_train_module_parameters(model, injection(model)).values())
 
 
 def eject(model: nn.Module) -> nn.Module:
@@ -179,7 +214,8 @@ def eject(model: nn.Module) -> nn.Module:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's tensors under canonical keys ``layers.{n}.prompt`` ``[K, C]`` and ``layers.{n}.gate`` ``[H]``/``[1]``.
+    """The adapter's tensors under canonical keys ``layers.{n}.prompt`` ``[K, C]`` and ``layers.{n}.gate`` ``[H]``/``[1]``
+    (and ``modules.{name}.{parameter}`` for each of inject's ``train_modules``).
 
     ``n`` is the backbone's own layer index. Tensors are detached views of the parameters (as ``state_dict``).
     """
@@ -187,6 +223,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for n, adapter in layer_adapters(model).items():
         out[f"layers.{n}.prompt"] = adapter.prompt.detach()
         out[f"layers.{n}.gate"] = adapter.gate.detach()
+    for key, p in _train_module_parameters(model, injection(model)).items():
+        out[key] = p.detach()
     return out
 
 

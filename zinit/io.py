@@ -69,16 +69,17 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     config: dict[str, Any] = {"format": "zinit-adapter", "format_version": FORMAT_VERSION, "zinit_version": __version__}
     config["backbone"] = state.backbone.name
     config.update({key: getattr(state.dims, attr) for key, attr in _DIM_FIELDS})
-    config.update(layers=list(state.layers), K=state.K, gate=state.gate, gate_fn=state.gate_fn)
+    config.update(layers=list(state.layers), K=state.K, gate=state.gate, gate_fn=state.gate_fn,
+                  train_modules=list(state.train_modules))
     return config
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write an injected model's adapter to ``directory`` (created if needed) and return the folder.
 
-    Writes ``adapter.safetensors`` (keys ``layers.{n}.prompt`` / ``layers.{n}.gate``, float32) and ``zinit.json``
-    (format version, backbone, hidden size, heads, KV heads, head size, layer count, adapted layers, K, gate, gate_fn,
-    zinit version).
+    Writes ``adapter.safetensors`` (keys ``layers.{n}.prompt`` / ``layers.{n}.gate``, float32, and
+    ``modules.{name}.*`` for inject's ``train_modules``) and ``zinit.json`` (format version, backbone, hidden size,
+    heads, KV heads, head size, layer count, adapted layers, K, gate, gate_fn, train_modules, zinit version).
 
     >>> import tempfile, timm, zinit
     >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False), layers=2, K=4)
@@ -146,14 +147,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
             )
     injected_here = not is_injected(model)
     if injected_here:
-        inject(model, config["layers"], config["K"], gate=config["gate"], gate_fn=config["gate_fn"], backbone=spec.name)
+        inject(model, config["layers"], config["K"], gate=config["gate"], gate_fn=config["gate_fn"], backbone=spec.name,
+               train_modules=config.get("train_modules", []))
     else:
         state = injection(model)
-        have = {"layers": list(state.layers), "K": state.K, "gate": state.gate, "gate_fn": state.gate_fn}
+        have = {"layers": list(state.layers), "K": state.K, "gate": state.gate, "gate_fn": state.gate_fn,
+                "train_modules": list(state.train_modules)}
         for key, value in have.items():
-            if config[key] != value:
+            if config.get(key, []) != value:
                 raise ValueError(
-                    f"adapter/model mismatch on {key}: the adapter in {directory} has {key}={config[key]}, "
+                    f"adapter/model mismatch on {key}: the adapter in {directory} has {key}={config.get(key, [])}, "
                     f"the model is injected with {key}={value}; eject it first or load into a fresh model"
                 )
     try:
