@@ -3,8 +3,8 @@
 ``zinit demo`` shows the method end to end on a small random-weight LLaMA-shaped model: inject, check that the
 zero-init model computes what the base model computes, train the adapter for a few steps on a toy sequence
 (the gates open and the loss falls), save it and load it back into a fresh model. ``zinit backbones`` lists the
-registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``) and
-``zinit generate`` answers an instruction with a base model and an adapter.
+registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``: alpaca, vtab, squad),
+``zinit eval RECIPE`` scores one, and ``zinit generate`` answers an instruction with a base model and an adapter.
 """
 
 from __future__ import annotations
@@ -96,12 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     sub.add_parser("backbones", help="list the registered backbones").set_defaults(func=_backbones)
 
-    from recipes import alpaca
+    from recipes import alpaca, squad, vtab
 
     train = sub.add_parser("train", help="train an adapter with a recipe").add_subparsers(dest="recipe", required=True)
     p = train.add_parser("alpaca", help="Alpaca instruction tuning (default: embedded SmolLM2 + bundled set)")
     alpaca.add_train_args(p)
     p.set_defaults(func=alpaca.run_train)
+    p = train.add_parser("vtab", help="VTAB-1k image classification on a timm ViT (grid on val, report on test)")
+    vtab.add_train_args(p)
+    p.set_defaults(func=vtab.run_train)
+    p = train.add_parser("squad", help="SQuAD v1.1 / v2.0 question answering on RoBERTa/BERT (official EM/F1)")
+    squad.add_train_args(p)
+    p.set_defaults(func=squad.run_train)
+    evaluate = sub.add_parser("eval", help="score a trained adapter with a recipe's metric").add_subparsers(
+        dest="recipe", required=True)
+    p = evaluate.add_parser("squad", help="official SQuAD EM/F1 of an adapter on a SQuAD file")
+    squad.add_eval_args(p)
+    p.set_defaults(func=squad.run_eval)
     p = sub.add_parser("generate", help="answer an instruction with a base model and an adapter")
     alpaca.add_generate_args(p)
     p.set_defaults(func=alpaca.run_generate)

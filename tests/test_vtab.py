@@ -1,0 +1,148 @@
+"""VTAB-1k recipe: the loader on a fixture in the exact layout, the protocol's order, group means, a full tiny run
+and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from recipes import vtab
+from tiny import tiny_vit
+from zinit.cli import main as cli
+
+SIZES = {"train800": 12, "val200": 6, "test": 8}
+
+
+def write_task(root, folder="cifar100", classes=3, sizes=SIZES):
+    """A task in the VPT/NOAH layout: each class is a distinct colour, so it can be learnt."""
+    task = root / folder
+    lines = {}
+    for split, n in sizes.items():
+        (task / "images" / split).mkdir(parents=True, exist_ok=True)
+        lines[split] = []
+        for i in range(n):
+            label = i % classes
+            colour = [(200, 30, 30), (30, 200, 30), (30, 30, 200)][label % 3]
+            Image.new("RGB", (20, 20), colour).save(task / "images" / split / f"{i}.jpg")
+            lines[split].append(f"images/{split}/{i}.jpg {label}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, rows in lines.items():
+        (task / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return task
+
+
+def test_loader_reads_the_layout_and_accepts_other_folder_names(tmp_path):
+    write_task(tmp_path, "cifar100", classes=3)
+    data = vtab.VtabData(tmp_path, "cifar")
+    assert data.spec.name == "cifar" and data.spec.num_classes == 100 and data.folder.name == "cifar100"
+    items = data.split("val200")
+    assert len(items) == 6 and items[1] == (data.folder / "images/val200/1.jpg", 1)
+    assert data.reads == ["val200"]
+    images, labels = vtab.load_images(items, 16, "val", progress=False)
+    assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8 and labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert images[0, 0].float().mean() > 150 and images[0, 2].float().mean() < 80  # red stays red
+    assert vtab.find_task(tmp_path, "cifar100")[0].name == "cifar"
+    write_task(tmp_path, "oxford_pet")
+    assert vtab.find_task(tmp_path, "oxford_iiit_pet")[1].name == "oxford_pet"
+
+
+def test_group_means_on_hand_made_numbers():
+    top1 = {"cifar": 70.0, "svhn": 80.0, "eurosat": 95.0, "resisc45": 85.0, "patch_camelyon": 75.0,
+            "dmlab": 40.0}
+    means = vtab.group_means(top1)
+    assert means == {"Natural": {"mean": 75.0, "tasks": 2, "of": 7},
+                     "Specialized": {"mean": 85.0, "tasks": 3, "of": 4},
+                     "Structured": {"mean": 40.0, "tasks": 1, "of": 8}}
+    vpt = vtab.group_means(vtab.VPT_DEEP)  # the per-task VPT numbers give the paper's group means
+    assert [round(vpt[g]["mean"], 2) for g in vtab.GROUPS] == [78.49, 82.42, 55.0]
+    assert [sum(t.group == g for t in vtab.TASKS.values()) for g in vtab.GROUPS] == [7, 4, 8]
+    assert {n: vtab.TASKS[n].num_classes for n in ("cifar", "sun397", "patch_camelyon", "dsprites_loc",
+                                                   "smallnorb_ele")} == {
+        "cifar": 100, "sun397": 397, "patch_camelyon": 2, "dsprites_loc": 16, "smallnorb_ele": 9}
+
+
+def test_protocol_never_reads_test_before_the_final_training(tmp_path, monkeypatch):
+    write_task(tmp_path, "dtd")
+    events = []
+    real_read, real_train = vtab.read_split, vtab.train
+    monkeypatch.setattr(vtab, "read_split", lambda folder, split, n: events.append(("read", split))
+                        or real_read(folder, split, n))
+    monkeypatch.setattr(vtab, "train", lambda model, task, config: events.append(("train", config.output))
+                        or real_train(model, task, config))
+    settings = vtab.VtabSettings(layers=2, K=2, epochs=1, warmup_epochs=0, batch_size=4, blr_grid=(1e-2, 1e-1),
+                                 wd_grid=(0.0,), seeds=(0, 1), device="cpu", progress=False)
+    result = vtab.run_task(tmp_path, "dtd", tmp_path / "out", settings, base=tiny_vit(num_classes=0))
+    kinds = [e if e[0] == "read" else ("train", e[1].split("/")[-1]) for e in events]
+    assert kinds == [("read", "train800"), ("read", "val200"), ("train", "blr0.01_wd0"), ("train", "blr0.1_wd0"),
+                     ("read", "train800val200"), ("train", "final_seed0"), ("read", "test"),
+                     ("train", "final_seed1"), ("read", "test")]
+    assert result["splits_read"] == ["train800", "val200", "train800val200", "test", "test"]
+    assert len(result["search"]) == 2 and len(result["test_top1"]) == 2
+    assert result["trainable_parameters"] == 2 * (2 * 48 + 3) + 47 * 48 + 47
+    events.clear()  # a re-run finds every piece done: it trains nothing and reads nothing
+    again = vtab.run_task(tmp_path, "dtd", tmp_path / "out", settings, base=tiny_vit(num_classes=0))
+    assert events == [] and again["test_top1"] == result["test_top1"]
+
+
+def test_full_tiny_run_writes_the_report(tmp_path, capsys):
+    write_task(tmp_path / "data", "kitti", classes=3)
+    out = tmp_path / "out"
+    assert cli(["train", "vtab", "--task", "kitti", "--data", str(tmp_path / "data"), "--output", str(out),
+                "--model", "vit_tiny_patch16_224", "--img-size", "32", "--layers", "2", "--K", "2", "--epochs", "2",
+                "--warmup-epochs", "0", "--batch-size", "6", "--blr-grid", "0.1", "--wd-grid", "0",
+                "--device", "cpu", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [t["task"] for t in report["tasks"]] == ["kitti"] and report["groups"]["Structured"]["tasks"] == 1
+    assert 0.0 <= report["tasks"][0]["mean"] <= 100.0
+    assert (out / "vtab.png").stat().st_size > 0 and "| kitti | Structured |" in (out / "report.md").read_text()
+    assert (out / "kitti" / "final_seed0" / "adapter" / "adapter.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "random weights" in printed and "zero-init (paper)" in printed
+
+
+def test_bad_input_names_the_file(tmp_path):
+    task = write_task(tmp_path, "eurosat", classes=3)
+    (task / "val200.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"val200.txt does not exist"):
+        vtab.VtabData(tmp_path, "eurosat")
+
+    task = write_task(tmp_path, "svhn", classes=3)
+    (task / "test.txt").write_text("images/test/0.jpg 12\n")
+    with pytest.raises(ValueError, match=r"test.txt:1: label 12 is outside 0..9 \(10 classes\)"):
+        vtab.VtabData(tmp_path, "svhn").split("test")
+    (task / "test.txt").write_text("images/test/0.jpg\n")
+    with pytest.raises(ValueError, match=r"test.txt:1: expected '<image path> <integer label>'"):
+        vtab.VtabData(tmp_path, "svhn").split("test")
+    (task / "test.txt").write_text("images/test/99.jpg 1\n")
+    with pytest.raises(FileNotFoundError, match=r"test.txt:1: image .*99.jpg does not exist"):
+        vtab.VtabData(tmp_path, "svhn").split("test")
+    broken = task / "images" / "test" / "0.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"image .*images/test/0.jpg cannot be decoded"):
+        vtab.load_image(broken, 16)
+
+    with pytest.raises(ValueError, match=r"'flowers_of_mars' is not a VTAB-1k task .*--num-classes"):
+        vtab.VtabData(tmp_path, "flowers_of_mars")
+    with pytest.raises(FileNotFoundError, match="no folder for task dmlab"):
+        vtab.VtabData(tmp_path, "dmlab")
+    with pytest.raises(ValueError, match="--num-classes 5 contradicts svhn"):
+        vtab.VtabData(tmp_path, "svhn", num_classes=5)
+
+
+def test_pretrained_file_loads_without_pickle_and_refuses_a_wrong_one(tmp_path):
+    from safetensors.torch import save_file
+
+    source = vtab.build_model("vit_tiny_patch16_224", None, 32)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "w.safetensors")
+    torch.save({"model": source.state_dict()}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        loaded = vtab.build_model("vit_tiny_patch16_224", str(tmp_path / name), 32)
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.state_dict().items()
+                   if not k.startswith("head."))
+    with pytest.raises(ValueError, match="does not fit VisionTransformer"):
+        vtab.build_model("vit_small_patch16_224", str(tmp_path / "w.safetensors"), 32)
+    with pytest.raises(FileNotFoundError, match="--pretrained-file .*nope.pth does not exist"):
+        vtab.build_model("vit_tiny_patch16_224", str(tmp_path / "nope.pth"), 32)
