@@ -18,9 +18,10 @@ from .inject import (
     layer_adapters,
     load_adapter_state_dict,
     trainable_parameters,
+    visual_features,
 )
 from .io import load_adapter, read_adapter_config, save_adapter
-from .prompts import LayerAdapter
+from .prompts import LayerAdapter, VisualProjection
 from .registry import Backbone, Dims, backbones, find_backbone, get_backbone, register_backbone
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "Dims",
     "Injection",
     "LayerAdapter",
+    "VisualProjection",
     "__version__",
     "adapter_state_dict",
     "backbones",
@@ -45,4 +47,5 @@ __all__ = [
     "register_backbone",
     "save_adapter",
     "trainable_parameters",
+    "visual_features",
 ]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .attention import GATE_FUNCTIONS
-from .prompts import ADAPTER_ATTR, GATE_KINDS, LayerAdapter
+from .prompts import ADAPTER_ATTR, GATE_KINDS, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
 from .registry import Backbone, Dims, find_backbone, get_backbone
 
 #: Attribute of an injected model that holds its :class:`Injection`.
@@ -28,6 +30,9 @@ class Injection:
     gate_fn: str
     requires_grad: dict[str, bool]  #: each base parameter's flag before inject froze it, restored by eject
     train_modules: tuple[str, ...] = ()  #: submodules left trainable and saved with the adapter (a task head)
+    visual_dim: int | None = None  #: width of the image features the visual projection takes (None: text only)
+    visual_hidden: int | None = None  #: hidden width of the visual projection MLP
+    visual: VisualInput | None = None  #: where zinit.visual_features puts the current image tokens
 
 
 def _check_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -64,6 +69,8 @@ def inject(
     gate_fn: str = "tanh",
     backbone: str | None = None,
     train_modules: Sequence[str] = (),
+    visual_dim: int | None = None,
+    visual_hidden: int = 128,
 ) -> nn.Module:
     """Turn a frozen transformer into a zero-init prompt-adapted one, in place, and return it.
 
@@ -80,6 +87,10 @@ def inject(
         train_modules: names of submodules (``model.get_submodule`` paths, e.g. ``"head"`` of a timm ViT or
             ``"qa_outputs"`` of a question-answering model) that stay trainable and are saved and loaded with the
             adapter under ``modules.{name}.{parameter}``: a new task head, as peft's ``modules_to_save``.
+        visual_dim: width D of per-example image features (e.g. 3 CLIP class tokens: 3·1024). Adds a trainable
+            MLP ``D → visual_hidden → C`` (``visual_proj.*`` in the adapter) whose output token is added to every
+            adapted layer's prompt; pass the features of a forward with :func:`visual_features`.
+        visual_hidden: hidden width of that MLP (default 128).
 
     Returns:
         ``model`` itself, whose only trainable parameters are now the prompts and gates (and ``train_modules``).
@@ -105,6 +116,11 @@ def inject(
     dims = spec.dims(model)
     chosen = _check_layers(layers, dims.num_layers)
     extra = _check_train_modules(model, train_modules)
+    if visual_dim is not None and (isinstance(visual_dim, bool) or not isinstance(visual_dim, int) or visual_dim < 1):
+        raise ValueError(f"visual_dim={visual_dim!r} must be an int >= 1 (the width of the image features)")
+    if visual_dim is not None and hasattr(model, VISUAL_ATTR):
+        raise ValueError(f"the model already has an attribute {VISUAL_ATTR!r}; zinit needs that name")
+    visual = VisualInput() if visual_dim is not None else None
     modules = list(spec.attention_modules(model))
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -115,9 +131,13 @@ def inject(
         for attention in targets:
             device = next(attention.parameters()).device
             adapter = LayerAdapter(
-                K, dims.hidden_size, dims.num_heads, gate=gate, gate_fn=gate_fn, project=spec.project, device=device
+                K, dims.hidden_size, dims.num_heads, gate=gate, gate_fn=gate_fn, project=spec.project, device=device,
+                visual=visual,
             )
             attention.add_module(ADAPTER_ATTR, adapter)
+        if visual is not None:
+            device = next(targets[0].parameters()).device
+            model.add_module(VISUAL_ATTR, VisualProjection(visual_dim, dims.hidden_size, visual_hidden, device))
         for name in extra:
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
@@ -126,11 +146,67 @@ def inject(
         for attention in targets:
             if ADAPTER_ATTR in attention._modules:
                 delattr(attention, ADAPTER_ATTR)
+        if visual is not None and VISUAL_ATTR in model._modules:
+            delattr(model, VISUAL_ATTR)
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
         raise
-    setattr(model, STATE_ATTR, Injection(spec, dims, chosen, K, gate, gate_fn, flags, extra))
+    setattr(model, STATE_ATTR, Injection(spec, dims, chosen, K, gate, gate_fn, flags, extra, visual_dim,
+                                         visual_hidden if visual_dim is not None else None, visual))
     return model
+
+
+_SERIAL = itertools.count(1)
+
+
+@contextmanager
+def visual_features(model: nn.Module, features: Tensor, has_image: Tensor | Sequence[bool] | None = None
+                    ) -> Iterator[Tensor]:
+    """Use per-example image features for every forward (and ``generate()``) of ``model`` inside the block.
+
+    The features go through the model's visual projection once, on entry (inside autograd when gradients are on,
+    so a ``backward()`` inside the block trains the projection); the resulting token of example b is added to the
+    prompt of every adapted layer for that example. Blocks are per thread / asyncio task (a ContextVar), so
+    concurrent forwards with different images do not see each other's; blocks nest (the innermost wins).
+
+    Args:
+        model: a model injected with ``visual_dim=D``.
+        features: ``[B, D]``, one row per example of the batch (rows of examples without an image are ignored).
+        has_image: ``[B]`` booleans; examples marked False get no visual term at all (default: all True).
+
+    Yields the image tokens ``[B, C]`` (zero rows for examples without an image).
+
+    Not compatible with gradient checkpointing (its recomputation runs outside the block).
+
+    Example:
+        >>> import torch, timm, zinit
+        >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224"), layers=2, K=4, visual_dim=6)
+        >>> x = torch.randn(2, 3, 224, 224)
+        >>> with torch.no_grad(), zinit.visual_features(vit, torch.randn(2, 6), has_image=[True, False]) as tokens:
+        ...     out = vit(x)
+        >>> tuple(tokens.shape), tokens[1].abs().max().item()
+        ((2, 192), 0.0)
+    """
+    state = injection(model)
+    if state.visual is None:
+        raise ValueError("this model was injected without visual_dim: call zinit.inject(model, L, K, visual_dim=D)")
+    if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != state.visual_dim:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"image features must be a tensor [batch, {state.visual_dim}], got {shape}")
+    projection = model.get_submodule(VISUAL_ATTR)
+    device = next(projection.parameters()).device
+    features = features.to(device)
+    tokens = projection(torch.nan_to_num(features))
+    if has_image is not None:
+        mask = torch.as_tensor(has_image, dtype=torch.bool, device=device)
+        if mask.shape != (features.shape[0],):
+            raise ValueError(f"has_image has shape {tuple(mask.shape)}; expected ({features.shape[0]},), one per row")
+        tokens = torch.where(mask[:, None], tokens, torch.zeros_like(tokens))
+    token = state.visual.var.set((next(_SERIAL), tokens))
+    try:
+        yield tokens
+    finally:
+        state.visual.var.reset(token)
 
 
 def _check_train_modules(model: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
@@ -152,9 +228,14 @@ def _check_train_modules(model: nn.Module, names: Sequence[str]) -> tuple[str, .
     return chosen
 
 
-def _train_module_parameters(model: nn.Module, state: Injection) -> dict[str, nn.Parameter]:
-    return {f"modules.{name}.{pname}": p for name in state.train_modules
-            for pname, p in model.get_submodule(name).named_parameters()}
+def _extra_parameters(model: nn.Module, state: Injection) -> dict[str, nn.Parameter]:
+    """``visual_proj.*`` and ``modules.{name}.*`` parameters, under their canonical adapter keys."""
+    out = {}
+    if state.visual is not None:
+        out.update({f"visual_proj.{n}": p for n, p in model.get_submodule(VISUAL_ATTR).named_parameters()})
+    out.update({f"modules.{name}.{pname}": p for name in state.train_modules
+                for pname, p in model.get_submodule(name).named_parameters()})
+    return out
 
 
 def is_injected(model: nn.Module) -> bool:
@@ -187,7 +268,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     [(4, 192), (3,), (4, 192), (3,)]
     """
     params = [p for a in layer_adapters(model).values() for p in (a.prompt, a.gate)]
-    return params + list(_train_module_parameters(model, injection(model)).values())
+    return params + list(_extra_parameters(model, injection(model)).values())
 
 
 def eject(model: nn.Module) -> nn.Module:
@@ -207,6 +288,8 @@ def eject(model: nn.Module) -> nn.Module:
     state.backbone.uninstall(model, targets)
     for attention in targets:
         delattr(attention, ADAPTER_ATTR)
+    if state.visual is not None:
+        delattr(model, VISUAL_ATTR)
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
     delattr(model, STATE_ATTR)
@@ -215,7 +298,7 @@ def eject(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter's tensors under canonical keys ``layers.{n}.prompt`` ``[K, C]`` and ``layers.{n}.gate`` ``[H]``/``[1]``
-    (and ``modules.{name}.{parameter}`` for each of inject's ``train_modules``).
+    (and ``visual_proj.*`` with ``visual_dim``, ``modules.{name}.{parameter}`` for each of inject's ``train_modules``).
 
     ``n`` is the backbone's own layer index. Tensors are detached views of the parameters (as ``state_dict``).
     """
@@ -223,7 +306,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for n, adapter in layer_adapters(model).items():
         out[f"layers.{n}.prompt"] = adapter.prompt.detach()
         out[f"layers.{n}.gate"] = adapter.gate.detach()
-    for key, p in _train_module_parameters(model, injection(model)).items():
+    for key, p in _extra_parameters(model, injection(model)).items():
         out[key] = p.detach()
     return out
 

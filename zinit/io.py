@@ -71,6 +71,8 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     config.update({key: getattr(state.dims, attr) for key, attr in _DIM_FIELDS})
     config.update(layers=list(state.layers), K=state.K, gate=state.gate, gate_fn=state.gate_fn,
                   train_modules=list(state.train_modules))
+    if state.visual_dim is not None:
+        config.update(visual_dim=state.visual_dim, visual_hidden=state.visual_hidden)
     return config
 
 
@@ -79,7 +81,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
 
     Writes ``adapter.safetensors`` (keys ``layers.{n}.prompt`` / ``layers.{n}.gate``, float32, and
     ``modules.{name}.*`` for inject's ``train_modules``) and ``zinit.json`` (format version, backbone, hidden size,
-    heads, KV heads, head size, layer count, adapted layers, K, gate, gate_fn, train_modules, zinit version).
+    heads, KV heads, head size, layer count, adapted layers, K, gate, gate_fn, train_modules, visual_dim and
+    visual_hidden when there is a visual projection (``visual_proj.*``), zinit version).
 
     >>> import tempfile, timm, zinit
     >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False), layers=2, K=4)
@@ -148,15 +151,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     injected_here = not is_injected(model)
     if injected_here:
         inject(model, config["layers"], config["K"], gate=config["gate"], gate_fn=config["gate_fn"], backbone=spec.name,
-               train_modules=config.get("train_modules", []))
+               train_modules=config.get("train_modules", []), visual_dim=config.get("visual_dim"),
+               visual_hidden=config.get("visual_hidden") or 128)
     else:
         state = injection(model)
         have = {"layers": list(state.layers), "K": state.K, "gate": state.gate, "gate_fn": state.gate_fn,
-                "train_modules": list(state.train_modules)}
+                "train_modules": list(state.train_modules), "visual_dim": state.visual_dim,
+                "visual_hidden": state.visual_hidden}
         for key, value in have.items():
-            if config.get(key, []) != value:
+            if config.get(key, [] if key == "train_modules" else None) != value:
                 raise ValueError(
-                    f"adapter/model mismatch on {key}: the adapter in {directory} has {key}={config.get(key, [])}, "
+                    f"adapter/model mismatch on {key}: the adapter in {directory} has {key}={config.get(key)}, "
                     f"the model is injected with {key}={value}; eject it first or load into a fresh model"
                 )
     try:

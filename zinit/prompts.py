@@ -1,7 +1,9 @@
-"""The learnable parameters of one adapted layer: its prompt and its gate."""
+"""The learnable parameters of one adapted layer (its prompt and its gate), and the optional visual projection that
+adds a per-example image token to every layer's prompt (DESIGN.md §1, multimodal)."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Callable
 
 import torch
@@ -13,6 +15,43 @@ GATE_KINDS = ("head", "layer")
 
 #: Name of the submodule that holds a layer's adapter, on that layer's attention module.
 ADAPTER_ATTR = "zinit_adapter"
+#: Name of the model-level submodule that holds the visual projection (``inject(..., visual_dim=D)``).
+VISUAL_ATTR = "zinit_visual_proj"
+
+
+class VisualProjection(nn.Module):
+    """The learnable MLP that maps global image features ``[B, D]`` (e.g. multi-scale CLIP class tokens,
+    concatenated) to one image token ``[B, C]``, which is added to every position of every adapted layer's prompt.
+
+    ``Linear(D, hidden) → GELU → Linear(hidden, C)``, float32 like the prompts. Gates start at 0, so at step 0 the
+    image changes nothing, whatever this projection outputs.
+    """
+
+    def __init__(self, visual_dim: int, hidden_size: int, hidden: int = 128,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(visual_dim, hidden, device=device, dtype=torch.float32)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, hidden_size, device=device, dtype=torch.float32)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(features.float())))
+
+
+class VisualInput:
+    """Where the image tokens of the current forward live while a ``zinit.visual_features`` block runs.
+
+    A :class:`contextvars.ContextVar`, so two threads (or asyncio tasks) running forwards of the same model with
+    different images each see their own tokens.
+    """
+
+    def __init__(self) -> None:
+        self.var: ContextVar[tuple[int, Tensor] | None] = ContextVar(f"zinit_visual_{id(self)}", default=None)
+
+    def current(self) -> tuple[int, Tensor] | None:
+        """``(serial, tokens [B, C])`` of the innermost active block, or None. The serial number is unique per
+        block, so a prompt cache keyed on it can never mistake new tokens for freed ones at the same address."""
+        return self.var.get()
 
 
 class LayerAdapter(nn.Module):
@@ -29,6 +68,8 @@ class LayerAdapter(nn.Module):
         gate_fn: ``"tanh"`` (paper) or ``"identity"`` (official v1 inference, peft, litgpt).
         project: the backbone's ``(attention module, prompt) -> (keys, values)``.
         device: where to create the parameters (the model's device; ``"meta"`` works).
+        visual: the model's :class:`VisualInput` when it was injected with ``visual_dim``; while image tokens
+            ``[B, C]`` are set, the prompt of example b is ``P + token_b`` (repeated over the K positions).
     """
 
     def __init__(
@@ -41,6 +82,7 @@ class LayerAdapter(nn.Module):
         gate_fn: str,
         project: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]],
         device: torch.device | str | None = None,
+        visual: VisualInput | None = None,
     ) -> None:
         super().__init__()
         self.prompt = nn.Parameter(torch.randn(K, hidden_size, device=device, dtype=torch.float32))
@@ -51,6 +93,7 @@ class LayerAdapter(nn.Module):
         self.gate_fn = gate_fn
         self.num_heads = num_heads
         self._project = project
+        self._visual = visual
         self._cache: tuple[tuple, Tensor, Tensor] | None = None
 
     def extra_repr(self) -> str:
@@ -65,8 +108,23 @@ class LayerAdapter(nn.Module):
         """Prompt keys and values ``[Hkv, K, d]`` through ``attention``'s own frozen projections."""
         return self._project(attention, self.prompt.to(dtype))
 
-    def _prepared(self, attention: nn.Module, query: Tensor) -> tuple[Tensor, Tensor]:
-        key, value = self.prompt_kv(attention, query.dtype)
+    def _image_tokens(self, batch: int) -> tuple[int, Tensor | None]:
+        current = self._visual.current() if self._visual is not None else None
+        if current is None:
+            return 0, None
+        serial, tokens = current
+        if tokens.shape[0] == batch:
+            return serial, tokens
+        if batch % tokens.shape[0]:
+            raise ValueError(f"image features were given for {tokens.shape[0]} examples, but the forward has a batch "
+                             f"of {batch}; pass one feature row per example")
+        return serial, tokens.repeat_interleave(batch // tokens.shape[0], dim=0)  # generate() with beams
+
+    def _prepared(self, attention: nn.Module, query: Tensor, tokens: Tensor | None) -> tuple[Tensor, Tensor]:
+        if tokens is None:
+            key, value = self.prompt_kv(attention, query.dtype)
+        else:  # one prompt per example: P + image token, [B, K, C]
+            key, value = self._project(attention, (self.prompt + tokens[:, None, :]).to(query.dtype))
         return prepare_prompt_kv(key, value, self.gate_values(), self.num_heads, query.dtype)
 
     def attend(self, query: Tensor, attention: nn.Module, scaling: float) -> Tensor:
@@ -76,13 +134,17 @@ class LayerAdapter(nn.Module):
         of the layer, so the graph reaches the prompt and gate. Without gradients (evaluation, ``generate()``) they
         are projected once and reused until a parameter of the layer changes: the cache is keyed on the storage
         and version counter of every parameter of the attention module (prompt, gate, projections), which any
-        in-place update (an optimizer step, ``load_state_dict``, ``.to()``) changes.
+        in-place update (an optimizer step, ``load_state_dict``, ``.to()``) changes, and on the image tokens of the
+        current ``zinit.visual_features`` block, if any.
         """
+        serial, tokens = self._image_tokens(query.shape[0])
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            key, value = self._prepared(attention, query)
+            key, value = self._prepared(attention, query, tokens)
         else:
             stamp = (query.dtype, query.device, *((p.data_ptr(), p._version) for p in attention.parameters()))
+            if tokens is not None:
+                stamp += (serial, tokens._version, tuple(tokens.shape))
             if self._cache is None or self._cache[0] != stamp:
-                self._cache = (stamp, *self._prepared(attention, query))
+                self._cache = (stamp, *self._prepared(attention, query, tokens))
             _, key, value = self._cache
         return prompt_attention(query, key, value, scaling)
