@@ -3,7 +3,7 @@
 ``zinit demo`` shows the method end to end on a small random-weight LLaMA-shaped model: inject, check that the
 zero-init model computes what the base model computes, train the adapter for a few steps on a toy sequence
 (the gates open and the loss falls), save it and load it back into a fresh model. ``zinit backbones`` lists the
-registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``: alpaca, vtab, squad),
+registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``: alpaca, scienceqa, vtab, squad),
 ``zinit eval RECIPE`` scores one, and ``zinit generate`` answers an instruction with a base model and an adapter.
 """
 
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     sub.add_parser("backbones", help="list the registered backbones").set_defaults(func=_backbones)
 
-    from recipes import alpaca, squad, vtab
+    from recipes import alpaca, scienceqa, squad, vtab
 
     train = sub.add_parser("train", help="train an adapter with a recipe").add_subparsers(dest="recipe", required=True)
     p = train.add_parser("alpaca", help="Alpaca instruction tuning (default: embedded SmolLM2 + bundled set)")
@@ -105,11 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = train.add_parser("vtab", help="VTAB-1k image classification on a timm ViT (grid on val, report on test)")
     vtab.add_train_args(p)
     p.set_defaults(func=vtab.run_train)
+    p = train.add_parser("scienceqa", help="ScienceQA with image features (CLIP / timm ViT), paper's columns")
+    scienceqa.add_train_args(p)
+    p.set_defaults(func=scienceqa.run_train)
     p = train.add_parser("squad", help="SQuAD v1.1 / v2.0 question answering on RoBERTa/BERT (official EM/F1)")
     squad.add_train_args(p)
     p.set_defaults(func=squad.run_train)
     evaluate = sub.add_parser("eval", help="score a trained adapter with a recipe's metric").add_subparsers(
         dest="recipe", required=True)
+    p = evaluate.add_parser("scienceqa", help="ScienceQA accuracy table of an adapter on one split")
+    scienceqa.add_eval_args(p)
+    p.set_defaults(func=scienceqa.run_eval)
     p = evaluate.add_parser("squad", help="official SQuAD EM/F1 of an adapter on a SQuAD file")
     squad.add_eval_args(p)
     p.set_defaults(func=squad.run_eval)

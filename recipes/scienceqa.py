@@ -1,0 +1,630 @@
+"""ScienceQA with zero-init prompts and image features (the paper's multimodal result: 85.19 % on test).
+
+Data: the official release (DESIGN.md §4): ``problems.json`` (``pid -> {question, choices, answer, hint, image,
+subject, grade, ...}``), ``pid_splits.json`` (train / val / test / mini*) and ``images/{split}/{pid}/image.png``.
+
+Prompt: the Alpaca instruction template (as LLaMA-Adapter) around ``Question: ...\\nContext: <hint or N/A>\\nOptions:
+(A) ... (B) ...``; target ``The answer is X.`` (loss on the target only). Train on ``train``, keep the adapter of the
+epoch that scores best on ``val``, report on ``test``.
+
+Images: a frozen encoder (Hugging Face ``CLIPVisionModel``, default ``openai/clip-vit-large-patch14``, or
+``timm:<name>`` for any timm ViT) gives the class token of several layers (multi-scale, default three evenly spaced
+ones, each layer-normalised without parameters) concatenated to ``D = layers × width``. Features are computed once
+per image and cached on disk (safetensors, one file per split and encoder, keyed by pid and the image file's size and
+modification time; another encoder, other layers or other weights get another cache). ``zinit.inject(...,
+visual_dim=D)`` adds the trainable projection; each forward passes its batch's features through
+``zinit.visual_features``. ``--no-image`` trains the text-only variant.
+
+Answers: the letter after "The answer is"; a reply with no valid letter counts as wrong and is counted separately
+(never replaced by a guess). Two evaluation modes: ``generate`` (greedy decoding, the paper's) and ``likelihood``
+(the option letter the model scores highest after "The answer is": fast and deterministic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import zinit
+from zinit.io import atomic_write, read_json
+from zinit.train import Task, TrainConfig, causal_lm_loss, train
+from zinit.train import dist as D
+from zinit.train.data import pad_collate
+
+from . import alpaca
+
+LETTERS = "ABCDEFGHIJ"
+COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
+SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+DEFAULT_ENCODER = "openai/clip-vit-large-patch14"
+RECIPE_FILE = "scienceqa.json"  #: beside the adapter: how its features and prompts were made
+#: Test accuracy (%) reported in the paper (DESIGN.md §3).
+PAPER = {
+    "LLaMA-Adapter (paper)": {"NAT": 84.37, "SOC": 88.30, "LAN": 84.36, "TXT": 83.72, "IMG": 80.32, "NO": 86.90,
+                              "G1-6": 85.83, "G7-12": 84.05, "Avg": 85.19},
+    "text-only (paper)": {"Avg": 78.31},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class ScienceQA:
+    """The release: ``problems`` (pid -> problem), ``splits`` (name -> pids) and the folder."""
+
+    root: Path
+    problems: dict[str, dict[str, Any]]
+    splits: dict[str, list[str]]
+
+    def image_path(self, pid: str, split: str) -> Path | None:
+        image = self.problems[pid].get("image")
+        return self.root / "images" / split / pid / image if image else None
+
+    def split(self, name: str, images: bool = True) -> list[str]:
+        """The pids of a split, checked: every pid is in ``problems.json``, its answer indexes its choices, and (with
+        ``images``) its image file exists. Errors name the pid and what is wrong."""
+        if name not in self.splits:
+            raise ValueError(f"split {name!r} is not in {self.root / 'pid_splits.json'} (it has {sorted(self.splits)})")
+        pids = [str(p) for p in self.splits[name]]
+        for pid in pids:
+            problem = self.problems.get(pid)
+            if problem is None:
+                raise ValueError(f"pid {pid} of split {name!r} in pid_splits.json is not in problems.json")
+            choices, answer = problem.get("choices"), problem.get("answer")
+            if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
+                raise ValueError(f"pid {pid}: 'choices' must be a list of 2..{len(LETTERS)} options, got {choices!r}")
+            if not isinstance(answer, int) or not 0 <= answer < len(choices):
+                raise ValueError(f"pid {pid}: answer index {answer!r} is out of range for {len(choices)} choices")
+            path = self.image_path(pid, name)
+            if images and path is not None and not path.is_file():
+                raise FileNotFoundError(f"pid {pid}: image file {path} does not exist")
+        return pids
+
+
+def load_scienceqa(root: str | Path) -> ScienceQA:
+    """Read ``problems.json`` and ``pid_splits.json`` from ``root``; errors name the missing or malformed file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ScienceQA folder {root} does not exist")
+    problems = read_json(root / "problems.json", "ScienceQA problems file")
+    splits = read_json(root / "pid_splits.json", "ScienceQA split file")
+    if not isinstance(problems, dict) or not problems:
+        raise ValueError(f"{root / 'problems.json'} must be a non-empty object pid -> problem")
+    if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
+        raise ValueError(f"{root / 'pid_splits.json'} must be an object split -> list of pids")
+    return ScienceQA(root, {str(k): v for k, v in problems.items()}, splits)
+
+
+def question_text(problem: dict[str, Any]) -> str:
+    """``Question: ...\\nContext: ...\\nOptions: (A) ... (B) ...`` (context = the hint, or "N/A" when empty).
+
+    >>> print(question_text({"question": "Which is a fish?", "hint": "", "choices": ["trout", "frog"]}))
+    Question: Which is a fish?
+    Context: N/A
+    Options: (A) trout (B) frog
+    """
+    context = (problem.get("hint") or "").strip() or "N/A"
+    options = " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(problem["choices"]))
+    return f"Question: {problem['question']}\nContext: {context}\nOptions: {options}"
+
+
+def prompt_text(problem: dict[str, Any]) -> str:
+    """The model's input: the Alpaca instruction template around :func:`question_text`."""
+    return alpaca.format_prompt(question_text(problem))
+
+
+def target_text(answer: int) -> str:
+    """``The answer is X.``
+
+    >>> target_text(2)
+    'The answer is C.'
+    """
+    return f"The answer is {LETTERS[answer]}."
+
+
+_ANSWER = re.compile(r"The answer is \(?([A-J])\)?(?![A-Za-z])")
+
+
+def extract_answer(reply: str, n_choices: int) -> int | None:
+    """The option index after "The answer is", or None when the reply names no valid letter (never a guess).
+
+    >>> extract_answer(" The answer is B.", 3), extract_answer("The answer is (A)", 2), extract_answer("The answer is E.", 3)
+    (1, 0, None)
+    >>> extract_answer("I think it is B", 3) is None
+    True
+    """
+    match = _ANSWER.search(reply)
+    if match is None:
+        return None
+    index = LETTERS.index(match.group(1))
+    return index if index < n_choices else None
+
+
+def accuracy_table(problems: dict[str, dict[str, Any]], predictions: dict[str, int | None]) -> dict[str, Any]:
+    """The paper's columns (%) over the predicted pids: NAT/SOC/LAN by subject, TXT = has a hint, IMG = has an
+    image, NO = neither, G1-6 / G7-12 by grade, Avg over all; plus the counts and the replies with no valid letter.
+
+    A column with no question is None. A None prediction is wrong.
+    """
+    columns: dict[str, list[bool]] = {c: [] for c in COLUMNS}
+    invalid = 0
+    for pid, predicted in predictions.items():
+        p = problems[pid]
+        ok = predicted is not None and predicted == p["answer"]
+        invalid += predicted is None
+        has_text, has_image = bool((p.get("hint") or "").strip()), bool(p.get("image"))
+        grade = int(str(p.get("grade", "grade0")).replace("grade", "") or 0)
+        member = {"NAT": p.get("subject") == "natural science", "SOC": p.get("subject") == "social science",
+                  "LAN": p.get("subject") == "language science", "TXT": has_text, "IMG": has_image,
+                  "NO": not has_text and not has_image, "G1-6": 1 <= grade <= 6, "G7-12": 7 <= grade <= 12,
+                  "Avg": True}
+        for column, inside in member.items():
+            if inside:
+                columns[column].append(ok)
+    table: dict[str, Any] = {c: (100.0 * sum(v) / len(v) if v else None) for c, v in columns.items()}
+    table["counts"] = {c: len(v) for c, v in columns.items()}
+    table["no_valid_letter"] = invalid
+    return table
+
+
+def format_table(table: dict[str, Any], label: str = "zinit (measured)") -> str:
+    """A Markdown table: the measured row beside the paper's."""
+    lines = ["| | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+
+    def cell(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    lines.append(f"| {label} | " + " | ".join(cell(table.get(c)) for c in COLUMNS) + " |")
+    for name, row in PAPER.items():
+        lines.append(f"| {name} | " + " | ".join(cell(row.get(c)) for c in COLUMNS) + " |")
+    lines.append(f"\n{table['counts']['Avg']} questions; replies with no valid letter: {table['no_valid_letter']} "
+                 "(counted wrong)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# image features
+
+
+def _file_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+class ImageEncoder:
+    """A frozen visual encoder giving multi-scale global features: the class token of each chosen layer
+    (1-based; default three evenly spaced layers ending at the last), layer-normalised without parameters and
+    concatenated.
+
+    ``spec``: a Hugging Face CLIP checkpoint (hub id or folder; its vision tower is used), or ``timm:<name>`` for a
+    timm ViT (random weights unless ``weights`` names a local file).
+    """
+
+    def __init__(self, spec: str = DEFAULT_ENCODER, layers: Sequence[int] | None = None, weights: str | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.spec, self.weights, self.device = spec, weights, torch.device(device)
+        if spec.startswith("timm:"):
+            import timm
+            from timm.data import create_transform, resolve_model_data_config
+
+            from .vtab import load_pretrained
+
+            self.model = timm.create_model(spec[5:], pretrained=False, num_classes=0)
+            if weights:
+                load_pretrained(self.model, weights)
+            self.transform = create_transform(**resolve_model_data_config(self.model), is_training=False)
+            self.depth, self.width = len(self.model.blocks), self.model.embed_dim
+        else:
+            from transformers import AutoImageProcessor, CLIPVisionModel
+
+            self.model = CLIPVisionModel.from_pretrained(spec)
+            self.processor = AutoImageProcessor.from_pretrained(spec)
+            self.depth, self.width = self.model.config.num_hidden_layers, self.model.config.hidden_size
+        self.model.to(self.device).eval().requires_grad_(False)
+        if layers is None:
+            layers = sorted({round(self.depth * (i + 1) / 3) for i in range(3)})
+        self.layers = tuple(int(n) for n in layers)
+        for n in self.layers:
+            if not 1 <= n <= self.depth:
+                raise ValueError(f"--visual-layers {n} is out of range: {spec} has layers 1..{self.depth}")
+        self.dim = len(self.layers) * self.width
+
+    def fingerprint(self) -> str:
+        """Identifies what the features depend on: the encoder, its weights (file sizes and times) and the layers."""
+        identity: dict[str, Any] = {"spec": self.spec, "layers": list(self.layers), "width": self.width}
+        folder = Path(self.spec)
+        if folder.is_dir():
+            identity["files"] = {p.name: _file_stamp(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        if self.weights:
+            identity["weights"] = [str(self.weights), _file_stamp(Path(self.weights))]
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Any]) -> Tensor:
+        """``[N, D]`` float32 features of PIL images."""
+        if self.spec.startswith("timm:"):
+            pixels = torch.stack([self.transform(im.convert("RGB")) for im in images]).to(self.device)
+            captured: dict[int, Tensor] = {}
+            hooks = [self.model.blocks[n - 1].register_forward_hook(
+                lambda _m, _a, out, n=n: captured.__setitem__(n, out[:, 0])) for n in self.layers]
+            try:
+                self.model.forward_features(pixels)
+            finally:
+                for h in hooks:
+                    h.remove()
+            tokens = [captured[n] for n in self.layers]
+        else:
+            pixels = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+            states = self.model(pixel_values=pixels.to(self.device), output_hidden_states=True).hidden_states
+            tokens = [states[n][:, 0] for n in self.layers]  # hidden_states[0] is the embedding output
+        return torch.cat([F.layer_norm(t.float(), (t.shape[-1],)) for t in tokens], dim=-1).cpu()
+
+
+def image_features(data: ScienceQA, split: str, pids: Sequence[str], encoder: ImageEncoder, cache_dir: str | Path,
+                   batch_size: int = 32, progress: bool = True) -> dict[str, Tensor]:
+    """Features ``[D]`` of every pid with an image, from the disk cache where the image file is unchanged, computed
+    (and added to the cache, atomically) otherwise."""
+    from PIL import Image, UnidentifiedImageError
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    folder = Path(cache_dir) / encoder.fingerprint()
+    folder.mkdir(parents=True, exist_ok=True)
+    file, index_file = folder / f"{split}.safetensors", folder / f"{split}.index.json"
+    wanted = {pid: data.image_path(pid, split) for pid in pids if data.image_path(pid, split) is not None}
+    stamps = {pid: _file_stamp(path) for pid, path in wanted.items()}
+    index = json.loads(index_file.read_text()) if index_file.is_file() and file.is_file() else {}
+    cached: dict[str, Tensor] = {}
+    if index:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            cached = {pid: f.get_tensor(pid) for pid, stamp in index.items() if pid in keys}
+    out = {pid: cached[pid] for pid in wanted if pid in cached and index.get(pid) == stamps[pid]}
+    missing = [pid for pid in wanted if pid not in out]
+    if missing:
+        bar = tqdm(total=len(missing), desc=f"image features ({split})", unit="img", disable=not progress)
+        for s in range(0, len(missing), batch_size):
+            chunk = missing[s:s + batch_size]
+            images = []
+            for pid in chunk:
+                try:
+                    with Image.open(wanted[pid]) as im:
+                        im.load()
+                        images.append(im.copy())
+                except (UnidentifiedImageError, OSError) as exc:
+                    raise ValueError(f"pid {pid}: image {wanted[pid]} cannot be decoded: {exc}") from None
+            for pid, row in zip(chunk, encoder.encode(images)):
+                out[pid] = row.clone()
+            bar.update(len(chunk))
+        bar.close()
+        keep = {**cached, **out}
+        new_index = {**index, **{pid: stamps[pid] for pid in out}}
+        atomic_write(file, lambda tmp: save_file({k: v.contiguous() for k, v in keep.items()}, tmp))
+        text = json.dumps(new_index)
+        atomic_write(index_file, lambda tmp: Path(tmp).write_text(text))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# examples, loss, evaluation
+
+
+def tokenize_example(problem: dict[str, Any], tokenizer: Any, max_seq_len: int) -> dict[str, list[int]] | None:
+    """``input_ids`` = prompt + target + EOS, ``labels`` masked on the prompt; None if no target token fits."""
+    prompt = tokenizer(prompt_text(problem))["input_ids"]
+    answer = tokenizer(target_text(problem["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids, labels = (prompt + answer)[:max_seq_len], ([-100] * len(prompt) + answer)[:max_seq_len]
+    return {"input_ids": ids, "labels": labels} if any(t != -100 for t in labels) else None
+
+
+def make_collate(pad_id: int, dim: int | None):
+    def collate(items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        batch = pad_collate(items, pad_id)
+        if dim is not None:
+            batch["features"] = torch.stack([x["features"] if x["features"] is not None else torch.zeros(dim)
+                                             for x in items])
+            batch["has_image"] = torch.tensor([x["features"] is not None for x in items])
+        return batch
+
+    return collate
+
+
+def visual_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`causal_lm_loss` with the batch's image features passed to the adapter."""
+    if "features" not in batch:
+        return causal_lm_loss(model, batch)
+    with zinit.visual_features(model, batch["features"], batch["has_image"]):
+        return causal_lm_loss(model, batch)
+
+
+def _with_images(model: nn.Module, features: list[Tensor | None] | None, dim: int | None):
+    if features is None or dim is None:
+        return nullcontext()
+    device = next(model.parameters()).device
+    stacked = torch.stack([f if f is not None else torch.zeros(dim) for f in features]).to(device)
+    return zinit.visual_features(model, stacked, [f is not None for f in features])
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tokenizer: Any, problems: Sequence[dict[str, Any]],
+            features: Sequence[Tensor | None] | None, mode: str = "likelihood", batch_size: int = 16,
+            max_seq_len: int = 512, progress: bool = False) -> list[tuple[int | None, str]]:
+    """``(predicted option index or None, reply)`` for each problem.
+
+    ``likelihood``: the option whose target ``The answer is X.`` the model scores highest, read at the first token
+    where the options' tokenizations differ (one forward per problem batch; a full-sequence score when two options
+    share that token). ``generate``: greedy decoding, then :func:`extract_answer`.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    dim = zinit.injection(model).visual_dim if zinit.is_injected(model) else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    out: list[tuple[int | None, str]] = []
+    side = tokenizer.padding_side
+    try:
+        for s in tqdm(range(0, len(problems), batch_size), desc=f"scienceqa {mode}", unit="batch",
+                      disable=not progress, leave=False):
+            chunk = problems[s:s + batch_size]
+            feats = list(features[s:s + batch_size]) if features is not None else None
+            with _with_images(model, feats, dim), autocast:
+                if mode == "generate":
+                    tokenizer.padding_side = "left"
+                    enc = tokenizer([prompt_text(p) for p in chunk], return_tensors="pt", padding=True).to(device)
+                    ids = model.generate(**enc, max_new_tokens=12, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                    replies = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                    out += [(extract_answer(r, len(p["choices"])), r.strip()) for p, r in zip(chunk, replies)]
+                elif mode == "likelihood":
+                    out += _likelihood(model, tokenizer, chunk, max_seq_len, device)
+                else:
+                    raise ValueError(f"mode {mode!r} is not 'likelihood' or 'generate'")
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def _likelihood(model: nn.Module, tokenizer: Any, chunk: Sequence[dict[str, Any]], max_seq_len: int,
+                device: torch.device) -> list[tuple[int | None, str]]:
+    prefixes, candidates = [], []
+    for p in chunk:
+        prompt = tokenizer(prompt_text(p))["input_ids"]
+        options = [tokenizer(target_text(i), add_special_tokens=False)["input_ids"] for i in range(len(p["choices"]))]
+        common = 0
+        while all(len(o) > common for o in options) and len({o[common] for o in options}) == 1:
+            common += 1
+        heads = [o[common] if len(o) > common else None for o in options]
+        if None in heads or len(set(heads)) != len(heads):
+            raise ValueError(f"the tokenizer cannot tell the option letters of {p['question']!r} apart by one token")
+        prefixes.append((prompt + options[0][:common])[-max_seq_len:])
+        candidates.append(heads)
+    batch = pad_collate([{"input_ids": x, "labels": x} for x in prefixes], tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    last = batch["attention_mask"].sum(1) - 1
+    results = []
+    for row, heads in enumerate(candidates):
+        scores = logits[row, last[row]].float()[torch.tensor(heads, device=logits.device)]
+        best = int(scores.argmax())
+        results.append((best, target_text(best)))
+    return results
+
+
+def evaluate_split(model: nn.Module, tokenizer: Any, data: ScienceQA, split: str, pids: Sequence[str],
+                   features: dict[str, Tensor] | None, mode: str, batch_size: int, max_seq_len: int,
+                   progress: bool = False) -> dict[str, Any]:
+    """Predictions and the accuracy table of ``pids``."""
+    problems = [data.problems[pid] for pid in pids]
+    feats = [features.get(pid) for pid in pids] if features is not None else None
+    results = predict(model, tokenizer, problems, feats, mode, batch_size, max_seq_len, progress)
+    predictions = {pid: r[0] for pid, r in zip(pids, results)}
+    table = accuracy_table(data.problems, predictions)
+    return {"split": split, "mode": mode, "table": table,
+            "predictions": {pid: {"predicted": r[0], "reply": r[1], "answer": data.problems[pid]["answer"]}
+                            for pid, r in zip(pids, results)}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# commands
+
+
+def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--visual-layers {text!r}: expected comma-separated layer numbers, e.g. 8,16,24") from None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", required=True, help="ScienceQA folder (problems.json, pid_splits.json, images/)")
+    p.add_argument("--feature-cache", default=None, help="image feature cache (default: DATA/zinit_features)")
+    p.add_argument("--mode", choices=("likelihood", "generate"), default="likelihood",
+                   help="evaluation: option-letter likelihood (fast) or greedy generation (the paper's)")
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of a split")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    _common_args(p)
+    p.add_argument("--output", required=True, help="output folder (re-running the command there resumes)")
+    p.add_argument("--visual-encoder", default=DEFAULT_ENCODER,
+                   help=f"CLIP checkpoint (hub id or folder) or timm:<name> (default {DEFAULT_ENCODER})")
+    p.add_argument("--visual-encoder-weights", default=None, help="local weights for a timm:<name> encoder")
+    p.add_argument("--visual-layers", default=None, help="1-based encoder layers of the multi-scale features "
+                   "(default: three evenly spaced, ending at the last)")
+    p.add_argument("--visual-hidden", type=int, default=128, help="hidden width of the visual projection MLP")
+    p.add_argument("--no-image", action="store_true", help="text-only variant: no visual features at all")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--max-train", type=int, default=None, help="use the first N training questions")
+    p.add_argument("--layers", type=int, default=30, help="adapt the top L layers, capped at the depth (default 30)")
+    p.add_argument("--K", type=int, default=10, help="prompt length (default 10)")
+    p.add_argument("--epochs", type=float, default=20.0, help="epochs (default 20)")
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4, help="examples per process per step (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--blr", type=float, default=9e-3, help="base lr; lr = blr·global_batch/256 (default 9e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``zinit train scienceqa``: train on the train split, keep the adapter of the best val epoch, report test."""
+    env = D.setup(args.device)
+    data = load_scienceqa(args.data)
+    train_pids = data.split(args.train_split, images=not args.no_image)[:args.max_train]
+    val_pids = data.split(args.val_split, images=not args.no_image)[:args.limit]
+    test_pids = data.split(args.test_split, images=not args.no_image)[:args.limit]
+    out = Path(args.output)
+    cache = Path(args.feature_cache) if args.feature_cache else data.root / "zinit_features"
+    encoder = None
+    features: dict[str, dict[str, Tensor]] = {}
+    if not args.no_image:
+        encoder = ImageEncoder(args.visual_encoder, _parse_layers(args.visual_layers), args.visual_encoder_weights,
+                               env.device)
+        for split, pids in ((args.train_split, train_pids), (args.val_split, val_pids), (args.test_split, test_pids)):
+            if env.is_main:  # one process fills the cache, the others read it
+                features[split] = image_features(data, split, pids, encoder, cache, progress=not args.no_progress)
+            D.barrier()
+            if not env.is_main:
+                features[split] = image_features(data, split, pids, encoder, cache, progress=False)
+        encoder.model.cpu()
+    dim = encoder.dim if encoder is not None else None
+
+    model, tokenizer = alpaca.load_model(args.model, env.device)
+    layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
+    torch.manual_seed(args.seed)
+    zinit.inject(model, layers=layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden)
+    items, dropped = [], 0
+    train_features = features.get(args.train_split, {})
+    for pid in train_pids:
+        item = tokenize_example(data.problems[pid], tokenizer, args.max_seq_len)
+        if item is None:
+            dropped += 1
+            continue
+        item["features"] = train_features.get(pid)
+        items.append(item)
+    if not items:
+        raise ValueError(f"no training question keeps a target token within --max-seq-len {args.max_seq_len}")
+    recipe_info = {"visual_encoder": None if args.no_image else args.visual_encoder,
+                   "visual_encoder_weights": args.visual_encoder_weights,
+                   "visual_layers": list(encoder.layers) if encoder else None, "max_seq_len": args.max_seq_len,
+                   "model": args.model or f"embedded:{alpaca.EMBEDDED_GGUF}"}
+    task = Task(examples=items, lengths=[len(x["input_ids"]) for x in items],
+                collate=make_collate(tokenizer.pad_token_id, dim), loss=visual_loss,
+                fingerprint={"recipe": "scienceqa", **recipe_info, "data": str(data.root), "examples": len(items),
+                             "layers": layers, "K": args.K, "visual_hidden": args.visual_hidden})
+    config = TrainConfig(output=str(out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, blr=args.blr, weight_decay=args.weight_decay,
+                         warmup_epochs=args.warmup_epochs, save_every=args.save_every, seed=args.seed,
+                         device=args.device, progress=not args.no_progress)
+    per_epoch = len(items) // (args.batch_size * env.world_size) // args.grad_accum
+    history_file = out / "val_history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    val_args = (data, args.val_split, val_pids, features.get(args.val_split), args.mode, args.eval_batch_size,
+                args.max_seq_len)
+
+    def select_on_val(step: int, record: dict[str, Any]) -> None:
+        total = json.loads((out / "train_config.json").read_text())["total_steps"]
+        if step % max(per_epoch, 1) and step != total:
+            return
+        result = evaluate_split(model, tokenizer, *val_args)
+        avg = result["table"]["Avg"]
+        best = max((h["val_avg"] for h in history), default=-1.0)
+        history.append({"step": step, "epoch": record["epoch"], "val_avg": avg})
+        if avg > best:
+            zinit.save_adapter(model, out / "adapter")
+            _write_json(out / "adapter" / RECIPE_FILE, recipe_info)
+        _write_json(history_file, history)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "val_avg": avg}) + "\n")
+
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in zinit.trainable_parameters(model))
+        print(f"zinit train scienceqa: {recipe_info['model']}, top {layers} layers, K={args.K}, "
+              f"{'text only' if dim is None else f'image features {dim} ({args.visual_encoder})'}: "
+              f"{n_params:,} trainable parameters; {len(items)} training questions"
+              + (f" ({dropped} longer than --max-seq-len dropped)" if dropped else ""))
+    result = train(model, task, config, callbacks=[select_on_val])
+    if env.is_main:
+        best = max(history, key=lambda h: h["val_avg"])
+        zinit.load_adapter(model, out / "adapter")  # the best val epoch's adapter
+        test = evaluate_split(model, tokenizer, data, args.test_split, test_pids, features.get(args.test_split),
+                              args.mode, args.eval_batch_size, args.max_seq_len, progress=not args.no_progress)
+        _write_json(out / "predictions_test.json", test.pop("predictions"))
+        report = {**test, "best_val": best, "steps": result.steps, **recipe_info,
+                  "trainable_parameters": sum(p.numel() for p in zinit.trainable_parameters(model)),
+                  "paper": PAPER}
+        _write_json(out / "report.json", report)
+        print(f"best val Avg {best['val_avg']:.2f} at step {best['step']}; {args.test_split} ({args.mode}):")
+        print(format_table(test["table"]))
+        print(f"adapter: {out / 'adapter'}   report: {out / 'report.json'}")
+    D.barrier()
+    D.cleanup()
+    return 0
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    _common_args(p)
+    p.add_argument("--adapter", required=True, help="adapter folder written by zinit train scienceqa (OUTPUT/adapter)")
+    p.add_argument("--split", default="test", help="split to score (default test)")
+    p.add_argument("--output", default=None, help="write report.json and predictions.json here")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``zinit eval scienceqa``: the accuracy table of an adapter on one split (the encoder is the one it was
+    trained with, read from the adapter folder)."""
+    env = D.setup(args.device)
+    data = load_scienceqa(args.data)
+    info_file = Path(args.adapter) / RECIPE_FILE
+    info = read_json(info_file, "ScienceQA adapter description")
+    pids = data.split(args.split, images=info["visual_encoder"] is not None)[:args.limit]
+    features = None
+    if info["visual_encoder"] is not None:
+        encoder = ImageEncoder(info["visual_encoder"], info["visual_layers"], info.get("visual_encoder_weights"),
+                               env.device)
+        cache = Path(args.feature_cache) if args.feature_cache else data.root / "zinit_features"
+        features = image_features(data, args.split, pids, encoder, cache, progress=not args.no_progress)
+    model, tokenizer = alpaca.load_model(args.model, env.device)
+    zinit.load_adapter(model, args.adapter)
+    result = evaluate_split(model, tokenizer, data, args.split, pids, features, args.mode, args.eval_batch_size,
+                            info.get("max_seq_len", 512), progress=not args.no_progress)
+    predictions = result.pop("predictions")
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "report.json", {**result, "adapter": str(args.adapter), "paper": PAPER})
+        _write_json(out / "predictions.json", predictions)
+    print(f"{args.split} ({args.mode}):")
+    print(format_table(result["table"]))
+    return 0
