@@ -28,6 +28,8 @@ from zinit.train import dist as D
 from zinit.train.data import pad_collate
 from zinit.train.plots import plot_run
 
+from . import methods
+
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -155,6 +157,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
     for s in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in pad_collate(items[s:s + batch_size], tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning returns the K virtual positions too
         target = batch["labels"][:, 1:]
         losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
                                              reduction="sum")
@@ -206,11 +209,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (torchrun, N>1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    methods.add_method_arg(p)
 
 
 def _settings(args: argparse.Namespace, embedded: bool) -> dict[str, Any]:
     official = {"blr": 9e-3, "epochs": 5.0, "warmup_epochs": 2.0, "batch_size": 4, "max_seq_len": 512}
     base = {**official, **(EMBEDDED_DEFAULTS if embedded else {})}
+    if args.method != "zinit" and "alpaca" in methods.get_method(args.method).blr:
+        base["blr"] = methods.get_method(args.method).blr["alpaca"]
     return {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
 
 
@@ -226,7 +232,10 @@ def run_train(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, env.device)
     layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
     torch.manual_seed(args.seed)
-    zinit.inject(model, layers=layers, K=args.K)
+    try:
+        model = methods.prepare(args.method, model, methods.MethodContext("alpaca", layers, args.K))
+    except methods.NotApplicable as exc:
+        return methods.write_not_applicable(args.output, args.method, str(exc))
     items = tokenize(records, tokenizer, s["max_seq_len"])
     if not items:
         raise ValueError(f"{data_path}: no example keeps a target token within --max-seq-len {s['max_seq_len']}")
@@ -235,7 +244,7 @@ def run_train(args: argparse.Namespace) -> int:
     task = Task(
         examples=items, lengths=[len(x["input_ids"]) for x in items],
         collate=lambda batch: pad_collate(batch, pad_id, pad_to), loss=causal_lm_loss,
-        fingerprint={"recipe": "alpaca", "model": args.model or f"embedded:{EMBEDDED_GGUF}",
+        fingerprint={"recipe": "alpaca", "method": args.method, "model": args.model or f"embedded:{EMBEDDED_GGUF}",
                      "data": str(data_path), "examples": len(items), "layers": layers, "K": args.K,
                      "max_seq_len": s["max_seq_len"]},
     )
@@ -248,9 +257,10 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.output)
     before_path = out / "eval_before.json"
     if env.is_main:
-        n_params = sum(p.numel() for p in zinit.trainable_parameters(model))
-        print(f"zinit train alpaca: {args.model or 'embedded SmolLM2-135M-Instruct'}, top {layers} layers, "
-              f"K={args.K}: {n_params:,} trainable parameters; {len(items)} examples from {data_path}")
+        n_params = methods.trainable_count(model)
+        how = f"top {layers} layers, K={args.K}" if args.method == "zinit" else f"method {args.method}"
+        print(f"zinit train alpaca: {args.model or 'embedded SmolLM2-135M-Instruct'}, {how}: "
+              f"{n_params:,} trainable parameters; {len(items)} examples from {data_path}")
         if heldout is not None and not before_path.exists():
             out.mkdir(parents=True, exist_ok=True)
             before = evaluate(model, tokenizer, heldout, s["max_seq_len"])
@@ -260,9 +270,9 @@ def run_train(args: argparse.Namespace) -> int:
     # a sharded (FSDP) model needs every process in each forward, so then all of them evaluate (identically)
     after = evaluate(model, tokenizer, heldout, s["max_seq_len"]) if heldout and (env.is_main or args.fsdp) else None
     if env.is_main:
-        zinit.save_adapter(model, out / "adapter")
+        methods.save_trained(model, out / "adapter")
         report: dict[str, Any] = {"steps": result.steps, "final_train_loss": result.final_loss,
-                                  "trainable_parameters": sum(p.numel() for p in zinit.trainable_parameters(model))}
+                                  "method": args.method, "trainable_parameters": methods.trainable_count(model)}
         if after is not None:
             before = json.loads(before_path.read_text())
             report.update(heldout=str(eval_path), before=before, after=after)
@@ -272,6 +282,8 @@ def run_train(args: argparse.Namespace) -> int:
             plot_run(result.metrics_path, out)
             print(format_report(before, after))
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        scores = {"eval_loss": after["loss"], "exact_match": 100 * after["exact_match"]} if after else {}
+        methods.write_summary(out, args.method, scores, report["trainable_parameters"], out / "adapter", env.device)
         print(f"adapter: {out / 'adapter'}   metrics: {result.metrics_path}   plots: {out}/loss_lr.png, gates.png")
     D.barrier()
     D.cleanup()

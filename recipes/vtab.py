@@ -35,6 +35,8 @@ from zinit.io import atomic_write
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
 
+from . import methods
+
 SPLITS = ("train800", "val200", "train800val200", "test")
 GROUPS = ("Natural", "Specialized", "Structured")
 DEFAULT_MODEL = "vit_base_patch16_224.orig_in21k"
@@ -282,6 +284,7 @@ class VtabSettings:
     num_classes: int | None = None
     device: str | None = None
     progress: bool = True
+    method: str = "zinit"  #: see recipes/methods.py (zinit compare)
 
 
 def _run_one(base: nn.Module, spec: VtabTask, settings: VtabSettings, train_set: tuple[Tensor, Tensor],
@@ -290,7 +293,8 @@ def _run_one(base: nn.Module, spec: VtabTask, settings: VtabSettings, train_set:
     torch.manual_seed(seed)
     model.reset_classifier(spec.num_classes)
     layers = min(settings.layers, len(model.blocks))
-    zinit.inject(model, layers=layers, K=settings.K, train_modules=["head"])
+    model = methods.prepare(settings.method, model, methods.MethodContext(
+        "vtab", layers, settings.K, head=["head"], task="image_classification"))
     images, labels = train_set
 
     def loss(m: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
@@ -300,7 +304,7 @@ def _run_one(base: nn.Module, spec: VtabTask, settings: VtabSettings, train_set:
         examples=list(range(len(labels))),
         collate=lambda idx: {"images": images[idx], "labels": labels[idx]},
         loss=loss,
-        fingerprint={"recipe": "vtab", "task": spec.name, "model": settings.model,
+        fingerprint={"recipe": "vtab", "method": settings.method, "task": spec.name, "model": settings.model,
                      "pretrained_file": settings.pretrained_file, "img_size": settings.img_size,
                      "examples": len(labels), "layers": layers, "K": settings.K},
     )
@@ -371,11 +375,11 @@ def run_task(root: str | Path, task: str, output: str | Path, settings: VtabSett
             model = _run_one(base, spec, settings, trainval, preprocess, best["blr"], best["weight_decay"], seed,
                              folder, env)
             if env.is_main:
-                zinit.save_adapter(model, folder / "adapter")
+                methods.save_trained(model, folder / "adapter")
                 test = data.split("test")
                 acc = top1(model, test, None, preprocess, size, progress=settings.progress, desc=f"{spec.name}/test")
                 _write_json(done, {"seed": seed, "test_top1": acc, "test_images": len(test), "trainable_parameters":
-                                   sum(p.numel() for p in zinit.trainable_parameters(model))})
+                                   methods.trainable_count(model)})
             D.barrier()
             del model
         finals.append(json.loads(done.read_text()))
@@ -460,11 +464,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=float, default=100.0, help="epochs per training run (default 100)")
     p.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warmup (default 10)")
     p.add_argument("--batch-size", type=int, default=64, help="images per process per step (default 64)")
-    p.add_argument("--blr-grid", default="5e-3,1e-2,5e-2", help="base lrs to try, lr = blr·batch/256 (default %(default)s)")
+    p.add_argument("--blr-grid", default=None, help="base lrs to try, lr = blr·batch/256 (default 5e-3,1e-2,5e-2 for "
+                   "zinit; other methods: their default ×0.5, ×1, ×2)")
     p.add_argument("--wd-grid", default="1e-4,1e-2", help="weight decays to try (default %(default)s)")
     p.add_argument("--seeds", default="0", help="seeds of the final runs, e.g. 0,1,2 (mean ± std)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    methods.add_method_arg(p)
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -480,12 +486,16 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 def run_train(args: argparse.Namespace) -> int:
     """``zinit train vtab``: the protocol for each task, then the report (Markdown, JSON, bar chart)."""
     names = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
+    grid = args.blr_grid
+    if grid is None:
+        blr = methods.get_method(args.method).blr.get("vtab") if args.method != "zinit" else None
+        grid = f"{blr / 2:g},{blr:g},{blr * 2:g}" if blr else "5e-3,1e-2,5e-2"
     settings = VtabSettings(
         model=args.model, pretrained_file=args.pretrained_file, img_size=args.img_size, layers=args.layers, K=args.K,
         epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
-        blr_grid=_floats(args.blr_grid, "--blr-grid"), wd_grid=_floats(args.wd_grid, "--wd-grid"),
+        blr_grid=_floats(grid, "--blr-grid"), wd_grid=_floats(args.wd_grid, "--wd-grid"),
         seeds=tuple(int(s) for s in _floats(args.seeds, "--seeds")), num_classes=args.num_classes,
-        device=args.device, progress=not args.no_progress)
+        device=args.device, progress=not args.no_progress, method=args.method)
     for name in names:  # fail on a missing task before hours of training on the others
         VtabData(args.data, name, settings.num_classes)
     env = D.setup(args.device)
@@ -495,7 +505,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"note: {settings.model} has random weights (no --pretrained-file): numbers will not approach the paper's")
     results = []
     for name in names:
-        result = run_task(args.data, name, out / name, settings, base)
+        try:
+            result = run_task(args.data, name, out / name, settings, base)
+        except methods.NotApplicable as exc:
+            return methods.write_not_applicable(out, args.method, str(exc))
         results.append(result)
         if env.is_main:
             print(f"{result['task']}: test top-1 {result['mean']:.2f} (best blr {result['best']['blr']:g}, "
@@ -507,6 +520,9 @@ def run_train(args: argparse.Namespace) -> int:
                                               {r["task"]: r["mean"] for r in results}), "paper": PAPER_GROUPS})
         (out / "report.md").write_text(report + "\n")
         plot_report(results, out / "vtab.png")
+        adapter = out / names[0] / f"final_seed{settings.seeds[0]}" / "adapter"
+        methods.write_summary(out, args.method, {"top1": statistics.fmean(r["mean"] for r in results)},
+                              results[0]["trainable_parameters"], adapter, env.device)
         print(report)
         print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'vtab.png'}")
     D.barrier()

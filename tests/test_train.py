@@ -14,7 +14,7 @@ import torch
 
 import zinit
 from recipes import alpaca
-from tiny import char_tokenizer, save_tiny_causal_lm, tiny_llama
+from tiny import alpaca_records, char_tokenizer, tiny_llama
 from zinit.train import Task, TrainConfig, TrainingDiverged, causal_lm_loss, lr_at, scaled_lr, train
 from zinit.train.data import epoch_batches, pad_collate
 
@@ -28,31 +28,6 @@ def _env():
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["OMP_NUM_THREADS"] = "1"
     return env
-
-
-def _records(n=24):
-    """A learnable Alpaca fixture: the answer is the input reversed, or a fixed word."""
-    words = ["cat", "dog", "sun", "sky", "red", "map", "pen", "cup", "hat", "box", "owl", "ant"]
-    out = []
-    for i in range(n):
-        w = words[i % len(words)]
-        if i % 2:
-            out.append({"instruction": "Reverse the word.", "input": w, "output": w[::-1]})
-        else:
-            out.append({"instruction": "Say yes.", "input": "", "output": "yes"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"))
-
-
-@pytest.fixture
-def alpaca_file(tmp_path):
-    path = tmp_path / "alpaca_data.json"
-    path.write_text(json.dumps(_records()))
-    return path
 
 
 # ---------------------------------------------------------------- schedule and optimizer

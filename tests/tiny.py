@@ -131,3 +131,16 @@ def save_tiny_causal_lm(folder, layers: int = 3, seed: int = 0, attention_dropou
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def alpaca_records(n=24):
+    """A learnable Alpaca fixture: the answer is the input reversed, or a fixed word."""
+    words = ["cat", "dog", "sun", "sky", "red", "map", "pen", "cup", "hat", "box", "owl", "ant"]
+    out = []
+    for i in range(n):
+        w = words[i % len(words)]
+        if i % 2:
+            out.append({"instruction": "Reverse the word.", "input": w, "output": w[::-1]})
+        else:
+            out.append({"instruction": "Say yes.", "input": "", "output": "yes"})
+    return out

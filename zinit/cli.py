@@ -4,7 +4,8 @@
 zero-init model computes what the base model computes, train the adapter for a few steps on a toy sequence
 (the gates open and the loss falls), save it and load it back into a fresh model. ``zinit backbones`` lists the
 registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``: alpaca, scienceqa, vtab, squad),
-``zinit eval RECIPE`` scores one, and ``zinit generate`` answers an instruction with a base model and an adapter.
+``zinit eval RECIPE`` scores one, ``zinit compare RECIPE`` runs other fine-tuning methods through the same recipe,
+and ``zinit generate`` answers an instruction with a base model and an adapter.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # every option after `bench` belongs to the benchmark's own parser
         return _bench(argv[1:])
+    if argv[:1] == ["compare"]:  # its own parser, which passes unknown options on to the recipe
+        from recipes import compare
+
+        return compare.main(argv[1:])
     parser = argparse.ArgumentParser(prog="zinit", description="Zero-init gated prompt attention adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="inject, check zero-init, train a few steps, save and reload (CPU, seconds)")
@@ -122,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("generate", help="answer an instruction with a base model and an adapter")
     alpaca.add_generate_args(p)
     p.set_defaults(func=alpaca.run_generate)
+    p = sub.add_parser("compare", help="several fine-tuning methods through one recipe, one table "
+                       "(zinit compare -h)", add_help=False)
+    p.add_argument("compare_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("bench", help="speed and memory vs peft and the floor (python -m benchmarks.speed -h)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)

@@ -1,0 +1,279 @@
+"""``zinit compare RECIPE --methods zinit,lora,...``: every method through the same recipe, data, seed, step budget
+and evaluation, one after another, each in its own process (or torchrun job), then one table.
+
+Each method runs as ``zinit train RECIPE --method M --output OUT/M [recipe options]``, with the method's own default
+base learning rate for the recipe (``recipes/methods.py``) unless the options set one. ``--lr-grid 0.3,1,3`` first
+runs each method at those multiples of its default on a validation split carved from the training data (alpaca,
+squad) or through the recipe's own train800→val200 grid (vtab), keeps the best, and only then trains on the full
+training data and scores the evaluation set: the test/eval data never selects anything.
+
+Outputs in OUT: ``compare.md`` (the table), ``compare.json`` and ``compare.png`` (the recipe's metric against
+trainable parameters, log scale). Columns: trainable parameters, adapter file size, peak memory (RSS on CPU, CUDA
+``max_memory_allocated`` on GPU, of the training process), training throughput (tokens/s or images/s, median over
+logged steps), wall time, the recipe's metrics. A method the model cannot take is a row "n/a" with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from zinit.io import atomic_write
+
+from . import methods as M
+
+RECIPES = ("alpaca", "vtab", "squad")
+#: The recipe's headline metric (higher is better) and every metric column, in order.
+METRICS = {"alpaca": ("exact_match", ("exact_match", "eval_loss")), "vtab": ("top1", ("top1",)),
+           "squad": ("f1", ("exact", "f1"))}
+BLR_FLAGS = {"alpaca": "--blr", "squad": "--blr", "vtab": "--blr-grid"}
+
+
+def _value(argv: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _without(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if any(a.startswith(f + "=") for f in flags):
+            continue
+        out.append(a)
+    return out
+
+
+def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], nproc: int = 1,
+               blr: float | None = None) -> dict[str, Any]:
+    """Train one method in its own process; returns its row (metrics, sizes, peak memory, throughput, wall)."""
+    folder = out / method
+    cmd = [sys.executable, "-m", "zinit", "train", recipe, "--method", method, "--output", str(folder), *recipe_args]
+    if blr is not None:
+        cmd += [BLR_FLAGS[recipe], f"{blr:g}"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *cmd[1:]]
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(folder / "compare.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    row: dict[str, Any] = {"method": method, "command": " ".join(cmd[1:]), "wall_s": wall}
+    na = folder / M.NOT_APPLICABLE_NAME
+    if proc.returncode == M.NOT_APPLICABLE_EXIT and na.is_file():
+        return {**row, "status": "n/a", "reason": json.loads(na.read_text())["reason"]}
+    if proc.returncode != 0:
+        tail = (folder / "compare.log").read_text()[-1500:]
+        return {**row, "status": "failed", "reason": f"exit {proc.returncode}; end of {folder / 'compare.log'}:\n{tail}"}
+    summary = json.loads((folder / M.SUMMARY_NAME).read_text())
+    throughput = []
+    for metrics_file in folder.rglob("metrics.jsonl"):
+        throughput += [r["tokens_per_s"] for r in map(json.loads, metrics_file.read_text().splitlines())
+                       if "tokens_per_s" in r][1:]  # the first logged step includes warm-up
+    return {**row, "status": "ok", "metrics": summary["metrics"], "trainable_parameters":
+            summary["trainable_parameters"], "adapter_bytes": summary["adapter_bytes"],
+            "peak_memory_mb": max(summary["peak_memory_mb"], usage.ru_maxrss / 1024),
+            "throughput": statistics.median(throughput) if throughput else None, "blr": blr}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation splits for --lr-grid
+
+
+def _carve_alpaca(recipe_args: list[str], folder: Path, fraction: float = 0.15) -> list[str]:
+    from . import alpaca
+
+    data = _value(recipe_args, "--data")
+    records = alpaca.load_records(data if data else alpaca.EMBEDDED_TRAIN)
+    rng = random.Random(0)
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    cut = max(1, int(len(records) * fraction))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps([records[i] for i in order[cut:]]))
+    (folder / "val.json").write_text(json.dumps([records[i] for i in order[:cut]]))
+    args = _without(recipe_args, ["--data", "--eval-data"])
+    if data is None and _value(recipe_args, "--model") is None:
+        # with --data the recipe would drop the embedded run's settings: keep them for the carved split
+        for key in ("epochs", "warmup_epochs", "batch_size", "max_seq_len"):
+            flag = "--" + key.replace("_", "-")
+            if _value(recipe_args, flag) is None:
+                args += [flag, str(alpaca.EMBEDDED_DEFAULTS[key])]
+    return args + ["--data", str(folder / "train.json"), "--eval-data", str(folder / "val.json")]
+
+
+def _carve_squad(recipe_args: list[str], folder: Path, fraction: float = 0.15) -> list[str]:
+    from . import squad
+
+    version = _value(recipe_args, "--version") or "1.1"
+    train_file = _value(recipe_args, "--train-file") or str(squad.find_files(_value(recipe_args, "--data"), version)[0])
+    raw = json.loads(Path(train_file).read_text())
+    paragraphs = [(a.get("title", ""), p) for a in raw["data"] for p in a["paragraphs"]]
+    random.Random(0).shuffle(paragraphs)
+    cut = max(1, int(len(paragraphs) * fraction))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", paragraphs[cut:]), ("dev", paragraphs[:cut])):
+        data = {"version": raw.get("version", ""), "data": [{"title": t, "paragraphs": [p]} for t, p in part]}
+        (folder / f"{name}-v{version}.json").write_text(json.dumps(data))
+    return _without(recipe_args, ["--data", "--train-file", "--dev-file"]) + ["--data", str(folder)]
+
+
+def select_lr(recipe: str, method: str, out: Path, recipe_args: list[str], grid: Sequence[float],
+              nproc: int) -> tuple[float | None, list[dict[str, Any]]]:
+    """Run ``method`` at each multiple of its default base lr on the validation split; the best by the recipe's
+    headline metric (ties: the smaller lr). Returns (best blr or None if n/a, the grid's rows)."""
+    default = M.get_method(method).blr.get(recipe)
+    if default is None:
+        return None, []
+    if recipe == "vtab":  # the recipe's own protocol chooses on val200 among the grid
+        return None, [{"grid": [default * g for g in grid], "note": "selected inside the recipe on val200"}]
+    carve = {"alpaca": _carve_alpaca, "squad": _carve_squad}[recipe]
+    val_args = carve(list(recipe_args), out / "_validation_split")
+    headline = METRICS[recipe][0]
+    rows = []
+    for g in grid:
+        blr = default * g
+        row = run_method(recipe, f"{method}", out / "_lr_grid" / f"x{g:g}", val_args, nproc, blr)
+        row["blr"] = blr
+        rows.append(row)
+        if row["status"] == "n/a":
+            return None, rows
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None, rows
+    best = max(ok, key=lambda r: (r["metrics"].get(headline, float("-inf")), -r["blr"]))
+    return best["blr"], rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(recipe: str, rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (one row per method, n/a rows with their reason)."""
+    unit = "images/s" if recipe == "vtab" else "tokens/s"
+    metric_names = METRICS[recipe][1]
+    head = ["method", "trainable params", "adapter file", "peak memory", f"train {unit}", "wall"] + list(metric_names)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['status']}: {r['reason'].splitlines()[0]} |" + " |" * (len(head) - 2))
+            continue
+        cells = [r["method"], f"{r['trainable_parameters']:,}", _size(r["adapter_bytes"]),
+                 f"{r['peak_memory_mb']:.0f} MB", "–" if r["throughput"] is None else f"{r['throughput']:.0f}",
+                 f"{r['wall_s'] / 60:.1f} min"]
+        cells += [f"{r['metrics'][m]:.2f}" if m in r["metrics"] else "–" for m in metric_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(recipe: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Scatter of the headline metric against trainable parameters (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    headline = METRICS[recipe][0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["status"] == "ok" and headline in r["metrics"]:
+            ax.scatter(r["trainable_parameters"], r["metrics"][headline], s=40)
+            ax.annotate(r["method"], (r["trainable_parameters"], r["metrics"][headline]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(headline)
+    ax.set_title(f"zinit compare {recipe}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(recipe: str, method_names: Sequence[str], out: str | Path, recipe_args: Sequence[str],
+            lr_grid: Sequence[float] | None = None, nproc: int = 1) -> list[dict[str, Any]]:
+    """Run the comparison and write ``compare.md``, ``compare.json`` and ``compare.png``; returns the rows."""
+    if recipe not in RECIPES:
+        raise ValueError(f"zinit compare runs the recipes {', '.join(RECIPES)}; got {recipe!r}"
+                         + (" (scienceqa's image path is zinit's own: compare it with --no-image runs)"
+                            if recipe == "scienceqa" else ""))
+    for name in method_names:
+        M.get_method(name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    user_lr = _value(recipe_args, BLR_FLAGS[recipe]) is not None
+    rows = []
+    for name in method_names:
+        blr, grid_rows = (None, [])
+        if lr_grid and not user_lr:
+            if recipe == "vtab":
+                default = M.get_method(name).blr.get("vtab")
+                grid_args = ["--blr-grid", ",".join(f"{default * g:g}" for g in lr_grid)] if default else []
+                row = run_method(recipe, name, out, [*recipe_args, *grid_args], nproc)
+            else:
+                blr, grid_rows = select_lr(recipe, name, out / name, list(recipe_args), lr_grid, nproc)
+                row = run_method(recipe, name, out, recipe_args, nproc, blr)
+        else:
+            row = run_method(recipe, name, out, recipe_args, nproc)
+        if grid_rows:
+            row["lr_grid"] = [{k: r.get(k) for k in ("blr", "status", "metrics")} for r in grid_rows]
+        rows.append(row)
+        status = row["status"] if row["status"] != "ok" else json.dumps(row["metrics"])
+        print(f"{name}: {status}" + (f" ({row['reason'].splitlines()[0]})" if row["status"] != "ok" else ""),
+              flush=True)
+    table = format_table(recipe, rows)
+    text = json.dumps({"recipe": recipe, "recipe_args": list(recipe_args), "lr_grid": lr_grid, "rows": rows},
+                      indent=2) + "\n"
+    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
+    (out / "compare.md").write_text(table + "\n")
+    plot(recipe, rows, out / "compare.png")
+    print(table)
+    print(f"table: {out / 'compare.md'}   json: {out / 'compare.json'}   plot: {out / 'compare.png'}")
+    return rows
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="zinit compare", description="Run several fine-tuning methods through one recipe and tabulate them. "
+        "Options not listed here go to the recipe (zinit train RECIPE -h).")
+    parser.add_argument("recipe", choices=RECIPES)
+    parser.add_argument("--methods", default="zinit,lora",
+                        help=f"comma-separated, from: {', '.join(M.methods())} (default zinit,lora)")
+    parser.add_argument("--output", required=True, help="folder for every run and the report")
+    parser.add_argument("--lr-grid", default=None,
+                        help="multiples of each method's default base lr to try on a validation split, e.g. 0.3,1,3")
+    parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) (default 1)")
+    args, recipe_args = parser.parse_known_args(argv)
+    grid = [float(v) for v in args.lr_grid.split(",")] if args.lr_grid else None
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    compare(args.recipe, names, args.output, recipe_args, grid, args.nproc)
+    return 0

@@ -1,0 +1,301 @@
+"""Fine-tuning methods a recipe can train with, for ``zinit compare``: zinit and the methods the paper compares against.
+
+A method is a :class:`Method` registered with :func:`register_method`: a ``prepare(model, ctx)`` that makes the
+right parameters trainable (and returns the model, or a wrapper such as a peft model), and a default base learning
+rate per recipe. A method that cannot take a recipe's model raises :class:`NotApplicable` with the reason, which
+``zinit compare`` reports as "n/a". Adding a method is one :func:`register_method` call (see README).
+
+Built in: ``zinit``; through peft, ``lora`` (r=8 on the query and value projections), ``ia3``, ``prefix`` and
+``prompt`` tuning and ``adaption_prompt`` (peft's LLaMA-Adapter); ``vpt`` (VPT-deep for timm ViTs, written here);
+``bitfit`` (biases only), ``linear`` (the task head only) and ``full`` fine-tuning. Methods that add a task-specific
+head train it too (``ctx.head``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+import zinit
+from zinit.io import atomic_write
+
+SUMMARY_NAME = "summary.json"
+NOT_APPLICABLE_NAME = "not_applicable.json"
+#: Exit status of ``zinit train --method M`` when M cannot take the recipe's model.
+NOT_APPLICABLE_EXIT = 3
+
+
+class NotApplicable(Exception):
+    """This method cannot take this model; the message says why."""
+
+
+@dataclass
+class MethodContext:
+    """What a recipe tells a method: the recipe, the zinit-style depth/length settings and the task head."""
+
+    recipe: str
+    layers: int  #: adapt (or prompt) the top L layers where the method has such a setting
+    K: int  #: prompt / virtual-token length where the method has one
+    head: Sequence[str] = ()  #: names of new task-head submodules that every method trains
+    task: str = "causal_lm"  #: "causal_lm", "image_classification" or "question_answering"
+
+
+@dataclass
+class Method:
+    """A registered fine-tuning method."""
+
+    name: str
+    prepare: Callable[[nn.Module, MethodContext], nn.Module]
+    blr: dict[str, float] = field(default_factory=dict)  #: default base lr per recipe (lr = blr·batch/256)
+    description: str = ""
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add (or replace) a method; returns it."""
+    _METHODS[method.name] = method
+    return method
+
+
+def methods() -> list[str]:
+    """Names of the registered methods."""
+    return list(_METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def prepare(name: str, model: nn.Module, ctx: MethodContext) -> nn.Module:
+    """Apply method ``name`` to ``model`` (raises :class:`NotApplicable` with the reason)."""
+    return get_method(name).prepare(model, ctx)
+
+
+def _family(model: nn.Module) -> str:
+    try:
+        return zinit.find_backbone(model).name
+    except Exception:  # noqa: BLE001 - any model the registry does not know
+        return type(model).__name__
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _train_heads(model: nn.Module, ctx: MethodContext) -> None:
+    for name in ctx.head:
+        model.get_submodule(name).requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the methods
+
+
+def _zinit(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    depth = zinit.find_backbone(model).dims(model).num_layers
+    return zinit.inject(model, layers=min(ctx.layers, depth), K=ctx.K, train_modules=list(ctx.head))
+
+
+_LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "vit": ["qkv"], "roberta": ["query", "value"]}
+_IA3 = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]), "vit": (["qkv", "fc2"], ["fc2"]),
+        "roberta": (["key", "value", "output.dense"], ["output.dense"])}
+_PEFT_TASK = {"causal_lm": "CAUSAL_LM", "question_answering": "QUESTION_ANS", "image_classification": None}
+
+
+def _peft(model: nn.Module, config: Any) -> nn.Module:
+    try:
+        from peft import get_peft_model
+    except ImportError:
+        raise NotApplicable("peft is not installed (pip install peft)") from None
+    _freeze(model)
+    return get_peft_model(model, config)
+
+
+def _lora(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    from peft import LoraConfig
+
+    family = _family(model)
+    if family not in _LORA_TARGETS:
+        raise NotApplicable(f"no LoRA target modules known for {family}")
+    return _peft(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=_LORA_TARGETS[family],
+                                   modules_to_save=list(ctx.head) or None, task_type=_PEFT_TASK[ctx.task]))
+
+
+def _ia3(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    from peft import IA3Config
+
+    family = _family(model)
+    if family not in _IA3:
+        raise NotApplicable(f"no IA3 target modules known for {family}")
+    targets, ff = _IA3[family]
+    return _peft(model, IA3Config(target_modules=targets, feedforward_modules=ff,
+                                  modules_to_save=list(ctx.head) or None, task_type=_PEFT_TASK[ctx.task]))
+
+
+def _prompt_learning(kind: str) -> Callable[[nn.Module, MethodContext], nn.Module]:
+    def prepare_(model: nn.Module, ctx: MethodContext) -> nn.Module:
+        from peft import PrefixTuningConfig, PromptTuningConfig
+
+        if _PEFT_TASK[ctx.task] is None:
+            raise NotApplicable(f"peft's {kind} tuning needs a Hugging Face transformers model; "
+                                f"{type(model).__name__} is not one (for a ViT use vpt)")
+        if kind == "prompt" and ctx.task == "question_answering":
+            raise NotApplicable("peft prompt tuning prepends K virtual tokens to a QA model's input, so its start/end "
+                                "logits have T+K positions and every answer position is off by K")
+        cls = PrefixTuningConfig if kind == "prefix" else PromptTuningConfig
+        model = _peft(model, cls(task_type=_PEFT_TASK[ctx.task], num_virtual_tokens=ctx.K))
+        for name in ctx.head:  # peft trains a copy of a QA/classification head itself; any other head directly
+            head = model.get_submodule(f"base_model.{name}")
+            if not any(p.requires_grad for p in head.parameters()):
+                head.requires_grad_(True)
+        return model
+
+    return prepare_
+
+
+def _adaption_prompt(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    from peft import AdaptionPromptConfig
+
+    if _family(model) != "llama" or ctx.task != "causal_lm":
+        raise NotApplicable("peft's adaption prompt supports LLaMA/Mistral causal LMs only")
+    depth = zinit.find_backbone(model).dims(model).num_layers
+    return _peft(model, AdaptionPromptConfig(adapter_len=ctx.K, adapter_layers=min(ctx.layers, depth),
+                                             task_type="CAUSAL_LM"))
+
+
+class VPTDeep(nn.Module):
+    """VPT-deep (Jia et al. 2022): K learned tokens inserted after the class token at every block's input,
+    replaced block by block. Initialised uniformly as VPT (xavier, fan = 3·patch² + C)."""
+
+    def __init__(self, model: nn.Module, K: int) -> None:
+        super().__init__()
+        depth, width = len(model.blocks), model.embed_dim
+        patch = model.patch_embed.patch_size[0]
+        bound = math.sqrt(6.0 / (3 * patch * patch + width))
+        self.prompts = nn.Parameter(torch.empty(depth, K, width).uniform_(-bound, bound))
+        self.K, self.prefix = K, getattr(model, "num_prefix_tokens", 1)
+
+    def hook(self, index: int) -> Callable:
+        def pre_hook(_block: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            prompt = self.prompts[index].to(x.dtype).expand(x.shape[0], -1, -1)
+            rest = x[:, self.prefix:] if index == 0 else x[:, self.prefix + self.K:]
+            return (torch.cat([x[:, :self.prefix], prompt, rest], dim=1), *args[1:])
+
+        return pre_hook
+
+
+def _vpt(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    if _family(model) != "vit":
+        raise NotApplicable("VPT-deep inserts tokens into a timm ViT's blocks; this model is not a timm ViT")
+    _freeze(model)
+    vpt = VPTDeep(model, ctx.K)
+    model.add_module("vpt", vpt)
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(vpt.hook(i))
+    _train_heads(model, ctx)
+    return model
+
+
+def _bitfit(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    if not biases:
+        raise NotApplicable(f"{type(model).__name__} has no bias parameters (BitFit trains biases only)")
+    _freeze(model)
+    for p in biases:
+        p.requires_grad_(True)
+    _train_heads(model, ctx)
+    return model
+
+
+def _linear(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    if not ctx.head:
+        raise NotApplicable("this recipe has no separate task head (a causal LM's head is its vocabulary projection)")
+    _freeze(model)
+    _train_heads(model, ctx)
+    return model
+
+
+def _full(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+for _m in (
+    Method("zinit", _zinit, {"alpaca": 0.6, "vtab": 1e-2, "squad": 1e-2}, "zero-init gated prompts (this library)"),
+    Method("lora", _lora, {"alpaca": 0.032, "vtab": 4e-3, "squad": 2e-3}, "LoRA r=8 on the query/value projections"),
+    Method("ia3", _ia3, {"alpaca": 0.1, "vtab": 1e-2, "squad": 1e-2}, "IA3 on keys, values and the FFN output"),
+    Method("prefix", _prompt_learning("prefix"), {"alpaca": 0.32, "squad": 1e-2}, "peft prefix tuning, K tokens"),
+    Method("prompt", _prompt_learning("prompt"), {"alpaca": 1.0, "squad": 1e-2}, "peft prompt tuning, K tokens"),
+    Method("adaption_prompt", _adaption_prompt, {"alpaca": 0.3}, "peft's LLaMA-Adapter (one gate per layer)"),
+    Method("vpt", _vpt, {"vtab": 1e-2}, "VPT-deep: K learned tokens at every block"),
+    Method("bitfit", _bitfit, {"alpaca": 0.032, "vtab": 4e-3, "squad": 2e-3}, "biases only"),
+    Method("linear", _linear, {"vtab": 1e-2, "squad": 1e-2}, "the task head only"),
+    Method("full", _full, {"alpaca": 6.4e-4, "vtab": 1e-4, "squad": 1e-4}, "every parameter"),
+):
+    register_method(_m)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a recipe writes
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_trained(model: nn.Module, folder: str | Path) -> Path:
+    """zinit: :func:`zinit.save_adapter`. Other methods: their trainable tensors in ``trainable.safetensors``."""
+    folder = Path(folder)
+    if zinit.is_injected(model):
+        return zinit.save_adapter(model, folder)
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    atomic_write(folder / "trainable.safetensors", lambda tmp: save_file(tensors, tmp))
+    return folder
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak memory of this process: CUDA ``max_memory_allocated`` on GPU, peak RSS on CPU (MiB)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_summary(out: str | Path, method: str, metrics: dict[str, float], trainable: int, adapter_dir: str | Path,
+                  device: torch.device | None = None) -> None:
+    """``summary.json``: what ``zinit compare`` tabulates for one method's run of a recipe."""
+    adapter_dir = Path(adapter_dir)
+    size = sum(p.stat().st_size for p in adapter_dir.rglob("*") if p.is_file()) if adapter_dir.exists() else 0
+    data = {"method": method, "metrics": metrics, "trainable_parameters": trainable, "adapter_bytes": size,
+            "peak_memory_mb": peak_memory_mb(device)}
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(Path(out) / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_not_applicable(out: str | Path, method: str, reason: str) -> int:
+    """Record that ``method`` cannot take the recipe's model; returns the exit status to use."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / NOT_APPLICABLE_NAME).write_text(json.dumps({"method": method, "reason": reason}) + "\n")
+    print(f"{method}: n/a ({reason})")
+    return NOT_APPLICABLE_EXIT
+
+
+def add_method_arg(p: Any) -> None:
+    p.add_argument("--method", default="zinit",
+                   help="fine-tuning method (default zinit): " + ", ".join(methods()) + " (see zinit compare)")
