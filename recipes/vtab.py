@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import zinit
 from zinit.io import atomic_write
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D

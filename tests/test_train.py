@@ -14,7 +14,7 @@ import torch
 
 import zinit
 from recipes import alpaca
-from tiny import alpaca_records, char_tokenizer, tiny_llama
+from tiny import char_tokenizer, tiny_llama
 from zinit.train import Task, TrainConfig, TrainingDiverged, causal_lm_loss, lr_at, scaled_lr, train
 from zinit.train.data import epoch_batches, pad_collate
 
