@@ -209,6 +209,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (torchrun, N>1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-eval-before", action="store_true",
+                   help="do not score the held-out set before tuning (zinit compare does not use that score)")
     methods.add_method_arg(p)
 
 
@@ -261,7 +263,7 @@ def run_train(args: argparse.Namespace) -> int:
         how = f"top {layers} layers, K={args.K}" if args.method == "zinit" else f"method {args.method}"
         print(f"zinit train alpaca: {args.model or 'embedded SmolLM2-135M-Instruct'}, {how}: "
               f"{n_params:,} trainable parameters; {len(items)} examples from {data_path}")
-        if heldout is not None and not before_path.exists():
+        if heldout is not None and not before_path.exists() and not args.skip_eval_before:
             out.mkdir(parents=True, exist_ok=True)
             before = evaluate(model, tokenizer, heldout, s["max_seq_len"])
             before_path.write_text(json.dumps(before, indent=2) + "\n")
@@ -274,10 +276,11 @@ def run_train(args: argparse.Namespace) -> int:
         report: dict[str, Any] = {"steps": result.steps, "final_train_loss": result.final_loss,
                                   "method": args.method, "trainable_parameters": methods.trainable_count(model)}
         if after is not None:
-            before = json.loads(before_path.read_text())
+            before = json.loads(before_path.read_text()) if before_path.exists() else None
             report.update(heldout=str(eval_path), before=before, after=after)
             with open(result.metrics_path, "a") as f:
-                f.write(json.dumps({"step": 0, "eval_loss": before["loss"]}) + "\n")
+                if before is not None:
+                    f.write(json.dumps({"step": 0, "eval_loss": before["loss"]}) + "\n")
                 f.write(json.dumps({"step": result.steps, "eval_loss": after["loss"]}) + "\n")
             plot_run(result.metrics_path, out)
             print(format_report(before, after))
@@ -290,7 +293,9 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_report(before: dict[str, Any], after: dict[str, Any]) -> str:
+def format_report(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
+    if before is None:  # --skip-eval-before
+        before = {"loss": float("nan"), "exact_match": float("nan")}
     lines = [f"held-out ({after['n']} examples)      before tuning    after tuning",
              f"  loss (output tokens)        {before['loss']:12.4f}    {after['loss']:12.4f}",
              f"  exact match (greedy)        {before['exact_match']:11.1%}    {after['exact_match']:11.1%}",

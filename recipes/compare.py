@@ -66,6 +66,8 @@ def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], 
     """Train one method in its own process; returns its row (metrics, sizes, peak memory, throughput, wall)."""
     folder = out / method
     cmd = [sys.executable, "-m", "zinit", "train", recipe, "--method", method, "--output", str(folder), *recipe_args]
+    if recipe == "alpaca" and "--skip-eval-before" not in recipe_args:
+        cmd.append("--skip-eval-before")  # only the score after tuning is compared
     if blr is not None:
         cmd += [BLR_FLAGS[recipe], f"{blr:g}"]
     if nproc > 1:
@@ -203,11 +205,10 @@ def plot(recipe: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     headline = METRICS[recipe][0]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if r["status"] == "ok" and headline in r["metrics"]:
-            ax.scatter(r["trainable_parameters"], r["metrics"][headline], s=40)
-            ax.annotate(r["method"], (r["trainable_parameters"], r["metrics"][headline]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+    for i, r in enumerate(r for r in rows if r["status"] == "ok" and headline in r["metrics"]):
+        ax.scatter(r["trainable_parameters"], r["metrics"][headline], s=40)
+        ax.annotate(r["method"], (r["trainable_parameters"], r["metrics"][headline]), textcoords="offset points",
+                    xytext=(6, 4 - 11 * (i % 3)), fontsize=8)  # staggered: methods can land on one point
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(headline)
