@@ -4,8 +4,9 @@ and evaluation, one after another, each in its own process (or torchrun job), th
 Each method runs as ``zinit train RECIPE --method M --output OUT/M [recipe options]``, with the method's own default
 base learning rate for the recipe (``recipes/methods.py``) unless the options set one. ``--lr-grid 0.3,1,3`` first
 runs each method at those multiples of its default on a validation split carved from the training data (alpaca,
-squad) or through the recipe's own train800→val200 grid (vtab), keeps the best, and only then trains on the full
-training data and scores the evaluation set: the test/eval data never selects anything.
+squad), on the release's val split (scienceqa) or through the recipe's own train800→val200 grid (vtab), keeps the
+best, and only then trains on the full training data and scores the evaluation set: the test/eval data never selects
+anything.
 
 Outputs in OUT: ``compare.md`` (the table), ``compare.json`` and ``compare.png`` (the recipe's metric against
 trainable parameters, log scale). Columns: trainable parameters, adapter file size, peak memory (RSS on CPU, CUDA
@@ -30,11 +31,12 @@ from zinit.io import atomic_write
 
 from . import methods as M
 
-RECIPES = ("alpaca", "vtab", "squad")
+RECIPES = ("alpaca", "scienceqa", "vtab", "squad")
 #: The recipe's headline metric (higher is better) and every metric column, in order.
-METRICS = {"alpaca": ("exact_match", ("exact_match", "eval_loss")), "vtab": ("top1", ("top1",)),
+METRICS = {"alpaca": ("exact_match", ("exact_match", "eval_loss")), "scienceqa": ("Avg", ("Avg", "IMG", "TXT", "NO")),
+           "vtab": ("top1", ("top1",)),
            "squad": ("f1", ("exact", "f1"))}
-BLR_FLAGS = {"alpaca": "--blr", "squad": "--blr", "vtab": "--blr-grid"}
+BLR_FLAGS = {"alpaca": "--blr", "scienceqa": "--blr", "squad": "--blr", "vtab": "--blr-grid"}
 
 
 def _value(argv: Sequence[str], flag: str) -> str | None:
@@ -143,13 +145,18 @@ def select_lr(recipe: str, method: str, out: Path, recipe_args: list[str], grid:
               nproc: int) -> tuple[float | None, list[dict[str, Any]]]:
     """Run ``method`` at each multiple of its default base lr on the validation split; the best by the recipe's
     headline metric (ties: the smaller lr). Returns (best blr or None if n/a, the grid's rows)."""
-    default = M.get_method(method).blr.get(recipe)
+    default = M.get_method(method).blr.get("alpaca" if recipe == "scienceqa" else recipe)
+    if method == "zinit" and recipe == "scienceqa":
+        default = 9e-3
     if default is None:
         return None, []
     if recipe == "vtab":  # the recipe's own protocol chooses on val200 among the grid
         return None, [{"grid": [default * g for g in grid], "note": "selected inside the recipe on val200"}]
-    carve = {"alpaca": _carve_alpaca, "squad": _carve_squad}[recipe]
-    val_args = carve(list(recipe_args), out / "_validation_split")
+    if recipe == "scienceqa":  # train on train, score the val split: the release has one
+        val_args = _without(recipe_args, ["--test-split"]) + ["--test-split", _value(recipe_args, "--val-split") or "val"]
+    else:
+        carve = {"alpaca": _carve_alpaca, "squad": _carve_squad}[recipe]
+        val_args = carve(list(recipe_args), out / "_validation_split")
     headline = METRICS[recipe][0]
     rows = []
     for g in grid:
@@ -224,9 +231,7 @@ def compare(recipe: str, method_names: Sequence[str], out: str | Path, recipe_ar
             lr_grid: Sequence[float] | None = None, nproc: int = 1) -> list[dict[str, Any]]:
     """Run the comparison and write ``compare.md``, ``compare.json`` and ``compare.png``; returns the rows."""
     if recipe not in RECIPES:
-        raise ValueError(f"zinit compare runs the recipes {', '.join(RECIPES)}; got {recipe!r}"
-                         + (" (scienceqa's image path is zinit's own: compare it with --no-image runs)"
-                            if recipe == "scienceqa" else ""))
+        raise ValueError(f"zinit compare runs the recipes {', '.join(RECIPES)}; got {recipe!r}")
     for name in method_names:
         M.get_method(name)
     out = Path(out)
@@ -266,7 +271,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="zinit compare", description="Run several fine-tuning methods through one recipe and tabulate them. "
         "Options not listed here go to the recipe (zinit train RECIPE -h).")
-    parser.add_argument("recipe", choices=RECIPES)
+    parser.add_argument("recipe", help=f"one of {', '.join(RECIPES)}")
     parser.add_argument("--methods", default="zinit,lora",
                         help=f"comma-separated, from: {', '.join(M.methods())} (default zinit,lora)")
     parser.add_argument("--output", required=True, help="folder for every run and the report")
@@ -274,6 +279,8 @@ def main(argv: Sequence[str]) -> int:
                         help="multiples of each method's default base lr to try on a validation split, e.g. 0.3,1,3")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) (default 1)")
     args, recipe_args = parser.parse_known_args(argv)
+    if args.recipe not in RECIPES:
+        parser.error(f"recipe {args.recipe!r}: zinit compare runs {', '.join(RECIPES)}")
     grid = [float(v) for v in args.lr_grid.split(",")] if args.lr_grid else None
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     compare(args.recipe, names, args.output, recipe_args, grid, args.nproc)

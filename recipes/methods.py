@@ -270,6 +270,24 @@ def save_trained(model: nn.Module, folder: str | Path) -> Path:
     return folder
 
 
+def load_trained(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Load what :func:`save_trained` wrote back into the same prepared model (strict on names and shapes)."""
+    folder = Path(folder)
+    if zinit.is_injected(model):
+        return zinit.load_adapter(model, folder)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if saved.keys() != params.keys():
+        raise KeyError(f"{folder / 'trainable.safetensors'} does not fit this model: missing "
+                       f"{sorted(params.keys() - saved.keys())[:5]}, unexpected {sorted(saved.keys() - params.keys())[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    return model
+
+
 def peak_memory_mb(device: torch.device | None = None) -> float:
     """Peak memory of this process: CUDA ``max_memory_allocated`` on GPU, peak RSS on CPU (MiB)."""
     if device is not None and device.type == "cuda":

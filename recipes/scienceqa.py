@@ -41,7 +41,7 @@ from zinit.train import Task, TrainConfig, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
 
-from . import alpaca
+from . import alpaca, methods
 
 LETTERS = "ABCDEFGHIJ"
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
@@ -490,16 +490,22 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4, help="examples per process per step (default 4)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--blr", type=float, default=9e-3, help="base lr; lr = blr·global_batch/256 (default 9e-3)")
+    p.add_argument("--blr", type=float, default=None,
+                   help="base lr; lr = blr·global_batch/256 (default 9e-3; other methods: their alpaca default)")
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    methods.add_method_arg(p)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """``zinit train scienceqa``: train on the train split, keep the adapter of the best val epoch, report test."""
     env = D.setup(args.device)
+    if args.method != "zinit" and not args.no_image:
+        return methods.write_not_applicable(
+            args.output, args.method, "image features enter through zinit's visual projection; pass --no-image to "
+            "compare text-only models")
     data = load_scienceqa(args.data)
     train_pids = data.split(args.train_split, images=not args.no_image)[:args.max_train]
     val_pids = data.split(args.val_split, images=not args.no_image)[:args.limit]
@@ -523,7 +529,15 @@ def run_train(args: argparse.Namespace) -> int:
     model, tokenizer = alpaca.load_model(args.model, env.device)
     layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
     torch.manual_seed(args.seed)
-    zinit.inject(model, layers=layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden)
+    if args.method == "zinit":
+        zinit.inject(model, layers=layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden)
+    else:
+        try:
+            model = methods.prepare(args.method, model, methods.MethodContext("scienceqa", layers, args.K))
+        except methods.NotApplicable as exc:
+            return methods.write_not_applicable(args.output, args.method, str(exc))
+    method = methods.get_method(args.method)
+    blr = args.blr if args.blr is not None else (9e-3 if args.method == "zinit" else method.blr.get("alpaca", 9e-3))
     items, dropped = [], 0
     train_features = features.get(args.train_split, {})
     for pid in train_pids:
@@ -541,10 +555,11 @@ def run_train(args: argparse.Namespace) -> int:
                    "model": args.model or f"embedded:{alpaca.EMBEDDED_GGUF}"}
     task = Task(examples=items, lengths=[len(x["input_ids"]) for x in items],
                 collate=make_collate(tokenizer.pad_token_id, dim), loss=visual_loss,
-                fingerprint={"recipe": "scienceqa", **recipe_info, "data": str(data.root), "examples": len(items),
+                fingerprint={"recipe": "scienceqa", "method": args.method, **recipe_info, "data": str(data.root),
+                             "examples": len(items),
                              "layers": layers, "K": args.K, "visual_hidden": args.visual_hidden})
     config = TrainConfig(output=str(out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                         grad_accum=args.grad_accum, blr=args.blr, weight_decay=args.weight_decay,
+                         grad_accum=args.grad_accum, blr=blr, weight_decay=args.weight_decay,
                          warmup_epochs=args.warmup_epochs, save_every=args.save_every, seed=args.seed,
                          device=args.device, progress=not args.no_progress)
     per_epoch = len(items) // (args.batch_size * env.world_size) // args.grad_accum
@@ -562,7 +577,7 @@ def run_train(args: argparse.Namespace) -> int:
         best = max((h["val_avg"] for h in history), default=-1.0)
         history.append({"step": step, "epoch": record["epoch"], "val_avg": avg})
         if avg > best:
-            zinit.save_adapter(model, out / "adapter")
+            methods.save_trained(model, out / "adapter")
             _write_json(out / "adapter" / RECIPE_FILE, recipe_info)
         _write_json(history_file, history)
         with open(out / "metrics.jsonl", "a") as f:
@@ -570,7 +585,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in zinit.trainable_parameters(model))
+        n_params = methods.trainable_count(model)
         print(f"zinit train scienceqa: {recipe_info['model']}, top {layers} layers, K={args.K}, "
               f"{'text only' if dim is None else f'image features {dim} ({args.visual_encoder})'}: "
               f"{n_params:,} trainable parameters; {len(items)} training questions"
@@ -578,14 +593,17 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(model, task, config, callbacks=[select_on_val])
     if env.is_main:
         best = max(history, key=lambda h: h["val_avg"])
-        zinit.load_adapter(model, out / "adapter")  # the best val epoch's adapter
+        methods.load_trained(model, out / "adapter")  # the best val epoch's adapter
         test = evaluate_split(model, tokenizer, data, args.test_split, test_pids, features.get(args.test_split),
                               args.mode, args.eval_batch_size, args.max_seq_len, progress=not args.no_progress)
         _write_json(out / "predictions_test.json", test.pop("predictions"))
         report = {**test, "best_val": best, "steps": result.steps, **recipe_info,
-                  "trainable_parameters": sum(p.numel() for p in zinit.trainable_parameters(model)),
+                  "trainable_parameters": methods.trainable_count(model), "method": args.method,
                   "paper": PAPER}
         _write_json(out / "report.json", report)
+        methods.write_summary(out, args.method, {c: test["table"][c] for c in ("Avg", "IMG", "TXT", "NO")
+                                                 if test["table"][c] is not None},
+                              report["trainable_parameters"], out / "adapter", env.device)
         print(f"best val Avg {best['val_avg']:.2f} at step {best['step']}; {args.test_split} ({args.mode}):")
         print(format_table(test["table"]))
         print(f"adapter: {out / 'adapter'}   report: {out / 'report.json'}")

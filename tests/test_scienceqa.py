@@ -209,3 +209,20 @@ def test_torchrun_two_processes(release, tmp_path):
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
     assert cli(["eval", "scienceqa", "--model", str(model), "--data", str(root), "--adapter", str(out / "adapter"),
                 "--feature-cache", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]) == 0
+
+
+def test_other_methods_run_text_only_and_compare(release, tmp_path):
+    root, model, clip = release
+    out = tmp_path / "lora-image"
+    assert cli(["train", "scienceqa", *_train_args(root, model, clip, out, "--method", "lora")]) == 3
+    assert "--no-image" in json.loads((out / "not_applicable.json").read_text())["reason"]
+    cmp = tmp_path / "cmp"
+    recipe_args = _train_args(root, model, clip, "unused", "--no-image", "--epochs", "1")
+    recipe_args = [a for a in recipe_args if a not in ("--output", "unused")]  # compare gives each method its own
+    assert cli(["compare", "scienceqa", "--methods", "zinit,lora", "--output", str(cmp), *recipe_args]) == 0
+    rows = {r["method"]: r for r in json.loads((cmp / "compare.json").read_text())["rows"]}
+    assert rows["zinit"]["status"] == rows["lora"]["status"] == "ok"
+    assert set(rows["lora"]["metrics"]) >= {"Avg", "NO"} and rows["lora"]["trainable_parameters"] == 3 * 8 * (
+        (32 + 32) + (32 + 16))
+    lora_report = json.loads((cmp / "lora" / "report.json").read_text())
+    assert lora_report["method"] == "lora" and lora_report["table"]["counts"]["Avg"] == 6
