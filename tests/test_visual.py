@@ -188,6 +188,10 @@ def test_save_load_and_errors(tmp_path):
     with pytest.raises(ValueError, match="injected without visual_dim"):
         with zinit.visual_features(zinit.inject(tiny_vit(), 1, K=2), feats):
             pass
+    with pytest.raises(ValueError, match="visual_dim=0 must be an int >= 1"):
+        zinit.inject(tiny_vit(), 1, K=2, visual_dim=0)
+    with pytest.raises(ValueError, match="visual_hidden=0 must be an int >= 1"):
+        zinit.inject(tiny_vit(), 1, K=2, visual_dim=4, visual_hidden=0)
     zinit.eject(model)
     assert not hasattr(model, "zinit_visual_proj")
     assert list(clone(model).state_dict()) == list(tiny_vit().state_dict())

@@ -3,8 +3,8 @@
 ``zinit demo`` shows the method end to end on a small random-weight LLaMA-shaped model: inject, check that the
 zero-init model computes what the base model computes, train the adapter for a few steps on a toy sequence
 (the gates open and the loss falls), save it and load it back into a fresh model. ``zinit backbones`` lists the
-registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``: alpaca, scienceqa, vtab, squad),
-``zinit eval RECIPE`` scores one, ``zinit compare RECIPE`` runs other fine-tuning methods through the same recipe,
+registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``: alpaca, scienceqa,
+vtab, squad), ``zinit eval RECIPE`` scores one, ``zinit compare RECIPE`` runs other fine-tuning methods through the same recipe,
 and ``zinit generate`` answers an instruction with a base model and an adapter.
 """
 

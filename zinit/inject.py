@@ -118,6 +118,9 @@ def inject(
     extra = _check_train_modules(model, train_modules)
     if visual_dim is not None and (isinstance(visual_dim, bool) or not isinstance(visual_dim, int) or visual_dim < 1):
         raise ValueError(f"visual_dim={visual_dim!r} must be an int >= 1 (the width of the image features)")
+    if visual_dim is not None and (isinstance(visual_hidden, bool) or not isinstance(visual_hidden, int)
+                                   or visual_hidden < 1):
+        raise ValueError(f"visual_hidden={visual_hidden!r} must be an int >= 1 (the projection MLP's hidden width)")
     if visual_dim is not None and hasattr(model, VISUAL_ATTR):
         raise ValueError(f"the model already has an attribute {VISUAL_ATTR!r}; zinit needs that name")
     visual = VisualInput() if visual_dim is not None else None
