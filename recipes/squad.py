@@ -205,12 +205,64 @@ def load_squad(path: str | Path) -> SquadData:
 
 
 def find_files(data: str | Path, version: str) -> tuple[Path, Path]:
-    """``train-v{version}.json`` and ``dev-v{version}.json`` in ``data``."""
+    """``train-v{version}.json`` and ``dev-v{version}.json`` in the folder ``data``; where a network exists, ``data``
+    may instead be a hub dataset id (``rajpurkar/squad``, ``rajpurkar/squad_v2``), converted once into that folder
+    layout under ``~/.cache/zinit/squad/`` (see :func:`rows_to_squad`)."""
     folder = Path(data)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--data {folder} is not a folder (it should hold train-v{version}.json and "
-                                f"dev-v{version}.json); or pass --train-file / --dev-file")
+        if str(data).count("/") == 1 and not folder.exists() and not str(data).startswith((".", "/")):
+            folder = _from_hub(str(data), version)
+        else:
+            raise FileNotFoundError(f"--data {folder} is not a folder (it should hold train-v{version}.json and "
+                                    f"dev-v{version}.json); or pass --train-file / --dev-file")
     return folder / f"train-v{version}.json", folder / f"dev-v{version}.json"
+
+
+def rows_to_squad(rows: Sequence[dict[str, Any]], version: str) -> dict[str, Any]:
+    """The official JSON layout from the flat rows of the hub copies (``id, title, context, question,
+    answers{text[], answer_start[]}``): questions grouped by title and context; for v2.0 a question with no answer
+    is marked ``is_impossible``.
+
+    >>> rows = [{"id": "q1", "title": "T", "context": "Paris is big.", "question": "What is big?",
+    ...          "answers": {"text": ["Paris"], "answer_start": [0]}}]
+    >>> rows_to_squad(rows, "2.0")["data"][0]["paragraphs"][0]["qas"][0]
+    {'id': 'q1', 'question': 'What is big?', 'answers': [{'text': 'Paris', 'answer_start': 0}], 'is_impossible': False}
+    """
+    articles: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        answers = [{"text": t, "answer_start": int(a)} for t, a in zip(r["answers"]["text"],
+                                                                       r["answers"]["answer_start"])]
+        qa: dict[str, Any] = {"id": r["id"], "question": r["question"], "answers": answers}
+        if version == "2.0":
+            qa["is_impossible"] = not answers
+        articles.setdefault(r.get("title", ""), {}).setdefault(r["context"], []).append(qa)
+    return {"version": f"v{version}", "data": [
+        {"title": title, "paragraphs": [{"context": c, "qas": qas} for c, qas in paragraphs.items()]}
+        for title, paragraphs in articles.items()]}
+
+
+def _from_hub(repo: str, version: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    folder = Path.home() / ".cache" / "zinit" / "squad" / repo.replace("/", "--")
+    train, dev = folder / f"train-v{version}.json", folder / f"dev-v{version}.json"
+    if train.is_file() and dev.is_file():
+        return folder
+    local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=["*.parquet", "*.json"]))
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise RuntimeError(f"{repo} is stored as parquet: pip install pyarrow to convert it, or pass the official "
+                           "JSON files with --data DIR") from None
+    splits = {"train": sorted(local.rglob("train-*.parquet")), "dev": sorted(local.rglob("validation-*.parquet"))}
+    if not splits["train"] or not splits["dev"]:
+        raise FileNotFoundError(f"{repo} has no train-*/validation-* parquet files; pass --data DIR instead")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, files in splits.items():
+        rows = [row for f in files for row in pq.read_table(f).to_pylist()]
+        text = json.dumps(rows_to_squad(rows, version))
+        atomic_write(folder / f"{name}-v{version}.json", lambda tmp, text=text: Path(tmp).write_text(text))
+    return folder
 
 
 def _windows(examples: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, stride: int) -> Any:

@@ -189,3 +189,31 @@ def test_full_tiny_run_produces_em_f1_and_eval_reads_the_adapter(tiny_squad, cap
     again = json.loads((eval_out / "eval.json").read_text())
     assert (again["exact"], again["f1"]) == (result["exact"], result["f1"])  # the adapter and head came back
     assert "zinit (measured)" in capsys.readouterr().out
+
+
+def test_hub_rows_convert_to_the_official_layout(tmp_path, monkeypatch):
+    rows = [{"id": "a", "title": "T1", "context": "Ada wrote notes.", "question": "Who wrote?",
+             "answers": {"text": ["Ada"], "answer_start": [0]}},
+            {"id": "b", "title": "T1", "context": "Ada wrote notes.", "question": "When?",
+             "answers": {"text": [], "answer_start": []}},
+            {"id": "c", "title": "T2", "context": "Bo ran.", "question": "Who ran?",
+             "answers": {"text": ["Bo", "Bo"], "answer_start": [0, 0]}}]
+    path = tmp_path / "dev-v2.0.json"
+    path.write_text(json.dumps(squad.rows_to_squad(rows, "2.0")))
+    data = squad.load_squad(path)
+    assert [e["id"] for e in data.examples] == ["a", "b", "c"] and data.version_2 and not data.mismatched
+    assert [e["is_impossible"] for e in data.examples] == [False, True, False]
+    assert len(json.loads(path.read_text())["data"][0]["paragraphs"]) == 1  # a and b share their paragraph
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(tmp_path / "snapshot"))
+    monkeypatch.setattr(squad.Path, "home", classmethod(lambda cls: tmp_path / "home"))
+    (tmp_path / "snapshot").mkdir()
+    try:
+        import pyarrow  # noqa: F401
+        expected = (FileNotFoundError, "has no train-\\*/validation-\\* parquet files")
+    except ImportError:
+        expected = (RuntimeError, "pip install pyarrow")
+    with pytest.raises(expected[0], match=expected[1]):
+        squad.find_files("rajpurkar/squad_v2", "2.0")
