@@ -114,18 +114,21 @@ _IA3 = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]), "vit": (["q
 _PEFT_TASK = {"causal_lm": "CAUSAL_LM", "question_answering": "QUESTION_ANS", "image_classification": None}
 
 
-def _peft(model: nn.Module, config: Any) -> nn.Module:
+def _peft_class(name: str) -> Any:
     try:
-        from peft import get_peft_model
+        import peft
     except ImportError:
-        raise NotApplicable("peft is not installed (pip install peft)") from None
+        raise NotApplicable("peft is not installed (pip install peft, or pip install -e .[test])") from None
+    return getattr(peft, name)
+
+
+def _peft(model: nn.Module, config: Any) -> nn.Module:
     _freeze(model)
-    return get_peft_model(model, config)
+    return _peft_class("get_peft_model")(model, config)
 
 
 def _lora(model: nn.Module, ctx: MethodContext) -> nn.Module:
-    from peft import LoraConfig
-
+    LoraConfig = _peft_class("LoraConfig")
     family = _family(model)
     if family not in _LORA_TARGETS:
         raise NotApplicable(f"no LoRA target modules known for {family}")
@@ -134,8 +137,7 @@ def _lora(model: nn.Module, ctx: MethodContext) -> nn.Module:
 
 
 def _ia3(model: nn.Module, ctx: MethodContext) -> nn.Module:
-    from peft import IA3Config
-
+    IA3Config = _peft_class("IA3Config")
     family = _family(model)
     if family not in _IA3:
         raise NotApplicable(f"no IA3 target modules known for {family}")
@@ -146,15 +148,13 @@ def _ia3(model: nn.Module, ctx: MethodContext) -> nn.Module:
 
 def _prompt_learning(kind: str) -> Callable[[nn.Module, MethodContext], nn.Module]:
     def prepare_(model: nn.Module, ctx: MethodContext) -> nn.Module:
-        from peft import PrefixTuningConfig, PromptTuningConfig
-
         if _PEFT_TASK[ctx.task] is None:
             raise NotApplicable(f"peft's {kind} tuning needs a Hugging Face transformers model; "
                                 f"{type(model).__name__} is not one (for a ViT use vpt)")
         if kind == "prompt" and ctx.task == "question_answering":
             raise NotApplicable("peft prompt tuning prepends K virtual tokens to a QA model's input, so its start/end "
                                 "logits have T+K positions and every answer position is off by K")
-        cls = PrefixTuningConfig if kind == "prefix" else PromptTuningConfig
+        cls = _peft_class("PrefixTuningConfig" if kind == "prefix" else "PromptTuningConfig")
         model = _peft(model, cls(task_type=_PEFT_TASK[ctx.task], num_virtual_tokens=ctx.K))
         for name in ctx.head:  # peft trains a copy of a QA/classification head itself; any other head directly
             head = model.get_submodule(f"base_model.{name}")
@@ -166,10 +166,9 @@ def _prompt_learning(kind: str) -> Callable[[nn.Module, MethodContext], nn.Modul
 
 
 def _adaption_prompt(model: nn.Module, ctx: MethodContext) -> nn.Module:
-    from peft import AdaptionPromptConfig
-
     if _family(model) != "llama" or ctx.task != "causal_lm":
         raise NotApplicable("peft's adaption prompt supports LLaMA/Mistral causal LMs only")
+    AdaptionPromptConfig = _peft_class("AdaptionPromptConfig")
     depth = zinit.find_backbone(model).dims(model).num_layers
     return _peft(model, AdaptionPromptConfig(adapter_len=ctx.K, adapter_layers=min(ctx.layers, depth),
                                              task_type="CAUSAL_LM"))
