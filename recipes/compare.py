@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from zinit.io import atomic_write
+from zinit.io import write_json
 
 from . import methods as M
 
@@ -257,9 +257,8 @@ def compare(recipe: str, method_names: Sequence[str], out: str | Path, recipe_ar
         print(f"{name}: {status}" + (f" ({row['reason'].splitlines()[0]})" if row["status"] != "ok" else ""),
               flush=True)
     table = format_table(recipe, rows)
-    text = json.dumps({"recipe": recipe, "recipe_args": list(recipe_args), "lr_grid": lr_grid, "rows": rows},
-                      indent=2) + "\n"
-    atomic_write(out / "compare.json", lambda tmp: Path(tmp).write_text(text))
+    write_json(out / "compare.json", {"recipe": recipe, "recipe_args": list(recipe_args), "lr_grid": lr_grid,
+                                      "rows": rows})
     (out / "compare.md").write_text(table + "\n")
     plot(recipe, rows, out / "compare.png")
     print(table)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import zinit
-from zinit.io import atomic_write
+from zinit.io import atomic_write, write_json
 
 SUMMARY_NAME = "summary.json"
 NOT_APPLICABLE_NAME = "not_applicable.json"
@@ -299,10 +299,8 @@ def write_summary(out: str | Path, method: str, metrics: dict[str, float], train
     """``summary.json``: what ``zinit compare`` tabulates for one method's run of a recipe."""
     adapter_dir = Path(adapter_dir)
     size = sum(p.stat().st_size for p in adapter_dir.rglob("*") if p.is_file()) if adapter_dir.exists() else 0
-    data = {"method": method, "metrics": metrics, "trainable_parameters": trainable, "adapter_bytes": size,
-            "peak_memory_mb": peak_memory_mb(device)}
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(Path(out) / SUMMARY_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_json(Path(out) / SUMMARY_NAME, {"method": method, "metrics": metrics, "trainable_parameters": trainable,
+                                          "adapter_bytes": size, "peak_memory_mb": peak_memory_mb(device)})
 
 
 def write_not_applicable(out: str | Path, method: str, reason: str) -> int:

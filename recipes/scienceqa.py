@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import zinit
-from zinit.io import atomic_write, read_json
+from zinit.io import atomic_write, read_json, write_json
 from zinit.train import Task, TrainConfig, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
@@ -452,11 +452,6 @@ def _parse_layers(text: str | None) -> tuple[int, ...] | None:
         raise ValueError(f"--visual-layers {text!r}: expected comma-separated layer numbers, e.g. 8,16,24") from None
 
 
-def _write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", required=True, help="ScienceQA folder (problems.json, pid_splits.json, images/)")
@@ -578,8 +573,8 @@ def run_train(args: argparse.Namespace) -> int:
         history.append({"step": step, "epoch": record["epoch"], "val_avg": avg})
         if avg > best:
             methods.save_trained(model, out / "adapter")
-            _write_json(out / "adapter" / RECIPE_FILE, recipe_info)
-        _write_json(history_file, history)
+            write_json(out / "adapter" / RECIPE_FILE, recipe_info)
+        write_json(history_file, history)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "val_avg": avg}) + "\n")
 
@@ -596,11 +591,11 @@ def run_train(args: argparse.Namespace) -> int:
         methods.load_trained(model, out / "adapter")  # the best val epoch's adapter
         test = evaluate_split(model, tokenizer, data, args.test_split, test_pids, features.get(args.test_split),
                               args.mode, args.eval_batch_size, args.max_seq_len, progress=not args.no_progress)
-        _write_json(out / "predictions_test.json", test.pop("predictions"))
+        write_json(out / "predictions_test.json", test.pop("predictions"))
         report = {**test, "best_val": best, "steps": result.steps, **recipe_info,
                   "trainable_parameters": methods.trainable_count(model), "method": args.method,
                   "paper": PAPER}
-        _write_json(out / "report.json", report)
+        write_json(out / "report.json", report)
         methods.write_summary(out, args.method, {c: test["table"][c] for c in ("Avg", "IMG", "TXT", "NO")
                                                  if test["table"][c] is not None},
                               report["trainable_parameters"], out / "adapter", env.device)
@@ -641,8 +636,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "report.json", {**result, "adapter": str(args.adapter), "paper": PAPER})
-        _write_json(out / "predictions.json", predictions)
+        write_json(out / "report.json", {**result, "adapter": str(args.adapter), "paper": PAPER})
+        write_json(out / "predictions.json", predictions)
     print(f"{args.split} ({args.mode}):")
     print(format_table(result["table"]))
     return 0

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 import zinit
-from zinit.io import atomic_write, read_json
+from zinit.io import atomic_write, read_json, write_json
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
 
@@ -474,11 +474,6 @@ def load_model(name: str, device: torch.device) -> tuple[nn.Module, Any]:
     return model.to(device).eval(), tokenizer
 
 
-def _write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=384, help="tokens per window (default 384)")
     p.add_argument("--doc-stride", type=int, default=128, help="overlap between windows (default 128)")
@@ -580,11 +575,11 @@ def run_train(args: argparse.Namespace) -> int:
     if env.is_main:
         methods.save_trained(model, out / "adapter")
         evaluation = evaluate(model, tokenizer, dev_data, _eval_settings(args), progress=not args.no_progress)
-        _write_json(out / "predictions.json", evaluation.pop("predictions"))
+        write_json(out / "predictions.json", evaluation.pop("predictions"))
         evaluation.update(steps=result.steps, final_train_loss=result.final_loss, model=args.model,
                           trainable_parameters=methods.trainable_count(model), method=args.method,
                           paper=PAPER[evaluation["version"]])
-        _write_json(out / "eval.json", evaluation)
+        write_json(out / "eval.json", evaluation)
         methods.write_summary(out, args.method, {"exact": evaluation["exact"], "f1": evaluation["f1"]},
                               evaluation["trainable_parameters"], out / "adapter", env.device)
         print(format_report(evaluation))
@@ -620,7 +615,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "eval.json", result)
-        _write_json(out / "predictions.json", predictions)
+        write_json(out / "eval.json", result)
+        write_json(out / "predictions.json", predictions)
     print(format_report(result))
     return 0

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zinit.io import atomic_write
+from zinit.io import write_json
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
 
@@ -315,11 +315,6 @@ def _run_one(base: nn.Module, spec: VtabTask, settings: VtabSettings, train_set:
     return model
 
 
-def _write_json(path: Path, data: Any) -> None:
-    text = json.dumps(data, indent=2) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def run_task(root: str | Path, task: str, output: str | Path, settings: VtabSettings,
              base: nn.Module | None = None) -> dict[str, Any]:
     """The whole protocol for one task: grid on train800→val200, retrain the best on train800val200 per seed, then
@@ -356,7 +351,7 @@ def run_task(root: str | Path, task: str, output: str | Path, settings: VtabSett
         if not done.is_file():
             model = _run_one(base, spec, settings, train800, preprocess, blr, wd, seed0, folder, env)
             if env.is_main:
-                _write_json(done, {"blr": blr, "weight_decay": wd, "val_top1": top1(model, *val200, preprocess, size)})
+                write_json(done, {"blr": blr, "weight_decay": wd, "val_top1": top1(model, *val200, preprocess, size)})
             D.barrier()
             del model
         search.append(json.loads(done.read_text()))
@@ -377,7 +372,7 @@ def run_task(root: str | Path, task: str, output: str | Path, settings: VtabSett
                 methods.save_trained(model, folder / "adapter")
                 test = data.split("test")
                 acc = top1(model, test, None, preprocess, size, progress=settings.progress, desc=f"{spec.name}/test")
-                _write_json(done, {"seed": seed, "test_top1": acc, "test_images": len(test), "trainable_parameters":
+                write_json(done, {"seed": seed, "test_top1": acc, "test_images": len(test), "trainable_parameters":
                                    methods.trainable_count(model)})
             D.barrier()
             del model
@@ -390,7 +385,7 @@ def run_task(root: str | Path, task: str, output: str | Path, settings: VtabSett
               "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "trainable_parameters": finals[0]["trainable_parameters"],
               "splits_read": data.reads}
     if env.is_main:
-        _write_json(out / "result.json", result)
+        write_json(out / "result.json", result)
     return result
 
 
@@ -514,7 +509,7 @@ def run_train(args: argparse.Namespace) -> int:
                   f"wd {result['best']['weight_decay']:g}, val {result['best']['val_top1']:.1f})")
     if env.is_main:
         report = format_report(results)
-        _write_json(out / "report.json", {"model": settings.model, "pretrained_file": settings.pretrained_file,
+        write_json(out / "report.json", {"model": settings.model, "pretrained_file": settings.pretrained_file,
                                           "tasks": results, "groups": group_means(
                                               {r["task"]: r["mean"] for r in results}), "paper": PAPER_GROUPS})
         (out / "report.md").write_text(report + "\n")

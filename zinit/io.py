@@ -52,6 +52,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         raise
 
 
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as indented JSON (with a final newline) through :func:`atomic_write`."""
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def read_json(path: str | os.PathLike[str], what: str) -> Any:
     """Parse a JSON file; a missing file or bad JSON raises an error naming ``what`` and the path."""
     path = Path(path)
@@ -95,8 +101,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
     atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "zinit-adapter"}))
-    text = json.dumps(config, indent=2) + "\n"
-    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    write_json(folder / CONFIG_NAME, config)
     return folder
 
 
