@@ -91,21 +91,25 @@ def resolve_data(spec: str) -> Path:
     return Path(hf_hub_download(spec, files[0], repo_type="dataset"))
 
 
-def tokenize(records: Sequence[dict[str, str]], tokenizer: Any, max_seq_len: int) -> list[dict[str, list[int]]]:
-    """``input_ids`` = prompt + output + EOS and ``labels`` with the prompt masked (-100), truncated to max_seq_len.
+def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int) -> dict[str, list[int]] | None:
+    """``input_ids`` = prompt + answer + EOS and ``labels`` with the prompt masked (-100), truncated to max_seq_len;
+    None when the prompt fills the whole length (no target token left).
 
-    Prompt and output are tokenized separately, so the boundary between them is exact. Examples whose prompt fills
-    the whole length (no target token left) are dropped.
+    Prompt and answer are tokenized separately, so the boundary between them is exact.
     """
-    items = []
-    for r in records:
-        prompt = tokenizer(format_prompt(r["instruction"], r.get("input", "")))["input_ids"]
-        answer = tokenizer(r["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + answer)[:max_seq_len]
-        labels = ([-100] * len(prompt) + answer)[:max_seq_len]
-        if any(t != -100 for t in labels):
-            items.append({"input_ids": ids, "labels": labels})
-    return items
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + answer_ids)[:max_seq_len]
+    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_seq_len]
+    return {"input_ids": ids, "labels": labels} if any(t != -100 for t in labels) else None
+
+
+def tokenize(records: Sequence[dict[str, str]], tokenizer: Any, max_seq_len: int) -> list[dict[str, list[int]]]:
+    """:func:`tokenize_pair` of each record's Alpaca prompt and output; records with no target token left are
+    dropped."""
+    items = [tokenize_pair(format_prompt(r["instruction"], r.get("input", "")), r["output"], tokenizer, max_seq_len)
+             for r in records]
+    return [item for item in items if item is not None]
 
 
 def embedded_model_folder() -> str:

@@ -324,10 +324,7 @@ def image_features(data: ScienceQA, split: str, pids: Sequence[str], encoder: Im
 
 def tokenize_example(problem: dict[str, Any], tokenizer: Any, max_seq_len: int) -> dict[str, list[int]] | None:
     """``input_ids`` = prompt + target + EOS, ``labels`` masked on the prompt; None if no target token fits."""
-    prompt = tokenizer(prompt_text(problem))["input_ids"]
-    answer = tokenizer(target_text(problem["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids, labels = (prompt + answer)[:max_seq_len], ([-100] * len(prompt) + answer)[:max_seq_len]
-    return {"input_ids": ids, "labels": labels} if any(t != -100 for t in labels) else None
+    return alpaca.tokenize_pair(prompt_text(problem), target_text(problem["answer"]), tokenizer, max_seq_len)
 
 
 def make_collate(pad_id: int, dim: int | None):
