@@ -371,7 +371,7 @@ def predict(model: nn.Module, tokenizer: Any, problems: Sequence[dict[str, Any]]
     model.eval()
     device = next(model.parameters()).device
     dim = zinit.injection(model).visual_dim if zinit.is_injected(model) else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = D.autocast(device)
     out: list[tuple[int | None, str]] = []
     side = tokenizer.padding_side
     try:

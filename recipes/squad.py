@@ -22,7 +22,6 @@ import collections
 import json
 import re
 import string
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -371,7 +370,7 @@ def predict_logits(model: nn.Module, features: Sequence[dict[str, Any]], pad_id:
 
     model.eval()
     device = next(model.parameters()).device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = D.autocast(device)
     width = max(len(f["input_ids"]) for f in features)
     starts = torch.full((len(features), width), -float("inf"))
     ends = torch.full((len(features), width), -float("inf"))

@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import statistics
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -249,7 +248,7 @@ def top1(model: nn.Module, images: Tensor | Sequence[tuple[Path, int]], labels: 
 
     model.eval()
     device = next(model.parameters()).device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = D.autocast(device)
     n = len(images)
     correct = 0
     for s in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress, leave=False):

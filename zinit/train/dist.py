@@ -7,6 +7,7 @@ all-reduce, which is what DistributedDataParallel does for the parameters that r
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,14 @@ def setup(device: str | None = None) -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world, local, dev)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The trainer's precision for ``device``: bf16 autocast on CUDA, nothing (fp32) elsewhere. Evaluation uses it
+    too, so a model is scored in the precision it was trained in."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def barrier() -> None:

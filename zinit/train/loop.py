@@ -12,7 +12,6 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -205,7 +204,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
             {**fingerprint, "steps_per_epoch": steps_per_epoch, "total_steps": total, "peak_lr": peak,
              "global_batch": global_batch, "warmup_steps": warmup}, indent=2) + "\n")
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda" else nullcontext())
+    autocast = D.autocast(env.device)
     progress = None
     if env.is_main and config.progress:
         from tqdm.auto import tqdm
