@@ -560,9 +560,12 @@ def run_train(args: argparse.Namespace) -> int:
     val_args = (data, args.val_split, val_pids, features.get(args.val_split), args.mode, args.eval_batch_size,
                 args.max_seq_len)
 
+    total_steps: list[int] = []  # read once: the trainer writes it before the first step
+
     def select_on_val(step: int, record: dict[str, Any]) -> None:
-        total = json.loads((out / "train_config.json").read_text())["total_steps"]
-        if step % max(per_epoch, 1) and step != total:
+        if not total_steps:
+            total_steps.append(json.loads((out / "train_config.json").read_text())["total_steps"])
+        if step % max(per_epoch, 1) and step != total_steps[0]:
             return
         result = evaluate_split(model, tokenizer, *val_args)
         avg = result["table"]["Avg"]
