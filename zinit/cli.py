@@ -104,26 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from recipes import alpaca, scienceqa, squad, vtab
 
     train = sub.add_parser("train", help="train an adapter with a recipe").add_subparsers(dest="recipe", required=True)
-    p = train.add_parser("alpaca", help="Alpaca instruction tuning (default: embedded SmolLM2 + bundled set)")
-    alpaca.add_train_args(p)
-    p.set_defaults(func=alpaca.run_train)
-    p = train.add_parser("vtab", help="VTAB-1k image classification on a timm ViT (grid on val, report on test)")
-    vtab.add_train_args(p)
-    p.set_defaults(func=vtab.run_train)
-    p = train.add_parser("scienceqa", help="ScienceQA with image features (CLIP / timm ViT), paper's columns")
-    scienceqa.add_train_args(p)
-    p.set_defaults(func=scienceqa.run_train)
-    p = train.add_parser("squad", help="SQuAD v1.1 / v2.0 question answering on RoBERTa/BERT (official EM/F1)")
-    squad.add_train_args(p)
-    p.set_defaults(func=squad.run_train)
     evaluate = sub.add_parser("eval", help="score a trained adapter with a recipe's metric").add_subparsers(
         dest="recipe", required=True)
-    p = evaluate.add_parser("scienceqa", help="ScienceQA accuracy table of an adapter on one split")
-    scienceqa.add_eval_args(p)
-    p.set_defaults(func=scienceqa.run_eval)
-    p = evaluate.add_parser("squad", help="official SQuAD EM/F1 of an adapter on a SQuAD file")
-    squad.add_eval_args(p)
-    p.set_defaults(func=squad.run_eval)
+    commands = [  # (subcommands, recipe name, module, what it does); each module has add_<verb>_args / run_<verb>
+        (train, "train", "alpaca", alpaca, "Alpaca instruction tuning (default: embedded SmolLM2 + bundled set)"),
+        (train, "train", "vtab", vtab, "VTAB-1k image classification on a timm ViT (grid on val, report on test)"),
+        (train, "train", "scienceqa", scienceqa, "ScienceQA with image features (CLIP / timm ViT), paper's columns"),
+        (train, "train", "squad", squad, "SQuAD v1.1 / v2.0 question answering on RoBERTa/BERT (official EM/F1)"),
+        (evaluate, "eval", "scienceqa", scienceqa, "ScienceQA accuracy table of an adapter on one split"),
+        (evaluate, "eval", "squad", squad, "official SQuAD EM/F1 of an adapter on a SQuAD file"),
+    ]
+    for group, verb, name, module, what in commands:
+        p = group.add_parser(name, help=what)
+        getattr(module, f"add_{verb}_args")(p)
+        p.set_defaults(func=getattr(module, f"run_{verb}"))
     p = sub.add_parser("generate", help="answer an instruction with a base model and an adapter")
     alpaca.add_generate_args(p)
     p.set_defaults(func=alpaca.run_generate)
