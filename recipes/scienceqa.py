@@ -284,7 +284,8 @@ def image_features(data: ScienceQA, split: str, pids: Sequence[str], encoder: Im
     folder = Path(cache_dir) / encoder.fingerprint()
     folder.mkdir(parents=True, exist_ok=True)
     file, index_file = folder / f"{split}.safetensors", folder / f"{split}.index.json"
-    wanted = {pid: data.image_path(pid, split) for pid in pids if data.image_path(pid, split) is not None}
+    paths = {pid: data.image_path(pid, split) for pid in pids}
+    wanted = {pid: path for pid, path in paths.items() if path is not None}
     stamps = {pid: _file_stamp(path) for pid, path in wanted.items()}
     index = json.loads(index_file.read_text()) if index_file.is_file() and file.is_file() else {}
     cached: dict[str, Tensor] = {}
