@@ -1,16 +1,15 @@
 """timm Vision Transformers: ``VisionTransformer`` of any size and its subclasses (DeiT, distilled DeiT).
 
 timm's ``Attention`` computes q, k, v with one fused ``qkv`` linear and calls SDPA itself, so there is no
-dispatch point to hook: the adapted blocks' ``attn.forward`` is replaced (on the instance, undone by eject) by
-:func:`_zinit_forward`, which is timm's forward with the gated prompt term added to the attention output before
-``norm``/``proj``. Prompt keys/values are the k and v slices of the fused ``qkv`` applied to the prompt (with the
+dispatch point to hook: the adapted blocks' attention modules become instances of a subclass (``ZinitAttention``,
+undone by eject) whose forward, :func:`_zinit_forward`, is timm's forward with the gated prompt term added to the
+attention output before ``norm``/``proj``. Prompt keys/values are the k and v slices of the fused ``qkv`` applied to the prompt (with the
 layer's ``k_norm``, Identity unless the model uses qk-norm). Bidirectional: no mask on the prompt part.
 """
 
 from __future__ import annotations
 
 import sys
-import types
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,6 +80,34 @@ def _zinit_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None, 
     return self.proj_drop(self.proj(out))
 
 
+def _adapted_class(cls: type) -> type:
+    """The subclass of timm's ``Attention`` class ``cls`` whose forward is :func:`_zinit_forward`.
+
+    Adapted blocks get this class (``attn.__class__``), not a bound method on the instance: a class attribute is
+    what copies (deepcopy, pickle, ``torch.save`` of the whole model) and ``nn.DataParallel`` replicas (which copy
+    the instance ``__dict__``) need to run their own weights. The class is reachable as this module's
+    ``ZinitAttention`` (see :func:`__getattr__`), which is how pickle finds it again in a fresh process.
+    """
+    global _ADAPTED
+    if _ADAPTED is None:
+        _ADAPTED = type("ZinitAttention", (cls,), {
+            "forward": _zinit_forward, "__module__": __name__,
+            "__doc__": "timm Attention with zinit's gated prompt term (zinit.backbones vit).",
+        })
+    return _ADAPTED
+
+
+_ADAPTED: type | None = None
+
+
+def __getattr__(name: str) -> type:  # PEP 562: ZinitAttention is made on first use (timm is imported lazily)
+    if name == "ZinitAttention":
+        from timm.layers import Attention
+
+        return _adapted_class(Attention)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _install(model: nn.Module, modules: list[nn.Module]) -> None:
     from timm.layers import Attention
 
@@ -90,13 +117,17 @@ def _install(model: nn.Module, modules: list[nn.Module]) -> None:
                 f"zinit's vit backbone adapts timm.layers.Attention, but this model's block uses "
                 f"{type(attn).__module__}.{type(attn).__qualname__}; register a backbone for it"
             )
+    adapted = _adapted_class(Attention)
     for attn in modules:
-        attn.forward = types.MethodType(_zinit_forward, attn)
+        attn.__class__ = adapted
 
 
 def _uninstall(model: nn.Module, modules: list[nn.Module]) -> None:
+    from timm.layers import Attention
+
     for attn in modules:
-        attn.__dict__.pop("forward", None)
+        if type(attn) is _ADAPTED:
+            attn.__class__ = Attention
 
 
 register_backbone(

@@ -140,15 +140,17 @@ def test_models_sharing_one_config_inject_and_eject_independently():
         zinit.inject(first, 2, K=3)
         randomize_adapter(first)
         assert not torch.equal(run(first), plain)
-        assert torch.equal(run(second), plain)  # the sibling is routed through zinit but has no adapter
+        assert torch.equal(run(second), plain)  # the sibling is untouched
+        assert first.config._attn_implementation == "sdpa"  # the shared config keeps its value: only the
+        assert first.model.layers[3].self_attn.config._attn_implementation == "zinit_sdpa"  # adapted modules route
+        assert second.model.layers[3].self_attn.config._attn_implementation == "sdpa"
         zinit.inject(second, 2, K=3)
         randomize_adapter(second)
         zinit.eject(first)
         assert torch.equal(run(first), plain)
-        assert second.config._attn_implementation == "zinit_sdpa"  # the sibling's adapter is still on
-        assert not torch.equal(run(second), plain)
+        assert not torch.equal(run(second), plain)  # the sibling's adapter is still on
         zinit.eject(second)
-        assert first.config._attn_implementation == "sdpa"
+        assert all(layer.self_attn.config is first.config for m in (first, second) for layer in m.model.layers)
         assert torch.equal(run(second), plain)
 
 

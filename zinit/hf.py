@@ -1,26 +1,32 @@
 """The Hugging Face hook: zinit as a transformers ``AttentionInterface`` implementation.
 
 transformers ≥ 5 dispatches attention of LLaMA/Mistral/Qwen2/BERT/RoBERTa (and most other families) through
-``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``, called as
+``ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation)``, called as
 ``fn(module, query, key, value, attention_mask, scaling=..., dropout=..., **kw)`` with the query already rotated
-and the keys/values already concatenated with the KV cache. zinit registers, for the implementation a model
-had (``sdpa``, ``eager``, ``flash_attention_2``, ...), a wrapper named ``zinit_<that name>`` that
+and the keys/values already concatenated with the KV cache.
 
-1. calls that very implementation, so token attention stays on the model's own fast kernel, then
-2. if the module carries a :class:`~zinit.prompts.LayerAdapter`, adds the gated prompt term computed from the
-   same ``query`` (the layer's own, never recomputed).
+zinit routes only the *adapted* attention modules, and leaves the model's config alone:
 
-Modules without an adapter (layers that are not adapted, cross-attention) go through untouched.
-
-transformers builds attention masks through ``AttentionMaskInterface`` keyed by the same name, and a name with no
-mask function gets *no mask at all*; so the wrapper's name is registered there with the original's mask function.
+- each adapted module's ``config`` becomes an :class:`AdaptedConfig`, a view of the model's own config whose
+  ``_attn_implementation`` reads ``"zinit_" + <the model's current implementation>``. The model's config (what
+  masks, ``generate()``, ``save_pretrained`` and other modules read) keeps its real value, so the attention mask is
+  the implementation's own, sibling models built from the same config are untouched, and a later
+  ``model.set_attn_implementation(...)`` (or transformers' continuous batching switching to paged attention) keeps
+  the adapter: the view follows the config and registers the wrapper of the new implementation on first use.
+- the wrapper ``zinit_<name>`` (1) calls the implementation ``<name>`` itself, so token attention stays on the
+  model's own kernel (SDPA, flash-attention 2/3, flex, hub kernels, paged), then (2) adds the gated prompt term
+  computed from the same ``query`` (the layer's own, never recomputed). Implementations that read
+  ``module.config._attn_implementation`` themselves (the flash family picks its kernel by that name) are handed a
+  view of the module whose ``config`` is the model's real one.
+- a forward pre-hook passes the layer's ``past_key_values`` to the wrapper as the *scope* of the prompt keys/values:
+  within one KV cache (one ``generate()``), the prompt is projected once, on the first step (see
+  :meth:`zinit.prompts.LayerAdapter.attend`).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-import weakref
 from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
@@ -28,6 +34,59 @@ from torch import Tensor, nn
 from .prompts import ADAPTER_ATTR
 
 PREFIX = "zinit_"
+#: Keyword under which the pre-hook hands the layer's KV cache (the prompt K/V scope) to the wrapper.
+SCOPE_KWARG = "zinit_scope"
+#: Implementations that never read ``module.config``: they are called with the module itself.
+_CONFIG_FREE = frozenset({"sdpa", "eager"})
+
+
+class AdaptedConfig:
+    """``module.config`` of an adapted attention module: the model's config, seen through zinit.
+
+    Every attribute reads and writes the model's config, except ``_attn_implementation``, which reads
+    ``"zinit_" + config._attn_implementation`` so that the module's own dispatch finds zinit's wrapper of whatever
+    implementation the model has *now*. Copies and pickles of a model keep it (it reduces to its config).
+    """
+
+    def __init__(self, base: Any) -> None:
+        self.__dict__["_zinit_base"] = base  # the one attribute of its own; every other one is the config's
+
+    @property
+    def _attn_implementation(self) -> str:
+        return attention_name(self._zinit_base._attn_implementation or "eager")
+
+    def __getattr__(self, name: str) -> Any:  # called only for names this object does not have itself
+        if name == "_zinit_base":  # while unpickling, before __init__ ran
+            raise AttributeError(name)
+        return getattr(self._zinit_base, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._zinit_base, name, value)
+
+    def __reduce__(self) -> tuple:
+        return (AdaptedConfig, (self._zinit_base,))
+
+    def __repr__(self) -> str:
+        return f"AdaptedConfig({self._zinit_base!r})"
+
+
+class _BaseView:
+    """The attention module as a non-zinit implementation must see it: the same module with the model's own config
+    (flash-attention reads ``module.config._attn_implementation`` to pick its kernel)."""
+
+    def __init__(self, module: nn.Module, config: Any) -> None:
+        self._module = module
+        self.config = config
+
+    def __getattr__(self, name: str) -> Any:  # called only for names other than _module and config
+        if name == "_module":
+            raise AttributeError(name)
+        return getattr(self._module, name)
+
+
+def base_config(config: Any) -> Any:
+    """The model's own config behind an :class:`AdaptedConfig` (or ``config`` itself)."""
+    return config._zinit_base if isinstance(config, AdaptedConfig) else config
 
 
 @functools.cache
@@ -44,11 +103,15 @@ def _eager_for(cls: type) -> Callable[..., Any]:
 def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    config_free = original in _CONFIG_FREE
+
     def zinit_attention(
         module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
     ) -> tuple[Tensor, Any]:
+        scope = kwargs.pop(SCOPE_KWARG, None)
         base = ALL_ATTENTION_FUNCTIONS.get_interface(original, None) or _eager_for(type(module))
-        out, weights = base(module, query, key, value, attention_mask, **kwargs)
+        target = module if config_free else _BaseView(module, base_config(module.config))
+        out, weights = base(target, query, key, value, attention_mask, **kwargs)
         adapter = module._modules.get(ADAPTER_ATTR)
         if adapter is None:
             return out, weights
@@ -56,7 +119,7 @@ def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
         if scaling is None:
             scaling = module.scaling
         # every implementation returns [B, T, H, d]; the query (and the prompt term) is [B, H, T, d]
-        prompt_term = adapter.attend(query, module, scaling)
+        prompt_term = adapter.attend(query, module, scaling, scope=scope)
         return out + prompt_term.transpose(1, 2).to(out.dtype), weights
 
     zinit_attention.__name__ = f"zinit_{original}_attention"
@@ -65,56 +128,40 @@ def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
 
 def attention_name(original: str) -> str:
     """Register (once) and return the zinit wrapper's name for the attention implementation ``original``."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
     if original.startswith(PREFIX):
         raise RuntimeError(f"attention implementation {original!r} is already zinit's: eject the model first")
     name = PREFIX + original
+    from transformers.modeling_utils import AttentionInterface
+
     if name not in AttentionInterface._global_mapping:
         AttentionInterface.register(name, _make_wrapper(original))
-    if original in ALL_MASK_ATTENTION_FUNCTIONS and name not in AttentionMaskInterface._global_mapping:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name
 
 
-# Models built from one config object share it, so routing one model through zinit routes its siblings too.
-# That is harmless (modules without an adapter pass straight through the wrapper), but the original name may only
-# come back when the last injected model on that config is ejected: count them, per config object.
-_routed: dict[int, tuple[weakref.ref, int]] = {}
-
-
-def _users(config: Any) -> int:
-    ref, count = _routed.get(id(config), (None, 0))
-    return count if ref is not None and ref() is config else 0
+def _scope_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook of an adapted module: hand its KV cache to the wrapper as the prompt K/V scope."""
+    kwargs[SCOPE_KWARG] = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    return args, kwargs
 
 
 def install(model: nn.Module, modules: Sequence[nn.Module]) -> None:
-    """Route ``model``'s attention through zinit's wrapper of its current implementation."""
+    """Route the attention of ``modules`` (``model``'s adapted layers) through zinit's wrapper."""
     config = model.config
     for m in modules:
-        if m.config is not config:
+        if base_config(getattr(m, "config", None)) is not config:
             raise RuntimeError(
                 f"{type(m).__qualname__} does not share the model's config; zinit's attention hook cannot reach it"
             )
-    current = config._attn_implementation or "eager"
-    if not current.startswith(PREFIX):
-        config._attn_implementation = attention_name(current)
-    _routed[id(config)] = (weakref.ref(config), _users(config) + 1)
+    attention_name(config._attn_implementation or "eager")  # fail here, not in the first forward
+    for m in modules:
+        m.config = AdaptedConfig(config)
+        m.register_forward_pre_hook(_scope_hook, with_kwargs=True)
 
 
 def uninstall(model: nn.Module, modules: Sequence[nn.Module]) -> None:
-    """Give ``model`` back the attention implementation it had before :func:`install`."""
-    config = model.config
-    name = config._attn_implementation or ""
-    if not name.startswith(PREFIX):
-        raise RuntimeError(
-            f"config._attn_implementation is {name!r}, not zinit's: it was changed after zinit.inject "
-            "(e.g. by set_attn_implementation); set it back to the zinit_ name before ejecting"
-        )
-    left = _users(config) - 1  # a deep copy of an injected model has a config of its own, counted as 0 here
-    if left > 0:
-        _routed[id(config)] = (weakref.ref(config), left)
-        return
-    _routed.pop(id(config), None)
-    config._attn_implementation = name[len(PREFIX):]
+    """Give ``modules`` back the model's config and remove the scope hook: exactly as before :func:`install`."""
+    for m in modules:
+        m.config = base_config(m.config)
+        for key in [k for k, fn in m._forward_pre_hooks.items() if fn is _scope_hook]:
+            del m._forward_pre_hooks[key]
+            m._forward_pre_hooks_with_kwargs.pop(key, None)

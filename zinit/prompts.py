@@ -35,7 +35,9 @@ class VisualProjection(nn.Module):
         self.fc2 = nn.Linear(hidden, hidden_size, device=device, dtype=torch.float32)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(features.float())))
+        """``[B, D]`` features → ``[B, C]`` tokens, computed in the projection's own dtype (float32 unless the
+        model was cast after inject)."""
+        return self.fc2(self.act(self.fc1(features.to(self.fc1.weight.dtype))))
 
 
 class VisualInput:
@@ -47,6 +49,14 @@ class VisualInput:
 
     def __init__(self) -> None:
         self.var: ContextVar[tuple[int, Tensor] | None] = ContextVar(f"zinit_visual_{id(self)}", default=None)
+
+    # A ContextVar can be neither copied nor pickled, and its values belong to the running threads: a copy of a
+    # model (deepcopy, torch.save, a replica) gets a fresh one, with no active block.
+    def __reduce__(self) -> tuple:
+        return (VisualInput, ())
+
+    def __deepcopy__(self, memo: dict) -> "VisualInput":
+        return VisualInput()
 
     def current(self) -> tuple[int, Tensor] | None:
         """``(serial, tokens [B, C])`` of the innermost active block, or None. The serial number is unique per
@@ -94,7 +104,6 @@ class LayerAdapter(nn.Module):
         self.num_heads = num_heads
         self._project = project
         self._visual = visual
-        self._cache: tuple[tuple, Tensor, Tensor] | None = None
 
     def extra_repr(self) -> str:
         K, C = self.prompt.shape
@@ -127,24 +136,57 @@ class LayerAdapter(nn.Module):
             key, value = self._project(attention, (self.prompt + tokens[:, None, :]).to(query.dtype))
         return prepare_prompt_kv(key, value, self.gate_values(), self.num_heads, query.dtype)
 
-    def attend(self, query: Tensor, attention: nn.Module, scaling: float) -> Tensor:
+    def attend(self, query: Tensor, attention: nn.Module, scaling: float, scope: object | None = None) -> Tensor:
         """The gated prompt term ``[B, H, T, d]`` for the layer's query ``[B, H, T, d]``.
 
-        With gradients enabled (training), prompt keys/values are projected on every call, i.e. once per forward
-        of the layer, so the graph reaches the prompt and gate. Without gradients (evaluation, ``generate()``) they
-        are projected once and reused until a parameter of the layer changes: the cache is keyed on the storage
-        and version counter of every parameter of the attention module (prompt, gate, projections), which any
-        in-place update (an optimizer step, ``load_state_dict``, ``.to()``) changes, and on the image tokens of the
-        current ``zinit.visual_features`` block, if any.
+        The prompt keys/values are projected through ``attention``'s own frozen projections on every call (once
+        per forward of the layer), so they always reflect the current parameters, however those were changed (an
+        optimizer step, fused or not, a ``.data`` edit, ``load_state_dict``, a dtype round trip, another library
+        wrapping the projections). The one exception is a decoding loop: ``scope`` is the layer's KV cache
+        (``past_key_values`` of ``generate()``); without gradients the prompt keys/values of its first step are kept
+        on that cache object and reused for its later steps, exactly as the token keys/values of earlier steps are.
+        They live and die with that cache, so no later call can see them. Nothing is stored on the adapter: forwards
+        in several threads never share state.
         """
         serial, tokens = self._image_tokens(query.shape[0])
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if scope is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             key, value = self._prepared(attention, query, tokens)
         else:
-            stamp = (query.dtype, query.device, *((p.data_ptr(), p._version) for p in attention.parameters()))
-            if tokens is not None:
-                stamp += (serial, tokens._version, tuple(tokens.shape))
-            if self._cache is None or self._cache[0] != stamp:
-                self._cache = (stamp, *self._prepared(attention, query, tokens))
-            _, key, value = self._cache
+            key, value = self._scoped(scope, attention, query, tokens, serial)
         return prompt_attention(query, key, value, scaling)
+
+    def _scoped(self, scope: object, attention: nn.Module, query: Tensor, tokens: Tensor | None,
+                serial: int) -> tuple[Tensor, Tensor]:
+        """Prompt keys/values stored on ``scope`` (a KV cache) for this adapter, or projected and stored there."""
+        store = getattr(scope, STORE_ATTR, None)
+        if not isinstance(store, PromptStore):
+            store = PromptStore()
+            try:
+                setattr(scope, STORE_ATTR, store)
+            except (AttributeError, TypeError):  # a cache object that takes no attributes: no reuse
+                return self._prepared(attention, query, tokens)
+        stamp = (query.dtype, query.device, serial, None if tokens is None else tokens.shape[0])
+        entry = store.get(self)  # one read: another thread's write can never be half-seen
+        if entry is not None and entry[0] == stamp:
+            return entry[1], entry[2]
+        key, value = self._prepared(attention, query, tokens)
+        store[self] = (stamp, key, value)
+        return key, value
+
+
+#: Attribute of a KV cache object under which the prompt keys/values of its decoding loop are kept.
+STORE_ATTR = "_zinit_prompt_kv"
+
+
+class PromptStore(dict):
+    """``{adapter: (stamp, key, value)}`` kept on one KV cache. A copy or a pickle of the cache gets an empty store
+    (the prompt is projected again on its next use), so copying a cache never copies adapters."""
+
+    def __reduce__(self) -> tuple:
+        return (PromptStore, ())
+
+    def __deepcopy__(self, memo: dict) -> "PromptStore":
+        return PromptStore()
+
+    def __copy__(self) -> "PromptStore":
+        return PromptStore()
