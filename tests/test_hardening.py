@@ -632,3 +632,27 @@ def test_casting_after_inject_works_with_and_without_images(dtype):
     with zinit.visual_features(cast, feats):
         cast(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
     assert cast.zinit_visual_proj.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("family", ["vit", "roberta"])
+def test_casting_vit_and_encoders_after_inject(family, images):
+    if family == "vit":  # with image features
+        model = zinit.inject(tiny_vit(), 2, K=3, visual_dim=D)
+        feats = torch.randn(images.shape[0], D)
+
+        def run(m):
+            with zinit.visual_features(m, feats):
+                return m(images.to(m.cls_token.dtype))
+    else:
+        model = zinit.inject(tiny_encoder("roberta", "cls"), 2, K=3)
+        x = tokens(2, 7)
+
+        def run(m):
+            return m(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    randomize_adapter(model)
+    with torch.no_grad():
+        want = run(model)
+        for dtype, tol in ((torch.float64, 1e-5), (torch.bfloat16, 0.3)):
+            got = run(copy.deepcopy(model).to(dtype))
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want, rtol=0, atol=tol)

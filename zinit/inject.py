@@ -179,7 +179,9 @@ def visual_features(model: nn.Module, features: Tensor, has_image: Tensor | Sequ
 
     Yields the image tokens ``[B, C]`` (zero rows for examples without an image).
 
-    Not compatible with gradient checkpointing (its recomputation runs outside the block).
+    Not compatible with gradient checkpointing (its recomputation runs outside the block), nor with
+    ``nn.DataParallel`` (its replicas run in threads of their own, which do not see the block): train with
+    torchrun (DDP), as zinit's trainer does. Works under ``torch.no_grad`` and ``torch.inference_mode`` alike.
 
     Example:
         >>> import torch, timm, zinit

@@ -67,8 +67,9 @@ class VisualInput:
 class LayerAdapter(nn.Module):
     """Prompt ``[K, C]`` (initialised N(0, 1)) and gate (``[H]`` or ``[1]``, initialised to exactly 0) of one layer.
 
-    Parameters are kept in float32 whatever the model's dtype (they are what the optimizer updates, and a bf16
-    gate could not take the small steps that open it); they are cast to the attention's compute dtype on use.
+    Parameters are created in float32 whatever the model's dtype (they are what the optimizer updates, and a bf16
+    gate could not take the small steps that open it) and cast to the attention's compute dtype on use. A later
+    ``model.to(dtype)`` casts them with the rest of the model, which works too (for training, prefer autocast).
 
     Args:
         K: prompt length.
