@@ -3,12 +3,21 @@
 zinit trains data-parallel over the adapter: every process holds a frozen replica of the model (or, with FSDP2, a
 shard of it) and after each optimizer step's backward the adapter's gradients (a few MB) are averaged with one
 all-reduce, which is what DistributedDataParallel does for the parameters that require grad.
+
+Under a launcher (``torchrun``), :func:`setup` also makes the worker exit when its launcher dies: torchrun starts
+workers in their own session, so a launcher killed with SIGKILL would otherwise leave them running, and writing into
+the output folder while a resumed run starts there (see :func:`watch_launcher`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +52,85 @@ def setup(device: str | None = None) -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    watch_launcher()
     return Dist(rank, world, local, dev)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_launcher_pid: int | None = None  # the parent pid recorded when the watch started (None: no watch)
+
+
+def under_launcher() -> bool:
+    """True when this process is a worker started by ``torchrun`` (``TORCHELASTIC_RUN_ID`` is set), or by another
+    launcher of several processes (``WORLD_SIZE`` > 1 and ``LOCAL_RANK`` set). A single process is never one, even
+    with ``WORLD_SIZE=1`` exported: its parent may be a shell that is allowed to exit (``nohup``)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        return True
+    try:
+        return int(env.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in env
+    except ValueError:
+        return False
+
+
+def watch_launcher(interval: float = 0.5) -> bool:
+    """Make this worker exit when its launcher dies; a no-op (returns False) outside a launcher, or if already on.
+
+    Two guards, because either alone can miss: under torchrun on Linux, ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` has the
+    kernel send SIGTERM the moment the parent dies (the trainer's SIGTERM handler sees the parent is gone and exits;
+    outside training SIGTERM's default action ends the process); and a daemon thread compares ``os.getppid()`` with
+    the parent pid recorded now every ``interval`` seconds (a dead launcher's workers are re-parented), then writes
+    one line to stderr and ends the process with ``os._exit``. The kernel releases the output folder's lock on exit.
+    """
+    global _launcher_pid
+    if _launcher_pid is not None or not under_launcher():
+        return False
+    parent = os.getppid()
+    _launcher_pid = parent
+    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun starts workers from
+        try:  # its main thread; another launcher's short-lived thread would fire the signal while it still lives
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the heartbeat thread still guards
+    exit_if_orphaned()  # the launcher died before the kernel knew to tell us
+
+    def heartbeat() -> None:
+        while True:
+            time.sleep(interval)
+            exit_if_orphaned()
+
+    threading.Thread(target=heartbeat, name="zinit-launcher-watch", daemon=True).start()
+    return True
+
+
+def launcher_gone() -> bool:
+    """True when :func:`watch_launcher` is on and the launcher it recorded is no longer this process's parent."""
+    return _launcher_pid is not None and os.getppid() != _launcher_pid
+
+
+def exit_if_orphaned(wait: float = 0.0) -> None:
+    """If the launcher is gone, say so on stderr in one line and end this process at once (``os._exit(143)``): an
+    orphaned worker must not keep writing into an output folder that a resumed run may be using.
+
+    ``wait``: keep checking for up to that many seconds. The kernel sends the parent-death signal as soon as the
+    launcher's thread that started this worker exits, which can be a moment before the whole launcher is gone and
+    this worker re-parented; a SIGTERM handler waits that moment out to tell "launcher died" from "launcher asks us
+    to stop".
+    """
+    if _launcher_pid is None:
+        return
+    deadline = time.monotonic() + wait
+    while not launcher_gone():
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
+    message = (f"zinit: the launcher (pid {_launcher_pid}) of this worker (rank {os.environ.get('RANK', '?')}, "
+               f"pid {os.getpid()}) is gone; exiting so no orphan writes into the output folder\n")
+    try:
+        os.write(2, message.encode())
+    except OSError:
+        pass
+    os._exit(128 + int(signal.SIGTERM))
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -70,6 +157,25 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
+    """The element-wise maximum of ``values`` over all processes (one small collective; ``values`` itself with one
+    process). Every process must call it at the same point."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def broadcast_int(value: int, device: torch.device, src: int = 0) -> int:
+    """Rank ``src``'s ``value`` on every process (``value`` itself with one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src)
+    return int(t.item())
 
 
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:

@@ -3,14 +3,18 @@
 A recipe hands :func:`train` a model (already injected) and a :class:`Task` (examples, how to batch them, how to
 compute the loss); the loop does the rest the same way for every task: data-parallel processes under torchrun,
 bf16 autocast on GPU, gradient accumulation, the official schedule and optimizer, atomic resumable checkpoints,
-a progress bar, ``metrics.jsonl`` and the plots.
+a progress bar, ``metrics.jsonl`` and the plots. One run at a time writes an output folder (an exclusive lock,
+:mod:`zinit.train.lock`), and Ctrl-C or SIGTERM stops after the current step with a checkpoint
+(:mod:`zinit.train.stop`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from ..inject import is_injected, layer_adapters
+from ..io import atomic_write
 from . import dist as D
-from .checkpoint import check_same_run, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT_NAME, check_same_run, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import epoch_batches
+from .lock import hold_output
 from .plots import plot_run
 from .schedule import lr_at, param_groups, scaled_lr
+from .stop import StopSignals, TrainingInterrupted
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -35,7 +42,9 @@ class TrainConfig:
 
     ``epochs`` and ``warmup_epochs`` may be fractional. With ``max_steps`` the run stops there and the schedule is
     compressed to fit (warmup is still ``warmup_epochs / epochs`` of the run). ``pad_to`` pads every batch to that
-    length, as the official code does (512); the default pads each batch to its longest example.
+    length, as the official code does (512); the default pads each batch to its longest example. A checkpoint is
+    written every ``save_every`` steps, and also after any step that ends ``save_every_minutes`` or more of wall time
+    after the last one (0 or None: steps only), so a slow run never has more than that much work unsaved.
     """
 
     output: str
@@ -49,6 +58,7 @@ class TrainConfig:
     min_lr: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     save_every: int = 100  #: optimizer steps between checkpoints (and one at the end)
+    save_every_minutes: float | None = 10.0  #: also checkpoint once this much wall time has passed since the last
     log_every: int = 1
     seed: int = 0
     group_by_length: bool = True
@@ -58,7 +68,7 @@ class TrainConfig:
     progress: bool = True
 
     # settings that do not change the result, so a resumed run may change them
-    _RESUMABLE = ("output", "save_every", "log_every", "progress", "device")
+    _RESUMABLE = ("output", "save_every", "save_every_minutes", "log_every", "progress", "device")
 
     def fingerprint(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self._RESUMABLE}
@@ -133,6 +143,48 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
 
 
+def _check_cadence(config: TrainConfig) -> None:
+    if not isinstance(config.save_every, int) or config.save_every < 1:
+        raise ValueError(f"save_every={config.save_every!r} must be a whole number of steps >= 1")
+    minutes = config.save_every_minutes
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes >= 0):
+        raise ValueError(f"save_every_minutes={minutes!r} must be a number >= 0 (0 or None: save by steps only)")
+
+
+def _clean_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed run left behind (safe: this run holds the folder's
+    lock, so no other run is writing them)."""
+    for name in (CHECKPOINT_NAME, METRICS_NAME, "train_config.json"):
+        for tmp in out.glob(f".{name}.*.tmp"):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically, with the permissions a plain ``write_text`` would give (umask applied)."""
+    mask = os.umask(0)
+    os.umask(mask)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+        os.chmod(tmp, 0o666 & ~mask)
+
+    atomic_write(path, write)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a torn last line (a run killed mid-write) is dropped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def train(model: nn.Module, task: Task, config: TrainConfig,
           callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = ()) -> TrainResult:
     """Train ``model``'s trainable parameters on ``task``; resume from ``config.output`` if it holds a checkpoint.
@@ -142,15 +194,24 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
     same parameters as an uninterrupted one. ``callbacks`` are called on the main process after every step (and after
     that step's checkpoint, if any) as ``callback(step, record)``.
 
+    The output folder is locked for the whole call: a second run into it raises
+    :class:`~zinit.train.lock.OutputInUse` at once, naming the holder's pid. SIGINT (Ctrl-C) or SIGTERM stops the
+    run after the current step: a checkpoint is written, one line on stderr says how to resume, and
+    :class:`~zinit.train.stop.TrainingInterrupted` (a SystemExit with code 130 or 143) is raised; a second signal
+    ends the process at once, keeping the last checkpoint.
+
     Returns a :class:`TrainResult`; the output folder holds ``checkpoint.pt``, ``metrics.jsonl`` and the plots
     (the recipe saves the adapter).
     """
+    _check_cadence(config)
     env = D.setup(config.device)
     out = Path(config.output)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    D.barrier()
+    with hold_output(out, env):
+        return _train_locked(model, task, config, callbacks, env, out)
 
+
+def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
+                  callbacks: Sequence[Callable[[int, dict[str, Any]], None]], env: D.Dist, out: Path) -> TrainResult:
     named = _trainable(model)
     params = [p for _, p in named]
     model.to(env.device)
@@ -195,14 +256,16 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
 
     metrics_path = out / METRICS_NAME
     if env.is_main:
+        _clean_stale_temporaries(out)
         kept = []
         if resumed_from is not None and metrics_path.exists():
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_from]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-        (out / "train_config.json").write_text(json.dumps(
+            kept = [r for r in _read_records(metrics_path) if r.get("step", 0) <= resumed_from]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        _write_text(metrics_path, text)
+        config_text = json.dumps(
             {**fingerprint, "steps_per_epoch": steps_per_epoch, "total_steps": total, "peak_lr": peak,
-             "global_batch": global_batch, "warmup_steps": warmup}, indent=2) + "\n")
+             "global_batch": global_batch, "warmup_steps": warmup}, indent=2) + "\n"
+        _write_text(out / "train_config.json", config_text)
 
     autocast = D.autocast(env.device)
     progress = None
@@ -210,6 +273,9 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
         from tqdm.auto import tqdm
 
         progress = tqdm(total=total, initial=start, desc="zinit train", unit="step", dynamic_ncols=True)
+
+    interval = 60.0 * (config.save_every_minutes or 0.0)
+    last_save = {"step": resumed_from, "time": time.monotonic()}
 
     def checkpoint(step: int) -> None:
         if env.is_main:
@@ -221,69 +287,88 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
                 "fingerprint": json.dumps(fingerprint, sort_keys=True),
             })
         D.barrier()
+        last_save.update(step=step, time=time.monotonic())
+
+    def interrupted(signum: int, step: int) -> TrainingInterrupted:
+        if progress is not None:
+            progress.close()
+        stop = TrainingInterrupted(signum, step, total, out)
+        if env.is_main:
+            print(stop.message, file=sys.stderr, flush=True)
+        return stop
 
     model.train()
     epoch_cache: dict[int, list] = {}
     loss_value = float("nan")
     step = start
     window_start, window_tokens = time.perf_counter(), 0.0
-    while step < total:
-        epoch, position = divmod(step, steps_per_epoch)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = epoch_batches(lengths, config.batch_size, world, epoch, config.seed,
-                                               config.group_by_length)
-        batches = epoch_cache[epoch]
-        seed = _step_seed(config.seed, env.rank, step)
-        torch.manual_seed(seed)
-        random.seed(seed)
-        total_loss = torch.zeros((), device=env.device)
-        tokens = torch.zeros((), device=env.device)
-        for micro in range(config.grad_accum):
-            indices = batches[position * config.grad_accum + micro][env.rank]
-            batch = {k: v.to(env.device) for k, v in task.collate([task.examples[i] for i in indices]).items()}
-            with autocast:
-                loss, count = task.loss(model, batch)
-            (loss / config.grad_accum).backward()
-            total_loss += loss.detach().float() / config.grad_accum
-            tokens += count
-        stats = torch.stack([total_loss, tokens.float()])
-        if world > 1:
-            D.all_reduce_mean_([stats] + [p.grad for p in params if p.grad is not None])
-        loss_value = stats[0].item()
-        if not math.isfinite(loss_value):
-            if progress is not None:
-                progress.close()
-            raise TrainingDiverged(
-                f"loss is {loss_value} at step {step + 1}; stopped without updating. The last good checkpoint "
-                f"(if any) is kept in {out}. Lower --blr or check the data."
-            )
-        lr = lr_at(step, total, warmup, peak, config.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_tokens += stats[1].item() * world
-
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value, "lr": lr}
-        if step % config.log_every == 0 or step == total:
-            elapsed = time.perf_counter() - window_start
-            record.update(tokens_per_s=window_tokens / max(elapsed, 1e-9), gates=_gate_summary(model))
-            window_start, window_tokens = time.perf_counter(), 0.0
-            if env.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+    with StopSignals(announce=env.is_main) as signals:
+        while step < total:
+            epoch, position = divmod(step, steps_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache.clear()
+                epoch_cache[epoch] = epoch_batches(lengths, config.batch_size, world, epoch, config.seed,
+                                                   config.group_by_length)
+            batches = epoch_cache[epoch]
+            seed = _step_seed(config.seed, env.rank, step)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            total_loss = torch.zeros((), device=env.device)
+            tokens = torch.zeros((), device=env.device)
+            for micro in range(config.grad_accum):
+                indices = batches[position * config.grad_accum + micro][env.rank]
+                batch = {k: v.to(env.device) for k, v in task.collate([task.examples[i] for i in indices]).items()}
+                with autocast:
+                    loss, count = task.loss(model, batch)
+                (loss / config.grad_accum).backward()
+                total_loss += loss.detach().float() / config.grad_accum
+                tokens += count
+            stats = torch.stack([total_loss, tokens.float()])
+            if world > 1:
+                D.all_reduce_mean_([stats] + [p.grad for p in params if p.grad is not None])
+            loss_value = stats[0].item()
+            if not math.isfinite(loss_value):
                 if progress is not None:
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                                         tok_s=f"{record['tokens_per_s']:.0f}")
-        if progress is not None:
-            progress.update(1)
-        if step % config.save_every == 0 or step == total:
-            checkpoint(step)
-        if env.is_main:
-            for callback in callbacks:
-                callback(step, record)
+                    progress.close()
+                raise TrainingDiverged(
+                    f"loss is {loss_value} at step {step + 1}; stopped without updating. The last good checkpoint "
+                    f"(if any) is kept in {out}. Lower --blr or check the data."
+                )
+            lr = lr_at(step, total, warmup, peak, config.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_tokens += stats[1].item() * world
+
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value, "lr": lr}
+            if step % config.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - window_start
+                record.update(tokens_per_s=window_tokens / max(elapsed, 1e-9), gates=_gate_summary(model))
+                window_start, window_tokens = time.perf_counter(), 0.0
+                if env.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                             tok_s=f"{record['tokens_per_s']:.0f}")
+            if progress is not None:
+                progress.update(1)
+            if step % config.save_every == 0 or step == total:
+                checkpoint(step)
+            if env.is_main:
+                for callback in callbacks:
+                    callback(step, record)
+            # every process stops (and saves on time) at the same step: one tiny collective, only with N > 1
+            due = interval > 0 and time.monotonic() - last_save["time"] >= interval
+            signum, due = D.all_reduce_max([signals.signum or 0, int(due)], env.device)
+            if (signum or due) and last_save["step"] != step:
+                checkpoint(step)
+            if signum:
+                raise interrupted(signum, step)
+    if signals.signum:  # arrived after the last step's check; that step's checkpoint is on disk
+        raise interrupted(signals.signum, step)
     if progress is not None:
         progress.close()
     model.eval()
