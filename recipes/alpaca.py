@@ -26,6 +26,7 @@ from zinit.io import read_json
 from zinit.train import Task, TrainConfig, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
+from zinit.train.lock import hold_output
 from zinit.train.plots import plot_run
 
 from . import methods
@@ -151,12 +152,20 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]], max_seq_len: int,
-             batch_size: int = 16, max_new_tokens: int = 16) -> dict[str, Any]:
-    """Held-out loss (mean over output tokens, teacher forced) and exact match of greedy answers."""
+             batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False) -> dict[str, Any]:
+    """Held-out loss (mean over output tokens, teacher forced) and exact match of greedy answers.
+
+    ``progress``: a progress bar over both passes (loss batches, then generation batches), on stderr.
+    """
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     items = tokenize(records, tokenizer, max_seq_len)
+    n_batches = -(-len(items) // batch_size) + -(-len(records) // batch_size)
+    bar = tqdm(total=n_batches, desc=f"held-out eval ({len(records)} examples)", unit="batch", dynamic_ncols=True,
+               disable=not progress)
     total_loss, total_tokens = 0.0, 0
     for s in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in pad_collate(items[s:s + batch_size], tokenizer.pad_token_id).items()}
@@ -167,6 +176,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
                                              reduction="sum")
         total_loss += losses.item()
         total_tokens += int((target != -100).sum())
+        bar.update(1)
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -185,8 +195,10 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
                 if len(shown) < 6:
                     shown.append({"instruction": r["instruction"], "input": r.get("input", ""),
                                   "expected": r["output"], "answer": a.strip(), "correct": bool(ok)})
+            bar.update(1)
     finally:
         tokenizer.padding_side = side
+        bar.close()
     model.train(was_training)
     return {"loss": total_loss / max(total_tokens, 1), "exact_match": correct / len(records),
             "n": len(records), "samples": shown}
@@ -209,6 +221,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="truncate examples to this many tokens (default 512)")
     p.add_argument("--pad-to-max", action="store_true", help="pad every batch to --max-seq-len (the official code)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps (default 100)")
+    p.add_argument("--save-every-minutes", type=float, default=10.0,
+                   help="also checkpoint when this many minutes have passed since the last one (default 10; 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (torchrun, N>1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -257,41 +271,44 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         output=args.output, epochs=s["epochs"], max_steps=args.max_steps, batch_size=s["batch_size"],
         grad_accum=args.grad_accum, blr=s["blr"], weight_decay=args.weight_decay, warmup_epochs=s["warmup_epochs"],
-        save_every=args.save_every, seed=args.seed, pad_to=pad_to, fsdp=args.fsdp, device=args.device,
-        progress=not args.no_progress,
+        save_every=args.save_every, save_every_minutes=args.save_every_minutes, seed=args.seed, pad_to=pad_to,
+        fsdp=args.fsdp, device=args.device, progress=not args.no_progress,
     )
     out = Path(args.output)
-    before_path = out / "eval_before.json"
-    if env.is_main:
-        n_params = methods.trainable_count(model)
-        how = f"top {layers} layers, K={args.K}" if args.method == "zinit" else f"method {args.method}"
-        print(f"zinit train alpaca: {args.model or 'embedded SmolLM2-135M-Instruct'}, {how}: "
-              f"{n_params:,} trainable parameters; {len(items)} examples from {data_path}")
-        if heldout is not None and not before_path.exists() and not args.skip_eval_before:
-            out.mkdir(parents=True, exist_ok=True)
-            before = evaluate(model, tokenizer, heldout, s["max_seq_len"])
-            before_path.write_text(json.dumps(before, indent=2) + "\n")
-    D.barrier()
-    result = train(model, task, config)
-    # a sharded (FSDP) model needs every process in each forward, so then all of them evaluate (identically)
-    after = evaluate(model, tokenizer, heldout, s["max_seq_len"]) if heldout and (env.is_main or args.fsdp) else None
-    if env.is_main:
-        methods.save_trained(model, out / "adapter")
-        report: dict[str, Any] = {"steps": result.steps, "final_train_loss": result.final_loss,
-                                  "method": args.method, "trainable_parameters": methods.trainable_count(model)}
-        if after is not None:
-            before = json.loads(before_path.read_text()) if before_path.exists() else None
-            report.update(heldout=str(eval_path), before=before, after=after)
-            with open(result.metrics_path, "a") as f:
-                if before is not None:
-                    f.write(json.dumps({"step": 0, "eval_loss": before["loss"]}) + "\n")
-                f.write(json.dumps({"step": result.steps, "eval_loss": after["loss"]}) + "\n")
-            plot_run(result.metrics_path, out)
-            print(format_report(before, after))
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        scores = {"eval_loss": after["loss"], "exact_match": 100 * after["exact_match"]} if after else {}
-        methods.write_summary(out, args.method, scores, report["trainable_parameters"], out / "adapter", env.device)
-        print(f"adapter: {out / 'adapter'}   metrics: {result.metrics_path}   plots: {out}/loss_lr.png, gates.png")
+    # one run at a time writes this folder, evaluations and adapter included (train() runs under this hold)
+    with hold_output(out, env):
+        before_path = out / "eval_before.json"
+        if env.is_main:
+            n_params = methods.trainable_count(model)
+            how = f"top {layers} layers, K={args.K}" if args.method == "zinit" else f"method {args.method}"
+            print(f"zinit train alpaca: {args.model or 'embedded SmolLM2-135M-Instruct'}, {how}: "
+                  f"{n_params:,} trainable parameters; {len(items)} examples from {data_path}")
+            if heldout is not None and not before_path.exists() and not args.skip_eval_before:
+                out.mkdir(parents=True, exist_ok=True)
+                before = evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=not args.no_progress)
+                before_path.write_text(json.dumps(before, indent=2) + "\n")
+        D.barrier()
+        result = train(model, task, config)
+        # a sharded (FSDP) model needs every process in each forward, so then all of them evaluate (identically)
+        after = (evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=env.is_main and not args.no_progress)
+                 if heldout and (env.is_main or args.fsdp) else None)
+        if env.is_main:
+            methods.save_trained(model, out / "adapter")
+            report: dict[str, Any] = {"steps": result.steps, "final_train_loss": result.final_loss,
+                                      "method": args.method, "trainable_parameters": methods.trainable_count(model)}
+            if after is not None:
+                before = json.loads(before_path.read_text()) if before_path.exists() else None
+                report.update(heldout=str(eval_path), before=before, after=after)
+                with open(result.metrics_path, "a") as f:
+                    if before is not None:
+                        f.write(json.dumps({"step": 0, "eval_loss": before["loss"]}) + "\n")
+                    f.write(json.dumps({"step": result.steps, "eval_loss": after["loss"]}) + "\n")
+                plot_run(result.metrics_path, out)
+                print(format_report(before, after))
+            (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            scores = {"eval_loss": after["loss"], "exact_match": 100 * after["exact_match"]} if after else {}
+            methods.write_summary(out, args.method, scores, report["trainable_parameters"], out / "adapter", env.device)
+            print(f"adapter: {out / 'adapter'}   metrics: {result.metrics_path}   plots: {out}/loss_lr.png, gates.png")
     D.barrier()
     D.cleanup()
     return 0
