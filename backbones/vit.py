@@ -10,6 +10,7 @@ layer's ``k_norm``, Identity unless the model uses qk-norm). Bidirectional: no m
 from __future__ import annotations
 
 import sys
+import threading
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -89,15 +90,17 @@ def _adapted_class(cls: type) -> type:
     ``ZinitAttention`` (see :func:`__getattr__`), which is how pickle finds it again in a fresh process.
     """
     global _ADAPTED
-    if _ADAPTED is None:
-        _ADAPTED = type("ZinitAttention", (cls,), {
-            "forward": _zinit_forward, "__module__": __name__,
-            "__doc__": "timm Attention with zinit's gated prompt term (zinit.backbones vit).",
-        })
+    with _LOCK:
+        if _ADAPTED is None:
+            _ADAPTED = type("ZinitAttention", (cls,), {
+                "forward": _zinit_forward, "__module__": __name__,
+                "__doc__": "timm Attention with zinit's gated prompt term (zinit.backbones vit).",
+            })
     return _ADAPTED
 
 
 _ADAPTED: type | None = None
+_LOCK = threading.Lock()
 
 
 def __getattr__(name: str) -> type:  # PEP 562: ZinitAttention is made on first use (timm is imported lazily)
@@ -125,8 +128,9 @@ def _install(model: nn.Module, modules: list[nn.Module]) -> None:
 def _uninstall(model: nn.Module, modules: list[nn.Module]) -> None:
     from timm.layers import Attention
 
-    for attn in modules:
-        if type(attn) is _ADAPTED:
+    for attn in modules:  # by name, so a class made before an importlib.reload of this module is undone too
+        cls = type(attn)
+        if cls.__name__ == "ZinitAttention" and cls.__bases__ == (Attention,):
             attn.__class__ = Attention
 
 

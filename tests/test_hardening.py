@@ -656,3 +656,57 @@ def test_casting_vit_and_encoders_after_inject(family, images):
             got = run(copy.deepcopy(model).to(dtype))
             assert got.dtype == dtype
             torch.testing.assert_close(got.float(), want, rtol=0, atol=tol)
+
+
+def test_a_reset_static_cache_never_serves_the_prompt_of_old_weights():
+    """A preallocated StaticCache kept for serving, reset between requests, while the adapter is swapped."""
+    from transformers import StaticCache
+
+    model = _llama(layers=3)
+    ids = tokens(1, 6)
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    want = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                      past_key_values=cache), want)
+    _load_adapter_state(model)  # the adapter changes; the cache object is kept
+    cache.reset()
+    with torch.no_grad():
+        got = model(input_ids=ids, past_key_values=cache).logits
+    torch.testing.assert_close(got, model(input_ids=ids, use_cache=False).logits.detach(), rtol=0, atol=1e-6)
+    cache.reset()
+    again = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, past_key_values=cache)
+    assert torch.equal(again, model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+def test_a_new_turn_on_a_kept_cache_projects_the_prompt_afresh():
+    model = _llama(layers=3)
+    first, second = tokens(1, 6, seed=1), tokens(1, 4, seed=2)
+    with torch.no_grad():
+        cache = model(input_ids=first, use_cache=True).past_key_values
+        _data_copy(model)  # a weight change no version counter sees
+        snapshot = copy.deepcopy(cache)  # a copy of a cache keeps the token K/V, not the prompt K/V
+        got = model(input_ids=second, past_key_values=cache).logits
+        want = model(input_ids=second, past_key_values=snapshot).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_an_attention_forward_without_kwargs_still_works_through_the_hf_hook():
+    """A user's backbone on an attention class whose forward takes no **kwargs: no scope (so no prompt reuse while
+    decoding), but no crash and the same outputs."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class NoKwargsAttention(LlamaAttention):
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                    position_ids=None, use_cache=None, cache_position=None):
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values)
+
+    model = _llama(layers=4)
+    ids, mask = padded_batch("left")
+    want = _generate_logits(model, ids, mask)
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = NoKwargsAttention
+    zinit.eject(model)
+    zinit.inject(model, 3, K=5)
+    randomize_adapter(model, scale=0.5)
+    got = _generate_logits(model, ids, mask)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -26,6 +26,7 @@ zinit routes only the *adapted* attention modules, and leaves the model's config
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from typing import Any, Callable, Sequence
 
@@ -139,9 +140,21 @@ def attention_name(original: str) -> str:
 
 
 def _scope_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """Forward pre-hook of an adapted module: hand its KV cache to the wrapper as the prompt K/V scope."""
-    kwargs[SCOPE_KWARG] = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    """Forward pre-hook of an adapted module: hand its KV cache (if any) to the wrapper as the prompt K/V scope.
+
+    The module's forward passes its ``**kwargs`` on to the attention implementation (checked by :func:`install`)."""
+    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    if cache is not None:
+        kwargs[SCOPE_KWARG] = cache
     return args, kwargs
+
+
+def _passes_kwargs(module: nn.Module) -> bool:
+    try:
+        params = inspect.signature(type(module).forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def install(model: nn.Module, modules: Sequence[nn.Module]) -> None:
@@ -155,7 +168,8 @@ def install(model: nn.Module, modules: Sequence[nn.Module]) -> None:
     attention_name(config._attn_implementation or "eager")  # fail here, not in the first forward
     for m in modules:
         m.config = AdaptedConfig(config)
-        m.register_forward_pre_hook(_scope_hook, with_kwargs=True)
+        if _passes_kwargs(m):  # otherwise no scope: the prompt is projected on every call, decoding steps too
+            m.register_forward_pre_hook(_scope_hook, with_kwargs=True)
 
 
 def uninstall(model: nn.Module, modules: Sequence[nn.Module]) -> None:

@@ -144,10 +144,14 @@ class LayerAdapter(nn.Module):
         per forward of the layer), so they always reflect the current parameters, however those were changed (an
         optimizer step, fused or not, a ``.data`` edit, ``load_state_dict``, a dtype round trip, another library
         wrapping the projections). The one exception is a decoding loop: ``scope`` is the layer's KV cache
-        (``past_key_values`` of ``generate()``); without gradients the prompt keys/values of its first step are kept
-        on that cache object and reused for its later steps, exactly as the token keys/values of earlier steps are.
-        They live and die with that cache, so no later call can see them. Nothing is stored on the adapter: forwards
-        in several threads never share state.
+        (``past_key_values`` of ``generate()``); without gradients the prompt keys/values projected by the call that
+        filled it (the prefill, any call with more than one new token) are kept on that cache object and reused by
+        its one-token decoding steps, as the token keys/values of earlier steps are. Every multi-token call (a new
+        ``generate()`` on a reused or ``reset()`` cache, a new chat turn, assisted-decoding verification) projects
+        afresh. Nothing is stored on the adapter: forwards in several threads never share state.
+
+        A cache kept across a weight change holds keys/values of the old weights anyway (the token ones too); give
+        a decoding loop that starts after such a change a new cache, or a prefill of more than one token.
         """
         serial, tokens = self._image_tokens(query.shape[0])
         if scope is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
@@ -168,7 +172,7 @@ class LayerAdapter(nn.Module):
                 return self._prepared(attention, query, tokens)
         stamp = (query.dtype, query.device, serial, None if tokens is None else tokens.shape[0])
         entry = store.get(self)  # one read: another thread's write can never be half-seen
-        if entry is not None and entry[0] == stamp:
+        if query.shape[-2] == 1 and entry is not None and entry[0] == stamp:  # a decoding step
             return entry[1], entry[2]
         key, value = self._prepared(attention, query, tokens)
         store[self] = (stamp, key, value)
