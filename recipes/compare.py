@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from zinit.io import write_json
+from zinit.cliargs import float_list, positive_int
+from zinit.io import atomic_write, write_json
 
 from . import methods as M
 
@@ -259,14 +260,24 @@ def compare(recipe: str, method_names: Sequence[str], out: str | Path, recipe_ar
     table = format_table(recipe, rows)
     write_json(out / "compare.json", {"recipe": recipe, "recipe_args": list(recipe_args), "lr_grid": lr_grid,
                                       "rows": rows})
-    (out / "compare.md").write_text(table + "\n")
+    atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     plot(recipe, rows, out / "compare.png")
     print(table)
     print(f"table: {out / 'compare.md'}   json: {out / 'compare.json'}   plot: {out / 'compare.png'}")
     return rows
 
 
+def check_recipe_args(recipe: str, recipe_args: Sequence[str], output: str) -> None:
+    """Parse the options meant for the recipe with the recipe's own parser before any run starts: a typo or a bad
+    value stops ``zinit compare`` at once (``zinit train RECIPE: error: ...``, exit 2) instead of failing every
+    method's run in turn."""
+    from zinit.cli import build_parser
+
+    build_parser().parse_args(["train", recipe, *recipe_args, "--method", "zinit", "--output", str(output)])
+
+
 def main(argv: Sequence[str]) -> int:
+    """``zinit compare``: parse the options, check the recipe's, run every method and write the report."""
     parser = argparse.ArgumentParser(
         prog="zinit compare", description="Run several fine-tuning methods through one recipe and tabulate them. "
         "Options not listed here go to the recipe (zinit train RECIPE -h).")
@@ -276,11 +287,20 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--output", required=True, help="folder for every run and the report")
     parser.add_argument("--lr-grid", default=None,
                         help="multiples of each method's default base lr to try on a validation split, e.g. 0.3,1,3")
-    parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) (default 1)")
+    parser.add_argument("--nproc", type=positive_int, default=1, help="processes per run (torchrun) (default 1)")
     args, recipe_args = parser.parse_known_args(argv)
     if args.recipe not in RECIPES:
         parser.error(f"recipe {args.recipe!r}: zinit compare runs {', '.join(RECIPES)}")
-    grid = [float(v) for v in args.lr_grid.split(",")] if args.lr_grid else None
+    try:
+        grid = list(float_list(args.lr_grid, "--lr-grid", lambda v: v > 0, "multiples > 0")) if args.lr_grid else None
+    except ValueError as exc:
+        parser.error(str(exc))
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
+        parser.error(f"--methods {args.methods!r} names no method; choose from {', '.join(M.methods())}")
+    for name in names:
+        if name not in M.methods():
+            parser.error(f"--methods: unknown method {name!r}; choose from {', '.join(M.methods())}")
+    check_recipe_args(args.recipe, recipe_args, args.output)
     compare(args.recipe, names, args.output, recipe_args, grid, args.nproc)
     return 0

@@ -18,6 +18,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from zinit.cliargs import positive_int
+from zinit.io import atomic_write
+
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
 ANIMALS = [("cow", "mammal"), ("trout", "fish"), ("eagle", "bird"), ("horse", "mammal"), ("salmon", "fish"),
@@ -101,19 +104,20 @@ def make(out: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) ->
                 image.save(folder / "image.png")
     splits.update({f"mini{s}": pids[: len(pids) // 4] for s, pids in list(splits.items())})
     root.mkdir(parents=True, exist_ok=True)
-    (root / "problems.json").write_text(json.dumps(problems, indent=1) + "\n")
-    (root / "pid_splits.json").write_text(json.dumps(splits) + "\n")
+    for file, data in (("problems.json", json.dumps(problems, indent=1)), ("pid_splits.json", json.dumps(splits))):
+        atomic_write(root / file, lambda tmp, data=data: Path(tmp).write_text(data + "\n"))
     return root
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line: ``python -m recipes.make_scienceqa_demo OUT [options]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write the release into")
-    parser.add_argument("--train", type=int, default=400)
-    parser.add_argument("--val", type=int, default=100)
-    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--train", type=positive_int, default=400)
+    parser.add_argument("--val", type=positive_int, default=100)
+    parser.add_argument("--test", type=positive_int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(make(args.out, {"train": args.train, "val": args.val, "test": args.test}, args.seed))
 
 

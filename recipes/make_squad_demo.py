@@ -17,6 +17,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from zinit.cliargs import positive_int
+from zinit.io import atomic_write
+
 SYLLABLES = ["ka", "lo", "mer", "tin", "sa", "vel", "dor", "ri", "an", "bel", "cor", "fen", "gal", "hu", "is", "jor",
              "lun", "mos", "nar", "ol", "pel", "quen", "ros", "tal", "ur", "ves", "wil", "yor", "zan", "bri"]
 JOBS = ["painter", "engineer", "botanist", "composer", "cartographer", "physician", "poet", "astronomer", "architect"]
@@ -87,18 +90,20 @@ def make(out: str | Path, train_paragraphs: int = 120, dev_paragraphs: int = 30,
             paragraphs = [make_paragraph(rng, used, f"{split}{p:04d}q", version == "2.0") for p in range(count)]
             data = {"version": f"v{version}", "data": [{"title": f"Demo_{split}", "paragraphs": paragraphs}]}
             path = folder / f"{split}-v{version}.json"
-            path.write_text(json.dumps(data, indent=1) + "\n")
+            text = json.dumps(data, indent=1) + "\n"
+            atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
             written.append(path)
     return written
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line: ``python -m recipes.make_squad_demo OUT [options]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write the four JSON files into")
-    parser.add_argument("--train-paragraphs", type=int, default=120)
-    parser.add_argument("--dev-paragraphs", type=int, default=30)
+    parser.add_argument("--train-paragraphs", type=positive_int, default=120)
+    parser.add_argument("--dev-paragraphs", type=positive_int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for path in make(args.out, args.train_paragraphs, args.dev_paragraphs, args.seed):
         print(path)
 

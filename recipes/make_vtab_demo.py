@@ -14,6 +14,8 @@ import argparse
 import random
 from pathlib import Path
 
+from zinit.cliargs import positive_int
+
 
 def make(out: str | Path, size: int = 32, seed: int = 0) -> Path:
     """Write the demo task under ``out/digits`` (images upscaled to ``size``) and return its folder."""
@@ -42,11 +44,12 @@ def make(out: str | Path, size: int = 32, seed: int = 0) -> Path:
     return folder
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command line: ``python -m recipes.make_vtab_demo OUT [options]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="VTAB root to write (the task goes to OUT/digits)")
-    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    args = parser.parse_args()
+    parser.add_argument("--size", type=positive_int, default=32, help="image side in pixels (default 32)")
+    args = parser.parse_args(argv)
     print(make(args.out, args.size))
 
 

@@ -13,7 +13,6 @@ head train it too (``ctx.head``).
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 from dataclasses import dataclass, field
@@ -274,9 +273,17 @@ def load_trained(model: nn.Module, folder: str | Path) -> nn.Module:
     folder = Path(folder)
     if zinit.is_injected(model):
         return zinit.load_adapter(model, folder)
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    saved = load_file(str(folder / "trainable.safetensors"))
+    path = folder / "trainable.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (the weights zinit train --method M writes for methods other "
+                                "than zinit)")
+    try:
+        saved = load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path} cannot be read as safetensors: {exc}; train again") from None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if saved.keys() != params.keys():
         raise KeyError(f"{folder / 'trainable.safetensors'} does not fit this model: missing "
@@ -306,11 +313,21 @@ def write_summary(out: str | Path, method: str, metrics: dict[str, float], train
 def write_not_applicable(out: str | Path, method: str, reason: str) -> int:
     """Record that ``method`` cannot take the recipe's model; returns the exit status to use."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / NOT_APPLICABLE_NAME).write_text(json.dumps({"method": method, "reason": reason}) + "\n")
+    write_json(Path(out) / NOT_APPLICABLE_NAME, {"method": method, "reason": reason})
     print(f"{method}: n/a ({reason})")
     return NOT_APPLICABLE_EXIT
 
 
+def method_name(text: str) -> str:
+    """argparse ``type=`` for ``--method``: a registered method's name."""
+    if text not in _METHODS:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(_METHODS)}")
+    return text
+
+
 def add_method_arg(p: Any) -> None:
-    p.add_argument("--method", default="zinit",
+    """Add ``--method`` (checked against the registered methods) to a recipe's parser."""
+    p.add_argument("--method", default="zinit", type=method_name,
                    help="fine-tuning method (default zinit): " + ", ".join(methods()) + " (see zinit compare)")

@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import re
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import zinit
+from zinit.cliargs import (check_model_folder, layer_count, nonneg_float, positive_float, positive_int,
+                           prompt_length)
 from zinit.io import atomic_write, read_json, write_json
 from zinit.train import Task, TrainConfig, causal_lm_loss, train
 from zinit.train import dist as D
@@ -82,6 +85,8 @@ class ScienceQA:
             problem = self.problems.get(pid)
             if problem is None:
                 raise ValueError(f"pid {pid} of split {name!r} in pid_splits.json is not in problems.json")
+            if not isinstance(problem, dict):
+                raise ValueError(f"pid {pid} in problems.json is a {type(problem).__name__}, not an object")
             choices, answer = problem.get("choices"), problem.get("answer")
             if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
                 raise ValueError(f"pid {pid}: 'choices' must be a list of 2..{len(LETTERS)} options, got {choices!r}")
@@ -277,7 +282,7 @@ def image_features(data: ScienceQA, split: str, pids: Sequence[str], encoder: Im
     """Features ``[D]`` of every pid with an image, from the disk cache where the image file is unchanged, computed
     (and added to the cache, atomically) otherwise."""
     from PIL import Image, UnidentifiedImageError
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -287,12 +292,20 @@ def image_features(data: ScienceQA, split: str, pids: Sequence[str], encoder: Im
     paths = {pid: data.image_path(pid, split) for pid in pids}
     wanted = {pid: path for pid, path in paths.items() if path is not None}
     stamps = {pid: _file_stamp(path) for pid, path in wanted.items()}
-    index = json.loads(index_file.read_text()) if index_file.is_file() and file.is_file() else {}
     cached: dict[str, Tensor] = {}
-    if index:
-        with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
-            cached = {pid: f.get_tensor(pid) for pid, stamp in index.items() if pid in keys}
+    index: dict[str, str] = {}
+    if index_file.is_file() and file.is_file():
+        try:  # a damaged cache (a disk that filled up, a copy cut short) is only a cache: compute it again
+            index = json.loads(index_file.read_text())
+            if not isinstance(index, dict):
+                raise ValueError("the index is not an object")
+            with safe_open(str(file), framework="pt") as f:
+                keys = set(f.keys())
+                cached = {pid: f.get_tensor(pid) for pid in index if pid in keys}
+        except (SafetensorError, OSError, ValueError) as exc:
+            print(f"zinit: the image feature cache {file} cannot be read ({exc}); computing the features again",
+                  file=sys.stderr)
+            index, cached = {}, {}
     out = {pid: cached[pid] for pid in wanted if pid in cached and index.get(pid) == stamps[pid]}
     missing = [pid for pid in wanted if pid not in out]
     if missing:
@@ -306,7 +319,8 @@ def image_features(data: ScienceQA, split: str, pids: Sequence[str], encoder: Im
                         im.load()
                         images.append(im.copy())
                 except (UnidentifiedImageError, OSError) as exc:
-                    raise ValueError(f"pid {pid}: image {wanted[pid]} cannot be decoded: {exc}") from None
+                    raise ValueError(f"pid {pid}: image {wanted[pid]} cannot be decoded: {exc}; replace the file "
+                                     f"with the image, or set the problem's \"image\" to null") from None
             for pid, row in zip(chunk, encoder.encode(images)):
                 out[pid] = row.clone()
             bar.update(len(chunk))
@@ -456,8 +470,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-cache", default=None, help="image feature cache (default: DATA/zinit_features)")
     p.add_argument("--mode", choices=("likelihood", "generate"), default="likelihood",
                    help="evaluation: option-letter likelihood (fast) or greedy generation (the paper's)")
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions of a split")
+    p.add_argument("--eval-batch-size", type=positive_int, default=16)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N questions of a split")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -470,30 +484,31 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--visual-encoder-weights", default=None, help="local weights for a timm:<name> encoder")
     p.add_argument("--visual-layers", default=None, help="1-based encoder layers of the multi-scale features "
                    "(default: three evenly spaced, ending at the last)")
-    p.add_argument("--visual-hidden", type=int, default=128, help="hidden width of the visual projection MLP")
+    p.add_argument("--visual-hidden", type=positive_int, default=128, help="hidden width of the visual projection MLP")
     p.add_argument("--no-image", action="store_true", help="text-only variant: no visual features at all")
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", default="val")
     p.add_argument("--test-split", default="test")
-    p.add_argument("--max-train", type=int, default=None, help="use the first N training questions")
-    p.add_argument("--layers", type=int, default=30, help="adapt the top L layers, capped at the depth (default 30)")
-    p.add_argument("--K", type=int, default=10, help="prompt length (default 10)")
-    p.add_argument("--epochs", type=float, default=20.0, help="epochs (default 20)")
-    p.add_argument("--warmup-epochs", type=float, default=2.0)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=4, help="examples per process per step (default 4)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--blr", type=float, default=None,
+    p.add_argument("--max-train", type=positive_int, default=None, help="use the first N training questions")
+    p.add_argument("--layers", type=layer_count, default=30, help="adapt the top L layers, capped at the depth (default 30)")
+    p.add_argument("--K", type=prompt_length, default=10, help="prompt length (default 10)")
+    p.add_argument("--epochs", type=positive_float, default=20.0, help="epochs (default 20)")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=2.0)
+    p.add_argument("--max-steps", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="examples per process per step (default 4)")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--blr", type=positive_float, default=None,
                    help="base lr; lr = blr·global_batch/256 (default 9e-3; other methods: their alpaca default)")
-    p.add_argument("--weight-decay", type=float, default=0.02)
-    p.add_argument("--max-seq-len", type=int, default=512)
-    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.02)
+    p.add_argument("--max-seq-len", type=positive_int, default=512)
+    p.add_argument("--save-every", type=positive_int, default=200)
     p.add_argument("--seed", type=int, default=0)
     methods.add_method_arg(p)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """``zinit train scienceqa``: train on the train split, keep the adapter of the best val epoch, report test."""
+    check_model_folder(args.model)
     env = D.setup(args.device)
     if args.method != "zinit" and not args.no_image:
         return methods.write_not_applicable(
@@ -618,10 +633,16 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """``zinit eval scienceqa``: the accuracy table of an adapter on one split (the encoder is the one it was
     trained with, read from the adapter folder)."""
+    check_model_folder(args.model)
+    zinit.read_adapter_config(args.adapter)  # a missing or broken adapter fails before anything loads
     env = D.setup(args.device)
     data = load_scienceqa(args.data)
     info_file = Path(args.adapter) / RECIPE_FILE
-    info = read_json(info_file, "ScienceQA adapter description")
+    info = read_json(info_file, "ScienceQA adapter description", "it is written beside the adapter by zinit train "
+                     "scienceqa")
+    if not isinstance(info, dict) or "visual_encoder" not in info or "visual_layers" not in info:
+        raise ValueError(f"{info_file} lacks \"visual_encoder\" / \"visual_layers\": it is written beside the adapter "
+                         "by zinit train scienceqa; train again or restore the file")
     pids = data.split(args.split, images=info["visual_encoder"] is not None)[:args.limit]
     features = None
     if info["visual_encoder"] is not None:

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 import zinit
+from zinit.cliargs import (check_model_folder, finite_float, layer_count, nonneg_float, positive_float, positive_int,
+                           prompt_length)
 from zinit.io import atomic_write, read_json, write_json
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
@@ -174,19 +176,29 @@ def load_squad(path: str | Path) -> SquadData:
         raise ValueError(f"{path} is not a SQuAD file: expected an object with a 'data' list")
     examples, mismatched, version_2 = [], [], False
     for a, article in enumerate(raw["data"]):
+        if not isinstance(article, dict) or not isinstance(article.get("paragraphs", []), list):
+            raise ValueError(f"{path}: data[{a}] must be an object with a 'paragraphs' list")
         for p, para in enumerate(article.get("paragraphs", [])):
+            if not isinstance(para, dict) or not isinstance(para.get("qas", []), list):
+                raise ValueError(f"{path}: data[{a}].paragraphs[{p}] must be an object with 'context' and a 'qas' list")
             context = para.get("context")
             if not isinstance(context, str):
                 raise ValueError(f"{path}: data[{a}].paragraphs[{p}] has no string 'context'")
             for qa in para.get("qas", []):
+                if not isinstance(qa, dict):
+                    raise ValueError(f"{path}: data[{a}].paragraphs[{p}].qas holds a {type(qa).__name__}, "
+                                     "not an object")
                 qid = qa.get("id")
                 if not isinstance(qid, str) or not isinstance(qa.get("question"), str):
                     raise ValueError(f"{path}: data[{a}].paragraphs[{p}] has a question without a string id/question")
                 impossible = bool(qa.get("is_impossible", False))
                 version_2 = version_2 or "is_impossible" in qa
                 answers = qa.get("answers", [])
+                if not isinstance(answers, list):
+                    raise ValueError(f"{path}: question {qid}: 'answers' must be a list")
                 for ans in answers:
-                    if not isinstance(ans.get("text"), str) or not isinstance(ans.get("answer_start"), int):
+                    if not isinstance(ans, dict) or not isinstance(ans.get("text"), str) \
+                            or not isinstance(ans.get("answer_start"), int) or isinstance(ans["answer_start"], bool):
                         raise ValueError(f"{path}: question {qid} has an answer without text/answer_start")
                     start = ans["answer_start"]
                     if context[start:start + len(ans["text"])] != ans["text"]:
@@ -461,6 +473,7 @@ def load_model(name: str, device: torch.device) -> tuple[nn.Module, Any]:
     from transformers.utils import logging
 
     path = resolve_model(name)
+    check_model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.is_fast:
         raise ValueError(f"{name}: SQuAD pre-processing needs a fast tokenizer (offset mapping)")
@@ -474,19 +487,22 @@ def load_model(name: str, device: torch.device) -> tuple[nn.Module, Any]:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-length", type=int, default=384, help="tokens per window (default 384)")
-    p.add_argument("--doc-stride", type=int, default=128, help="overlap between windows (default 128)")
-    p.add_argument("--n-best", type=int, default=20, help="start/end candidates per window (default 20)")
-    p.add_argument("--max-answer-length", type=int, default=30, help="longest answer in tokens (default 30)")
-    p.add_argument("--threshold", type=float, default=0.0, help="v2.0: answer empty if null - span > this (default 0)")
+    p.add_argument("--max-length", type=positive_int, default=384, help="tokens per window (default 384)")
+    p.add_argument("--doc-stride", type=positive_int, default=128, help="overlap between windows (default 128)")
+    p.add_argument("--n-best", type=positive_int, default=20, help="start/end candidates per window (default 20)")
+    p.add_argument("--max-answer-length", type=positive_int, default=30, help="longest answer in tokens (default 30)")
+    p.add_argument("--threshold", type=finite_float, default=0.0, help="v2.0: answer empty if null - span > this (default 0)")
     p.add_argument("--tune-threshold", action="store_true",
                    help="v2.0: also report the best threshold on the evaluated set (labelled: tuned on it)")
-    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--eval-batch-size", type=positive_int, default=32)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _eval_settings(args: argparse.Namespace) -> EvalSettings:
+    if args.doc_stride >= args.max_length:
+        raise ValueError(f"--doc-stride {args.doc_stride} must be smaller than --max-length {args.max_length} (windows "
+                         "overlap by the stride)")
     return EvalSettings(args.max_length, args.doc_stride, args.n_best, args.max_answer_length, args.threshold,
                         args.tune_threshold, args.eval_batch_size)
 
@@ -499,20 +515,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output folder (re-running the command there resumes)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id or folder (default {DEFAULT_MODEL}); 'minilm' = the embedded all-MiniLM-L6-v2")
-    p.add_argument("--layers", type=int, default=24, help="adapt the top L layers, capped at the depth (default 24)")
-    p.add_argument("--K", type=int, default=16, help="prompt length (default 16)")
-    p.add_argument("--epochs", type=float, default=10.0, help="epochs (default 10)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup (default 1)")
-    p.add_argument("--batch-size", type=int, default=12, help="windows per process per step (default 12)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--blr", type=float, default=None,
+    p.add_argument("--layers", type=layer_count, default=24, help="adapt the top L layers, capped at the depth (default 24)")
+    p.add_argument("--K", type=prompt_length, default=16, help="prompt length (default 16)")
+    p.add_argument("--epochs", type=positive_float, default=10.0, help="epochs (default 10)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=1.0, help="linear warmup (default 1)")
+    p.add_argument("--batch-size", type=positive_int, default=12, help="windows per process per step (default 12)")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--blr", type=positive_float, default=None,
                    help="base lr; lr = blr·global_batch/256 (default 1e-2; other methods: their own default)")
-    p.add_argument("--weight-decay", type=float, default=0.02, help="(default 0.02)")
-    p.add_argument("--max-train-examples", type=int, default=None, help="use the first N training questions")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.02, help="(default 0.02)")
+    p.add_argument("--max-train-examples", type=positive_int, default=None, help="use the first N training questions")
     p.add_argument("--skip-mismatched", action="store_true",
                    help="drop (and list) training questions whose answer_start does not match the answer text")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps (default 500)")
+    p.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N optimizer steps (default 500)")
     p.add_argument("--seed", type=int, default=0)
     methods.add_method_arg(p)
     _eval_args(p)
@@ -521,6 +537,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """``zinit train squad``: tune on the training file, save ``OUTPUT/adapter`` (prompts, gates, span head), score
     the dev file and write ``OUTPUT/eval.json`` beside the paper's numbers."""
+    settings = _eval_settings(args)  # checked before hours of training
     env = D.setup(args.device)
     train_default, dev_default = find_files(args.data, args.version) if args.data else (None, None)
     train_path = Path(args.train_file) if args.train_file else train_default
@@ -573,7 +590,7 @@ def run_train(args: argparse.Namespace) -> int:
     result = train(model, task, config)
     if env.is_main:
         methods.save_trained(model, out / "adapter")
-        evaluation = evaluate(model, tokenizer, dev_data, _eval_settings(args), progress=not args.no_progress)
+        evaluation = evaluate(model, tokenizer, dev_data, settings, progress=not args.no_progress)
         write_json(out / "predictions.json", evaluation.pop("predictions"))
         evaluation.update(steps=result.steps, final_train_loss=result.final_loss, model=args.model,
                           trainable_parameters=methods.trainable_count(model), method=args.method,
@@ -599,6 +616,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """``zinit eval squad``: score an adapter on a SQuAD file with the official metrics."""
+    settings = _eval_settings(args)
+    zinit.read_adapter_config(args.adapter)  # a missing or broken adapter fails before the model loads
     env = D.setup(args.device)
     path = Path(args.data)
     if path.is_dir():
@@ -608,7 +627,7 @@ def run_eval(args: argparse.Namespace) -> int:
     data = load_squad(path)
     model, tokenizer = load_model(args.model, env.device)
     zinit.load_adapter(model, args.adapter)
-    result = evaluate(model, tokenizer, data, _eval_settings(args), progress=not args.no_progress)
+    result = evaluate(model, tokenizer, data, settings, progress=not args.no_progress)
     predictions = result.pop("predictions")
     result["paper"] = PAPER[result["version"]]
     if args.output:

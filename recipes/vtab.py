@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zinit.io import write_json
+from zinit.io import atomic_write, write_json
+from zinit.cliargs import (float_list, int_at_least, layer_count, nonneg_float, positive_float, positive_int,
+                           prompt_length)
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
 
@@ -159,7 +161,8 @@ def load_image(path: Path, size: int) -> Tensor:
         with Image.open(path) as image:
             image = image.convert("RGB").resize((size, size), Image.BICUBIC)
     except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image {path} cannot be decoded: {exc}") from None
+        raise ValueError(f"image {path} cannot be decoded: {exc}; replace the file with the image, or remove its "
+                         "line from the split file") from None
     return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
@@ -218,6 +221,8 @@ def build_model(name: str, pretrained_file: str | None, img_size: int | None) ->
     """A timm ViT with random weights, or the weights of ``pretrained_file`` (no download ever happens)."""
     import timm
 
+    if not timm.is_model(name):
+        raise ValueError(f"--model {name!r} is not a timm model name (e.g. {DEFAULT_MODEL}, vit_small_patch16_224)")
     kwargs = {"img_size": img_size} if img_size else {}
     model = timm.create_model(name, pretrained=False, **kwargs)
     if pretrained_file:
@@ -450,13 +455,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm ViT name (default {DEFAULT_MODEL})")
     p.add_argument("--pretrained-file", default=None,
                    help="local weights for --model (.safetensors, or a timm/PyTorch checkpoint read weights-only)")
-    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's, 224)")
-    p.add_argument("--num-classes", type=int, default=None, help="class count of a custom task in the VTAB layout")
-    p.add_argument("--layers", type=int, default=12, help="adapt the top L blocks, capped at the depth (default 12)")
-    p.add_argument("--K", type=int, default=10, help="prompt length (default 10)")
-    p.add_argument("--epochs", type=float, default=100.0, help="epochs per training run (default 100)")
-    p.add_argument("--warmup-epochs", type=float, default=10.0, help="linear warmup (default 10)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per process per step (default 64)")
+    p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's, 224)")
+    p.add_argument("--num-classes", type=int_at_least(2, "the class count"), default=None,
+                   help="class count of a custom task in the VTAB layout")
+    p.add_argument("--layers", type=layer_count, default=12,
+                   help="adapt the top L blocks, capped at the depth (default 12)")
+    p.add_argument("--K", type=prompt_length, default=10, help="prompt length (default 10)")
+    p.add_argument("--epochs", type=positive_float, default=100.0, help="epochs per training run (default 100)")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=10.0, help="linear warmup (default 10)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per process per step (default 64)")
     p.add_argument("--blr-grid", default=None, help="base lrs to try, lr = blr·batch/256 (default 5e-3,1e-2,5e-2 for "
                    "zinit; other methods: their default ×0.5, ×1, ×2)")
     p.add_argument("--wd-grid", default="1e-4,1e-2", help="weight decays to try (default %(default)s)")
@@ -466,19 +473,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     methods.add_method_arg(p)
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 1e-3,1e-2") from None
-    if not values:
-        raise ValueError(f"{flag} is empty")
-    return values
+def _seeds(text: str) -> tuple[int, ...]:
+    values = float_list(text, "--seeds", lambda v: v >= 0 and v == int(v), "whole numbers >= 0")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--seeds {text!r} names a seed twice")
+    return tuple(int(v) for v in values)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """``zinit train vtab``: the protocol for each task, then the report (Markdown, JSON, bar chart)."""
     names = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--task {args.task!r} names no task: pass a VTAB-1k task name, a comma-separated list, "
+                         "or 'all'")
     grid = args.blr_grid
     if grid is None:
         blr = methods.get_method(args.method).blr.get("vtab") if args.method != "zinit" else None
@@ -486,8 +493,9 @@ def run_train(args: argparse.Namespace) -> int:
     settings = VtabSettings(
         model=args.model, pretrained_file=args.pretrained_file, img_size=args.img_size, layers=args.layers, K=args.K,
         epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
-        blr_grid=_floats(grid, "--blr-grid"), wd_grid=_floats(args.wd_grid, "--wd-grid"),
-        seeds=tuple(int(s) for s in _floats(args.seeds, "--seeds")), num_classes=args.num_classes,
+        blr_grid=float_list(grid, "--blr-grid", lambda v: v > 0, "base learning rates > 0"),
+        wd_grid=float_list(args.wd_grid, "--wd-grid", lambda v: v >= 0, "weight decays >= 0"),
+        seeds=_seeds(args.seeds), num_classes=args.num_classes,
         device=args.device, progress=not args.no_progress, method=args.method)
     for name in names:  # fail on a missing task before hours of training on the others
         VtabData(args.data, name, settings.num_classes)
@@ -511,7 +519,7 @@ def run_train(args: argparse.Namespace) -> int:
         write_json(out / "report.json", {"model": settings.model, "pretrained_file": settings.pretrained_file,
                                           "tasks": results, "groups": group_means(
                                               {r["task"]: r["mean"] for r in results}), "paper": PAPER_GROUPS})
-        (out / "report.md").write_text(report + "\n")
+        atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report + "\n"))
         plot_report(results, out / "vtab.png")
         adapter = out / names[0] / f"final_seed{settings.seeds[0]}" / "adapter"
         methods.write_summary(out, args.method, {"top1": statistics.fmean(r["mean"] for r in results)},

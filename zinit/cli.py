@@ -6,14 +6,38 @@ zero-init model computes what the base model computes, train the adapter for a f
 registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``: alpaca, scienceqa,
 vtab, squad), ``zinit eval RECIPE`` scores one, ``zinit compare RECIPE`` runs other fine-tuning methods through the same recipe,
 and ``zinit generate`` answers an instruction with a base model and an adapter.
+
+Errors in what the command was given (a missing or corrupt file, an adapter for another model, a bad value, a full
+disk) end the command with one line on stderr, ``zinit: error: <message>``, and exit status 2, as a bad option does;
+Ctrl-C ends it with ``zinit: interrupted`` and status 130. Anything else is a bug and keeps its traceback;
+``ZINIT_DEBUG=1`` shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import linecache
+import os
 import sys
 import tempfile
+from pathlib import Path
+from types import TracebackType
 from typing import Sequence
+
+from .cliargs import layer_count, positive_float, positive_int, prompt_length
+
+#: Set to 1 to get the traceback of every error instead of one line.
+DEBUG_ENV = "ZINIT_DEBUG"
+#: Exit status of a command stopped by an error in its input (as argparse uses for a bad option).
+ERROR_EXIT = 2
+#: Exit status after Ctrl-C (128 + SIGINT), as a shell reports for a process the signal ended.
+INTERRUPT_EXIT = 130
+#: Errors that mean "the input is wrong", from zinit or the libraries it calls (files, values, the disk).
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
+#: Errors that mean the same only when zinit's own code raises them on purpose (a ``raise`` in zinit or recipes);
+#: from anywhere else (a dict lookup, torch) they are bugs and keep their traceback.
+OWN_ERRORS: tuple[type[BaseException], ...] = (KeyError, RuntimeError, ImportError, LookupError)
+_PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "recipes")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -31,7 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
         base_logits = base(input_ids=data).logits
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
-    model = zinit.inject(base, layers=args.layers, K=args.K)
+    model = zinit.inject(base, layers=min(args.layers, cfg.num_hidden_layers), K=args.K)
     params = zinit.trainable_parameters(model)
     n_base = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params)
     print(f"model: random LLaMA-shaped, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
@@ -81,8 +105,67 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _raised_on_purpose(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a ``raise`` statement in zinit's or the recipes' own code."""
+    tb: TracebackType | None = exc.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    filename = Path(last.tb_frame.f_code.co_filename).resolve()
+    if not any(folder in filename.parents for folder in _PACKAGES):
+        return False
+    return linecache.getline(str(filename), last.tb_lineno).lstrip().startswith("raise")
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reports bad input (shown as one line) rather than a bug (shown with its traceback)."""
+    if isinstance(exc, INPUT_ERRORS):
+        return True
+    return isinstance(exc, OWN_ERRORS) and _raised_on_purpose(exc)
+
+
+def error_message(exc: BaseException) -> str:
+    """The text of an error without its type: a KeyError's message unquoted, an OSError's reason and file name.
+
+    A library's message spread over several lines is joined into one; zinit's own (a list of bad records, one per
+    line) is kept as written.
+    """
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    if not _raised_on_purpose(exc):
+        text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``zinit`` command."""
+    """Entry point of the ``zinit`` command: runs it and returns the exit status.
+
+    Bad input (see :func:`is_input_error`) prints ``zinit: error: <message>`` on stderr and returns 2; Ctrl-C prints
+    ``zinit: interrupted`` and returns 130; SystemExit (a bad option, a training run stopped by a signal) passes
+    through untouched. With ``ZINIT_DEBUG=1`` every error is raised with its traceback.
+    """
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\nzinit: interrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPT_EXIT
+    except Exception as exc:
+        if debug or not is_input_error(exc):
+            raise
+        print(f"zinit: error: {error_message(exc)}", file=sys.stderr)
+        return ERROR_EXIT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # every option after `bench` belongs to the benchmark's own parser
         return _bench(argv[1:])
@@ -90,13 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from recipes import compare
 
         return compare.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zinit`` command's parser (every subcommand; each recipe adds its own options)."""
     parser = argparse.ArgumentParser(prog="zinit", description="Zero-init gated prompt attention adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="inject, check zero-init, train a few steps, save and reload (CPU, seconds)")
-    demo.add_argument("--layers", type=int, default=4, help="adapt the top L layers (default 4 of 6)")
-    demo.add_argument("--K", type=int, default=10, help="prompt length (default 10)")
-    demo.add_argument("--steps", type=int, default=30, help="training steps (default 30)")
-    demo.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 1e-2)")
+    demo.add_argument("--layers", type=layer_count, default=4, help="adapt the top L layers (default 4 of 6)")
+    demo.add_argument("--K", type=prompt_length, default=10, help="prompt length (default 10)")
+    demo.add_argument("--steps", type=positive_int, default=30, help="training steps (default 30)")
+    demo.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW learning rate (default 1e-2)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     sub.add_parser("backbones", help="list the registered backbones").set_defaults(func=_backbones)
@@ -127,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("bench", help="speed and memory vs peft and the floor (python -m benchmarks.speed -h)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
 
 
 if __name__ == "__main__":
