@@ -347,8 +347,8 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if (folder / "trainable.safetensors").is_file():
             raise FileNotFoundError(f"{folder} holds trainable.safetensors (the weights of another fine-tuning method, "
                                     "written by zinit train --method M), not a zinit adapter: it has no " + CONFIG_NAME)
-        raise FileNotFoundError(f"adapter description {path} does not exist (a zinit adapter folder holds {CONFIG_NAME} "
-                                f"and {WEIGHTS_NAME}, as zinit.save_adapter writes them)")
+        raise FileNotFoundError(f"adapter description {path} does not exist (a zinit adapter folder holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME}, as zinit.save_adapter writes them)")
     config = read_json(path, f"adapter description ({CONFIG_NAME} beside {WEIGHTS_NAME})", _AGAIN)
     if not isinstance(config, dict) or config.get("format") != "zinit-adapter":
         raise ValueError(f"{path} is not a zinit adapter description (no \"format\": \"zinit-adapter\")")
@@ -401,21 +401,25 @@ def _read_weights(weights: Path, config: dict[str, Any]) -> dict[str, Any]:
     floating-point dtype; errors name the file and the fix."""
     data = weights.read_bytes()
     recorded = config.get("weights_bytes")
-    size_note = f"; it is {len(data)} bytes, {CONFIG_NAME} records {recorded}" if recorded not in (None, len(data)) else ""
+    size_note = ""
+    if recorded not in (None, len(data)):
+        size_note = f"; it is {len(data)} bytes, {CONFIG_NAME} records {recorded}"
     try:
         if not data:
             raise SafetensorError("the file is empty (0 bytes)")
         tensors = _load_safetensors(data)
     except SafetensorError as exc:
-        raise ValueError(f"adapter weights {weights} cannot be read as safetensors: {exc}{size_note}; {_AGAIN}") from None
+        raise ValueError(f"adapter weights {weights} cannot be read as safetensors: {exc}{size_note}; "
+                         f"{_AGAIN}") from None
     if size_note:
         raise _mismatch(weights, config, data, size_note[2:])
     if "weights_sha256" in config and _digest(data)[0] != config["weights_sha256"]:
         raise _mismatch(weights, config, data, "its sha256 differs from the one recorded")
     for key, value in tensors.items():
         if not value.is_floating_point():
-            raise ValueError(f"adapter weights {weights}: tensor {key!r} has dtype {str(value.dtype).replace('torch.', '')}"
-                             f"; adapter tensors are floating point (zinit writes float32); {_AGAIN}")
+            dtype = str(value.dtype).replace("torch.", "")
+            raise ValueError(f"adapter weights {weights}: tensor {key!r} has dtype {dtype}; adapter tensors are "
+                             f"floating point (zinit writes float32); {_AGAIN}")
     return tensors
 
 
