@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 import zinit
+from zinit.cliargs import (check_model_folder, layer_count, nonneg_float, positive_float, positive_int,
+                           prompt_length, unit_float)
 from zinit.io import read_json
 from zinit.train import Task, TrainConfig, causal_lm_loss, train
 from zinit.train import dist as D
@@ -128,6 +130,7 @@ def load_model(name_or_path: str | None, device: torch.device) -> tuple[nn.Modul
     SmolLM2 when None. Weights are bf16 on GPU (autocast computes in bf16), fp32 on CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_folder(name_or_path)
     kwargs: dict[str, Any] = {}
     if name_or_path is None:
         name_or_path, kwargs["gguf_file"] = embedded_model_folder(), EMBEDDED_GGUF
@@ -209,19 +212,23 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="alpaca_data.json path or hub dataset id (default: bundled set)")
     p.add_argument("--eval-data", default=None, help="held-out Alpaca JSON scored before and after tuning")
     p.add_argument("--output", required=True, help="output folder (re-running the command there resumes)")
-    p.add_argument("--layers", type=int, default=30, help="adapt the top L layers, capped at the depth (default 30)")
-    p.add_argument("--K", type=int, default=10, help="prompt length (default 10)")
-    p.add_argument("--epochs", type=float, default=None, help="epochs (default 5; embedded run 3)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per process per step (default 4)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--blr", type=float, default=None, help="base lr; lr = blr·global_batch/256 (default 9e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.02, help="on prompts, not on gates (default 0.02)")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length (default 2)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="truncate examples to this many tokens (default 512)")
+    p.add_argument("--layers", type=layer_count, default=30,
+                   help="adapt the top L layers, capped at the depth (default 30)")
+    p.add_argument("--K", type=prompt_length, default=10, help="prompt length (default 10)")
+    p.add_argument("--epochs", type=positive_float, default=None, help="epochs (default 5; embedded run 3)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="examples per process per step (default 4)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--blr", type=positive_float, default=None,
+                   help="base lr; lr = blr·global_batch/256 (default 9e-3)")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.02, help="on prompts, not on gates (default 0.02)")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warmup length (default 2)")
+    p.add_argument("--max-seq-len", type=positive_int, default=None,
+                   help="truncate examples to this many tokens (default 512)")
     p.add_argument("--pad-to-max", action="store_true", help="pad every batch to --max-seq-len (the official code)")
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N optimizer steps (default 100)")
-    p.add_argument("--save-every-minutes", type=float, default=10.0,
+    p.add_argument("--save-every", type=positive_int, default=100,
+                   help="checkpoint every N optimizer steps (default 100)")
+    p.add_argument("--save-every-minutes", type=nonneg_float, default=10.0,
                    help="also checkpoint when this many minutes have passed since the last one (default 10; 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (torchrun, N>1)")
@@ -333,9 +340,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id or local folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="adapter folder written by zinit train (OUTPUT/adapter)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
-    p.add_argument("--temperature", type=float, default=0.1, help="sampling temperature (paper: 0.1)")
-    p.add_argument("--top-p", type=float, default=0.75, help="nucleus sampling (paper: 0.75)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=positive_float, default=0.1, help="sampling temperature (paper: 0.1)")
+    p.add_argument("--top-p", type=unit_float, default=0.75, help="nucleus sampling (paper: 0.75)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
 

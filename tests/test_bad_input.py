@@ -4,8 +4,7 @@ line that names the bad value and the fix, and nothing good on disk is lost.
 
 CLI rows run in-process through ``zinit.cli.main``: an input error prints ``zinit: error: <message>`` on stderr and
 returns 2; a bad option is argparse's ``... error: argument --X: ...`` and SystemExit 2. ``docs/reliability.md`` lists
-every row with the test that checks it. Rows marked xfail need a change in a file this work does not own (the reason
-names it); they flip to passing when that change lands.
+every row with the test that checks it.
 """
 
 from __future__ import annotations
@@ -326,10 +325,6 @@ GENERATE_ROWS = [
     (["--top-p", "0"], "--top-p", r"must be a number in \(0, 1\], got 0"),
     (["--top-p", "1.5"], "--top-p", r"must be a number in \(0, 1\], got 1.5"),
 ]
-NEEDS_ALPACA = "needs cliargs validators on the options of add_train_args / add_generate_args in recipes/alpaca.py"
-
-
-@pytest.mark.xfail(reason=NEEDS_ALPACA, strict=True)
 @pytest.mark.parametrize("extra,option,pattern", ALPACA_ROWS, ids=[" ".join(r[0]) for r in ALPACA_ROWS])
 def test_bad_number_for_alpaca_is_refused_before_anything_loads(capsys, extra, option, pattern):
     from zinit.cli import build_parser
@@ -339,7 +334,6 @@ def test_bad_number_for_alpaca_is_refused_before_anything_loads(capsys, extra, o
     assert_usage_error(stop.value.code, capsys.readouterr().err, option, pattern)
 
 
-@pytest.mark.xfail(reason=NEEDS_ALPACA, strict=True)
 @pytest.mark.parametrize("extra,option,pattern", GENERATE_ROWS, ids=[" ".join(r[0]) for r in GENERATE_ROWS])
 def test_bad_number_for_generate_is_refused_before_anything_loads(capsys, extra, option, pattern):
     from zinit.cli import build_parser
@@ -401,8 +395,6 @@ def test_model_folder_without_tokenizer_for_squad_and_scienceqa(tmp_path, adapte
     assert_error_line(status, err, r"adapter folder \S+gone does not exist")  # before the model loads
 
 
-@pytest.mark.xfail(reason="needs zinit.cliargs.check_model_folder(name_or_path) at the top of load_model in "
-                          "recipes/alpaca.py", strict=True)
 def test_model_folder_without_tokenizer_for_generate_and_alpaca(tmp_path, alpaca_file, capsys):
     bare = _without_tokenizer(tmp_path / "bare", tiny_llama(layers=2))
     status, err = run(["generate", "--model", bare, "--device", "cpu", "Say yes."], capsys)
@@ -748,10 +740,9 @@ def test_demo_data_scripts_refuse_bad_counts(tmp_path, capsys, module, args, opt
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# public functions whose checks belong to files this work does not own
+# public functions: adapter state and trainer settings
 
 
-@pytest.mark.xfail(reason="needs a dtype and type check in load_adapter_state_dict in zinit/inject.py", strict=True)
 @pytest.mark.parametrize("value,pattern", [
     (torch.ones(3, 32, dtype=torch.long), r"adapter state key 'layers.3.prompt' has dtype int64; expected a floating"),
     ([[0.0] * 32] * 3, r"adapter state key 'layers.3.prompt' is a list, not a tensor"),
@@ -763,8 +754,6 @@ def test_load_adapter_state_dict_refuses_non_float_values(value, pattern):
         zinit.load_adapter_state_dict(model, {**state, "layers.3.prompt": value})
 
 
-@pytest.mark.xfail(reason="needs TrainConfig checks (batch_size, grad_accum >= 1; epochs > 0 and finite; "
-                          "warmup_epochs >= 0) at the top of train() in zinit/train/loop.py", strict=True)
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("grad_accum", 0), ("epochs", -1.0),
                                          ("epochs", float("nan")), ("warmup_epochs", -1.0)])
 def test_train_refuses_bad_settings_before_the_first_step(tmp_path, field, value):

@@ -338,6 +338,12 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
         )
     for key, target in expected.items():
         value = state[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"adapter state key {key!r} is a {type(value).__name__}, not a tensor")
+        if not value.is_floating_point():
+            dtype = str(value.dtype).replace("torch.", "")
+            raise ValueError(f"adapter state key {key!r} has dtype {dtype}; expected a floating-point tensor "
+                             "(zinit stores float32)")
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(
                 f"adapter state key {key!r} has shape {tuple(value.shape)}, but this model expects {tuple(target.shape)}"

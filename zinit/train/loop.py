@@ -143,6 +143,18 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
 
 
+def _check_settings(config: TrainConfig) -> None:
+    for name in ("batch_size", "grad_accum"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an int >= 1")
+    if not (isinstance(config.epochs, (int, float)) and math.isfinite(config.epochs) and config.epochs > 0):
+        raise ValueError(f"epochs={config.epochs!r} must be a finite number > 0")
+    if not (isinstance(config.warmup_epochs, (int, float)) and math.isfinite(config.warmup_epochs)
+            and config.warmup_epochs >= 0):
+        raise ValueError(f"warmup_epochs={config.warmup_epochs!r} must be a finite number >= 0")
+
+
 def _check_cadence(config: TrainConfig) -> None:
     if not isinstance(config.save_every, int) or config.save_every < 1:
         raise ValueError(f"save_every={config.save_every!r} must be a whole number of steps >= 1")
@@ -203,6 +215,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
     Returns a :class:`TrainResult`; the output folder holds ``checkpoint.pt``, ``metrics.jsonl`` and the plots
     (the recipe saves the adapter).
     """
+    _check_settings(config)
     _check_cadence(config)
     env = D.setup(config.device)
     out = Path(config.output)
