@@ -3,8 +3,8 @@ corrupt file, an adapter for another model, a bad number, a non-image, a full di
 line that names the bad value and the fix, and nothing good on disk is lost.
 
 CLI rows run in-process through ``zinit.cli.main``: an input error prints ``zinit: error: <message>`` on stderr and
-returns 2; a bad option is argparse's ``... error: argument --X: ...`` and SystemExit 2. ``docs/reliability.md`` lists
-every row with the test that checks it.
+returns 2; a bad option is argparse's ``... error: argument --X: ...`` and SystemExit 2. README's "Reliability"
+section lists every row with the test that checks it.
 """
 
 from __future__ import annotations

@@ -19,3 +19,17 @@ def test_readme_has_examples():
 def test_readme_example_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": f"readme_{index}"})
+
+
+def test_every_test_the_reliability_section_cites_exists():
+    """The Reliability table names the test behind each row; a renamed or deleted test must not leave a stale row."""
+    text = README.read_text()
+    section = text[text.index("## Reliability"):text.index("## Tests")]
+    files = {"hardening": "test_hardening.py", "run": "test_run_reliability.py", "bad_input": "test_bad_input.py",
+             "files": "test_files.py"}
+    cited = re.findall(r"`(\w+)::(test_\w+?)(?:\[[^`]*\])?`", section)
+    assert len(cited) >= 40
+    here = Path(__file__).resolve().parent
+    defined = {k: set(re.findall(r"^def (test_\w+)", (here / f).read_text(), flags=re.M)) for k, f in files.items()}
+    missing = [f"{k}::{name}" for k, name in cited if name not in defined[k]]
+    assert not missing, missing
