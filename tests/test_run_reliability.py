@@ -21,28 +21,19 @@ import torch
 
 import zinit
 from recipes import alpaca
-from tiny import alpaca_records, tiny_llama
+from tiny import alpaca_records, subprocess_env, tiny_llama
 from zinit.train import OutputInUse, Task, TrainConfig, causal_lm_loss, train
 from zinit.train import loop
 from zinit.train.checkpoint import load_checkpoint
 from zinit.train.data import pad_collate
 from zinit.train.lock import LOCK_NAME, OutputLock
 
-ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "train_script.py")
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _run(cmd, timeout=300):
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _script(out, *extra):
@@ -115,7 +106,7 @@ def _stop(proc):
 
 def _start(cmd, log):
     """Start ``cmd`` with stdout and stderr in the file ``log`` (no pipe to fill up while the test waits)."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT)
     proc.args_log = str(log)
     return proc
 
@@ -156,7 +147,7 @@ def test_a_second_run_into_a_locked_folder_is_refused_at_once_naming_the_holder(
     out.mkdir()
     stale = out / ".checkpoint.pt.abc123.tmp"  # what a run killed while saving leaves behind
     stale.write_bytes(b"half")
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], env=_env(), stdin=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], env=subprocess_env(), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -239,7 +230,7 @@ time.sleep(600)  # a worker stuck in (or between) steps
 
 def test_the_heartbeat_ends_a_worker_whose_launcher_died(tmp_path):
     """Without torchrun's environment there is no parent-death signal: the heartbeat thread alone must notice."""
-    env = {k: v for k, v in _env().items() if not k.startswith("TORCHELASTIC")}
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("TORCHELASTIC")}
     env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
     ready, log = tmp_path / "ready", tmp_path / "worker.log"
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER, str(ready), str(log)], env=env,

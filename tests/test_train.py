@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,20 +13,11 @@ import torch
 
 import zinit
 from recipes import alpaca
-from tiny import char_tokenizer, tiny_llama
+from tiny import char_tokenizer, subprocess_env, tiny_llama
 from zinit.train import Task, TrainConfig, TrainingDiverged, causal_lm_loss, lr_at, scaled_lr, train
 from zinit.train.data import epoch_batches, pad_collate
 
-ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 # ---------------------------------------------------------------- schedule and optimizer
@@ -193,7 +183,7 @@ def test_too_little_data_is_a_clear_error(tmp_path):
 
 
 def _run_script(out, *extra):
-    proc = subprocess.run([sys.executable, str(HERE / "train_script.py"), str(out), *extra], env=_env(),
+    proc = subprocess.run([sys.executable, str(HERE / "train_script.py"), str(out), *extra], env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     return proc
 
@@ -223,7 +213,7 @@ def _torchrun(port, model_dir, data, out, *extra):
            "-m", "zinit", "train", "alpaca", "--model", str(model_dir), "--data", str(data), "--eval-data", str(data),
            "--output", str(out), "--layers", "2", "--K", "4", "--warmup-epochs", "1", "--blr", "8",
            "--batch-size", "2", "--no-progress", "--device", "cpu", *extra]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 
 import torch
 
@@ -144,3 +146,14 @@ def alpaca_records(n=24):
         else:
             out.append({"instruction": "Say yes.", "input": "", "output": "yes"})
     return out
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a test's child process (a script, torchrun): this checkout and tests/ importable, no
+    hub access, one OpenMP thread per process (the machine has two cores)."""
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), str(here), env.get("PYTHONPATH", "")])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env["OMP_NUM_THREADS"] = "1"
+    return env

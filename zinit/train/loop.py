@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -175,15 +174,8 @@ def _clean_stale_temporaries(out: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically, with the permissions a plain ``write_text`` would give (umask applied)."""
-    mask = os.umask(0)
-    os.umask(mask)
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text)
-        os.chmod(tmp, 0o666 & ~mask)
-
-    atomic_write(path, write)
+    """Write ``text`` atomically (``atomic_write`` gives it the umask's mode, as a plain ``write_text`` would)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
