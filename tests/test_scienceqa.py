@@ -198,13 +198,13 @@ def test_text_only_variant_has_no_visual_projection(release, tmp_path):
 
 
 def test_torchrun_two_processes(release, tmp_path):
-    from test_train import _env
+    from tiny import subprocess_env
 
     root, model, clip = release
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29741",
            "-m", "zinit", "train", "scienceqa", *_train_args(root, model, clip, out)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
     assert cli(["eval", "scienceqa", "--model", str(model), "--data", str(root), "--adapter", str(out / "adapter"),
