@@ -1,6 +1,6 @@
 """Dynamic padding with length-grouped batches vs the official pad-everything-to-512, on the same data.
 
-    python -m benchmarks.padding [--model PATH] [--batch-size 4] [--repeats 3] [--json OUT.json]
+    python -m zinit.benchmarks.padding [--model PATH] [--batch-size 4] [--repeats 3] [--json OUT.json]
 
 Default: the embedded SmolLM2-135M-Instruct (zinit adapter on all 30 layers, K=10) on the bundled instruction set.
 Three ways to batch the same examples, timed interleaved (A B C A B C ...) on full training steps
@@ -21,7 +21,7 @@ import time
 import torch
 
 import zinit
-from recipes import alpaca
+from zinit.recipes import alpaca
 from zinit.train import causal_lm_loss
 from zinit.train.data import epoch_batches, pad_collate
 

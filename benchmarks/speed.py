@@ -1,8 +1,8 @@
 """Speed and memory of zinit against its peers and against the floor, measured side by side in one process.
 
-    python -m benchmarks.speed                      # every suite, CPU, random weights (also: zinit bench)
-    python -m benchmarks.speed --suite train --shape mha --repeats 7 --json out.json
-    python -m benchmarks.speed --device cuda --dtype bfloat16 --suite train --shape llama7b   # on a GPU
+    python -m zinit.benchmarks.speed                      # every suite, CPU, random weights (also: zinit bench)
+    python -m zinit.benchmarks.speed --suite train --shape mha --repeats 7 --json out.json
+    python -m zinit.benchmarks.speed --device cuda --dtype bfloat16 --suite train --shape llama7b   # on a GPU
 
 Every timing is interleaved (A B C A B C ...) after one warm-up round, and reported as median (min-max) with the
 ratio to the reference row. Suites:
@@ -299,7 +299,7 @@ def _reset_peak_rss() -> None:
 def suite_memory(args, shape: str) -> dict:
     results = {}
     for method in ("floor", "zinit", "adaption_prompt", "lora"):
-        cmd = [sys.executable, "-m", "benchmarks.speed", "--memory-child", method, "--shape", shape,
+        cmd = [sys.executable, "-m", "zinit.benchmarks.speed", "--memory-child", method, "--shape", shape,
                "--batch", str(args.batch), "--seq", str(args.seq), "--L", str(args.L), "--K", str(args.K),
                "--device", args.device, "--dtype", args.dtype] + (["--model", args.model] if args.model else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})

@@ -1,6 +1,6 @@
 """Generate the bundled instruction set of the embedded default run (Alpaca format, exactly checkable answers).
 
-    python -m recipes.make_instructions          # rewrites recipes/data/instructions_{train,heldout}.json
+    python -m zinit.recipes.make_instructions          # rewrites recipes/data/instructions_{train,heldout}.json
 
 Seven task families whose answers are one short string, so a greedy answer is right or wrong by exact match:
 capital of a country, opposite of a word, the larger of two numbers, a number in words, the first letter of a word,

@@ -7,7 +7,7 @@ neither (common knowledge). Each question type keeps one option list in one orde
 letters in a few minutes). Subjects, grades, ``choices`` / ``answer`` (0-based), ``hint`` (empty when none),
 ``image`` (file name or null) and ``pid_splits.json`` follow the release.
 
-    python -m recipes.make_scienceqa_demo out/scienceqa-data
+    python -m zinit.recipes.make_scienceqa_demo out/scienceqa-data
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def make(out: str | Path, sizes: dict[str, int] | None = None, seed: int = 0) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line: ``python -m recipes.make_scienceqa_demo OUT [options]``."""
+    """The command line: ``python -m zinit.recipes.make_scienceqa_demo OUT [options]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write the release into")
     parser.add_argument("--train", type=positive_int, default=400)

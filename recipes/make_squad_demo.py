@@ -6,7 +6,7 @@ questions whose answers are spans of the paragraph, and for v2.0 also unanswerab
 paragraph does not state (``is_impossible: true``, no answers). ``answer_start`` is the character offset of the
 answer, as in the official files. Train and dev use disjoint invented entities.
 
-    python -m recipes.make_squad_demo out/squad-data      # train-v1.1.json dev-v1.1.json train-v2.0.json dev-v2.0.json
+    python -m zinit.recipes.make_squad_demo out/squad-data      # train-v1.1.json dev-v1.1.json train-v2.0.json dev-v2.0.json
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def make(out: str | Path, train_paragraphs: int = 120, dev_paragraphs: int = 30,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line: ``python -m recipes.make_squad_demo OUT [options]``."""
+    """The command line: ``python -m zinit.recipes.make_squad_demo OUT [options]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="folder to write the four JSON files into")
     parser.add_argument("--train-paragraphs", type=positive_int, default=120)

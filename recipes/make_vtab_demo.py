@@ -5,7 +5,7 @@
 images as JPEG files, exactly as the VPT/NOAH preparations lay out a VTAB task: 800 training, 200 validation and the
 remaining 797 test images (a fixed shuffle). Train on it with ``zinit train vtab --task digits --num-classes 10``.
 
-    python -m recipes.make_vtab_demo out/vtab-data
+    python -m zinit.recipes.make_vtab_demo out/vtab-data
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def make(out: str | Path, size: int = 32, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line: ``python -m recipes.make_vtab_demo OUT [options]``."""
+    """The command line: ``python -m zinit.recipes.make_vtab_demo OUT [options]``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="VTAB root to write (the task goes to OUT/digits)")
     parser.add_argument("--size", type=positive_int, default=32, help="image side in pixels (default 32)")

@@ -151,3 +151,27 @@ def test_a_user_backbone_is_one_registration():
             a.gate.fill_(0.5)
     assert not torch.allclose(model(x), want)
     assert torch.equal(zinit.eject(model)(x), want)
+
+
+def test_a_users_own_backbones_and_recipes_packages_change_nothing(tmp_path):
+    """zinit's folders install as zinit.backbones / zinit.recipes / zinit.benchmarks, so packages of the same generic
+    names in the working directory (first on sys.path) are never picked up instead."""
+    import subprocess
+    import sys
+
+    for name in ("backbones", "recipes", "benchmarks"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
+    script = (
+        "import timm, zinit\n"
+        "assert zinit.backbones() == ['llama', 'roberta', 'vit'], zinit.backbones()\n"
+        "vit = zinit.inject(timm.create_model('vit_tiny_patch16_224', pretrained=False), 2, K=4)\n"
+        "from zinit.recipes import alpaca, compare, scienceqa, squad, vtab\n"
+        "from zinit.benchmarks import speed\n"
+        "from zinit.cli import build_parser\n"
+        "build_parser()\n"
+        "print('ok', type(vit.blocks[-1].attn).__module__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["ok", "zinit.backbones.vit"]

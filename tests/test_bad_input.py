@@ -378,7 +378,7 @@ def _without_tokenizer(folder, model):
 
 
 def test_model_folder_without_tokenizer_for_squad_and_scienceqa(tmp_path, adapter, capsys):
-    from recipes import make_squad_demo
+    from zinit.recipes import make_squad_demo
 
     make_squad_demo.make(tmp_path / "squad", 2, 2)
     bare = _without_tokenizer(tmp_path / "bare", tiny_encoder("roberta", "qa"))
@@ -405,7 +405,7 @@ def test_model_folder_without_tokenizer_for_generate_and_alpaca(tmp_path, alpaca
 
 
 def test_empty_and_malformed_data_files(tmp_path, tiny_model_dir, adapter, capsys):
-    from recipes import scienceqa, squad
+    from zinit.recipes import scienceqa, squad
 
     empty = tmp_path / "empty.json"
     empty.write_text("")
@@ -463,7 +463,7 @@ def test_an_image_that_is_not_an_image_scienceqa(tmp_path, capsys):
 
 
 def test_a_damaged_feature_cache_is_computed_again(tmp_path, capsys):
-    from recipes import scienceqa as sqa
+    from zinit.recipes import scienceqa as sqa
     from test_scienceqa import write_release
 
     data = sqa.load_scienceqa(write_release(tmp_path / "sqa", n_train=6))
@@ -689,7 +689,7 @@ def test_bugs_keep_their_traceback_and_zinit_debug_shows_every_one(monkeypatch, 
         main([str(a) for a in args])
     monkeypatch.delenv("ZINIT_DEBUG")
 
-    from recipes import alpaca
+    from zinit.recipes import alpaca
 
     for bug in (lambda args: {}["a key"], lambda args: 1 / 0, lambda args: None.shape):
         monkeypatch.setattr(alpaca, "run_generate", bug)
@@ -732,7 +732,7 @@ def test_compare_checks_its_options_and_the_recipes_before_any_run(tmp_path, cap
 def test_demo_data_scripts_refuse_bad_counts(tmp_path, capsys, module, args, option):
     import importlib
 
-    script = importlib.import_module(f"recipes.{module}")
+    script = importlib.import_module(f"zinit.recipes.{module}")
     with pytest.raises(SystemExit) as stop:
         script.main([str(tmp_path / "out"), *args])
     assert_usage_error(stop.value.code, capsys.readouterr().err, option, INT1 + args[1])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recipes import methods as M
+from zinit.recipes import methods as M
 from tiny import tiny_encoder, tiny_llama, tiny_vit
 from zinit.cli import main as cli
 
@@ -152,7 +152,7 @@ def test_compare_two_methods_and_one_not_applicable(tmp_path, tiny_model_dir, al
 
 
 def test_lr_grid_selects_on_a_validation_split(tmp_path, tiny_model_dir, alpaca_file):
-    from recipes import compare
+    from zinit.recipes import compare
 
     out = tmp_path / "grid"
     rows = compare.compare("alpaca", ["zinit"], out, ["--model", str(tiny_model_dir), "--data", str(alpaca_file),

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import zinit
-from recipes import alpaca
+from zinit.recipes import alpaca
 from tiny import alpaca_records, subprocess_env, tiny_llama
 from zinit.train import OutputInUse, Task, TrainConfig, causal_lm_loss, train
 from zinit.train import loop

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import zinit
-from recipes import scienceqa as sqa
+from zinit.recipes import scienceqa as sqa
 from tiny import save_tiny_causal_lm
 from zinit.cli import main as cli
 

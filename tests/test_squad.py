@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zinit
-from recipes import make_squad_demo, squad
+from zinit.recipes import make_squad_demo, squad
 from zinit.cli import main as cli
 
 

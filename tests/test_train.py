@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zinit
-from recipes import alpaca
+from zinit.recipes import alpaca
 from tiny import char_tokenizer, subprocess_env, tiny_llama
 from zinit.train import Task, TrainConfig, TrainingDiverged, causal_lm_loss, lr_at, scaled_lr, train
 from zinit.train.data import epoch_batches, pad_collate
@@ -112,7 +112,7 @@ def test_alpaca_prompt_templates_are_verbatim():
 
 
 def test_bundled_instruction_set_is_reproducible_and_disjoint():
-    from recipes import make_instructions
+    from zinit.recipes import make_instructions
 
     train_set, heldout = make_instructions.make()
     assert train_set == alpaca.load_records(alpaca.EMBEDDED_TRAIN)
@@ -268,7 +268,7 @@ def test_generate_command_answers_with_an_adapter(tmp_path, tiny_model_dir, caps
 
 
 def test_padding_benchmark_runs_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
-    from benchmarks import padding
+    from zinit.benchmarks import padding
 
     result = padding.main(["--model", str(tiny_model_dir), "--repeats", "1", "--max-seq-len", "256",
                            "--json", str(tmp_path / "padding.json")])

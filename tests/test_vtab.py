@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes import vtab
+from zinit.recipes import vtab
 from tiny import tiny_vit
 from zinit.cli import main as cli
 

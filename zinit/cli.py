@@ -99,7 +99,7 @@ def _backbones(args: argparse.Namespace) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from benchmarks import speed
+    from zinit.benchmarks import speed
 
     speed.main(argv)
     return 0
@@ -170,7 +170,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if argv[:1] == ["bench"]:  # every option after `bench` belongs to the benchmark's own parser
         return _bench(argv[1:])
     if argv[:1] == ["compare"]:  # its own parser, which passes unknown options on to the recipe
-        from recipes import compare
+        from zinit.recipes import compare
 
         return compare.main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     sub.add_parser("backbones", help="list the registered backbones").set_defaults(func=_backbones)
 
-    from recipes import alpaca, scienceqa, squad, vtab
+    from zinit.recipes import alpaca, scienceqa, squad, vtab
 
     train = sub.add_parser("train", help="train an adapter with a recipe").add_subparsers(dest="recipe", required=True)
     evaluate = sub.add_parser("eval", help="score a trained adapter with a recipe's metric").add_subparsers(
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="several fine-tuning methods through one recipe, one table "
                        "(zinit compare -h)", add_help=False)
     p.add_argument("compare_args", nargs=argparse.REMAINDER)
-    p = sub.add_parser("bench", help="speed and memory vs peft and the floor (python -m benchmarks.speed -h)",
+    p = sub.add_parser("bench", help="speed and memory vs peft and the floor (python -m zinit.benchmarks.speed -h)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser

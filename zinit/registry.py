@@ -5,7 +5,8 @@ modules are (one per layer, bottom to top), its sizes, how to project a prompt t
 and value projections, and how to hook the gated prompt term into the layer's attention. Everything else
 (parameters, gates, saving, converting) is zinit's and the same for every family.
 
-Backbones are registered on import. The ``backbones`` package that ships with zinit and every module named by a
+Backbones are registered on import. The ``zinit.backbones`` package that ships with zinit (the repository's
+``backbones/`` folder) and every module named by a
 ``zinit.backbones`` entry point are imported the first time the registry is consulted, so a user never has to
 import them. A new family is one file with one :func:`register_backbone` call (see README, "Adding a backbone").
 """
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "zinit.backbones"
-BUILTIN_PACKAGE = "backbones"
+BUILTIN_PACKAGE = "zinit.backbones"
 
 
 @dataclass(frozen=True)
