@@ -42,6 +42,7 @@ from zinit.cliargs import (check_model_folder, layer_count, nonneg_float, positi
 from zinit.io import atomic_write, read_json, write_json
 from zinit.train import Task, TrainConfig, causal_lm_loss, train
 from zinit.train import dist as D
+from zinit.train.lock import hold_output
 from zinit.train.data import pad_collate
 
 from . import alpaca, methods
@@ -601,24 +602,25 @@ def run_train(args: argparse.Namespace) -> int:
               f"{'text only' if dim is None else f'image features {dim} ({args.visual_encoder})'}: "
               f"{n_params:,} trainable parameters; {len(items)} training questions"
               + (f" ({dropped} longer than --max-seq-len dropped)" if dropped else ""))
-    result = train(model, task, config, callbacks=[select_on_val])
-    if env.is_main:
-        best = max(history, key=lambda h: h["val_avg"])
-        methods.load_trained(model, out / "adapter")  # the best val epoch's adapter
-        test = evaluate_split(model, tokenizer, data, args.test_split, test_pids, features.get(args.test_split),
-                              args.mode, args.eval_batch_size, args.max_seq_len, progress=not args.no_progress)
-        write_json(out / "predictions_test.json", test.pop("predictions"))
-        report = {**test, "best_val": best, "steps": result.steps, **recipe_info,
-                  "trainable_parameters": methods.trainable_count(model), "method": args.method,
-                  "paper": PAPER}
-        write_json(out / "report.json", report)
-        methods.write_summary(out, args.method, {c: test["table"][c] for c in ("Avg", "IMG", "TXT", "NO")
-                                                 if test["table"][c] is not None},
-                              report["trainable_parameters"], out / "adapter", env.device)
-        print(f"best val Avg {best['val_avg']:.2f} at step {best['step']}; {args.test_split} ({args.mode}):")
-        print(format_table(test["table"]))
-        print(f"adapter: {out / 'adapter'}   report: {out / 'report.json'}")
-    D.barrier()
+    with hold_output(out, env):  # one run at a time writes this folder: training, saving, evaluation
+        result = train(model, task, config, callbacks=[select_on_val])
+        if env.is_main:
+            best = max(history, key=lambda h: h["val_avg"])
+            methods.load_trained(model, out / "adapter")  # the best val epoch's adapter
+            test = evaluate_split(model, tokenizer, data, args.test_split, test_pids, features.get(args.test_split),
+                                  args.mode, args.eval_batch_size, args.max_seq_len, progress=not args.no_progress)
+            write_json(out / "predictions_test.json", test.pop("predictions"))
+            report = {**test, "best_val": best, "steps": result.steps, **recipe_info,
+                      "trainable_parameters": methods.trainable_count(model), "method": args.method,
+                      "paper": PAPER}
+            write_json(out / "report.json", report)
+            methods.write_summary(out, args.method, {c: test["table"][c] for c in ("Avg", "IMG", "TXT", "NO")
+                                                     if test["table"][c] is not None},
+                                  report["trainable_parameters"], out / "adapter", env.device)
+            print(f"best val Avg {best['val_avg']:.2f} at step {best['step']}; {args.test_split} ({args.mode}):")
+            print(format_table(test["table"]))
+            print(f"adapter: {out / 'adapter'}   report: {out / 'report.json'}")
+        D.barrier()
     D.cleanup()
     return 0
 

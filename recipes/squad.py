@@ -35,6 +35,7 @@ from zinit.cliargs import (check_model_folder, finite_float, layer_count, nonneg
 from zinit.io import atomic_write, read_json, write_json
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
+from zinit.train.lock import hold_output
 
 from . import methods
 
@@ -587,20 +588,21 @@ def run_train(args: argparse.Namespace) -> int:
         how = f"top {layers} layers, K={args.K}" if args.method == "zinit" else f"method {args.method}"
         print(f"zinit train squad v{args.version}: {args.model}, {how}: {n_params:,} trainable parameters "
               f"(with the span head); {len(examples)} questions -> {len(features)} windows")
-    result = train(model, task, config)
-    if env.is_main:
-        methods.save_trained(model, out / "adapter")
-        evaluation = evaluate(model, tokenizer, dev_data, settings, progress=not args.no_progress)
-        write_json(out / "predictions.json", evaluation.pop("predictions"))
-        evaluation.update(steps=result.steps, final_train_loss=result.final_loss, model=args.model,
-                          trainable_parameters=methods.trainable_count(model), method=args.method,
-                          paper=PAPER[evaluation["version"]])
-        write_json(out / "eval.json", evaluation)
-        methods.write_summary(out, args.method, {"exact": evaluation["exact"], "f1": evaluation["f1"]},
-                              evaluation["trainable_parameters"], out / "adapter", env.device)
-        print(format_report(evaluation))
-        print(f"adapter: {out / 'adapter'}   eval: {out / 'eval.json'}   predictions: {out / 'predictions.json'}")
-    D.barrier()
+    with hold_output(out, env):  # one run at a time writes this folder: training, saving, evaluation
+        result = train(model, task, config)
+        if env.is_main:
+            methods.save_trained(model, out / "adapter")
+            evaluation = evaluate(model, tokenizer, dev_data, settings, progress=not args.no_progress)
+            write_json(out / "predictions.json", evaluation.pop("predictions"))
+            evaluation.update(steps=result.steps, final_train_loss=result.final_loss, model=args.model,
+                              trainable_parameters=methods.trainable_count(model), method=args.method,
+                              paper=PAPER[evaluation["version"]])
+            write_json(out / "eval.json", evaluation)
+            methods.write_summary(out, args.method, {"exact": evaluation["exact"], "f1": evaluation["f1"]},
+                                  evaluation["trainable_parameters"], out / "adapter", env.device)
+            print(format_report(evaluation))
+            print(f"adapter: {out / 'adapter'}   eval: {out / 'eval.json'}   predictions: {out / 'predictions.json'}")
+        D.barrier()
     D.cleanup()
     return 0
 

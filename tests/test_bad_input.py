@@ -767,3 +767,27 @@ def test_train_refuses_bad_settings_before_the_first_step(tmp_path, field, value
     setattr(config, field, value)
     with pytest.raises(ValueError, match=rf"{field}={value!r} must be"):
         train(zinit.inject(tiny_llama(layers=2), 2, K=3), task, config)
+
+
+def test_a_failed_restore_keeps_the_earlier_weights_on_disk(tmp_path, monkeypatch):
+    """The description's rename fails and so does putting the earlier weights back (a second Ctrl-C, EIO): the
+    earlier weights must survive under their backup name, not be deleted."""
+    import zinit.io as zio
+
+    model = zinit.inject(tiny_llama(), 2, K=3)
+    zinit.save_adapter(model, tmp_path)
+    good = (tmp_path / "adapter.safetensors").read_bytes()
+    randomize_adapter(model)
+    real_replace = os.replace
+
+    def failing_replace(src, dst, *a, **k):
+        if str(dst).endswith("zinit.json") or ".previous.tmp" in str(src):
+            raise KeyboardInterrupt
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(zio.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        zinit.save_adapter(model, tmp_path)
+    monkeypatch.setattr(zio.os, "replace", real_replace)
+    kept = [p for p in tmp_path.iterdir() if p.name.endswith(".previous.tmp")]
+    assert len(kept) == 1 and kept[0].read_bytes() == good

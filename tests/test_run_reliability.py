@@ -222,6 +222,7 @@ child.wait()
 WORKER = """
 import pathlib, sys, time
 import zinit.train.dist as D
+D._PR_SET_PDEATHSIG = 0  # an invalid prctl option: no parent-death signal, so the heartbeat alone must notice
 assert D.watch_launcher(interval=0.1)
 pathlib.Path(sys.argv[1]).write_text("watching")
 time.sleep(600)  # a worker stuck in (or between) steps
@@ -229,9 +230,9 @@ time.sleep(600)  # a worker stuck in (or between) steps
 
 
 def test_the_heartbeat_ends_a_worker_whose_launcher_died(tmp_path):
-    """Without torchrun's environment there is no parent-death signal: the heartbeat thread alone must notice."""
-    env = {k: v for k, v in subprocess_env().items() if not k.startswith("TORCHELASTIC")}
-    env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
+    """With the parent-death signal switched off, the heartbeat thread alone must notice."""
+    env = subprocess_env()
+    env.update(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", TORCHELASTIC_RUN_ID="zinit-test")
     ready, log = tmp_path / "ready", tmp_path / "worker.log"
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, WORKER, str(ready), str(log)], env=env,
                                 stdout=subprocess.PIPE, text=True)
@@ -393,3 +394,18 @@ def test_heldout_evaluation_shows_a_progress_bar_unless_progress_is_off(tiny_mod
     err = capsys.readouterr().err
     assert "held-out eval (6 examples)" in err and "4/4" in err  # 2 loss batches + 2 generation batches
     assert shown == quiet
+
+
+def test_only_torchrun_workers_are_watched(monkeypatch):
+    """A process started by hand or by a scheduler (WORLD_SIZE and LOCAL_RANK set, no torchrun) may outlive its
+    parent shell (nohup): the heartbeat must not kill it."""
+    import zinit.train.dist as D
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not D.under_launcher()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert D.under_launcher()
+    monkeypatch.setenv("ZINIT_WATCH_LAUNCHER", "0")
+    assert not D.under_launcher()

@@ -269,19 +269,24 @@ def _commit_pair(folder: Path, weights_tmp: str, config_tmp: str) -> None:
             except BaseException:
                 _discard(backup)
                 raise
+    replaced = committed = False
     try:
         os.replace(weights_tmp, weights)
+        replaced = True
         try:
             os.replace(config_tmp, config)
+            committed = True
         except BaseException:
             if backup is not None:
-                os.replace(backup, weights)
+                os.replace(backup, weights)  # if this fails too, the backup stays on disk (see below)
                 backup = None
             else:
                 _discard(weights)
             raise
     finally:
-        if backup is not None:
+        # the earlier weights go only once they are not needed: the pair is in, or nothing was replaced; if
+        # putting them back failed, they stay under their .previous.tmp name, which load_adapter's error names
+        if backup is not None and (committed or not replaced):
             _discard(backup)
 
 

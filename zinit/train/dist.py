@@ -61,22 +61,17 @@ _launcher_pid: int | None = None  # the parent pid recorded when the watch start
 
 
 def under_launcher() -> bool:
-    """True when this process is a worker started by ``torchrun`` (``TORCHELASTIC_RUN_ID`` is set), or by another
-    launcher of several processes (``WORLD_SIZE`` > 1 and ``LOCAL_RANK`` set). A single process is never one, even
-    with ``WORLD_SIZE=1`` exported: its parent may be a shell that is allowed to exit (``nohup``)."""
+    """True when this process is a worker started by ``torchrun`` (``TORCHELASTIC_RUN_ID`` is set), unless
+    ``ZINIT_WATCH_LAUNCHER=0``. Processes started any other way (by hand, a cluster scheduler, ``nohup``) are never
+    watched: their parent may be a shell that is allowed to exit."""
     env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env:
-        return True
-    try:
-        return int(env.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in env
-    except ValueError:
-        return False
+    return "TORCHELASTIC_RUN_ID" in env and env.get("ZINIT_WATCH_LAUNCHER", "1") != "0"
 
 
 def watch_launcher(interval: float = 0.5) -> bool:
     """Make this worker exit when its launcher dies; a no-op (returns False) outside a launcher, or if already on.
 
-    Two guards, because either alone can miss: under torchrun on Linux, ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` has the
+    Only torchrun workers are watched (:func:`under_launcher`). Two guards, because either alone can miss: on Linux, ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` has the
     kernel send SIGTERM the moment the parent dies (the trainer's SIGTERM handler sees the parent is gone and exits;
     outside training SIGTERM's default action ends the process); and a daemon thread compares ``os.getppid()`` with
     the parent pid recorded now every ``interval`` seconds (a dead launcher's workers are re-parented), then writes
@@ -87,8 +82,8 @@ def watch_launcher(interval: float = 0.5) -> bool:
         return False
     parent = os.getppid()
     _launcher_pid = parent
-    if sys.platform.startswith("linux") and "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun starts workers from
-        try:  # its main thread; another launcher's short-lived thread would fire the signal while it still lives
+    if sys.platform.startswith("linux"):  # torchrun starts its workers from its main thread (a launcher's
+        try:  # short-lived thread would fire the signal while the launcher still lives)
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
         except (OSError, AttributeError):
             pass  # the heartbeat thread still guards

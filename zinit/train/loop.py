@@ -372,8 +372,7 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
                 checkpoint(step)
             if signum:
                 raise interrupted(signum, step)
-    if signals.signum:  # arrived after the last step's check; that step's checkpoint is on disk
-        raise interrupted(signals.signum, step)
+    # a signal after the last step's check is ignored: the run is complete and its final checkpoint is on disk
     if progress is not None:
         progress.close()
     model.eval()

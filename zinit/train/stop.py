@@ -3,9 +3,10 @@
 While :func:`zinit.train.train` runs, :class:`StopSignals` replaces the SIGINT and SIGTERM handlers (main thread
 only; the previous ones come back afterwards). The first signal only sets a flag, which the loop reads after each
 optimizer step (agreed across processes under torchrun, so every rank stops at the same step); it then writes a
-checkpoint and raises :class:`TrainingInterrupted`. The first signal also restores the default action of both
-signals, so a second one ends the process at once: the checkpoint on disk is then the last complete one, as
-checkpoints are written to a temporary file and renamed into place.
+checkpoint and raises :class:`TrainingInterrupted`. The first signal also restores SIGINT's default action, so a
+second Ctrl-C ends the process at once: the checkpoint on disk is then the last complete one, as checkpoints are
+written to a temporary file and renamed into place. Repeated SIGTERMs are one request (a scheduler's SIGTERM and
+torchrun's forwarded copy arrive together); torchrun itself follows up with SIGKILL after its grace period.
 """
 
 from __future__ import annotations
@@ -85,17 +86,16 @@ class StopSignals:
         _current = self._outer
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:  # a repeat: torchrun forwards its own copy of a SIGTERM the worker also got
+            return
+        self.signum = signum  # first, so a signal arriving during the wait below is seen as a repeat
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
         # the kernel's SIGTERM for a dead launcher (torchrun's own SIGTERM leaves it alive): exit, write nothing
         D.exit_if_orphaned(wait=1.0 if signum == signal.SIGTERM else 0.0)
-        if self.signum is not None:  # only if the default action could not be restored below
-            raise KeyboardInterrupt
-        self.signum = signum
-        for s in self._previous:
-            signal.signal(s, signal.SIG_DFL)  # a second signal ends the process at once
         if self.announce:
-            again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {signal_name(signum)} again"
             line = (f"\nzinit: {signal_name(signum)} received: stopping after this step and saving a checkpoint "
-                    f"({again} to quit at once, keeping the last checkpoint)\n")
+                    "(press Ctrl-C again to quit at once, keeping the last checkpoint)\n")
             try:
                 os.write(2, line.encode())  # not print(): the handler may have interrupted a write to stderr
             except OSError:
