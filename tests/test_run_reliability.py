@@ -409,3 +409,29 @@ def test_only_torchrun_workers_are_watched(monkeypatch):
     assert D.under_launcher()
     monkeypatch.setenv("ZINIT_WATCH_LAUNCHER", "0")
     assert not D.under_launcher()
+
+
+REPEATS = """
+import os, signal
+from zinit.train.stop import StopSignals
+
+with StopSignals(announce=False) as signals:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # handled as a repeat: no exception, nothing changes
+    assert signals.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == signals._handle
+with StopSignals(announce=False) as signals:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert signals.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # a second Ctrl-C would end the process
+assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the block
+print("ok")
+"""
+
+
+def test_repeated_sigterms_are_one_stop_request_and_a_second_sigint_quits():
+    """A scheduler's SIGTERM and torchrun's forwarded copy arrive together: one request, never a crash. A second
+    Ctrl-C, by contrast, gets the default action (the process ends at once). In a child process: a regression
+    would end the process that receives the signals."""
+    done = _run([sys.executable, "-c", REPEATS], timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
