@@ -3,8 +3,9 @@
 timm's ``Attention`` computes q, k, v with one fused ``qkv`` linear and calls SDPA itself, so there is no
 dispatch point to hook: the adapted blocks' attention modules become instances of a subclass (``ZinitAttention``,
 undone by eject) whose forward, :func:`_zinit_forward`, is timm's forward with the gated prompt term added to the
-attention output before ``norm``/``proj``. Prompt keys/values are the k and v slices of the fused ``qkv`` applied to the prompt (with the
-layer's ``k_norm``, Identity unless the model uses qk-norm). Bidirectional: no mask on the prompt part.
+attention output before ``norm``/``proj``. Prompt keys/values are the k and v slices of the fused ``qkv`` applied to
+the prompt (with the layer's ``k_norm``, Identity unless the model uses qk-norm). Bidirectional: no mask on the
+prompt part.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ zinit routes only the *adapted* attention modules, and leaves the model's config
   ``module.config._attn_implementation`` themselves (the flash family picks its kernel by that name) are handed a
   view of the module whose ``config`` is the model's real one.
 - a forward pre-hook passes the layer's ``past_key_values`` to the wrapper as the *scope* of the prompt keys/values:
-  within one KV cache (one ``generate()``), the prompt is projected once, on the first step (see
+  the one-token decoding steps of a KV cache reuse the prompt keys/values its last multi-token call projected (see
   :meth:`zinit.prompts.LayerAdapter.attend`).
 """
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inject import is_injected, layer_adapters
-from ..io import atomic_write
+from ..io import atomic_write, write_json
 from . import dist as D
 from .checkpoint import CHECKPOINT_NAME, check_same_run, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import epoch_batches
@@ -152,9 +152,6 @@ def _check_settings(config: TrainConfig) -> None:
     if not (isinstance(config.warmup_epochs, (int, float)) and math.isfinite(config.warmup_epochs)
             and config.warmup_epochs >= 0):
         raise ValueError(f"warmup_epochs={config.warmup_epochs!r} must be a finite number >= 0")
-
-
-def _check_cadence(config: TrainConfig) -> None:
     if not isinstance(config.save_every, int) or config.save_every < 1:
         raise ValueError(f"save_every={config.save_every!r} must be a whole number of steps >= 1")
     minutes = config.save_every_minutes
@@ -171,11 +168,6 @@ def _clean_stale_temporaries(out: Path) -> None:
                 tmp.unlink()
             except OSError:
                 pass
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (``atomic_write`` gives it the umask's mode, as a plain ``write_text`` would)."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
@@ -208,7 +200,6 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
     (the recipe saves the adapter).
     """
     _check_settings(config)
-    _check_cadence(config)
     env = D.setup(config.device)
     out = Path(config.output)
     with hold_output(out, env):
@@ -266,11 +257,10 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
         if resumed_from is not None and metrics_path.exists():
             kept = [r for r in _read_records(metrics_path) if r.get("step", 0) <= resumed_from]
         text = "".join(json.dumps(r) + "\n" for r in kept)
-        _write_text(metrics_path, text)
-        config_text = json.dumps(
-            {**fingerprint, "steps_per_epoch": steps_per_epoch, "total_steps": total, "peak_lr": peak,
-             "global_batch": global_batch, "warmup_steps": warmup}, indent=2) + "\n"
-        _write_text(out / "train_config.json", config_text)
+        atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(text))
+        write_json(out / "train_config.json",
+                   {**fingerprint, "steps_per_epoch": steps_per_epoch, "total_steps": total, "peak_lr": peak,
+                    "global_batch": global_batch, "warmup_steps": warmup})
 
     autocast = D.autocast(env.device)
     progress = None
