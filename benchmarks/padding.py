@@ -21,7 +21,8 @@ import time
 import torch
 
 import zinit
-from zinit.recipes import alpaca
+from zinit.lm import load_model
+from zinit.recipes.instructions import EMBEDDED_TRAIN, load_records, tokenize
 from zinit.train import causal_lm_loss
 from zinit.train.data import epoch_batches, pad_collate
 
@@ -35,11 +36,11 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    model, tok = alpaca.load_model(args.model, torch.device("cpu"))
+    model, tok = load_model(args.model, torch.device("cpu"))
     zinit.inject(model, layers=min(30, zinit.find_backbone(model).dims(model).num_layers), K=10)
     model.train()
     opt = torch.optim.AdamW(zinit.trainable_parameters(model), lr=1e-4)
-    items = alpaca.tokenize(alpaca.load_records(alpaca.EMBEDDED_TRAIN), tok, args.max_seq_len)
+    items = tokenize(load_records(EMBEDDED_TRAIN), tok, args.max_seq_len)
     lengths = [len(x["input_ids"]) for x in items]
     plans = {
         "official": (epoch_batches(lengths, args.batch_size, 1, 0, 0, group_by_length=False), args.max_seq_len),

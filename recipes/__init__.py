@@ -1,1 +1,16 @@
-"""Task recipes (Alpaca, ScienceQA, VTAB-1k, SQuAD): one file per task. Filled in by the trainer issues."""
+"""zinit's built-in recipes, one task per file, installed as ``zinit.recipes``.
+
+:data:`BUILTIN` is the one list of them: importing this package imports each, and each registers itself with
+:func:`zinit.register_recipe`; ``zinit train``, ``zinit eval`` and ``zinit compare`` list whatever the registry holds
+(these, then any recipe a ``zinit.recipes`` entry point names). The package's other modules are shared by the recipes
+and never import one: ``common`` (options and the run skeleton), ``methods`` (fine-tuning methods for ``zinit
+compare``), ``instructions`` (Alpaca-format data), ``vision`` (timm ViT loading) and ``compare`` itself.
+"""
+
+import importlib
+
+#: The built-in recipes, in the order ``zinit train -h`` lists them.
+BUILTIN = ("alpaca", "scienceqa", "vtab", "squad")
+
+for _name in BUILTIN:
+    importlib.import_module(f"{__name__}.{_name}")

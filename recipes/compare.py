@@ -2,11 +2,13 @@
 and evaluation, one after another, each in its own process (or torchrun job), then one table.
 
 Each method runs as ``zinit train RECIPE --method M --output OUT/M [recipe options]``, with the method's own default
-base learning rate for the recipe (``recipes/methods.py``) unless the options set one. ``--lr-grid 0.3,1,3`` first
-runs each method at those multiples of its default on a validation split carved from the training data (alpaca,
-squad), on the release's val split (scienceqa) or through the recipe's own train800→val200 grid (vtab), keeps the
-best, and only then trains on the full training data and scores the evaluation set: the test/eval data never selects
-anything.
+base learning rate for the recipe (:meth:`zinit.Recipe.base_lr`) unless the options set one. ``--lr-grid 0.3,1,3``
+first runs each method at those multiples of its default on the recipe's validation split
+(:attr:`zinit.Recipe.validation_args`: carved from the training data for alpaca and squad, the release's val split
+for scienceqa) or passes the grid to a recipe that selects the lr itself (:attr:`zinit.Recipe.lr_grid_flag`: vtab's
+train800→val200 grid), keeps the best, and only then trains on the full training data and scores the evaluation
+set: the test/eval data never selects anything. Every recipe in the registry (:func:`zinit.recipe_names`) can be
+compared; this module knows none of them by name.
 
 Outputs in OUT: ``compare.md`` (the table), ``compare.json`` and ``compare.png`` (the recipe's metric against
 trainable parameters, log scale). Columns: trainable parameters, adapter file size, peak memory (RSS on CPU, CUDA
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -27,52 +28,22 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from zinit.cliargs import float_list, positive_int
+import zinit
+from zinit.cliargs import float_list, option_value, positive_int
 from zinit.io import atomic_write, write_json
 
 from . import methods as M
-
-RECIPES = ("alpaca", "scienceqa", "vtab", "squad")
-#: The recipe's headline metric (higher is better) and every metric column, in order.
-METRICS = {"alpaca": ("exact_match", ("exact_match", "eval_loss")), "scienceqa": ("Avg", ("Avg", "IMG", "TXT", "NO")),
-           "vtab": ("top1", ("top1",)),
-           "squad": ("f1", ("exact", "f1"))}
-BLR_FLAGS = {"alpaca": "--blr", "scienceqa": "--blr", "squad": "--blr", "vtab": "--blr-grid"}
-
-
-def _value(argv: Sequence[str], flag: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _without(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in flags:
-            skip = True
-            continue
-        if any(a.startswith(f + "=") for f in flags):
-            continue
-        out.append(a)
-    return out
 
 
 def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], nproc: int = 1,
                blr: float | None = None) -> dict[str, Any]:
     """Train one method in its own process; returns its row (metrics, sizes, peak memory, throughput, wall)."""
+    spec = zinit.get_recipe(recipe)
     folder = out / method
     cmd = [sys.executable, "-m", "zinit", "train", recipe, "--method", method, "--output", str(folder), *recipe_args]
-    if recipe == "alpaca" and "--skip-eval-before" not in recipe_args:
-        cmd.append("--skip-eval-before")  # only the score after tuning is compared
+    cmd += [a for a in spec.compare_args if a not in recipe_args]
     if blr is not None:
-        cmd += [BLR_FLAGS[recipe], f"{blr:g}"]
+        cmd += [spec.lr_flag, f"{blr:g}"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *cmd[1:]]
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,68 +72,32 @@ def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# validation splits for --lr-grid
+# --lr-grid
 
 
-def _carve_alpaca(recipe_args: list[str], folder: Path, fraction: float = 0.15) -> list[str]:
-    from . import alpaca
+def default_blr(recipe: str, method: str, recipe_args: Sequence[str]) -> float | None:
+    """The base lr ``zinit train RECIPE --method METHOD [recipe_args]`` uses when none is given."""
+    from zinit.cli import build_parser
 
-    data = _value(recipe_args, "--data")
-    records = alpaca.load_records(data if data else alpaca.EMBEDDED_TRAIN)
-    rng = random.Random(0)
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    cut = max(1, int(len(records) * fraction))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.json").write_text(json.dumps([records[i] for i in order[cut:]]))
-    (folder / "val.json").write_text(json.dumps([records[i] for i in order[:cut]]))
-    args = _without(recipe_args, ["--data", "--eval-data"])
-    if data is None and _value(recipe_args, "--model") is None:
-        # with --data the recipe would drop the embedded run's settings: keep them for the carved split
-        for key in ("epochs", "warmup_epochs", "batch_size", "max_seq_len"):
-            flag = "--" + key.replace("_", "-")
-            if _value(recipe_args, flag) is None:
-                args += [flag, str(alpaca.EMBEDDED_DEFAULTS[key])]
-    return args + ["--data", str(folder / "train.json"), "--eval-data", str(folder / "val.json")]
-
-
-def _carve_squad(recipe_args: list[str], folder: Path, fraction: float = 0.15) -> list[str]:
-    from . import squad
-
-    version = _value(recipe_args, "--version") or "1.1"
-    train_file = _value(recipe_args, "--train-file") or str(squad.find_files(_value(recipe_args, "--data"), version)[0])
-    raw = json.loads(Path(train_file).read_text())
-    paragraphs = [(a.get("title", ""), p) for a in raw["data"] for p in a["paragraphs"]]
-    random.Random(0).shuffle(paragraphs)
-    cut = max(1, int(len(paragraphs) * fraction))
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", paragraphs[cut:]), ("dev", paragraphs[:cut])):
-        data = {"version": raw.get("version", ""), "data": [{"title": t, "paragraphs": [p]} for t, p in part]}
-        (folder / f"{name}-v{version}.json").write_text(json.dumps(data))
-    return _without(recipe_args, ["--data", "--train-file", "--dev-file"]) + ["--data", str(folder)]
+    args = build_parser().parse_args(["train", recipe, *recipe_args, "--method", method, "--output", "-"])
+    return zinit.get_recipe(recipe).base_lr(method, M.get_method(method).blr, args)
 
 
 def select_lr(recipe: str, method: str, out: Path, recipe_args: list[str], grid: Sequence[float],
               nproc: int) -> tuple[float | None, list[dict[str, Any]]]:
-    """Run ``method`` at each multiple of its default base lr on the validation split; the best by the recipe's
-    headline metric (ties: the smaller lr). Returns (best blr or None if n/a, the grid's rows)."""
-    default = M.get_method(method).blr.get("alpaca" if recipe == "scienceqa" else recipe)
-    if method == "zinit" and recipe == "scienceqa":
-        default = 9e-3
+    """Run ``method`` at each multiple of its default base lr on the recipe's validation split; the best by the
+    recipe's headline metric (ties: the smaller lr). Returns (best blr or None if n/a, the grid's rows)."""
+    spec = zinit.get_recipe(recipe)
+    if spec.validation_args is None:
+        raise ValueError(f"recipe {recipe!r} has no validation split for --lr-grid (zinit.Recipe.validation_args)")
+    default = default_blr(recipe, method, recipe_args)
     if default is None:
         return None, []
-    if recipe == "vtab":  # the recipe's own protocol chooses on val200 among the grid
-        return None, [{"grid": [default * g for g in grid], "note": "selected inside the recipe on val200"}]
-    if recipe == "scienceqa":  # train on train, score the val split: the release has one
-        val_args = _without(recipe_args, ["--test-split"]) + ["--test-split", _value(recipe_args, "--val-split") or "val"]
-    else:
-        carve = {"alpaca": _carve_alpaca, "squad": _carve_squad}[recipe]
-        val_args = carve(list(recipe_args), out / "_validation_split")
-    headline = METRICS[recipe][0]
+    val_args = spec.validation_args(list(recipe_args), out / "_validation_split")
     rows = []
     for g in grid:
         blr = default * g
-        row = run_method(recipe, f"{method}", out / "_lr_grid" / f"x{g:g}", val_args, nproc, blr)
+        row = run_method(recipe, method, out / "_lr_grid" / f"x{g:g}", val_args, nproc, blr)
         row["blr"] = blr
         rows.append(row)
         if row["status"] == "n/a":
@@ -170,7 +105,7 @@ def select_lr(recipe: str, method: str, out: Path, recipe_args: list[str], grid:
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return None, rows
-    best = max(ok, key=lambda r: (r["metrics"].get(headline, float("-inf")), -r["blr"]))
+    best = max(ok, key=lambda r: (r["metrics"].get(spec.headline, float("-inf")), -r["blr"]))
     return best["blr"], rows
 
 
@@ -188,8 +123,8 @@ def _size(n: int) -> str:
 
 def format_table(recipe: str, rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (one row per method, n/a rows with their reason)."""
-    unit = "images/s" if recipe == "vtab" else "tokens/s"
-    metric_names = METRICS[recipe][1]
+    spec = zinit.get_recipe(recipe)
+    unit, metric_names = spec.throughput_unit, spec.metrics
     head = ["method", "trainable params", "adapter file", "peak memory", f"train {unit}", "wall"] + list(metric_names)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -211,7 +146,7 @@ def plot(recipe: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    headline = METRICS[recipe][0]
+    headline = zinit.get_recipe(recipe).headline
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, r in enumerate(r for r in rows if r["status"] == "ok" and headline in r["metrics"]):
         ax.scatter(r["trainable_parameters"], r["metrics"][headline], s=40)
@@ -231,20 +166,24 @@ def plot(recipe: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
 def compare(recipe: str, method_names: Sequence[str], out: str | Path, recipe_args: Sequence[str],
             lr_grid: Sequence[float] | None = None, nproc: int = 1) -> list[dict[str, Any]]:
     """Run the comparison and write ``compare.md``, ``compare.json`` and ``compare.png``; returns the rows."""
-    if recipe not in RECIPES:
-        raise ValueError(f"zinit compare runs the recipes {', '.join(RECIPES)}; got {recipe!r}")
+    spec = zinit.get_recipe(recipe)
     for name in method_names:
         M.get_method(name)
+    if not spec.metrics:
+        raise ValueError(f"recipe {recipe!r} declares no metrics (zinit.Recipe.metrics): nothing to compare")
+    if lr_grid and spec.validation_args is None and spec.lr_grid_flag is None:
+        raise ValueError(f"recipe {recipe!r} cannot select a learning rate (it has no validation split: "
+                         "zinit.Recipe.validation_args); drop --lr-grid")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    user_lr = _value(recipe_args, BLR_FLAGS[recipe]) is not None
+    user_lr = option_value(recipe_args, spec.lr_flag) is not None
     rows = []
     for name in method_names:
         blr, grid_rows = (None, [])
         if lr_grid and not user_lr:
-            if recipe == "vtab":
-                default = M.get_method(name).blr.get("vtab")
-                grid_args = ["--blr-grid", ",".join(f"{default * g:g}" for g in lr_grid)] if default else []
+            if spec.lr_grid_flag is not None:  # the recipe selects among the grid on its own validation split
+                default = default_blr(recipe, name, recipe_args)
+                grid_args = [spec.lr_grid_flag, ",".join(f"{default * g:g}" for g in lr_grid)] if default else []
                 row = run_method(recipe, name, out, [*recipe_args, *grid_args], nproc)
             else:
                 blr, grid_rows = select_lr(recipe, name, out / name, list(recipe_args), lr_grid, nproc)
@@ -281,7 +220,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="zinit compare", description="Run several fine-tuning methods through one recipe and tabulate them. "
         "Options not listed here go to the recipe (zinit train RECIPE -h).")
-    parser.add_argument("recipe", help=f"one of {', '.join(RECIPES)}")
+    parser.add_argument("recipe", help=f"one of {', '.join(zinit.recipe_names())}")
     parser.add_argument("--methods", default="zinit,lora",
                         help=f"comma-separated, from: {', '.join(M.methods())} (default zinit,lora)")
     parser.add_argument("--output", required=True, help="folder for every run and the report")
@@ -289,8 +228,8 @@ def main(argv: Sequence[str]) -> int:
                         help="multiples of each method's default base lr to try on a validation split, e.g. 0.3,1,3")
     parser.add_argument("--nproc", type=positive_int, default=1, help="processes per run (torchrun) (default 1)")
     args, recipe_args = parser.parse_known_args(argv)
-    if args.recipe not in RECIPES:
-        parser.error(f"recipe {args.recipe!r}: zinit compare runs {', '.join(RECIPES)}")
+    if args.recipe not in zinit.recipe_names():
+        parser.error(f"recipe {args.recipe!r}: zinit compare runs {', '.join(zinit.recipe_names())}")
     try:
         grid = list(float_list(args.lr_grid, "--lr-grid", lambda v: v > 0, "multiples > 0")) if args.lr_grid else None
     except ValueError as exc:

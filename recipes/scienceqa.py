@@ -37,20 +37,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import zinit
-from zinit.cliargs import (check_model_folder, layer_count, nonneg_float, positive_float, positive_int,
-                           prompt_length)
+from zinit.cliargs import check_model_folder, option_value, positive_int, without_options
 from zinit.io import atomic_write, read_json, write_json
-from zinit.train import Task, TrainConfig, causal_lm_loss, train
+from zinit.lm import EMBEDDED_NAME, format_prompt, load_model, tokenize_pair
+from zinit.train import Task, causal_lm_loss, train
 from zinit.train import dist as D
-from zinit.train.lock import hold_output
 from zinit.train.data import pad_collate
 
-from . import alpaca, methods
+from . import methods
+from .common import TrainingRun, add_flags, add_train_flags
 
 LETTERS = "ABCDEFGHIJ"
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 DEFAULT_ENCODER = "openai/clip-vit-large-patch14"
+#: What summary.json reports (and zinit compare tabulates), headline first.
+METRICS = ("Avg", "IMG", "TXT", "NO")
 RECIPE_FILE = "scienceqa.json"  #: beside the adapter: how its features and prompts were made
 #: Test accuracy (%) reported in the paper (DESIGN.md §3).
 PAPER = {
@@ -128,7 +130,7 @@ def question_text(problem: dict[str, Any]) -> str:
 
 def prompt_text(problem: dict[str, Any]) -> str:
     """The model's input: the Alpaca instruction template around :func:`question_text`."""
-    return alpaca.format_prompt(question_text(problem))
+    return format_prompt(question_text(problem))
 
 
 def target_text(answer: int) -> str:
@@ -225,7 +227,7 @@ class ImageEncoder:
             import timm
             from timm.data import create_transform, resolve_model_data_config
 
-            from .vtab import load_pretrained
+            from .vision import load_pretrained
 
             self.model = timm.create_model(spec[5:], pretrained=False, num_classes=0)
             if weights:
@@ -340,7 +342,7 @@ def image_features(data: ScienceQA, split: str, pids: Sequence[str], encoder: Im
 
 def tokenize_example(problem: dict[str, Any], tokenizer: Any, max_seq_len: int) -> dict[str, list[int]] | None:
     """``input_ids`` = prompt + target + EOS, ``labels`` masked on the prompt; None if no target token fits."""
-    return alpaca.tokenize_pair(prompt_text(problem), target_text(problem["answer"]), tokenizer, max_seq_len)
+    return tokenize_pair(prompt_text(problem), target_text(problem["answer"]), tokenizer, max_seq_len)
 
 
 def make_collate(pad_id: int, dim: int | None):
@@ -471,15 +473,13 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-cache", default=None, help="image feature cache (default: DATA/zinit_features)")
     p.add_argument("--mode", choices=("likelihood", "generate"), default="likelihood",
                    help="evaluation: option-letter likelihood (fast) or greedy generation (the paper's)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=16)
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N questions of a split")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_flags(p, "eval_batch_size", "device", "no_progress")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``zinit train scienceqa``."""
     _common_args(p)
-    p.add_argument("--output", required=True, help="output folder (re-running the command there resumes)")
     p.add_argument("--visual-encoder", default=DEFAULT_ENCODER,
                    help=f"CLIP checkpoint (hub id or folder) or timm:<name> (default {DEFAULT_ENCODER})")
     p.add_argument("--visual-encoder-weights", default=None, help="local weights for a timm:<name> encoder")
@@ -491,35 +491,29 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="val")
     p.add_argument("--test-split", default="test")
     p.add_argument("--max-train", type=positive_int, default=None, help="use the first N training questions")
-    p.add_argument("--layers", type=layer_count, default=30, help="adapt the top L layers, capped at the depth (default 30)")
-    p.add_argument("--K", type=prompt_length, default=10, help="prompt length (default 10)")
-    p.add_argument("--epochs", type=positive_float, default=20.0, help="epochs (default 20)")
-    p.add_argument("--warmup-epochs", type=nonneg_float, default=2.0)
-    p.add_argument("--max-steps", type=positive_int, default=None)
-    p.add_argument("--batch-size", type=positive_int, default=4, help="examples per process per step (default 4)")
-    p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--blr", type=positive_float, default=None,
-                   help="base lr; lr = blr·global_batch/256 (default 9e-3; other methods: their alpaca default)")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.02)
-    p.add_argument("--max-seq-len", type=positive_int, default=512)
-    p.add_argument("--save-every", type=positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    methods.add_method_arg(p)
+    add_train_flags(p, skip=("device", "no_progress"), layers=30, K=10, epochs=20.0, warmup_epochs=2.0,
+                    batch_size=4, save_every=200)
+    add_flags(p, "max_seq_len")
 
 
 def run_train(args: argparse.Namespace) -> int:
     """``zinit train scienceqa``: train on the train split, keep the adapter of the best val epoch, report test."""
     check_model_folder(args.model)
-    env = D.setup(args.device)
-    if args.method != "zinit" and not args.no_image:
-        return methods.write_not_applicable(
-            args.output, args.method, "image features enter through zinit's visual projection; pass --no-image to "
-            "compare text-only models")
+    with TrainingRun("scienceqa", args) as run:
+        if args.method != "zinit" and not args.no_image:
+            raise methods.NotApplicable("image features enter through zinit's visual projection; pass --no-image to "
+                                        "compare text-only models")
+        _train(args, run)
+    return run.status
+
+
+def _train(args: argparse.Namespace, run: TrainingRun) -> None:
+    env = run.env
     data = load_scienceqa(args.data)
     train_pids = data.split(args.train_split, images=not args.no_image)[:args.max_train]
     val_pids = data.split(args.val_split, images=not args.no_image)[:args.limit]
     test_pids = data.split(args.test_split, images=not args.no_image)[:args.limit]
-    out = Path(args.output)
+    out = run.out
     cache = Path(args.feature_cache) if args.feature_cache else data.root / "zinit_features"
     encoder = None
     features: dict[str, dict[str, Tensor]] = {}
@@ -535,18 +529,13 @@ def run_train(args: argparse.Namespace) -> int:
         encoder.model.cpu()
     dim = encoder.dim if encoder is not None else None
 
-    model, tokenizer = alpaca.load_model(args.model, env.device)
-    layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
-    torch.manual_seed(args.seed)
-    if args.method == "zinit":
-        zinit.inject(model, layers=layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden)
+    model, tokenizer = load_model(args.model, env.device)
+    if args.method == "zinit":  # the image features enter through zinit's visual projection
+        run.layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
+        torch.manual_seed(args.seed)
+        zinit.inject(model, layers=run.layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden)
     else:
-        try:
-            model = methods.prepare(args.method, model, methods.MethodContext("scienceqa", layers, args.K))
-        except methods.NotApplicable as exc:
-            return methods.write_not_applicable(args.output, args.method, str(exc))
-    method = methods.get_method(args.method)
-    blr = args.blr if args.blr is not None else (9e-3 if args.method == "zinit" else method.blr.get("alpaca", 9e-3))
+        model = run.prepare(model)
     items, dropped = [], 0
     train_features = features.get(args.train_split, {})
     for pid in train_pids:
@@ -561,16 +550,13 @@ def run_train(args: argparse.Namespace) -> int:
     recipe_info = {"visual_encoder": None if args.no_image else args.visual_encoder,
                    "visual_encoder_weights": args.visual_encoder_weights,
                    "visual_layers": list(encoder.layers) if encoder else None, "max_seq_len": args.max_seq_len,
-                   "model": args.model or f"embedded:{alpaca.EMBEDDED_GGUF}"}
+                   "model": args.model or EMBEDDED_NAME}
     task = Task(examples=items, lengths=[len(x["input_ids"]) for x in items],
                 collate=make_collate(tokenizer.pad_token_id, dim), loss=visual_loss,
                 fingerprint={"recipe": "scienceqa", "method": args.method, **recipe_info, "data": str(data.root),
                              "examples": len(items),
-                             "layers": layers, "K": args.K, "visual_hidden": args.visual_hidden})
-    config = TrainConfig(output=str(out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                         grad_accum=args.grad_accum, blr=blr, weight_decay=args.weight_decay,
-                         warmup_epochs=args.warmup_epochs, save_every=args.save_every, seed=args.seed,
-                         device=args.device, progress=not args.no_progress)
+                             "layers": run.layers, "K": args.K, "visual_hidden": args.visual_hidden})
+    config = run.config()
     per_epoch = len(items) // (args.batch_size * env.world_size) // args.grad_accum
     history_file = out / "val_history.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
@@ -595,14 +581,11 @@ def run_train(args: argparse.Namespace) -> int:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "val_avg": avg}) + "\n")
 
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        n_params = methods.trainable_count(model)
-        print(f"zinit train scienceqa: {recipe_info['model']}, top {layers} layers, K={args.K}, "
-              f"{'text only' if dim is None else f'image features {dim} ({args.visual_encoder})'}: "
-              f"{n_params:,} trainable parameters; {len(items)} training questions"
-              + (f" ({dropped} longer than --max-seq-len dropped)" if dropped else ""))
-    with hold_output(out, env):  # one run at a time writes this folder: training, saving, evaluation
+    run.describe(model, recipe_info["model"], ("text only" if dim is None else
+                                               f"image features {dim} ({args.visual_encoder})")
+                 + f"; {len(items)} training questions"
+                 + (f" ({dropped} longer than --max-seq-len dropped)" if dropped else ""))
+    with run.hold():  # one run at a time writes this folder: training, saving, evaluation
         result = train(model, task, config, callbacks=[select_on_val])
         if env.is_main:
             best = max(history, key=lambda h: h["val_avg"])
@@ -614,18 +597,14 @@ def run_train(args: argparse.Namespace) -> int:
                       "trainable_parameters": methods.trainable_count(model), "method": args.method,
                       "paper": PAPER}
             write_json(out / "report.json", report)
-            methods.write_summary(out, args.method, {c: test["table"][c] for c in ("Avg", "IMG", "TXT", "NO")
-                                                     if test["table"][c] is not None},
-                                  report["trainable_parameters"], out / "adapter", env.device)
+            run.finish(model, {c: test["table"][c] for c in METRICS if test["table"][c] is not None}, save=False)
             print(f"best val Avg {best['val_avg']:.2f} at step {best['step']}; {args.test_split} ({args.mode}):")
             print(format_table(test["table"]))
             print(f"adapter: {out / 'adapter'}   report: {out / 'report.json'}")
-        D.barrier()
-    D.cleanup()
-    return 0
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``zinit eval scienceqa``."""
     _common_args(p)
     p.add_argument("--adapter", required=True, help="adapter folder written by zinit train scienceqa (OUTPUT/adapter)")
     p.add_argument("--split", default="test", help="split to score (default test)")
@@ -652,7 +631,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                env.device)
         cache = Path(args.feature_cache) if args.feature_cache else data.root / "zinit_features"
         features = image_features(data, args.split, pids, encoder, cache, progress=not args.no_progress)
-    model, tokenizer = alpaca.load_model(args.model, env.device)
+    model, tokenizer = load_model(args.model, env.device)
     zinit.load_adapter(model, args.adapter)
     result = evaluate_split(model, tokenizer, data, args.split, pids, features, args.mode, args.eval_batch_size,
                             info.get("max_seq_len", 512), progress=not args.no_progress)
@@ -665,3 +644,19 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{args.split} ({args.mode}):")
     print(format_table(result["table"]))
     return 0
+
+
+def validation_args(recipe_args: Sequence[str], folder: Path) -> list[str]:
+    """``zinit compare --lr-grid``: score the release's validation split (``--val-split``) instead of the test split.
+    """
+    val = option_value(recipe_args, "--val-split") or "val"
+    return without_options(recipe_args, ["--test-split"]) + ["--test-split", val]
+
+
+RECIPE = zinit.register_recipe(zinit.Recipe(
+    name="scienceqa", task="causal_lm",
+    description="ScienceQA with image features (CLIP / timm ViT), paper's columns",
+    add_train_args=add_train_args, run_train=run_train, add_eval_args=add_eval_args, run_eval=run_eval,
+    eval_description="ScienceQA accuracy table of an adapter on one split",
+    metrics=METRICS, blr={"zinit": 9e-3}, default_blr=9e-3, validation_args=validation_args,
+))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import random
 import re
 import string
 from dataclasses import dataclass, field
@@ -30,14 +31,13 @@ import torch
 from torch import Tensor, nn
 
 import zinit
-from zinit.cliargs import (check_model_folder, finite_float, layer_count, nonneg_float, positive_float, positive_int,
-                           prompt_length)
+from zinit.cliargs import check_model_folder, finite_float, option_value, positive_int, without_options
 from zinit.io import atomic_write, read_json, write_json
-from zinit.train import Task, TrainConfig, train
+from zinit.train import Task, train
 from zinit.train import dist as D
-from zinit.train.lock import hold_output
 
 from . import methods
+from .common import TrainingRun, add_flags, add_train_flags
 
 DEFAULT_MODEL = "roberta-large"
 HEAD = "qa_outputs"
@@ -495,9 +495,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=finite_float, default=0.0, help="v2.0: answer empty if null - span > this (default 0)")
     p.add_argument("--tune-threshold", action="store_true",
                    help="v2.0: also report the best threshold on the evaluated set (labelled: tuned on it)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=32)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_flags(p, "eval_batch_size", "device", "no_progress", eval_batch_size=32)
 
 
 def _eval_settings(args: argparse.Namespace) -> EvalSettings:
@@ -509,29 +507,19 @@ def _eval_settings(args: argparse.Namespace) -> EvalSettings:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``zinit train squad``."""
     p.add_argument("--version", choices=("1.1", "2.0"), default="1.1", help="SQuAD version (default 1.1)")
     p.add_argument("--data", default=None, help="folder with train-vX.json and dev-vX.json")
     p.add_argument("--train-file", default=None, help="training JSON (instead of DATA/train-vX.json)")
     p.add_argument("--dev-file", default=None, help="dev JSON (instead of DATA/dev-vX.json)")
-    p.add_argument("--output", required=True, help="output folder (re-running the command there resumes)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id or folder (default {DEFAULT_MODEL}); 'minilm' = the embedded all-MiniLM-L6-v2")
-    p.add_argument("--layers", type=layer_count, default=24, help="adapt the top L layers, capped at the depth (default 24)")
-    p.add_argument("--K", type=prompt_length, default=16, help="prompt length (default 16)")
-    p.add_argument("--epochs", type=positive_float, default=10.0, help="epochs (default 10)")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--warmup-epochs", type=nonneg_float, default=1.0, help="linear warmup (default 1)")
-    p.add_argument("--batch-size", type=positive_int, default=12, help="windows per process per step (default 12)")
-    p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--blr", type=positive_float, default=None,
-                   help="base lr; lr = blr·global_batch/256 (default 1e-2; other methods: their own default)")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.02, help="(default 0.02)")
+    add_train_flags(p, skip=("device", "no_progress"), layers=24, K=16, epochs=10.0, warmup_epochs=1.0,
+                    batch_size={"default": 12, "help": "windows per process per step (default %(default)s)"},
+                    save_every=500)
     p.add_argument("--max-train-examples", type=positive_int, default=None, help="use the first N training questions")
     p.add_argument("--skip-mismatched", action="store_true",
                    help="drop (and list) training questions whose answer_start does not match the answer text")
-    p.add_argument("--save-every", type=positive_int, default=500, help="checkpoint every N optimizer steps (default 500)")
-    p.add_argument("--seed", type=int, default=0)
-    methods.add_method_arg(p)
     _eval_args(p)
 
 
@@ -539,75 +527,63 @@ def run_train(args: argparse.Namespace) -> int:
     """``zinit train squad``: tune on the training file, save ``OUTPUT/adapter`` (prompts, gates, span head), score
     the dev file and write ``OUTPUT/eval.json`` beside the paper's numbers."""
     settings = _eval_settings(args)  # checked before hours of training
-    env = D.setup(args.device)
-    train_default, dev_default = find_files(args.data, args.version) if args.data else (None, None)
-    train_path = Path(args.train_file) if args.train_file else train_default
-    dev_path = Path(args.dev_file) if args.dev_file else dev_default
-    if train_path is None or dev_path is None:
-        raise ValueError("pass --data DIR (with train-vX.json and dev-vX.json) or both --train-file and --dev-file")
-    train_data, dev_data = load_squad(train_path), load_squad(dev_path)
-    if train_data.version_2 != (args.version == "2.0"):
-        raise ValueError(f"{train_path} is a SQuAD v{'2.0' if train_data.version_2 else '1.1'} file, but --version "
-                         f"{args.version}: pass the matching --version")
-    examples = train_data.examples
-    if train_data.mismatched:
-        listing = "\n  ".join(train_data.mismatched[:10])
-        more = f"\n  ... and {len(train_data.mismatched) - 10} more" if len(train_data.mismatched) > 10 else ""
-        if not args.skip_mismatched:
-            raise ValueError(f"{train_path}: {len(train_data.mismatched)} answers do not match their answer_start:\n  "
-                             f"{listing}{more}\nfix the file or pass --skip-mismatched to drop those questions")
-        bad = {m.split(":", 1)[0] for m in train_data.mismatched}
-        examples = [ex for ex in examples if ex["id"] not in bad]
-        if env.is_main:
-            print(f"skipping {len(bad)} training questions whose answer_start does not match:\n  {listing}{more}")
-    if args.max_train_examples:
-        examples = examples[:args.max_train_examples]
-    model, tokenizer = load_model(args.model, env.device)
-    layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
-    torch.manual_seed(args.seed)
-    try:
-        model = methods.prepare(args.method, model, methods.MethodContext(
-            "squad", layers, args.K, head=[HEAD], task="question_answering"))
-    except methods.NotApplicable as exc:
-        return methods.write_not_applicable(args.output, args.method, str(exc))
-    blr = args.blr if args.blr is not None else methods.get_method(args.method).blr.get("squad", 1e-2)
-    features = prepare_features(examples, tokenizer, args.max_length, args.doc_stride, train=True)
-    pad_id = tokenizer.pad_token_id
-    task = Task(examples=features, lengths=[len(f["input_ids"]) for f in features],
-                collate=lambda batch: collate(batch, pad_id), loss=qa_loss,
-                fingerprint={"recipe": "squad", "method": args.method, "version": args.version, "model": args.model, "data": str(train_path),
-                             "examples": len(examples), "features": len(features), "layers": layers, "K": args.K,
-                             "max_length": args.max_length, "stride": args.doc_stride})
-    config = TrainConfig(output=args.output, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-                         grad_accum=args.grad_accum, blr=blr, weight_decay=args.weight_decay,
-                         warmup_epochs=args.warmup_epochs, save_every=args.save_every, seed=args.seed,
-                         device=args.device, progress=not args.no_progress)
-    out = Path(args.output)
-    if env.is_main:
-        n_params = methods.trainable_count(model)
-        how = f"top {layers} layers, K={args.K}" if args.method == "zinit" else f"method {args.method}"
-        print(f"zinit train squad v{args.version}: {args.model}, {how}: {n_params:,} trainable parameters "
-              f"(with the span head); {len(examples)} questions -> {len(features)} windows")
-    with hold_output(out, env):  # one run at a time writes this folder: training, saving, evaluation
-        result = train(model, task, config)
-        if env.is_main:
-            methods.save_trained(model, out / "adapter")
-            evaluation = evaluate(model, tokenizer, dev_data, settings, progress=not args.no_progress)
-            write_json(out / "predictions.json", evaluation.pop("predictions"))
-            evaluation.update(steps=result.steps, final_train_loss=result.final_loss, model=args.model,
-                              trainable_parameters=methods.trainable_count(model), method=args.method,
-                              paper=PAPER[evaluation["version"]])
-            write_json(out / "eval.json", evaluation)
-            methods.write_summary(out, args.method, {"exact": evaluation["exact"], "f1": evaluation["f1"]},
-                                  evaluation["trainable_parameters"], out / "adapter", env.device)
-            print(format_report(evaluation))
-            print(f"adapter: {out / 'adapter'}   eval: {out / 'eval.json'}   predictions: {out / 'predictions.json'}")
-        D.barrier()
-    D.cleanup()
-    return 0
+    with TrainingRun("squad", args) as run:
+        train_default, dev_default = find_files(args.data, args.version) if args.data else (None, None)
+        train_path = Path(args.train_file) if args.train_file else train_default
+        dev_path = Path(args.dev_file) if args.dev_file else dev_default
+        if train_path is None or dev_path is None:
+            raise ValueError("pass --data DIR (with train-vX.json and dev-vX.json) or both --train-file and --dev-file")
+        train_data, dev_data = load_squad(train_path), load_squad(dev_path)
+        if train_data.version_2 != (args.version == "2.0"):
+            raise ValueError(f"{train_path} is a SQuAD v{'2.0' if train_data.version_2 else '1.1'} file, but "
+                             f"--version {args.version}: pass the matching --version")
+        examples = train_data.examples
+        if train_data.mismatched:
+            listing = "\n  ".join(train_data.mismatched[:10])
+            more = f"\n  ... and {len(train_data.mismatched) - 10} more" if len(train_data.mismatched) > 10 else ""
+            if not args.skip_mismatched:
+                raise ValueError(f"{train_path}: {len(train_data.mismatched)} answers do not match their "
+                                 f"answer_start:\n  {listing}{more}\nfix the file or pass --skip-mismatched to drop "
+                                 "those questions")
+            bad = {m.split(":", 1)[0] for m in train_data.mismatched}
+            examples = [ex for ex in examples if ex["id"] not in bad]
+            if run.is_main:
+                print(f"skipping {len(bad)} training questions whose answer_start does not match:\n  {listing}{more}")
+        if args.max_train_examples:
+            examples = examples[:args.max_train_examples]
+        model, tokenizer = load_model(args.model, run.device)
+        model = run.prepare(model, head=[HEAD], task="question_answering")
+        features = prepare_features(examples, tokenizer, args.max_length, args.doc_stride, train=True)
+        pad_id = tokenizer.pad_token_id
+        task = Task(examples=features, lengths=[len(f["input_ids"]) for f in features],
+                    collate=lambda batch: collate(batch, pad_id), loss=qa_loss,
+                    fingerprint={"recipe": "squad", "method": args.method, "version": args.version,
+                                 "model": args.model, "data": str(train_path), "examples": len(examples),
+                                 "features": len(features), "layers": run.layers, "K": args.K,
+                                 "max_length": args.max_length, "stride": args.doc_stride})
+        config = run.config()
+        out = run.out
+        run.describe(model, f"v{args.version}, {args.model}", f"(with the span head); {len(examples)} questions -> "
+                     f"{len(features)} windows")
+        with run.hold():  # one run at a time writes this folder: training, saving, evaluation
+            result = train(model, task, config)
+            if run.is_main:
+                methods.save_trained(model, out / "adapter")
+                evaluation = evaluate(model, tokenizer, dev_data, settings, progress=not args.no_progress)
+                write_json(out / "predictions.json", evaluation.pop("predictions"))
+                evaluation.update(steps=result.steps, final_train_loss=result.final_loss, model=args.model,
+                                  trainable_parameters=methods.trainable_count(model), method=args.method,
+                                  paper=PAPER[evaluation["version"]])
+                write_json(out / "eval.json", evaluation)
+                run.finish(model, {"f1": evaluation["f1"], "exact": evaluation["exact"]}, save=False)
+                print(format_report(evaluation))
+                print(f"adapter: {out / 'adapter'}   eval: {out / 'eval.json'}   predictions: "
+                      f"{out / 'predictions.json'}")
+    return run.status
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``zinit eval squad``."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on")
     p.add_argument("--adapter", required=True, help="adapter folder written by zinit train squad (OUTPUT/adapter)")
     p.add_argument("--data", required=True, help="a SQuAD JSON file (e.g. dev-v2.0.json) or a folder with dev-vX.json")
@@ -639,3 +615,33 @@ def run_eval(args: argparse.Namespace) -> int:
         write_json(out / "predictions.json", predictions)
     print(format_report(result))
     return 0
+
+
+def validation_args(recipe_args: Sequence[str], folder: Path, fraction: float = 0.15) -> list[str]:
+    """``zinit compare --lr-grid``: the options of a run that trains on 85 % of the training file's paragraphs and
+    scores the other 15 % (fixed seed) as its dev file, both written to ``folder`` in the SQuAD layout."""
+    version = option_value(recipe_args, "--version") or "1.1"
+    train_file = option_value(recipe_args, "--train-file")
+    if train_file is None:
+        data = option_value(recipe_args, "--data")
+        if data is None:
+            raise ValueError("pass --data DIR (with train-vX.json and dev-vX.json) or --train-file")
+        train_file = str(find_files(data, version)[0])
+    raw = read_json(Path(train_file), "SQuAD file")
+    paragraphs = [(a.get("title", ""), p) for a in raw["data"] for p in a["paragraphs"]]
+    random.Random(0).shuffle(paragraphs)
+    cut = max(1, int(len(paragraphs) * fraction))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", paragraphs[cut:]), ("dev", paragraphs[:cut])):
+        data_ = {"version": raw.get("version", ""), "data": [{"title": t, "paragraphs": [p]} for t, p in part]}
+        (folder / f"{name}-v{version}.json").write_text(json.dumps(data_))
+    return without_options(recipe_args, ["--data", "--train-file", "--dev-file"]) + ["--data", str(folder)]
+
+
+RECIPE = zinit.register_recipe(zinit.Recipe(
+    name="squad", task="question_answering",
+    description="SQuAD v1.1 / v2.0 question answering on RoBERTa/BERT (official EM/F1)",
+    add_train_args=add_train_args, run_train=run_train, add_eval_args=add_eval_args, run_eval=run_eval,
+    eval_description="official SQuAD EM/F1 of an adapter on a SQuAD file",
+    metrics=("f1", "exact"), default_blr=1e-2, validation_args=validation_args,
+))

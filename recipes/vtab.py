@@ -29,17 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import zinit
 from zinit.io import atomic_write, write_json
-from zinit.cliargs import (float_list, int_at_least, layer_count, nonneg_float, positive_float, positive_int,
-                           prompt_length)
+from zinit.cliargs import float_list, int_at_least, positive_int
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
 
 from . import methods
+from .common import TrainingRun, add_flags, base_lr
+from .vision import DEFAULT_VIT, build_vit
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 GROUPS = ("Natural", "Specialized", "Structured")
-DEFAULT_MODEL = "vit_base_patch16_224.orig_in21k"
+DEFAULT_MODEL = DEFAULT_VIT
 
 
 @dataclass(frozen=True)
@@ -188,48 +190,6 @@ class Preprocess:
         return (images.float() - self.mean.to(images.device)) / self.std.to(images.device)
 
 
-def load_pretrained(model: nn.Module, path: str | Path) -> None:
-    """Load ViT weights from a local safetensors file or a timm/PyTorch checkpoint (``weights_only=True``, no code
-    is unpickled); the classifier head is left to the task. Any other missing or unexpected key is an error."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    from zinit.convert import load_state_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--pretrained-file {path} does not exist")
-    state = load_state_file(path)
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    state = checkpoint_filter_fn(state, model)
-    head = {k for k in model.state_dict() if k.startswith("head.")}
-    state = {k: v for k, v in state.items() if k not in head}
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: shapes differ, e.g. {wrong[:3]} "
-                         "(is it the checkpoint of --model?)")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in head]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: missing {missing[:8]}, unexpected "
-                         f"{list(unexpected)[:8]} (is it the checkpoint of --model?)")
-
-
-def build_model(name: str, pretrained_file: str | None, img_size: int | None) -> nn.Module:
-    """A timm ViT with random weights, or the weights of ``pretrained_file`` (no download ever happens)."""
-    import timm
-
-    if not timm.is_model(name):
-        raise ValueError(f"--model {name!r} is not a timm model name (e.g. {DEFAULT_MODEL}, vit_small_patch16_224)")
-    kwargs = {"img_size": img_size} if img_size else {}
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    if pretrained_file:
-        load_pretrained(model, pretrained_file)
-    return model.eval()
-
-
 def group_means(top1: dict[str, float]) -> dict[str, dict[str, Any]]:
     """Mean test top-1 per VTAB group over the tasks given: ``{group: {"mean", "tasks", "of"}}``.
 
@@ -331,7 +291,7 @@ def run_task(root: str | Path, task: str, output: str | Path, settings: VtabSett
     spec = data.spec
     out = Path(output)
     if base is None:
-        base = build_model(settings.model, settings.pretrained_file, settings.img_size)
+        base = build_vit(settings.model, settings.pretrained_file, settings.img_size)
     base = base.to(env.device)
     size = base.patch_embed.img_size[0]
     from timm.data import resolve_model_data_config
@@ -449,28 +409,22 @@ def plot_report(results: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``zinit train vtab``."""
     p.add_argument("--task", required=True, help="a VTAB-1k task name, a comma-separated list, or 'all'")
     p.add_argument("--data", required=True, help="VTAB-1k root (<root>/<task>/{train800,val200,train800val200,test}.txt)")
-    p.add_argument("--output", required=True, help="output folder (re-running the command there resumes)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm ViT name (default {DEFAULT_MODEL})")
     p.add_argument("--pretrained-file", default=None,
                    help="local weights for --model (.safetensors, or a timm/PyTorch checkpoint read weights-only)")
     p.add_argument("--img-size", type=positive_int, default=None, help="input size (default: the model's, 224)")
     p.add_argument("--num-classes", type=int_at_least(2, "the class count"), default=None,
                    help="class count of a custom task in the VTAB layout")
-    p.add_argument("--layers", type=layer_count, default=12,
-                   help="adapt the top L blocks, capped at the depth (default 12)")
-    p.add_argument("--K", type=prompt_length, default=10, help="prompt length (default 10)")
-    p.add_argument("--epochs", type=positive_float, default=100.0, help="epochs per training run (default 100)")
-    p.add_argument("--warmup-epochs", type=nonneg_float, default=10.0, help="linear warmup (default 10)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per process per step (default 64)")
+    add_flags(p, "output", "method", "layers", "K", "epochs", "warmup_epochs", "batch_size", "device", "no_progress",
+              layers=12, epochs={"default": 100.0, "help": "epochs per training run (default %(default)s)"},
+              warmup_epochs=10.0, batch_size={"default": 64, "help": "images per process per step (default %(default)s)"})
     p.add_argument("--blr-grid", default=None, help="base lrs to try, lr = blr·batch/256 (default 5e-3,1e-2,5e-2 for "
                    "zinit; other methods: their default ×0.5, ×1, ×2)")
     p.add_argument("--wd-grid", default="1e-4,1e-2", help="weight decays to try (default %(default)s)")
     p.add_argument("--seeds", default="0", help="seeds of the final runs, e.g. 0,1,2 (mean ± std)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    methods.add_method_arg(p)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -488,7 +442,7 @@ def run_train(args: argparse.Namespace) -> int:
                          "or 'all'")
     grid = args.blr_grid
     if grid is None:
-        blr = methods.get_method(args.method).blr.get("vtab") if args.method != "zinit" else None
+        blr = base_lr("vtab", args.method) if args.method != "zinit" else None
         grid = f"{blr / 2:g},{blr:g},{blr * 2:g}" if blr else "5e-3,1e-2,5e-2"
     settings = VtabSettings(
         model=args.model, pretrained_file=args.pretrained_file, img_size=args.img_size, layers=args.layers, K=args.K,
@@ -499,33 +453,39 @@ def run_train(args: argparse.Namespace) -> int:
         device=args.device, progress=not args.no_progress, method=args.method)
     for name in names:  # fail on a missing task before hours of training on the others
         VtabData(args.data, name, settings.num_classes)
-    env = D.setup(args.device)
-    out = Path(args.output)
-    base = build_model(settings.model, settings.pretrained_file, settings.img_size)
-    if env.is_main and settings.pretrained_file is None:
-        print(f"note: {settings.model} has random weights (no --pretrained-file): numbers will not approach the paper's")
-    results = []
-    for name in names:
-        try:
-            result = run_task(args.data, name, out / name, settings, base)
-        except methods.NotApplicable as exc:
-            return methods.write_not_applicable(out, args.method, str(exc))
-        results.append(result)
-        if env.is_main:
-            print(f"{result['task']}: test top-1 {result['mean']:.2f} (best blr {result['best']['blr']:g}, "
-                  f"wd {result['best']['weight_decay']:g}, val {result['best']['val_top1']:.1f})")
-    if env.is_main:
-        report = format_report(results)
-        write_json(out / "report.json", {"model": settings.model, "pretrained_file": settings.pretrained_file,
-                                          "tasks": results, "groups": group_means(
-                                              {r["task"]: r["mean"] for r in results}), "paper": PAPER_GROUPS})
-        atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report + "\n"))
-        plot_report(results, out / "vtab.png")
-        adapter = out / names[0] / f"final_seed{settings.seeds[0]}" / "adapter"
-        methods.write_summary(out, args.method, {"top1": statistics.fmean(r["mean"] for r in results)},
-                              results[0]["trainable_parameters"], adapter, env.device)
-        print(report)
-        print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'vtab.png'}")
-    D.barrier()
-    D.cleanup()
-    return 0
+    with TrainingRun("vtab", args) as run:
+        out = run.out
+        base = build_vit(settings.model, settings.pretrained_file, settings.img_size)
+        if run.is_main and settings.pretrained_file is None:
+            print(f"note: {settings.model} has random weights (no --pretrained-file): numbers will not approach the "
+                  "paper's")
+        results = []
+        with run.hold():  # one run at a time writes this folder
+            for name in names:
+                result = run_task(args.data, name, out / name, settings, base)
+                results.append(result)
+                if run.is_main:
+                    print(f"{result['task']}: test top-1 {result['mean']:.2f} (best blr {result['best']['blr']:g}, "
+                          f"wd {result['best']['weight_decay']:g}, val {result['best']['val_top1']:.1f})")
+            if run.is_main:
+                report = format_report(results)
+                write_json(out / "report.json", {"model": settings.model, "pretrained_file": settings.pretrained_file,
+                                                  "tasks": results, "groups": group_means(
+                                                      {r["task"]: r["mean"] for r in results}),
+                                                  "paper": PAPER_GROUPS})
+                atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report + "\n"))
+                plot_report(results, out / "vtab.png")
+                adapter = out / names[0] / f"final_seed{settings.seeds[0]}" / "adapter"
+                methods.write_summary(out, args.method, {"top1": statistics.fmean(r["mean"] for r in results)},
+                                      results[0]["trainable_parameters"], adapter, run.device)
+                print(report)
+                print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'vtab.png'}")
+    return run.status
+
+
+RECIPE = zinit.register_recipe(zinit.Recipe(
+    name="vtab", task="image_classification",
+    description="VTAB-1k image classification on a timm ViT (grid on val, report on test)",
+    add_train_args=add_train_args, run_train=run_train, metrics=("top1",), throughput_unit="images/s",
+    default_blr=1e-2, lr_flag="--blr-grid", lr_grid_flag="--blr-grid",
+))

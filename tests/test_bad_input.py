@@ -689,10 +689,10 @@ def test_bugs_keep_their_traceback_and_zinit_debug_shows_every_one(monkeypatch, 
         main([str(a) for a in args])
     monkeypatch.delenv("ZINIT_DEBUG")
 
-    from zinit.recipes import alpaca
+    from zinit import lm
 
     for bug in (lambda args: {}["a key"], lambda args: 1 / 0, lambda args: None.shape):
-        monkeypatch.setattr(alpaca, "run_generate", bug)
+        monkeypatch.setattr(lm, "run_generate", bug)
         with pytest.raises((KeyError, ZeroDivisionError, AttributeError)):
             main(["generate", "Say yes."])
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import zinit
+from zinit.lm import load_model
 from zinit.recipes import alpaca
 from tiny import alpaca_records, subprocess_env, tiny_llama
 from zinit.train import OutputInUse, Task, TrainConfig, causal_lm_loss, train
@@ -386,7 +387,7 @@ def test_time_based_checkpoint_cadence_with_a_fake_clock(tmp_path, monkeypatch):
 
 
 def test_heldout_evaluation_shows_a_progress_bar_unless_progress_is_off(tiny_model_dir, capsys):
-    model, tokenizer = alpaca.load_model(str(tiny_model_dir), torch.device("cpu"))
+    model, tokenizer = load_model(str(tiny_model_dir), torch.device("cpu"))
     records = alpaca_records(6)
     quiet = alpaca.evaluate(model, tokenizer, records, 512, batch_size=4, max_new_tokens=2)
     assert "held-out eval" not in capsys.readouterr().err

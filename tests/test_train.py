@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import zinit
-from zinit.recipes import alpaca
+from zinit import lm
+from zinit.recipes import instructions
 from tiny import char_tokenizer, subprocess_env, tiny_llama
 from zinit.train import Task, TrainConfig, TrainingDiverged, causal_lm_loss, lr_at, scaled_lr, train
 from zinit.train.data import epoch_batches, pad_collate
@@ -74,9 +75,9 @@ def test_loss_masking_ignores_prompt_and_padding_tokens():
     tok = char_tokenizer()
     records = [{"instruction": "Say yes.", "input": "", "output": "yes"},
                {"instruction": "Reverse the word.", "input": "cat", "output": "tac"}]
-    items = alpaca.tokenize(records, tok, 512)
+    items = instructions.tokenize(records, tok, 512)
     for r, item in zip(records, items):
-        prompt = tok(alpaca.format_prompt(r["instruction"], r["input"]))["input_ids"]
+        prompt = tok(lm.format_prompt(r["instruction"], r["input"]))["input_ids"]
         answer = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert item["input_ids"] == prompt + answer
         assert item["labels"] == [-100] * len(prompt) + answer
@@ -102,11 +103,11 @@ def test_loss_masking_ignores_prompt_and_padding_tokens():
 
 
 def test_alpaca_prompt_templates_are_verbatim():
-    assert alpaca.format_prompt("Do X.", "ctx") == (
+    assert lm.format_prompt("Do X.", "ctx") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n### Instruction:\nDo X.\n\n### Input:\nctx"
         "\n\n### Response:")
-    assert alpaca.format_prompt("Do X.") == (
+    assert lm.format_prompt("Do X.") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nDo X.\n\n### Response:")
 
@@ -115,8 +116,8 @@ def test_bundled_instruction_set_is_reproducible_and_disjoint():
     from zinit.recipes import make_instructions
 
     train_set, heldout = make_instructions.make()
-    assert train_set == alpaca.load_records(alpaca.EMBEDDED_TRAIN)
-    assert heldout == alpaca.load_records(alpaca.EMBEDDED_HELDOUT)
+    assert train_set == instructions.load_records(instructions.EMBEDDED_TRAIN)
+    assert heldout == instructions.load_records(instructions.EMBEDDED_HELDOUT)
     seen = {(r["instruction"], r["input"]) for r in train_set}
     assert not any((r["instruction"], r["input"]) in seen for r in heldout)
 
@@ -137,7 +138,7 @@ def test_bad_data_files_name_the_file_and_record(tmp_path, content, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises((FileNotFoundError, ValueError), match=message):
-        alpaca.load_records(path)
+        instructions.load_records(path)
 
 
 def _tiny_task(n=16):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zinit.recipes import vtab
+from zinit.recipes import vision, vtab
 from tiny import tiny_vit
 from zinit.cli import main as cli
 
@@ -135,14 +135,14 @@ def test_bad_input_names_the_file(tmp_path):
 def test_pretrained_file_loads_without_pickle_and_refuses_a_wrong_one(tmp_path):
     from safetensors.torch import save_file
 
-    source = vtab.build_model("vit_tiny_patch16_224", None, 32)
+    source = vision.build_vit("vit_tiny_patch16_224", None, 32)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "w.safetensors")
     torch.save({"model": source.state_dict()}, tmp_path / "w.pth")
     for name in ("w.safetensors", "w.pth"):
-        loaded = vtab.build_model("vit_tiny_patch16_224", str(tmp_path / name), 32)
+        loaded = vision.build_vit("vit_tiny_patch16_224", str(tmp_path / name), 32)
         assert all(torch.equal(v, source.state_dict()[k]) for k, v in loaded.state_dict().items()
                    if not k.startswith("head."))
     with pytest.raises(ValueError, match="does not fit VisionTransformer"):
-        vtab.build_model("vit_small_patch16_224", str(tmp_path / "w.safetensors"), 32)
+        vision.build_vit("vit_small_patch16_224", str(tmp_path / "w.safetensors"), 32)
     with pytest.raises(FileNotFoundError, match="--pretrained-file .*nope.pth does not exist"):
-        vtab.build_model("vit_tiny_patch16_224", str(tmp_path / "nope.pth"), 32)
+        vision.build_vit("vit_tiny_patch16_224", str(tmp_path / "nope.pth"), 32)

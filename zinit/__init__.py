@@ -22,6 +22,7 @@ from .inject import (
 )
 from .io import load_adapter, read_adapter_config, save_adapter
 from .prompts import LayerAdapter, VisualProjection
+from .recipe import Recipe, get_recipe, recipe_names, register_recipe
 from .registry import Backbone, Dims, backbones, find_backbone, get_backbone, register_backbone
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Dims",
     "Injection",
     "LayerAdapter",
+    "Recipe",
     "VisualProjection",
     "__version__",
     "adapter_state_dict",
@@ -37,6 +39,7 @@ __all__ = [
     "eject",
     "find_backbone",
     "get_backbone",
+    "get_recipe",
     "inject",
     "injection",
     "is_injected",
@@ -44,7 +47,9 @@ __all__ = [
     "load_adapter",
     "load_adapter_state_dict",
     "read_adapter_config",
+    "recipe_names",
     "register_backbone",
+    "register_recipe",
     "save_adapter",
     "trainable_parameters",
     "visual_features",

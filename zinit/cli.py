@@ -3,9 +3,14 @@
 ``zinit demo`` shows the method end to end on a small random-weight LLaMA-shaped model: inject, check that the
 zero-init model computes what the base model computes, train the adapter for a few steps on a toy sequence
 (the gates open and the loss falls), save it and load it back into a fresh model. ``zinit backbones`` lists the
-registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe (see ``recipes/``: alpaca, scienceqa,
-vtab, squad), ``zinit eval RECIPE`` scores one, ``zinit compare RECIPE`` runs other fine-tuning methods through the same recipe,
-and ``zinit generate`` answers an instruction with a base model and an adapter.
+registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe, ``zinit eval RECIPE`` scores one,
+``zinit compare RECIPE`` runs other fine-tuning methods through the same recipe (the recipes are whatever the recipe
+registry holds, :func:`zinit.recipe_names`: the built-in alpaca, scienceqa, vtab and squad, and a user's own),
+``zinit generate`` answers an instruction with a base model and an adapter, and ``zinit bench`` measures speed.
+
+This module imports no recipe and no benchmark: the recipes come from the registry, and the two commands that live
+in the outer ring (``compare``, ``bench``) are named in :data:`OUTER_COMMANDS` and imported when they run, as a
+console-script entry point is.
 
 Errors in what the command was given (a missing or corrupt file, an adapter for another model, a bad value, a full
 disk) end the command with one line on stderr, ``zinit: error: <message>``, and exit status 2, as a bad option does;
@@ -38,6 +43,8 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPo
 #: from anywhere else (a dict lookup, torch) they are bugs and keep their traceback.
 OWN_ERRORS: tuple[type[BaseException], ...] = (KeyError, RuntimeError, ImportError, LookupError)
 _PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "recipes")
+#: Commands whose code lives outside zinit's core, as ``module:function`` taking the command's own argument list.
+OUTER_COMMANDS = {"compare": "zinit.recipes.compare:main", "bench": "zinit.benchmarks.speed:main"}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -98,11 +105,13 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(argv: list[str]) -> int:
-    from zinit.benchmarks import speed
+def _outer(command: str, argv: list[str]) -> int:
+    """Run one of :data:`OUTER_COMMANDS` with its own options."""
+    import importlib
 
-    speed.main(argv)
-    return 0
+    module, function = OUTER_COMMANDS[command].split(":")
+    status = getattr(importlib.import_module(module), function)(argv)
+    return status if isinstance(status, int) else 0
 
 
 def _raised_on_purpose(exc: BaseException) -> bool:
@@ -167,12 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # every option after `bench` belongs to the benchmark's own parser
-        return _bench(argv[1:])
-    if argv[:1] == ["compare"]:  # its own parser, which passes unknown options on to the recipe
-        from zinit.recipes import compare
-
-        return compare.main(argv[1:])
+    if argv[:1] and argv[0] in OUTER_COMMANDS:  # every option after the command belongs to its own parser
+        return _outer(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 
@@ -190,26 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     sub.add_parser("backbones", help="list the registered backbones").set_defaults(func=_backbones)
 
-    from zinit.recipes import alpaca, scienceqa, squad, vtab
+    from . import lm
+    from .recipe import get_recipe, recipe_names
 
     train = sub.add_parser("train", help="train an adapter with a recipe").add_subparsers(dest="recipe", required=True)
     evaluate = sub.add_parser("eval", help="score a trained adapter with a recipe's metric").add_subparsers(
         dest="recipe", required=True)
-    commands = [  # (subcommands, recipe name, module, what it does); each module has add_<verb>_args / run_<verb>
-        (train, "train", "alpaca", alpaca, "Alpaca instruction tuning (default: embedded SmolLM2 + bundled set)"),
-        (train, "train", "vtab", vtab, "VTAB-1k image classification on a timm ViT (grid on val, report on test)"),
-        (train, "train", "scienceqa", scienceqa, "ScienceQA with image features (CLIP / timm ViT), paper's columns"),
-        (train, "train", "squad", squad, "SQuAD v1.1 / v2.0 question answering on RoBERTa/BERT (official EM/F1)"),
-        (evaluate, "eval", "scienceqa", scienceqa, "ScienceQA accuracy table of an adapter on one split"),
-        (evaluate, "eval", "squad", squad, "official SQuAD EM/F1 of an adapter on a SQuAD file"),
-    ]
-    for group, verb, name, module, what in commands:
-        p = group.add_parser(name, help=what)
-        getattr(module, f"add_{verb}_args")(p)
-        p.set_defaults(func=getattr(module, f"run_{verb}"))
+    for name in recipe_names():
+        recipe = get_recipe(name)
+        p = train.add_parser(name, help=recipe.description)
+        recipe.add_train_args(p)
+        p.set_defaults(func=recipe.run_train)
+        if recipe.run_eval is not None:
+            p = evaluate.add_parser(name, help=recipe.eval_description or f"score an adapter trained by {name}")
+            recipe.add_eval_args(p)
+            p.set_defaults(func=recipe.run_eval)
     p = sub.add_parser("generate", help="answer an instruction with a base model and an adapter")
-    alpaca.add_generate_args(p)
-    p.set_defaults(func=alpaca.run_generate)
+    lm.add_generate_args(p)
+    p.set_defaults(func=lm.run_generate)
     p = sub.add_parser("compare", help="several fine-tuning methods through one recipe, one table "
                        "(zinit compare -h)", add_help=False)
     p.add_argument("compare_args", nargs=argparse.REMAINDER)

