@@ -18,7 +18,11 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 def _matches(model: nn.Module) -> bool:
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) in MODEL_TYPES and hasattr(getattr(model, "base_model", None), "layers")
+    base = getattr(model, "base_model", None)
+    # a RoPE variant that scales attention (YaRN) scales the keys of every position: the generic backbone, which
+    # projects prompts at position 0 with the model's own rotary, takes those models
+    plain = getattr(getattr(base, "rotary_emb", None), "attention_scaling", 1.0) == 1.0
+    return getattr(config, "model_type", None) in MODEL_TYPES and hasattr(base, "layers") and plain
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:

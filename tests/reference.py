@@ -93,3 +93,108 @@ def encoder_layer(attn, hidden: Tensor, mask_2d: Tensor | None, prompt, gate, ga
     allowed = None if mask_2d is None else mask_2d.bool()[:, None, :].expand(B, T, T)
     out = gated_attention(q, k, v, kp, vp, gate, gate_fn, 1 / math.sqrt(q.shape[-1]), allowed)
     return out.transpose(1, 2).flatten(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# any Hugging Face family (the coverage sweep): the family's own key path, a route of its own
+
+
+class _Captured(Exception):
+    pass
+
+
+def _record(module, query, key, value, attention_mask, **kwargs):
+    raise _Captured(key, value)
+
+
+class _RouteTo:
+    """A config view naming another attention implementation (the reference runs single-threaded)."""
+
+    def __init__(self, base, name):
+        self.__dict__.update(_base=base, _attn_implementation=name)
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+def _position0(model, width: int, length: int, device):
+    """The model's own rotary (cos, sin) at position 0 for ``length`` rows, or None when it has no rotary module."""
+    import inspect
+
+    rotaries = [m for name, m in model.named_modules() if name.split(".")[-1] in ("rotary_emb", "rotary_embedding")]
+    if not rotaries:
+        return None
+    rotary = rotaries[0]
+    kwargs = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        kwargs["layer_type"] = (getattr(text, "layer_types", None) or [None])[0]
+    dummy = torch.zeros(1, length, width, device=device)
+    return rotary(dummy, torch.zeros(1, length, dtype=torch.long, device=device), **kwargs)
+
+
+def prompt_kv_at_position_0(model, attn, prompt: Tensor):
+    """The keys and values the layer's own forward makes of ``prompt`` [K, C] placed at position 0 (RoPE at position
+    0 is the identity rotation, so these are the keys of a token with no position): [Hkv, K, d] each, float64."""
+    import inspect
+
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register("reference_record", _record)
+    params = inspect.signature(type(attn).forward).parameters
+    hidden = prompt.detach()[None].to(next(attn.parameters()).dtype)
+    kwargs = {"hidden_states": hidden, "attention_mask": None}
+    for name in ("past_key_values", "past_key_value", "layer_past"):
+        if name in params:
+            kwargs[name] = None
+    if "position_ids" in params:
+        kwargs["position_ids"] = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    if "position_embeddings" in params:
+        cos, sin = _position0(model, hidden.shape[-1], 1, hidden.device)
+        kwargs["position_embeddings"] = (cos.expand(1, hidden.shape[1], -1), sin.expand(1, hidden.shape[1], -1))
+    config = attn.config
+    attn.config = _RouteTo(config, "reference_record")
+    try:
+        type(attn).forward(attn, **kwargs)
+    except _Captured as done:
+        key, value = done.args
+        return key[0].double(), value[0].double()
+    finally:
+        attn.config = config
+    raise AssertionError(f"{type(attn).__qualname__} never called its attention function")
+
+
+def install_reference(model, attns, prompts, gates, gate_fn: str, cap_prompt: bool = True):
+    """Route each of ``attns`` (modules of a *never-injected* copy of the model) through the reference: the family's
+    own eager attention for the tokens plus the naive prompt term (float64, per head, its own softmax, the layer's
+    soft-capping, unless ``cap_prompt`` is False) from :func:`prompt_kv_at_position_0`."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    def reference(module, query, key, value, attention_mask, **kwargs):
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        own = ALL_ATTENTION_FUNCTIONS.get_interface(module._reference_impl, eager) or eager
+        out, weights = own(module, query, key, value, attention_mask,
+                           **{k: v for k, v in kwargs.items() if not k.startswith("reference")})
+        kp, vp = module._reference_kv
+        q = query.double()
+        H, group = q.shape[1], q.shape[1] // kp.shape[0]
+        g = torch.tanh(module._reference_gate.double()) if gate_fn == "tanh" else module._reference_gate.double()
+        g = g.expand(H)
+        scale = kwargs.get("scaling") or module.scaling
+        cap = kwargs.get("softcap") if cap_prompt else None
+        extra = torch.empty_like(q)
+        for h in range(H):
+            s = q[:, h] @ kp[h // group].T * scale
+            if cap is not None:
+                s = torch.tanh(s / cap) * cap
+            extra[:, h] = g[h] * (torch.softmax(s, dim=-1) @ vp[h // group])
+        return out + extra.transpose(1, 2).to(out.dtype), weights
+
+    AttentionInterface.register("reference_prompt", reference)
+    for attn, prompt, gate in zip(attns, prompts, gates):
+        attn._reference_kv = prompt_kv_at_position_0(model, attn, prompt)
+        attn._reference_gate = gate.detach()
+        attn._reference_impl = attn.config._attn_implementation or "eager"
+        attn.config = _RouteTo(attn.config, "reference_prompt")

@@ -164,7 +164,7 @@ def test_a_users_own_backbones_and_recipes_packages_change_nothing(tmp_path):
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
     script = (
         "import timm, zinit\n"
-        "assert zinit.backbones() == ['llama', 'roberta', 'vit'], zinit.backbones()\n"
+        "assert zinit.backbones() == ['hf', 'llama', 'roberta', 'vit'], zinit.backbones()\n"
         "vit = zinit.inject(timm.create_model('vit_tiny_patch16_224', pretrained=False), 2, K=4)\n"
         "from zinit.recipes import alpaca, compare, scienceqa, squad, vtab\n"
         "from zinit.benchmarks import speed\n"

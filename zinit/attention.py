@@ -59,8 +59,21 @@ def prepare_prompt_kv(prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, nu
     return key, value * gate.to(dtype).view(num_heads, 1, 1)
 
 
-def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: float) -> Tensor:
+def softcap_scores(scores: Tensor, softcap: float | None) -> Tensor:
+    """Logit soft-capping as Gemma 2 applies it to attention scores: ``softcap · tanh(scores / softcap)`` (None: off).
+
+    >>> softcap_scores(torch.tensor([0.0, 100.0]), 50.0)
+    tensor([ 0.0000, 48.2014])
+    """
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: float,
+                     softcap: float | None = None) -> Tensor:
     """``softmax(q·Kpᵀ·scaling)·Vp`` for prepared prompt keys/values (see :func:`prepare_prompt_kv`): ``[B, H, T, d]``.
+
+    ``softcap``: the layer's logit soft-capping (Gemma 2), applied to the prompt scores as the layer applies it to
+    the token scores.
 
     No mask: every query sees every prompt key. The softmax is computed in float32, as HF eager attention does.
     Two exact formulations, chosen by shape for speed (measured on CPU, SmolLM2 shape, K=10):
@@ -72,18 +85,18 @@ def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: f
     """
     if key.dim() == 4 and key.shape[0] != query.shape[0]:
         raise ValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
-    if query.shape[-2] == 1:
+    if query.shape[-2] == 1 and softcap is None:
         if key.dim() == 3:
             shape = (query.shape[0], *key.shape)
             key, gated_value = key.expand(shape), gated_value.expand(shape)
         return F.scaled_dot_product_attention(query, key, gated_value, scale=scaling)
-    scores = torch.matmul(key * scaling, query.transpose(-1, -2))  # [..., H, K, T]
+    scores = softcap_scores(torch.matmul(key * scaling, query.transpose(-1, -2)), softcap)  # [..., H, K, T]
     probs = torch.softmax(scores, dim=-2, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probs.transpose(-1, -2), gated_value)
 
 
 def gated_prompt_attention(
-    query: Tensor, prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, scaling: float
+    query: Tensor, prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, scaling: float, softcap: float | None = None
 ) -> Tensor:
     """The prompt term ``gate ⊙ softmax(q·Kpᵀ·scaling)·Vp`` for every query, in the query's layout ``[B, H, T, d]``.
 
@@ -93,6 +106,7 @@ def gated_prompt_attention(
             No positional encoding: prompt keys carry none. With grouped-query attention ``Hkv < H``.
         gate: ``[H]``, the already-applied gate function (see :func:`gate_values`).
         scaling: the layer's own score scale, usually ``d ** -0.5``.
+        softcap: the layer's logit soft-capping, if it has one (Gemma 2).
 
     There is no mask: every query sees every prompt key. The softmax runs in float32 (as HF eager attention),
     the rest in the query's dtype. The gate is folded into ``Vp`` (``[H, K, d]``, tiny) rather than applied to the
@@ -103,4 +117,4 @@ def gated_prompt_attention(
     0.0
     """
     key, value = prepare_prompt_kv(prompt_key, prompt_value, gate, query.shape[1], query.dtype)
-    return prompt_attention(query, key, value, scaling)
+    return prompt_attention(query, key, value, scaling, softcap)

@@ -120,7 +120,8 @@ def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
         if scaling is None:
             scaling = module.scaling
         # every implementation returns [B, T, H, d]; the query (and the prompt term) is [B, H, T, d]
-        prompt_term = adapter.attend(query, module, scaling, scope=scope)
+        # a soft-capped layer (Gemma 2) caps the prompt scores as it caps the token scores
+        prompt_term = adapter.attend(query, module, scaling, scope=scope, softcap=kwargs.get("softcap"))
         return out + prompt_term.transpose(1, 2).to(out.dtype), weights
 
     zinit_attention.__name__ = f"zinit_{original}_attention"
@@ -158,16 +159,20 @@ def _passes_kwargs(module: nn.Module) -> bool:
 
 
 def install(model: nn.Module, modules: Sequence[nn.Module]) -> None:
-    """Route the attention of ``modules`` (``model``'s adapted layers) through zinit's wrapper."""
-    config = model.config
+    """Route the attention of ``modules`` (``model``'s adapted layers) through zinit's wrapper.
+
+    Each module dispatches by its own ``config._attn_implementation`` (the model's config, or the sub-config of its
+    tower in a composite model); that config gets the :class:`AdaptedConfig` view."""
     for m in modules:
-        if base_config(getattr(m, "config", None)) is not config:
+        config = base_config(getattr(m, "config", None))
+        if not hasattr(config, "_attn_implementation"):
             raise RuntimeError(
-                f"{type(m).__qualname__} does not share the model's config; zinit's attention hook cannot reach it"
+                f"{type(m).__qualname__} has no config with an _attn_implementation; zinit's attention hook cannot "
+                "reach it"
             )
-    attention_name(config._attn_implementation or "eager")  # fail here, not in the first forward
+        attention_name(config._attn_implementation or "eager")  # fail here, not in the first forward
     for m in modules:
-        m.config = AdaptedConfig(config)
+        m.config = AdaptedConfig(base_config(m.config))
         if _passes_kwargs(m):  # otherwise no scope: the prompt is projected on every call, decoding steps too
             m.register_forward_pre_hook(_scope_hook, with_kwargs=True)
 

@@ -137,8 +137,10 @@ class LayerAdapter(nn.Module):
             key, value = self._project(attention, (self.prompt + tokens[:, None, :]).to(query.dtype))
         return prepare_prompt_kv(key, value, self.gate_values(), self.num_heads, query.dtype)
 
-    def attend(self, query: Tensor, attention: nn.Module, scaling: float, scope: object | None = None) -> Tensor:
-        """The gated prompt term ``[B, H, T, d]`` for the layer's query ``[B, H, T, d]``.
+    def attend(self, query: Tensor, attention: nn.Module, scaling: float, scope: object | None = None,
+               softcap: float | None = None) -> Tensor:
+        """The gated prompt term ``[B, H, T, d]`` for the layer's query ``[B, H, T, d]`` (``softcap``: the layer's
+        logit soft-capping, applied to the prompt scores too).
 
         The prompt keys/values are projected through ``attention``'s own frozen projections on every call (once
         per forward of the layer), so they always reflect the current parameters, however those were changed (an
@@ -158,7 +160,7 @@ class LayerAdapter(nn.Module):
             key, value = self._prepared(attention, query, tokens)
         else:
             key, value = self._scoped(scope, attention, query, tokens, serial)
-        return prompt_attention(query, key, value, scaling)
+        return prompt_attention(query, key, value, scaling, softcap)
 
     def _scoped(self, scope: object, attention: nn.Module, query: Tensor, tokens: Tensor | None,
                 serial: int) -> tuple[Tensor, Tensor]:

@@ -53,6 +53,8 @@ class Backbone:
             :meth:`zinit.prompts.LayerAdapter.attend`. Must leave every other module computing exactly as before.
         uninstall: ``(model, attention modules) -> None``; undoes ``install`` completely.
         description: one line for listings and error messages.
+        generic: a catch-all for a whole library (the ``hf`` backbone takes any transformers model): consulted only
+            when no other backbone matches the model.
     """
 
     name: str
@@ -63,6 +65,7 @@ class Backbone:
     install: Callable[[nn.Module, Sequence[nn.Module]], None]
     uninstall: Callable[[nn.Module, Sequence[nn.Module]], None]
     description: str = ""
+    generic: bool = False
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -86,6 +89,21 @@ def register_backbone(backbone: Backbone, *, override: bool = False) -> Backbone
             f"a backbone named {backbone.name!r} is already registered; pick another name or pass override=True"
         )
     _REGISTRY[backbone.name] = backbone
+    return backbone
+
+
+def unregister_backbone(name: str) -> Backbone:
+    """Remove the backbone registered as ``name`` and return it (a ValueError lists the names otherwise).
+
+    >>> import zinit
+    >>> spec = zinit.register_backbone(zinit.get_backbone("llama"), override=True)
+    >>> unregister_backbone("llama") is spec and "llama" not in zinit.backbones()
+    True
+    >>> zinit.register_backbone(spec).name
+    'llama'
+    """
+    backbone = get_backbone(name)
+    del _REGISTRY[name]
     return backbone
 
 
@@ -123,12 +141,14 @@ def get_backbone(name: str) -> Backbone:
 
 
 def find_backbone(model: nn.Module) -> Backbone:
-    """The registered backbone whose ``matches`` accepts ``model``.
+    """The registered backbone whose ``matches`` accepts ``model`` (a generic one only when no other does).
 
     Raises ValueError naming the model's class, the registered backbones, and how to register a new one.
     """
     _discover()
-    found = [b for b in _REGISTRY.values() if b.matches(model)]
+    found = [b for b in _REGISTRY.values() if not b.generic and b.matches(model)]
+    if not found:
+        found = [b for b in _REGISTRY.values() if b.generic and b.matches(model)]
     if len(found) == 1:
         return found[0]
     cls = type(model)

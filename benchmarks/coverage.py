@@ -1,0 +1,256 @@
+"""Which transformer families zinit adapts, measured: ``python -m zinit.benchmarks.coverage`` (offline, CPU).
+
+For every model type of the installed transformers that has a causal LM (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), and
+for the encoder and vision families listed in :data:`EXTRA`, build a tiny model from its config with random
+weights, ``zinit.inject`` it, and check:
+
+(a) zero-init invariance: the injected model's outputs equal the base model's (≤ 1e-6);
+(b) the naive reference (``tests/reference.py``: the family's own attention for the tokens plus the prompt term in
+    float64 with explicit loops, the prompt keys from the layer's own forward at position 0, a route of its own)
+    equals the injected model with open gates (≤ 1e-5);
+(c) causal LMs: cached greedy ``generate()`` gives, step by step, the logits of a full forward (≤ 1e-4);
+(d) ``save_adapter`` → ``load_adapter`` into a fresh copy gives identical outputs.
+
+A family zinit cannot adapt exactly is refused with a reason (:class:`zinit.hfauto.Unsupported`); a family whose
+tiny config cannot be built here is "skipped" with the error. Prints a table (family, backbone, result, reason) and
+the counts; ``--json`` / ``--markdown`` write them. ``--only gpt2,qwen3`` runs a subset. Needs a repository checkout
+(the reference lives in ``tests/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+import zinit
+from zinit.hfauto import Unsupported
+
+#: Encoder and vision families checked besides every causal LM: (model type, kind).
+EXTRA = (("bert", "encoder"), ("roberta", "encoder"), ("xlm-roberta", "encoder"), ("electra", "encoder"),
+         ("camembert", "encoder"), ("distilbert", "encoder"), ("albert", "encoder"), ("mpnet", "encoder"),
+         ("deberta-v2", "encoder"), ("modernbert", "encoder"), ("clip_text_model", "encoder"),
+         ("clip_vision_model", "vision"), ("siglip_vision_model", "vision"), ("vit", "vision"), ("deit", "vision"),
+         ("dinov2", "vision"), ("beit", "vision"))
+SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "intermediate_size": 128, "head_dim": 16, "ffn_dim": 128, "d_model": 64, "encoder_layers": 2,
+         "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
+         "decoder_ffn_dim": 128, "image_size": 32, "patch_size": 8, "num_experts": 4, "num_local_experts": 4,
+         "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts_per_tok": 2,
+         "embedding_size": 64, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
+         "qk_nope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 128, "sliding_window": 16}
+
+
+@dataclass
+class Row:
+    family: str
+    kind: str
+    result: str  #: "pass", "fail", "refused", "skipped"
+    backbone: str = ""
+    reason: str = ""
+    checks: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _reference_module() -> Any:
+    folder = Path(__file__).resolve().parent.parent / "tests"
+    if not (folder / "reference.py").is_file():
+        raise SystemExit("the coverage sweep needs a repository checkout: tests/reference.py holds the reference")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    import reference
+
+    return reference
+
+
+def _shrink(config: Any, causal: bool = False, keep_depth: bool = False) -> None:
+    for key, value in SMALL.items():
+        if keep_depth and key in ("num_hidden_layers", "encoder_layers", "decoder_layers"):
+            continue
+        if hasattr(config, key) and getattr(config, key) is not None:
+            with contextlib.suppress(Exception):
+                setattr(config, key, value)
+    if causal and hasattr(config, "is_decoder"):  # an encoder family used as a causal LM (BERT-as-decoder)
+        config.is_decoder = True
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and types and not keep_depth:  # one layer of each kind (a hybrid keeps attention)
+        distinct = list(dict.fromkeys(types))
+        with contextlib.suppress(Exception):
+            config.num_hidden_layers = max(len(distinct), 2)
+            config.layer_types = (distinct * 2)[:config.num_hidden_layers]
+
+
+def build(family: str, kind: str, keep_depth: bool = False) -> nn.Module:
+    """A tiny random-weight model of ``family`` (no download); ``keep_depth``: the config's own layer count (a
+    hybrid family whose layer pattern needs it)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family)
+    _shrink(config, kind == "causal", keep_depth)
+    for name in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, name, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            _shrink(sub, kind == "causal", keep_depth)
+    torch.manual_seed(0)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModel
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        model = auto.from_config(config)
+    return model.float().eval()
+
+
+def _inputs(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    if kind == "vision":
+        config = model.config
+        size = getattr(config, "image_size", 32)
+        size = size if isinstance(size, int) else size[0]
+        return {"pixel_values": torch.randn(2, getattr(config, "num_channels", 3), size, size, generator=g)}
+    return {"input_ids": torch.randint(3, 60, (2, 8), generator=g), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+
+def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float()
+
+
+def check(family: str, kind: str, L: int = 2, K: int = 4) -> Row:
+    """Build, inject and check one family; never raises (the row says what happened)."""
+    start = time.perf_counter()
+    row = Row(family, kind, "fail")
+    base = None
+    for keep_depth in (False, True):
+        try:
+            base = build(family, kind, keep_depth)
+            _out(base, _inputs(base, kind))
+            break
+        except Exception as exc:  # noqa: BLE001 - a config this sweep cannot build tiny is reported, not fatal
+            base, error = None, f"tiny base model does not run: {type(exc).__name__}: {str(exc)[:160]}"
+    if base is None:
+        row.result, row.reason = "skipped", error
+        return row
+    try:
+        _run_checks(base, kind, L, K, row)
+    except Unsupported as exc:
+        row.result, row.reason = "refused", str(exc)
+    except Exception as exc:  # noqa: BLE001 - a failure is a result
+        row.result, row.reason = "fail", f"{type(exc).__name__}: {str(exc)[:300]}"
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def _run_checks(base: nn.Module, kind: str, L: int, K: int, row: Row) -> None:
+    reference = _reference_module()
+    inputs = _inputs(base, kind)
+    expected = _out(base, inputs)
+    pristine = copy.deepcopy(base)
+    model = zinit.inject(base, layers=min(L, zinit.find_backbone(base).dims(base).num_layers), K=K)
+    state = zinit.injection(model)
+    row.backbone = state.backbone.name
+    row.checks["zero_init"] = (_out(model, inputs) - expected).abs().max().item()
+
+    g = torch.Generator().manual_seed(2)
+    adapters = zinit.layer_adapters(model)
+    with torch.no_grad():
+        for adapter in adapters.values():
+            adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=g))
+    opened = _out(model, inputs)
+    ref_model = copy.deepcopy(pristine)
+    attns = [state.backbone.attention_modules(ref_model)[n] for n in adapters]
+    reference.install_reference(ref_model, attns, [a.prompt for a in adapters.values()],
+                                [a.gate for a in adapters.values()], state.gate_fn)
+    row.checks["reference"] = (opened - _out(ref_model, inputs)).abs().max().item()
+    row.checks["gates_open_effect"] = (opened - expected).abs().max().item()
+
+    if kind == "causal":
+        base_gap = _generate_gap(pristine, inputs)
+        if base_gap <= 1e-4:
+            row.checks["generate"] = _generate_gap(model, inputs)
+        else:  # the base model's own cache does not reproduce its full forward: nothing to hold zinit to
+            row.reason = f"generate check n/a: the base model's cached decoding differs from its forward by {base_gap:.0e}"
+
+    with tempfile.TemporaryDirectory() as folder:
+        zinit.save_adapter(model, folder)
+        fresh = zinit.load_adapter(copy.deepcopy(pristine), folder)
+        row.checks["save_load"] = (_out(fresh, inputs) - opened).abs().max().item()
+
+    limits = {"zero_init": 1e-6, "reference": 1e-5, "generate": 1e-4, "save_load": 0.0}
+    bad = [f"{k} {row.checks[k]:.1e} > {v:g}" for k, v in limits.items() if k in row.checks and row.checks[k] > v]
+    if row.checks["gates_open_effect"] == 0.0:
+        bad.append("open gates change nothing (the prompt term never reached the output)")
+    row.result = "fail" if bad else "pass"
+    row.reason = "; ".join(bad + ([row.reason] if row.reason else []))
+
+
+def _generate_gap(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    """Greedy cached ``generate()``: the largest gap between each step's logits and a full forward's."""
+    prompt = inputs["input_ids"][:1, :6]
+    with torch.no_grad():
+        gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        full = model(input_ids=gen.sequences[:, :-1]).logits.float()
+    steps = torch.stack(gen.logits, dim=1).float()
+    return (steps - full[:, prompt.shape[1] - 1:]).abs().max().item()
+
+
+def families() -> list[tuple[str, str]]:
+    """Every causal-LM model type of the installed transformers, then :data:`EXTRA`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return [(t, "causal") for t in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)] + list(EXTRA)
+
+
+def format_markdown(rows: Sequence[Row]) -> str:
+    counts = {r: sum(row.result == r for row in rows) for r in ("pass", "refused", "fail", "skipped")}
+    lines = [f"{counts['pass']} pass, {counts['refused']} refused with a reason, {counts['fail']} fail, "
+             f"{counts['skipped']} skipped (tiny config not buildable here), of {len(rows)} families", "",
+             "| family | kind | result | backbone | reason / worst check |", "|---|---|---|---|---|"]
+    for r in rows:
+        detail = r.reason or ", ".join(f"{k} {v:.0e}" for k, v in r.checks.items() if k != "gates_open_effect")
+        lines.append(f"| {r.family} | {r.kind} | {r.result} | {r.backbone} | {detail.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(prog="python -m zinit.benchmarks.coverage", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default=None, help="comma-separated model types (default: all)")
+    p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--markdown", default=None, help="write the table here")
+    args = p.parse_args(argv)
+    todo = families()
+    if args.only:
+        wanted = [t.strip() for t in args.only.split(",") if t.strip()]
+        known = dict(todo)
+        todo = [(t, known.get(t, "causal")) for t in wanted]
+    torch.set_num_threads(1)
+    from tqdm.auto import tqdm
+
+    rows = []
+    for family, kind in tqdm(todo, desc="families", unit="family"):
+        rows.append(check(family, kind))
+        r = rows[-1]
+        tqdm.write(f"{family:28s} {r.result:8s} {r.backbone:8s} {r.reason[:110]}")
+    table = format_markdown(rows)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

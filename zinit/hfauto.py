@@ -1,0 +1,371 @@
+"""The generic Hugging Face backbone: any transformers model whose attention dispatches through ``AttentionInterface``.
+
+What differs between families is how a hidden state becomes keys and values before position encoding: separate or
+fused projections (``k_proj``/``v_proj``, GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``, Phi-3's
+``qkv_proj``), biases, a norm on each head's key (Qwen3, Gemma 3) or on the whole projected key (OLMo 2). Rather than
+re-implementing each path (and risking silently wrong keys when one is missed), zinit runs the prompt through **the
+layer's own attention forward**, with the model's own position embeddings at position 0 (RoPE at position 0 rotates
+nothing; a RoPE variant that also scales attention, such as YaRN, keeps its scale), and takes the keys and values
+that forward hands to the attention kernel. The prompt keys are then, by construction, the keys a token would have
+at the one position where position encoding changes nothing but the model's attention temperature. The layer's query is the one its own forward computed (already rotated, already
+normalised, pre-scaled where the family pre-scales it), as for every zinit backbone.
+
+How it works: a shallow copy of the attention module (same weights, same submodules) whose ``config`` reads
+``_attn_implementation = "zinit_capture"``, a registered attention function that records ``(query, key, value)``
+and returns zeros. The module itself is never changed, so concurrent forwards are unaffected.
+
+Layout discovery (:func:`analyse`, once per model): the layer stack is the ``nn.ModuleList`` whose every element
+holds exactly one self-attention module that dispatches through ``ALL_ATTENTION_FUNCTIONS`` (cross-attention
+modules are left alone); every layer is captured once on a dummy prompt, which gives the head counts and head size
+(and proves that routing by ``config._attn_implementation`` reaches the module). A model that does not fit is
+refused with :class:`Unsupported`, whose message names what is missing; zinit never adapts a layer approximately.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import functools
+import inspect
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .hf import base_config
+from .registry import Backbone, Dims
+
+CAPTURE = "zinit_capture"
+#: Where the capture function records (query, key, value, kwargs): set around one forward of the shallow copy, in
+#: this thread and context only (a forward that does not pass its ``**kwargs`` on is captured as well).
+_RECORDS: contextvars.ContextVar[list | None] = contextvars.ContextVar("zinit_capture_records", default=None)
+#: Names of a forward's KV-cache argument across families.
+_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class Unsupported(ValueError):
+    """zinit cannot adapt this model exactly; the message names what is missing."""
+
+
+def _capture(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+             **kwargs: Any) -> tuple[Tensor, None]:
+    records = _RECORDS.get()
+    if records is None:
+        raise RuntimeError("zinit_capture is zinit's internal attention function; it is never a model's own")
+    records.append((query, key, value, kwargs))
+    batch, heads, length = query.shape[:3]
+    return query.new_zeros(batch, length, heads, value.shape[-1]), None
+
+
+_registered = threading.Lock()
+
+
+def _register_capture() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    with _registered:
+        if CAPTURE not in AttentionInterface._global_mapping:
+            AttentionInterface.register(CAPTURE, _capture)
+
+
+class _CaptureConfig:
+    """A config view whose ``_attn_implementation`` is the capture function; everything else is the real config."""
+
+    _attn_implementation = CAPTURE
+
+    def __init__(self, base: Any) -> None:
+        self.__dict__["_zinit_base"] = base
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_zinit_base":
+            raise AttributeError(name)
+        return getattr(self._zinit_base, name)
+
+
+@functools.cache
+def _dispatches(cls: type) -> bool:
+    """Whether ``cls.forward`` calls an attention function looked up in transformers' AttentionInterface."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source or "get_interface(" in source
+
+
+@functools.cache
+def _forward_params(cls: type) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(cls.forward).parameters)
+
+
+def _is_cross(name: str, module: nn.Module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False)) or "cross" in name.lower() or "encoder_attn" in name
+
+
+def _self_attention(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in layer.named_modules()
+            if name and _dispatches(type(m)) and not _is_cross(name, m)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model's adapted modules are and how to call them: found once per model by :func:`analyse`."""
+
+    layers: str  #: path of the layer stack (``model.model.layers`` → ``"model.layers"``)
+    attention: str  #: path of the self-attention module inside a layer (``"self_attn"``)
+    position0: tuple[Tensor, Tensor] | None  #: the model's (cos, sin) at position 0, ``[rotary dim]``; None: no RoPE
+    dims: Dims
+    attention_class: str
+    attention_layers: tuple[int, ...] = ()  #: positions in the stack of the layers with attention (all but hybrids')
+
+
+def _has(layer: nn.Module, path: str) -> bool:
+    try:
+        layer.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictionary()
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    getter = getattr(config, "get_text_config", None)
+    return getter() if getter is not None else config
+
+
+def _stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Layer stacks: module lists whose layers hold one self-attention module each, or none (a hybrid model's
+    linear-attention or state-space layers), and at least one does."""
+    found = []
+    for name, m in model.named_modules():
+        counts = [len(_self_attention(layer)) for layer in m] if isinstance(m, nn.ModuleList) else []
+        if counts and max(counts) == 1:
+            if not any(name.startswith(other + ".") for other, _ in found):  # not a stack inside a found one
+                found.append((name, m))
+    return found
+
+
+def _position0(model: nn.Module, attention: nn.Module, width: int) -> tuple[Tensor, Tensor] | None:
+    """The model's own rotary (cos, sin) at position 0, ``[rotary dim]`` each, or None when ``attention``'s forward
+    takes no position embeddings."""
+    if "position_embeddings" not in _forward_params(type(attention)):
+        return None
+    rotaries = [m for name, m in model.named_modules() if name.split(".")[-1] in ("rotary_emb", "rotary_embedding")]
+    if not rotaries:
+        raise Unsupported(f"{type(attention).__qualname__} takes position_embeddings, but the model has no rotary_emb "
+                          "module to compute them at position 0")
+    rotary = rotaries[0]
+    param = next(attention.parameters())
+    dummy = torch.zeros(1, 1, width, dtype=torch.float32, device=param.device)
+    kwargs: dict[str, Any] = {}
+    params = _forward_params(type(rotary))
+    if "layer_type" in params:
+        kwargs["layer_type"] = (getattr(_text_config(model), "layer_types", None) or [None])[0]
+    try:
+        with torch.no_grad():
+            cos, sin = rotary(dummy, torch.zeros(1, 1, dtype=torch.long, device=param.device), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure is a reason to refuse, named
+        raise Unsupported(f"cannot compute the position embeddings at position 0 with {type(rotary).__qualname__}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(cos, Tensor) or not isinstance(sin, Tensor) or cos.shape != sin.shape:
+        raise Unsupported(f"{type(rotary).__qualname__} does not return (cos, sin) tensors of one shape")
+    if sin.abs().max() != 0:
+        raise Unsupported(f"{type(rotary).__qualname__} rotates position 0 (sin ≠ 0): zinit cannot place the prompt "
+                          "at no position")
+    return cos.reshape(-1, cos.shape[-1])[0].float().cpu(), sin.reshape(-1, sin.shape[-1])[0].float().cpu()
+
+
+def capture(attention: nn.Module, hidden: Tensor, position0: tuple[Tensor, Tensor] | None
+            ) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """Run ``attention``'s own forward on ``hidden`` ``[B, T, C]`` with every row at position 0 (``position0``: the
+    model's (cos, sin) there) and return the ``(query, key, value, kwargs)`` it hands to the attention kernel
+    (``[B, H(kv), T, d]`` each)."""
+    _register_capture()
+    clone = copy.copy(attention)  # same parameters and submodules; its own config attribute
+    clone.config = _CaptureConfig(base_config(attention.config))
+    params = _forward_params(type(attention))
+    records: list = []
+    kwargs: dict[str, Any] = {"hidden_states": hidden}
+    if "attention_mask" in params:
+        kwargs["attention_mask"] = None
+    for name in _CACHE_ARGS:
+        if name in params:
+            kwargs[name] = None
+    if "position_ids" in params:  # position 0: RoPE applied inside the module rotates nothing there
+        kwargs["position_ids"] = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    if position0 is not None:
+        shape = (hidden.shape[0], hidden.shape[1], position0[0].shape[-1])
+        kwargs["position_embeddings"] = tuple(t.to(hidden.device, hidden.dtype).expand(shape) for t in position0)
+    token = _RECORDS.set(records)
+    try:
+        type(attention).forward(clone, **kwargs)  # not the module's __call__: no hooks of the real module run
+    finally:
+        _RECORDS.reset(token)
+    if len(records) != 1:
+        raise Unsupported(f"{type(attention).__qualname__}'s forward called the attention function {len(records)} "
+                          "times (expected once): zinit cannot tell which keys are the layer's")
+    return records[0]
+
+
+def analyse(model: nn.Module, layers: str | None = None, attention: str | None = None) -> Layout:
+    """Find (once per model) the layer stack, each layer's self-attention module and the sizes; raises
+    :class:`Unsupported` naming the reason when zinit cannot adapt the model exactly.
+
+    ``layers`` / ``attention``: declared paths (the stack in the model, the attention module in a layer) instead of
+    the ones introspection finds (see :func:`family`)."""
+    layout = _LAYOUTS.get(model)
+    if layout is not None:
+        return layout
+    cls = type(model).__qualname__
+    if layers is not None:
+        try:
+            stack = model.get_submodule(layers)
+        except AttributeError:
+            raise Unsupported(f"zinit cannot adapt {cls}: it has no layer stack at the declared path {layers!r}") from None
+        stacks = [(layers, stack)]
+    else:
+        stacks = _stacks(model)
+    if not stacks:
+        attention_like = sorted({type(m).__qualname__ for m in model.modules() if "Attention" in type(m).__name__})
+        raise Unsupported(
+            f"zinit cannot adapt {cls}: no layer stack whose layers each hold one self-attention module that "
+            "dispatches through transformers' AttentionInterface (attention classes here: "
+            f"{', '.join(attention_like) or 'none'}); zinit's prompt term joins the attention there")
+    if len(stacks) > 1:
+        raise Unsupported(
+            f"zinit cannot adapt {cls} as one model: it has {len(stacks)} layer stacks "
+            f"({', '.join(name for name, _ in stacks)}); inject into the tower you want (e.g. model.{stacks[0][0]} "
+            "belongs to one submodule: pass that submodule)")
+    path, layers = stacks[0]
+    width = getattr(_text_config(model), "hidden_size", None)
+    if attention is not None:
+        try:
+            modules = [(attention, layer.get_submodule(attention)) for layer in layers]
+        except AttributeError:
+            raise Unsupported(f"zinit cannot adapt {cls}: a layer of {path} has no module at {attention!r}") from None
+        if not _dispatches(type(modules[0][1])):
+            raise Unsupported(f"zinit cannot adapt {cls}: {type(modules[0][1]).__qualname__} at {attention!r} does not "
+                              "dispatch through transformers' AttentionInterface")
+    else:  # a hybrid model's layers without attention carry no adapter: layer n is the n-th attention layer
+        modules = [found[0] for found in map(_self_attention, layers) if found]
+    names = {name for name, _ in modules}
+    if len(names) != 1:
+        raise Unsupported(f"zinit cannot adapt {cls}: its layers keep their attention under different names "
+                          f"({', '.join(sorted(names))})")
+    first = modules[0][1]
+    if not isinstance(width, int):
+        raise Unsupported(f"zinit cannot adapt {cls}: its config has no integer hidden_size")
+    position0 = _position0(model, first, width)
+    shapes = set()
+    for _, attention in modules:
+        param = next(attention.parameters())
+        dummy = torch.zeros(1, 2, width, dtype=param.dtype, device=param.device)
+        try:
+            with torch.no_grad():
+                query, key, value, _ = capture(attention, dummy, position0)
+        except Unsupported:
+            raise
+        except Exception as exc:  # noqa: BLE001 - named in the refusal
+            raise Unsupported(f"zinit cannot adapt {cls}: a forward of {type(attention).__qualname__} on a prompt "
+                              f"of width {width} failed ({type(exc).__name__}: {exc})") from None
+        shapes.add((query.shape[1], key.shape[1], key.shape[-1], value.shape[1], value.shape[-1], query.shape[-1]))
+    if len(shapes) != 1:
+        raise Unsupported(f"zinit cannot adapt {cls}: its layers differ in head counts or sizes {sorted(shapes)}")
+    heads, kv_heads, key_dim, value_heads, value_dim, query_dim = shapes.pop()
+    if value_heads != kv_heads or value_dim != key_dim or query_dim != key_dim:
+        raise Unsupported(f"zinit cannot adapt {cls}: queries, keys and values differ in shape (query head size "
+                          f"{query_dim}, key {kv_heads}×{key_dim}, value {value_heads}×{value_dim}); zinit's prompt "
+                          "values need the keys' head layout")
+    if heads % kv_heads:
+        raise Unsupported(f"zinit cannot adapt {cls}: {heads} query heads are not a multiple of {kv_heads} key heads")
+    dims = Dims(hidden_size=width, num_heads=heads, num_kv_heads=kv_heads, head_dim=key_dim, num_layers=len(modules))
+    layout = Layout(path, next(iter(names)), position0, dims, type(first).__qualname__,
+                    tuple(i for i, layer in enumerate(layers) if _has(layer, next(iter(names)))))
+    _LAYOUTS[model] = layout
+    return layout
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Each layer's self-attention module, bottom to top."""
+    layout = analyse(model)
+    stack = model.get_submodule(layout.layers)
+    return [stack[i].get_submodule(layout.attention) for i in layout.attention_layers]
+
+
+def attention_modules_of(analysed: Any) -> Any:
+    def modules(model: nn.Module) -> list[nn.Module]:
+        layout = analysed(model)
+        stack = model.get_submodule(layout.layers)
+        return [stack[i].get_submodule(layout.attention) for i in layout.attention_layers]
+
+    return modules
+
+
+def dims(model: nn.Module) -> Dims:
+    """The sizes zinit needs, from one capture per layer (:func:`analyse`)."""
+    return analyse(model).dims
+
+
+def family(name: str, model_types: Sequence[str], *, layers: str | None = None, attention: str | None = None,
+           description: str = "") -> Backbone:
+    """A backbone for the Hugging Face families ``model_types`` (``config.model_type``) in a few declarative
+    lines: where the layer stack and each layer's attention module are (or None: found by introspection), the rest
+    (sizes, the prompt's key path, the hook) as the generic ``hf`` backbone does it. Register it with
+    :func:`zinit.register_backbone`; it wins over the generic backbone for those model types.
+
+    >>> import zinit
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> spec = zinit.register_backbone(family("gpt2-declared", ["gpt2"], layers="transformer.h", attention="attn"))
+    >>> model = zinit.inject(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64)), 1, K=4)
+    >>> zinit.injection(model).backbone.name, zinit.injection(model).dims.num_heads
+    ('gpt2-declared', 4)
+    >>> _ = zinit.registry.unregister_backbone("gpt2-declared")  # back to the generic backbone for GPT-2
+    """
+    types = tuple(model_types)
+
+    def analysed(model: nn.Module) -> Layout:
+        return analyse(model, layers, attention)
+
+    def install_(model: nn.Module, modules: Sequence[nn.Module]) -> None:
+        analysed(model)
+        install(model, list(modules))
+
+    return Backbone(
+        name=name,
+        matches=lambda model: getattr(getattr(model, "config", None), "model_type", None) in types,
+        attention_modules=attention_modules_of(analysed),
+        dims=lambda model: analysed(model).dims,
+        project=project, install=install_, uninstall=uninstall,
+        description=description or f"Hugging Face {', '.join(types)} (declared paths, the generic key path)",
+    )
+
+
+def project(attention: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
+    """Prompt ``[..., K, C]`` → keys, values ``[..., Hkv, K, d]`` through the layer's own forward at position 0."""
+    lead = prompt.shape[:-2]
+    hidden = prompt.reshape(-1, *prompt.shape[-2:])
+    _, key, value, _ = capture(attention, hidden, attention.__dict__.get("_zinit_position0"))
+    return key.reshape(*lead, *key.shape[1:]), value.reshape(*lead, *value.shape[1:])
+
+
+def install(model: nn.Module, modules: list[nn.Module]) -> None:
+    """:func:`zinit.hf.install`, after recording on each module the position embeddings at position 0."""
+    from . import hf
+
+    position0 = analyse(model).position0
+    for m in modules:
+        m.__dict__["_zinit_position0"] = position0
+    hf.install(model, modules)
+
+
+def uninstall(model: nn.Module, modules: list[nn.Module]) -> None:
+    from . import hf
+
+    hf.uninstall(model, modules)
+    for m in modules:
+        m.__dict__.pop("_zinit_position0", None)
