@@ -49,8 +49,8 @@ SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "n
          "decoder_layers": 2, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 128,
          "decoder_ffn_dim": 128, "image_size": 32, "patch_size": 8, "num_experts": 4, "num_local_experts": 4,
          "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "num_experts_per_tok": 2,
-         "embedding_size": 64, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
-         "qk_nope_head_dim": 8, "v_head_dim": 16, "max_position_embeddings": 128, "sliding_window": 16}
+         "embedding_size": 64, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 16, "rotary_dim": 8,
+         "qk_nope_head_dim": 16, "v_head_dim": 16, "max_position_embeddings": 128, "sliding_window": 16}
 
 
 @dataclass
@@ -82,6 +82,9 @@ def _shrink(config: Any, causal: bool = False, keep_depth: bool = False) -> None
         if hasattr(config, key) and getattr(config, key) is not None:
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
+    if getattr(config, "kv_lora_rank", None) is not None:  # multi-head latent attention: as many KV heads as heads
+        with contextlib.suppress(Exception):
+            config.num_key_value_heads = config.num_attention_heads
     if causal and hasattr(config, "is_decoder"):  # an encoder family used as a causal LM (BERT-as-decoder)
         config.is_decoder = True
     types = getattr(config, "layer_types", None)
@@ -206,6 +209,98 @@ def _generate_gap(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     return (steps - full[:, prompt.shape[1] - 1:]).abs().max().item()
 
 
+#: timm vision transformers: (row name, timm model name, extra create_model arguments).
+TIMM = (("timm vit", "vit_tiny_patch16_224", {}),
+        ("timm deit", "deit_tiny_patch16_224", {}),
+        ("timm deit3 (layer scale)", "deit3_small_patch16_224", {}),
+        ("timm dinov2 + registers", "vit_small_patch14_reg4_dinov2", {}),
+        ("timm vit qk_norm", "vit_tiny_patch16_224", {"qk_norm": True}),
+        ("timm vit gap (no class token)", "vit_base_patch16_gap_224", {}),
+        ("timm siglip vit", "vit_base_patch16_siglip_224", {}),
+        ("timm eva02", "eva02_tiny_patch14_224", {}),
+        ("timm beit", "beit_base_patch16_224", {}),
+        ("timm swin", "swin_tiny_patch4_window7_224", {}))
+
+
+def build_timm(name: str, extra: dict[str, Any]) -> nn.Module:
+    """A small random-weight timm model (2 blocks, width 64, 32×32 images where the family takes those sizes)."""
+    import timm
+
+    torch.manual_seed(0)
+    small = {"depth": 2, "embed_dim": 64, "num_heads": 4, "img_size": 32, "patch_size": 8, "num_classes": 10}
+    try:
+        model = timm.create_model(name, pretrained=False, **small, **extra)
+    except TypeError:  # a family with other size arguments (Swin): its own small default
+        model = timm.create_model(name, pretrained=False, num_classes=10, **extra)
+    return model.eval()
+
+
+def check_timm(row_name: str, name: str, extra: dict[str, Any], L: int = 2, K: int = 4) -> Row:
+    """zero-init, the reference (tests/reference.timm_attention_layer, layer by layer) and save/load for a timm
+    model."""
+    start = time.perf_counter()
+    row = Row(row_name, "timm", "fail")
+    try:
+        base = build_timm(name, extra)
+        size = base.default_cfg.get("input_size", (3, 224, 224))[-1] if not hasattr(base, "patch_embed") else \
+            base.patch_embed.img_size[0]
+        images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+        expected = _out_timm(base, images)
+    except Exception as exc:  # noqa: BLE001
+        row.result, row.reason = "skipped", f"small model does not run: {type(exc).__name__}: {str(exc)[:160]}"
+        return row
+    try:
+        _timm_checks(base, images, expected, L, K, row)
+    except (Unsupported, ValueError, TypeError) as exc:
+        row.result, row.reason = "refused", str(exc).split("; registered backbones")[0]
+    except Exception as exc:  # noqa: BLE001
+        row.result, row.reason = "fail", f"{type(exc).__name__}: {str(exc)[:300]}"
+    row.seconds = time.perf_counter() - start
+    return row
+
+
+def _out_timm(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images).float()
+
+
+def _timm_checks(base: nn.Module, images: torch.Tensor, expected: torch.Tensor, L: int, K: int, row: Row) -> None:
+    reference = _reference_module()
+    pristine = copy.deepcopy(base)
+    model = zinit.inject(base, layers=min(L, zinit.find_backbone(base).dims(base).num_layers), K=K)
+    state = zinit.injection(model)
+    row.backbone = state.backbone.name
+    row.checks["zero_init"] = (_out_timm(model, images) - expected).abs().max().item()
+    adapters = zinit.layer_adapters(model)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(2)
+        for adapter in adapters.values():
+            adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=g))
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    modules = state.backbone.attention_modules(model)
+    hooks = [modules[n].register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, (a[0], out)))
+             for n in adapters]
+    try:
+        opened = _out_timm(model, images)
+    finally:
+        for h in hooks:
+            h.remove()
+    row.checks["reference"] = max(
+        (out.double() - reference.timm_attention_layer(modules[n], x, adapters[n].prompt, adapters[n].gate,
+                                                       state.gate_fn)).abs().max().item()
+        for n, (x, out) in seen.items())
+    row.checks["gates_open_effect"] = (opened - expected).abs().max().item()
+    with tempfile.TemporaryDirectory() as folder:
+        zinit.save_adapter(model, folder)
+        fresh = zinit.load_adapter(copy.deepcopy(pristine), folder)
+        row.checks["save_load"] = (_out_timm(fresh, images) - opened).abs().max().item()
+    limits = {"zero_init": 1e-6, "reference": 1e-5, "save_load": 0.0}
+    bad = [f"{k} {row.checks[k]:.1e} > {v:g}" for k, v in limits.items() if row.checks[k] > v]
+    if row.checks["gates_open_effect"] == 0.0:
+        bad.append("open gates change nothing")
+    row.result, row.reason = ("fail" if bad else "pass"), "; ".join(bad)
+
+
 def families() -> list[tuple[str, str]]:
     """Every causal-LM model type of the installed transformers, then :data:`EXTRA`."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -226,23 +321,29 @@ def format_markdown(rows: Sequence[Row]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(prog="python -m zinit.benchmarks.coverage", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default=None, help="comma-separated model types (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated model types, 'timm' for the timm rows (default: all)")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--markdown", default=None, help="write the table here")
     args = p.parse_args(argv)
     todo = families()
     if args.only:
-        wanted = [t.strip() for t in args.only.split(",") if t.strip()]
+        wanted = [t.strip() for t in args.only.split(",") if t.strip() and t.strip() != "timm"
+                  and not t.strip().startswith("timm ")]
         known = dict(todo)
         todo = [(t, known.get(t, "causal")) for t in wanted]
     torch.set_num_threads(1)
     from tqdm.auto import tqdm
 
+    timm_rows = [t for t in TIMM if not args.only or t[0] in args.only.split(",") or "timm" in args.only.split(",")]
     rows = []
     for family, kind in tqdm(todo, desc="families", unit="family"):
         rows.append(check(family, kind))
         r = rows[-1]
         tqdm.write(f"{family:28s} {r.result:8s} {r.backbone:8s} {r.reason[:110]}")
+    for row_name, name, extra in timm_rows:
+        rows.append(check_timm(row_name, name, extra))
+        r = rows[-1]
+        tqdm.write(f"{row_name:28s} {r.result:8s} {r.backbone:8s} {r.reason[:110]}")
     table = format_markdown(rows)
     print(table)
     if args.json:

@@ -198,3 +198,24 @@ def install_reference(model, attns, prompts, gates, gate_fn: str, cap_prompt: bo
         attn._reference_gate = gate.detach()
         attn._reference_impl = attn.config._attn_implementation or "eager"
         attn.config = _RouteTo(attn.config, "reference_prompt")
+
+
+def timm_attention_layer(attn, x: Tensor, prompt, gate, gate_fn):
+    """Any timm ``Attention`` (qk-norm, scale-norm and gated variants included) for ``x`` [B,N,C], after ``proj``:
+    the prompt keys go through the layer's ``k_norm`` as the token keys do; bidirectional, no mask."""
+    import copy as _copy
+
+    x = x.double()
+    H, d = attn.num_heads, attn.head_dim
+    width = H * d
+    w, b = attn.qkv.weight.double(), None if attn.qkv.bias is None else attn.qkv.bias.double()
+    parts = [(w[i * width:(i + 1) * width], None if b is None else b[i * width:(i + 1) * width]) for i in range(3)]
+    q, k, v = (_heads(x @ pw.T + (0 if pb is None else pb), H) for pw, pb in parts)
+    kp, vp = (_heads(prompt.double() @ pw.T + (0 if pb is None else pb), 1 * H) for pw, pb in parts[1:])
+    q_norm, k_norm, norm = (_copy.deepcopy(m).double() for m in (attn.q_norm, attn.k_norm, attn.norm))
+    q, k, kp = q_norm(q), k_norm(k), k_norm(kp)
+    out = gated_attention(q, k, v, kp, vp, gate, gate_fn, attn.scale, None)
+    out = norm(out.transpose(1, 2).flatten(2))
+    if getattr(attn, "gate", None) is not None:
+        out = out * _copy.deepcopy(attn.gate).double()(x).sigmoid()
+    return out @ attn.proj.weight.double().T + attn.proj.bias.double()

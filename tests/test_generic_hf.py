@@ -36,6 +36,18 @@ def test_coverage_subset_passes_every_check(family):
         assert row.checks["generate"] <= 1e-4
 
 
+@pytest.mark.parametrize("row_name, name, extra", coverage.TIMM, ids=[t[0] for t in coverage.TIMM])
+def test_coverage_timm_rows(row_name, name, extra):
+    """timm: every VisionTransformer variant passes (qk-norm keys through k_norm, registers, layer scale); the
+    families with attention of their own (EVA's RoPE, BEiT's relative bias, Swin's windows) are refused."""
+    row = coverage.check_timm(row_name, name, extra)
+    if any(k in name for k in ("eva", "beit", "swin")):
+        assert row.result == "refused" and "zinit has no backbone for timm.models." in row.reason, row
+    else:
+        assert row.result == "pass" and row.backbone == "vit", row
+        assert row.checks["reference"] <= 1e-5 and row.checks["gates_open_effect"] > 0  # deit3: layer scale 1e-5
+
+
 @pytest.mark.parametrize("family", ["falcon", "bloom"])
 def test_a_family_outside_attention_interface_is_refused_with_the_reason(family):
     model = coverage.build(family, "causal")

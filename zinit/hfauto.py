@@ -105,8 +105,10 @@ def _is_cross(name: str, module: nn.Module) -> bool:
 
 
 def _self_attention(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules of a layer that dispatch by their config's ``_attn_implementation``."""
     return [(name, m) for name, m in layer.named_modules()
-            if name and _dispatches(type(m)) and not _is_cross(name, m)]
+            if name and _dispatches(type(m)) and not _is_cross(name, m)
+            and hasattr(base_config(getattr(m, "config", None)), "_attn_implementation")]
 
 
 @dataclass(frozen=True)
@@ -119,14 +121,6 @@ class Layout:
     dims: Dims
     attention_class: str
     attention_layers: tuple[int, ...] = ()  #: positions in the stack of the layers with attention (all but hybrids')
-
-
-def _has(layer: nn.Module, path: str) -> bool:
-    try:
-        layer.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictionary()
@@ -212,6 +206,22 @@ def capture(attention: nn.Module, hidden: Tensor, position0: tuple[Tensor, Tenso
     return records[0]
 
 
+def _legacy_stacks(model: nn.Module, chosen: str) -> list[str]:
+    """Other layer stacks of the model whose layers hold attention modules that do not dispatch (a composite model
+    with a tower zinit cannot reach, e.g. GIT's text decoder beside its vision encoder)."""
+    out = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or not len(m) or name == chosen or name.startswith(chosen + "."):
+            continue
+        if chosen.startswith(name + "."):
+            continue
+        legacy = {type(x).__qualname__ for layer in m for x in layer.modules()
+                  if type(x).__name__.endswith("Attention") and not _dispatches(type(x))}
+        if legacy and not any(_self_attention(layer) for layer in m):
+            out.append(f"{name}: {', '.join(sorted(legacy))}")
+    return out
+
+
 def analyse(model: nn.Module, layers: str | None = None, attention: str | None = None) -> Layout:
     """Find (once per model) the layer stack, each layer's self-attention module and the sizes; raises
     :class:`Unsupported` naming the reason when zinit cannot adapt the model exactly.
@@ -222,6 +232,7 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
     if layout is not None:
         return layout
     cls = type(model).__qualname__
+    layers_declared, attention_declared = layers, attention
     if layers is not None:
         try:
             stack = model.get_submodule(layers)
@@ -242,6 +253,13 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
             f"({', '.join(name for name, _ in stacks)}); inject into the tower you want (e.g. model.{stacks[0][0]} "
             "belongs to one submodule: pass that submodule)")
     path, layers = stacks[0]
+    if layers_declared is None:
+        others = _legacy_stacks(model, path)
+        if others:
+            raise Unsupported(
+                f"zinit cannot adapt {cls} as one model: besides {path}, it has layers whose attention does not "
+                f"dispatch through transformers' AttentionInterface ({', '.join(others)}); inject into a tower whose "
+                "attention all goes through it")
     width = getattr(_text_config(model), "hidden_size", None)
     if attention is not None:
         try:
@@ -252,7 +270,9 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
             raise Unsupported(f"zinit cannot adapt {cls}: {type(modules[0][1]).__qualname__} at {attention!r} does not "
                               "dispatch through transformers' AttentionInterface")
     else:  # a hybrid model's layers without attention carry no adapter: layer n is the n-th attention layer
-        modules = [found[0] for found in map(_self_attention, layers) if found]
+        found = [(i, _self_attention(layer)) for i, layer in enumerate(layers)]
+        positions = tuple(i for i, f in found if f)
+        modules = [f[0] for _, f in found if f]
     names = {name for name, _ in modules}
     if len(names) != 1:
         raise Unsupported(f"zinit cannot adapt {cls}: its layers keep their attention under different names "
@@ -262,16 +282,16 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
         raise Unsupported(f"zinit cannot adapt {cls}: its config has no integer hidden_size")
     position0 = _position0(model, first, width)
     shapes = set()
-    for _, attention in modules:
-        param = next(attention.parameters())
+    for _, module in modules:
+        param = next(module.parameters())
         dummy = torch.zeros(1, 2, width, dtype=param.dtype, device=param.device)
         try:
             with torch.no_grad():
-                query, key, value, _ = capture(attention, dummy, position0)
+                query, key, value, _ = capture(module, dummy, position0)
         except Unsupported:
             raise
         except Exception as exc:  # noqa: BLE001 - named in the refusal
-            raise Unsupported(f"zinit cannot adapt {cls}: a forward of {type(attention).__qualname__} on a prompt "
+            raise Unsupported(f"zinit cannot adapt {cls}: a forward of {type(module).__qualname__} on a prompt "
                               f"of width {width} failed ({type(exc).__name__}: {exc})") from None
         shapes.add((query.shape[1], key.shape[1], key.shape[-1], value.shape[1], value.shape[-1], query.shape[-1]))
     if len(shapes) != 1:
@@ -285,7 +305,7 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
         raise Unsupported(f"zinit cannot adapt {cls}: {heads} query heads are not a multiple of {kv_heads} key heads")
     dims = Dims(hidden_size=width, num_heads=heads, num_kv_heads=kv_heads, head_dim=key_dim, num_layers=len(modules))
     layout = Layout(path, next(iter(names)), position0, dims, type(first).__qualname__,
-                    tuple(i for i, layer in enumerate(layers) if _has(layer, next(iter(names)))))
+                    tuple(range(len(layers))) if attention_declared is not None else positions)
     _LAYOUTS[model] = layout
     return layout
 
