@@ -100,13 +100,16 @@ def apply_floor(model: nn.Module, L: int) -> nn.Module:
 
 
 def apply_method(name: str, model: nn.Module, L: int, K: int) -> nn.Module:
-    """``model`` (a private copy) prepared with method ``name``: zinit, floor, base, adaption_prompt, lora, prefix."""
+    """``model`` (a private copy) prepared with method ``name``: zinit, zinit_generic (through the ``hf`` backbone),
+    floor, base, adaption_prompt, lora, prefix."""
     if name == "base":
         return model
     if name == "floor":
         return apply_floor(model, L)
     if name == "zinit":
         return zinit.inject(model, L, K)
+    if name == "zinit_generic":  # the same adapter through the generic hf backbone (prompt K/V by the layer's forward)
+        return zinit.inject(model, L, K, backbone="hf")
     import peft
 
     spec = zinit.find_backbone(model).name
@@ -195,7 +198,7 @@ def suite_train(args, shape: str) -> dict:
     base = llama(shape, args.model, dtype, args.device)
     L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
     batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
-    methods = ["floor", "zinit", "adaption_prompt", "lora"]
+    methods = ["floor", "zinit", "zinit_generic", "adaption_prompt", "lora"]
     models = {m: apply_method(m, copy.deepcopy(base), L, args.K) for m in methods}
     del base
     ac = _autocast(args.device, dtype)

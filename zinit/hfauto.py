@@ -43,7 +43,7 @@ CAPTURE = "zinit_capture"
 #: this thread and context only (a forward that does not pass its ``**kwargs`` on is captured as well).
 _RECORDS: contextvars.ContextVar[list | None] = contextvars.ContextVar("zinit_capture_records", default=None)
 #: Names of a forward's KV-cache argument across families.
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 class Unsupported(ValueError):

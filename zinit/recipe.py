@@ -19,14 +19,11 @@ one file with one :func:`register_recipe` call (README, "Adding a recipe"), expo
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-log = logging.getLogger(__name__)
+from .registry import load_plugins
 
 ENTRY_POINT_GROUP = "zinit.recipes"
 BUILTIN_PACKAGE = "zinit.recipes"
@@ -153,12 +150,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    _BUILTIN_ORDER = tuple(getattr(importlib.import_module(BUILTIN_PACKAGE), "BUILTIN", ()))
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken plug-in must not take the built-in recipes down with it
-            log.warning("zinit: could not load recipe entry point %r (%s): %s", ep.name, ep.value, exc)
+    _BUILTIN_ORDER = tuple(getattr(load_plugins(BUILTIN_PACKAGE, ENTRY_POINT_GROUP), "BUILTIN", ()))
 
 
 def recipe_names() -> list[str]:

@@ -107,18 +107,27 @@ def unregister_backbone(name: str) -> Backbone:
     return backbone
 
 
+def load_plugins(package: str, group: str) -> object:
+    """Import the built-in ``package`` and every module named by an entry point of ``group``; returns the package.
+
+    A plug-in that fails to import is logged and skipped: it must not take the built-in ones down with it. Shared by
+    the backbone and the recipe registries."""
+    module = importlib.import_module(package)
+    for ep in entry_points(group=group):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - logged, named
+            log.warning("zinit: could not load the %s entry point %r (%s): %s", group, ep.name, ep.value, exc)
+    return module
+
+
 def _discover() -> None:
     """Import the built-in backbones package and every ``zinit.backbones`` entry point, once."""
     global _discovered
     if _discovered:
         return
     _discovered = True
-    importlib.import_module(BUILTIN_PACKAGE)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as exc:  # a broken plug-in must not take the built-in backbones down with it
-            log.warning("zinit: could not load backbone entry point %r (%s): %s", ep.name, ep.value, exc)
+    load_plugins(BUILTIN_PACKAGE, ENTRY_POINT_GROUP)
 
 
 def backbones() -> list[str]:
