@@ -16,7 +16,7 @@ import threading
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zinit.prompts import ADAPTER_ATTR
+from zinit.prompts import prompt_term
 from zinit.registry import Backbone, Dims, register_backbone
 
 
@@ -74,7 +74,9 @@ def _zinit_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None, 
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
     out = _token_attention(self, q, k, v, attn_mask, is_causal)
-    out = out + getattr(self, ADAPTER_ATTR).attend(q, self, self.scale).to(out.dtype)
+    term = prompt_term(self, q, self.scale)
+    if term is not None:
+        out = out + term.to(out.dtype)
     out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
     out = self.norm(out)
     if out_gate is not None:

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import zinit
 from zinit.cliargs import float_list, option_value, positive_int
-from zinit.io import atomic_write, write_json
+from zinit.files import atomic_write, write_json
 
 from . import methods as M
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from zinit.io import read_json
+from zinit.files import read_json
 from zinit.lm import format_prompt, tokenize_pair
 
 DATA_DIR = Path(__file__).resolve().parent / "data"

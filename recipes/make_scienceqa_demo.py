@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zinit.cliargs import positive_int
-from zinit.io import atomic_write
+from zinit.files import atomic_write
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")

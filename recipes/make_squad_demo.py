@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zinit.cliargs import positive_int
-from zinit.io import atomic_write
+from zinit.files import atomic_write
 
 SYLLABLES = ["ka", "lo", "mer", "tin", "sa", "vel", "dor", "ri", "an", "bel", "cor", "fen", "gal", "hu", "is", "jor",
              "lun", "mos", "nar", "ol", "pel", "quen", "ros", "tal", "ur", "ves", "wil", "yor", "zan", "bri"]

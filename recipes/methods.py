@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import zinit
-from zinit.io import atomic_write, write_json
+from zinit.files import atomic_write, write_json
 
 SUMMARY_NAME = "summary.json"
 NOT_APPLICABLE_NAME = "not_applicable.json"

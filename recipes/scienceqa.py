@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 import zinit
 from zinit.cliargs import check_model_folder, option_value, positive_int, without_options
-from zinit.io import atomic_write, read_json, write_json
+from zinit.files import atomic_write, read_json, write_json
 from zinit.lm import EMBEDDED_NAME, format_prompt, load_model, tokenize_pair
 from zinit.train import Task, causal_lm_loss, train
 from zinit.train import dist as D

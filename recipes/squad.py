@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import zinit
 from zinit.cliargs import check_model_folder, finite_float, option_value, positive_int, without_options
-from zinit.io import atomic_write, read_json, write_json
+from zinit.files import atomic_write, read_json, write_json
 from zinit.train import Task, train
 from zinit.train import dist as D
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import zinit
-from zinit.io import atomic_write, write_json
+from zinit.files import atomic_write, write_json
 from zinit.cliargs import float_list, int_at_least, positive_int
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D

@@ -120,7 +120,7 @@ def _toy_project(attn, prompt):
 
 def _toy_install(model, modules):
     for a in modules:
-        a.prompt_hook = lambda q, a=a: a.zinit_adapter.attend(q, a, a.head_dim ** -0.5)
+        a.prompt_hook = lambda q, a=a: zinit.prompt_term(a, q, a.head_dim ** -0.5)  # the public seam
 
 
 def _toy_uninstall(model, modules):

@@ -627,7 +627,7 @@ def test_a_crash_between_the_two_renames_is_detected_and_either_adapter_can_be_r
 
 
 def test_disk_full_in_json_and_checkpoint_writes_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    from zinit.io import write_json
+    from zinit.files import write_json
     from zinit.train.checkpoint import load_checkpoint, save_checkpoint
 
     write_json(tmp_path / "report.json", {"run": 1})

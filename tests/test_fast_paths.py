@@ -4,7 +4,6 @@ bf16 autocast."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""File modes: everything zinit writes through ``zinit.io.atomic_write`` (adapters, JSON, training checkpoints, other
+"""File modes: everything zinit writes through ``zinit.files.atomic_write`` (adapters, JSON, training checkpoints, other
 methods' weights) gets the mode a plain ``open(path, "w")`` would give a new file, 0o666 less the umask, so another
 user or a serving process can read it; never the 0o600 of the temporary file it was written to."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import zinit
-import zinit.io
+import zinit.files
 from tiny import tiny_llama
-from zinit.io import atomic_write, write_json
+from zinit.files import atomic_write, write_json
 from zinit.train.checkpoint import save_checkpoint
 
 
@@ -72,18 +72,18 @@ def test_a_replaced_file_gets_the_umask_mode_not_the_old_files(tmp_path, set_uma
 
 def test_umask_is_read_without_changing_it(set_umask, monkeypatch):
     set_umask(0o027)
-    assert zinit.io.current_umask() == 0o027 and zinit.io.default_file_mode() == 0o640
+    assert zinit.files.current_umask() == 0o027 and zinit.files.default_file_mode() == 0o640
     calls = []
     real = os.umask
     monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
-    assert zinit.io.current_umask() == 0o027
+    assert zinit.files.current_umask() == 0o027
     if os.path.exists("/proc/self/status"):
         assert calls == []  # Linux: read from /proc, the process umask is never touched
 
     def no_proc(*args, **kwargs):
         raise OSError("no /proc here")
 
-    monkeypatch.setattr(zinit.io, "open", no_proc, raising=False)  # the fallback: set and restore under a lock
-    assert zinit.io.current_umask() == 0o027 and calls == [0o077, 0o027]
+    monkeypatch.setattr(zinit.files, "open", no_proc, raising=False)  # the fallback: set and restore under a lock
+    assert zinit.files.current_umask() == 0o027 and calls == [0o077, 0o027]
     monkeypatch.undo()
-    assert zinit.io.current_umask() == 0o027
+    assert zinit.files.current_umask() == 0o027

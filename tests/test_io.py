@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -184,3 +185,49 @@ def test_train_modules_errors_name_the_module():
         zinit.inject(tiny_vit(), 2, K=3, train_modules="head")
     with pytest.raises(ValueError, match="has no parameters"):
         zinit.inject(tiny_vit(), 2, K=3, train_modules=["head_drop"])
+
+
+def test_one_adapter_config_from_inject_to_the_file_and_back(tmp_path):
+    """inject builds one AdapterConfig; the model carries it, zinit.json stores it, load_adapter rebuilds the same."""
+    model = zinit.inject(tiny_vit(), [1, 3], K=3, gate="layer", gate_fn="identity", train_modules=["head"],
+                         visual_dim=6, visual_hidden=5)
+    config = zinit.injection(model).config
+    assert isinstance(config, zinit.AdapterConfig)
+    assert (config.layers, config.K, config.gate, config.gate_fn, config.train_modules, config.visual_dim,
+            config.visual_hidden) == ((1, 3), 3, "layer", "identity", ("head",), 6, 5)
+    assert config.dims == zinit.injection(model).dims == zinit.find_backbone(model).dims(model)
+    assert zinit.injection(model).layers == (1, 3)  # the record reads the config's fields
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        zinit.injection(model).nonsense
+    folder = zinit.save_adapter(model, tmp_path / "a")
+    on_disk = json.loads((folder / "zinit.json").read_text())
+    assert zinit.AdapterConfig.from_json(on_disk) == config
+    assert zinit.injection(zinit.load_adapter(tiny_vit(), folder)).config == config
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.K = 4
+
+
+def test_load_adapter_compares_the_whole_config_and_names_each_difference(tmp_path):
+    folder = zinit.save_adapter(zinit.inject(tiny_vit(), 2, K=3, train_modules=["head"]), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"mismatch on gate_fn: .* has gate_fn=tanh, the model is injected with "
+                                         r"gate_fn=identity; eject it first"):
+        zinit.load_adapter(zinit.inject(tiny_vit(), 2, K=3, gate_fn="identity", train_modules=["head"]), folder)
+    with pytest.raises(ValueError, match=r"mismatch on train_modules: .* has train_modules=\['head'\], the model is "
+                                         r"injected with train_modules=\[\]"):
+        zinit.load_adapter(zinit.inject(tiny_vit(), 2, K=3), folder)
+    with pytest.raises(ValueError, match=r"mismatch on layers: .* \(also K\)"):
+        zinit.load_adapter(zinit.inject(tiny_vit(), 3, K=4, train_modules=["head"]), folder)
+
+
+def test_a_zinit_json_of_an_earlier_version_still_loads(tmp_path):
+    """Files written before train_modules and the visual projection existed (and before format_version) load."""
+    model = zinit.inject(tiny_llama(), 2, K=3)
+    folder = zinit.save_adapter(model, tmp_path / "a")
+    old = json.loads((folder / "zinit.json").read_text())
+    for key in ("train_modules", "format_version", "weights_bytes", "weights_sha256"):
+        old.pop(key)
+    (folder / "zinit.json").write_text(json.dumps(old))
+    loaded = zinit.load_adapter(tiny_llama(), folder)
+    assert zinit.injection(loaded).config == zinit.injection(model).config
+    assert all(torch.equal(a, b) for a, b in zip(zinit.adapter_state_dict(loaded).values(),
+                                                 zinit.adapter_state_dict(model).values()))

@@ -21,11 +21,13 @@ from .inject import (
     visual_features,
 )
 from .io import load_adapter, read_adapter_config, save_adapter
-from .prompts import LayerAdapter, VisualProjection
+from .config import AdapterConfig
+from .prompts import LayerAdapter, VisualProjection, prompt_term
 from .recipe import Recipe, get_recipe, recipe_names, register_recipe
 from .registry import Backbone, Dims, backbones, find_backbone, get_backbone, register_backbone
 
 __all__ = [
+    "AdapterConfig",
     "Backbone",
     "Dims",
     "Injection",
@@ -46,6 +48,7 @@ __all__ = [
     "layer_adapters",
     "load_adapter",
     "load_adapter_state_dict",
+    "prompt_term",
     "read_adapter_config",
     "recipe_names",
     "register_backbone",

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from torch import Tensor, nn
 
-from .prompts import ADAPTER_ATTR
+from .prompts import prompt_term
 
 PREFIX = "zinit_"
 #: Keyword under which the pre-hook hands the layer's KV cache (the prompt K/V scope) to the wrapper.
@@ -116,16 +116,15 @@ def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
         base = ALL_ATTENTION_FUNCTIONS.get_interface(original, None) or _eager_for(type(module))
         target = module if config_free else _BaseView(module, base_config(module.config))
         out, weights = base(target, query, key, value, attention_mask, **kwargs)
-        adapter = module._modules.get(ADAPTER_ATTR)
-        if adapter is None:
-            return out, weights
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = module.scaling
-        # every implementation returns [B, T, H, d]; the query (and the prompt term) is [B, H, T, d]
         # a soft-capped layer (Gemma 2) caps the prompt scores as it caps the token scores
-        prompt_term = adapter.attend(query, module, scaling, scope=scope, softcap=kwargs.get("softcap"))
-        return out + prompt_term.transpose(1, 2).to(out.dtype), weights
+        term = prompt_term(module, query, scaling, scope=scope, softcap=kwargs.get("softcap"))
+        if term is None:
+            return out, weights
+        # every implementation returns [B, T, H, d]; the query (and the prompt term) is [B, H, T, d]
+        return out + term.transpose(1, 2).to(out.dtype), weights
 
     zinit_attention.__name__ = f"zinit_{original}_attention"
     return zinit_attention
@@ -136,9 +135,9 @@ def attention_name(original: str) -> str:
     if original.startswith(PREFIX):
         raise RuntimeError(f"attention implementation {original!r} is already zinit's: eject the model first")
     name = PREFIX + original
-    from transformers.modeling_utils import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-    if name not in AttentionInterface._global_mapping:
+    if name not in ALL_ATTENTION_FUNCTIONS:  # the public mapping: registered functions of every file
         AttentionInterface.register(name, _make_wrapper(original))
     return name
 

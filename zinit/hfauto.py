@@ -64,10 +64,10 @@ _registered = threading.Lock()
 
 
 def _register_capture() -> None:
-    from transformers.modeling_utils import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     with _registered:
-        if CAPTURE not in AttentionInterface._global_mapping:
+        if CAPTURE not in ALL_ATTENTION_FUNCTIONS:
             AttentionInterface.register(CAPTURE, _capture)
 
 

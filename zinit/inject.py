@@ -5,14 +5,15 @@ from __future__ import annotations
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .attention import GATE_FUNCTIONS
-from .prompts import ADAPTER_ATTR, GATE_KINDS, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
-from .registry import Backbone, Dims, find_backbone, get_backbone
+from .config import GATE_KINDS, AdapterConfig
+from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
+from .registry import Backbone, find_backbone, get_backbone
 
 #: Attribute of an injected model that holds its :class:`Injection`.
 STATE_ATTR = "_zinit"
@@ -20,19 +21,22 @@ STATE_ATTR = "_zinit"
 
 @dataclass
 class Injection:
-    """What :func:`inject` did to a model; kept on the model as ``model._zinit``."""
+    """What :func:`inject` did to a model; kept on the model as ``model._zinit``.
+
+    ``config`` is the adapter's :class:`~zinit.config.AdapterConfig` (what ``zinit.json`` stores); its fields read
+    through this record too (``injection(model).layers``, ``.K``, ``.dims`` ...).
+    """
 
     backbone: Backbone
-    dims: Dims
-    layers: tuple[int, ...]  #: adapted layer indices, ascending (the backbone's own numbering)
-    K: int
-    gate: str
-    gate_fn: str
+    config: AdapterConfig
     requires_grad: dict[str, bool]  #: each base parameter's flag before inject froze it, restored by eject
-    train_modules: tuple[str, ...] = ()  #: submodules left trainable and saved with the adapter (a task head)
-    visual_dim: int | None = None  #: width of the image features the visual projection takes (None: text only)
-    visual_hidden: int | None = None  #: hidden width of the visual projection MLP
     visual: VisualInput | None = None  #: where zinit.visual_features puts the current image tokens
+
+    def __getattr__(self, name: str) -> Any:  # only for names this record does not hold itself
+        config = self.__dict__.get("config")
+        if config is None or name.startswith("_") or not hasattr(config, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(config, name)
 
 
 def _check_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -123,6 +127,8 @@ def inject(
         raise ValueError(f"visual_hidden={visual_hidden!r} must be an int >= 1 (the projection MLP's hidden width)")
     if visual_dim is not None and hasattr(model, VISUAL_ATTR):
         raise ValueError(f"the model already has an attribute {VISUAL_ATTR!r}; zinit needs that name")
+    config = AdapterConfig.for_model(spec.name, dims, chosen, K, gate=gate, gate_fn=gate_fn, train_modules=extra,
+                                     visual_dim=visual_dim, visual_hidden=visual_hidden if visual_dim else None)
     visual = VisualInput() if visual_dim is not None else None
     modules = list(spec.attention_modules(model))
 
@@ -154,8 +160,7 @@ def inject(
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
         raise
-    setattr(model, STATE_ATTR, Injection(spec, dims, chosen, K, gate, gate_fn, flags, extra, visual_dim,
-                                         visual_hidden if visual_dim is not None else None, visual))
+    setattr(model, STATE_ATTR, Injection(spec, config, flags, visual))
     return model
 
 

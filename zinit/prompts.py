@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import gate_values, prepare_prompt_kv, prompt_attention
-
-GATE_KINDS = ("head", "layer")
+from .config import GATE_KINDS  # noqa: F401 - its home was here
 
 #: Name of the submodule that holds a layer's adapter, on that layer's attention module.
 ADAPTER_ATTR = "zinit_adapter"
@@ -179,6 +178,37 @@ class LayerAdapter(nn.Module):
         key, value = self._prepared(attention, query, tokens)
         store[self] = (stamp, key, value)
         return key, value
+
+
+def prompt_term(module: nn.Module, query: Tensor, scaling: float, *, scope: object | None = None,
+                softcap: float | None = None) -> Tensor | None:
+    """The gated prompt term ``[B, H, T, d]`` that zinit adds to the attention output of ``module``, or None when
+    ``module`` carries no adapter: the one call a backbone makes (README, "Adding a backbone").
+
+    Args:
+        module: an attention module of the model (the n-th of the backbone's ``attention_modules``).
+        query: that module's own query ``[B, H, T, d]``, exactly as its token attention uses it (already rotated by
+            RoPE, normalised, pre-scaled: whatever the family does).
+        scaling: the module's score scale (usually ``d ** -0.5``).
+        scope: the layer's KV cache during a decoding loop (prompt keys/values are then projected once per
+            ``generate()`` call instead of once per step; see :meth:`LayerAdapter.attend`), else None.
+        softcap: the layer's logit soft-capping, if it has one (Gemma 2).
+
+    The term is in the query's dtype and layout; add it to the attention output before the heads are merged and the
+    output projection runs. With the gates at zero it is exactly zero.
+
+    >>> import torch, timm, zinit
+    >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224"), layers=1, K=4)
+    >>> q = torch.randn(2, 3, 5, 64)
+    >>> zinit.prompt_term(vit.blocks[11].attn, q, 64 ** -0.5).abs().max().item()  # gates start at 0
+    0.0
+    >>> zinit.prompt_term(vit.blocks[0].attn, q, 64 ** -0.5) is None  # layer 0 is not adapted
+    True
+    """
+    adapter = module._modules.get(ADAPTER_ATTR)
+    if adapter is None:
+        return None
+    return adapter.attend(query, module, scaling, scope=scope, softcap=softcap)
 
 
 #: Attribute of a KV cache object under which the prompt keys/values of its decoding loop are kept.

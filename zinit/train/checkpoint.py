@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write
+from ..files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "zinit-train-checkpoint/1"

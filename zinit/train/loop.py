@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inject import is_injected, layer_adapters
-from ..io import atomic_write, write_json
+from ..files import atomic_write, write_json
 from . import dist as D
 from .checkpoint import CHECKPOINT_NAME, check_same_run, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import epoch_batches

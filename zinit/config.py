@@ -1,0 +1,162 @@
+"""One adapter configuration: what :func:`zinit.inject` builds, the injected model carries, ``zinit.json`` stores
+and :func:`zinit.load_adapter` compares, as a whole.
+
+An :class:`AdapterConfig` names the backbone, the model sizes the adapter fits (hidden size, heads, KV heads, head
+size, layer count) and every injection option (layers, K, gate, gate function, trained submodules, visual
+projection). It is frozen, compares by value, and round-trips through JSON with a schema version
+(:data:`FORMAT_VERSION`); files written by older zinit versions, which lack the later optional fields, keep loading.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+from .attention import GATE_FUNCTIONS
+from .registry import Dims
+
+#: What ``zinit.json`` says it is.
+FORMAT = "zinit-adapter"
+#: The schema version this zinit writes (and the newest it reads).
+FORMAT_VERSION = 1
+GATE_KINDS = ("head", "layer")
+#: The fields that describe the model an adapter fits (the :class:`~zinit.registry.Dims` of its backbone).
+DIM_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_layers")
+#: The fields that an adapter folder records about its weights file, beside the configuration.
+FILE_FIELDS = ("weights_bytes", "weights_sha256")
+
+_AGAIN = "save the adapter again (zinit.save_adapter) or restore the folder from a copy"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Everything that defines a zinit adapter except its weights.
+
+    >>> import zinit
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> config = zinit.injection(zinit.inject(LlamaForCausalLM(cfg), layers=2, K=5)).config
+    >>> config.layers, config.K, config.gate
+    ((1, 2), 5, 'head')
+    >>> zinit.AdapterConfig.from_json(config.to_json()) == config
+    True
+    """
+
+    backbone: str  #: registry name of the backbone (``"llama"``, ``"vit"``, ``"hf"`` ...)
+    hidden_size: int  #: C, the prompt width
+    num_heads: int  #: query heads H
+    num_kv_heads: int  #: key/value heads
+    head_dim: int  #: d
+    num_layers: int  #: layers the model has
+    layers: tuple[int, ...]  #: adapted layer indices, ascending
+    K: int  #: prompt length
+    gate: str = "head"  #: ``"head"`` (one gate per query head) or ``"layer"``
+    gate_fn: str = "tanh"  #: ``"tanh"`` or ``"identity"``
+    train_modules: tuple[str, ...] = ()  #: submodules trained and saved with the adapter (a task head)
+    visual_dim: int | None = None  #: width of the image features (None: text only)
+    visual_hidden: int | None = None  #: hidden width of the visual projection (None without ``visual_dim``)
+
+    @classmethod
+    def for_model(cls, backbone: str, dims: Dims, layers: tuple[int, ...], K: int, **options: Any) -> "AdapterConfig":
+        """The configuration of an adapter on a model of sizes ``dims`` (``options``: the other fields)."""
+        return cls(backbone=backbone, **{f: getattr(dims, f) for f in DIM_FIELDS}, layers=tuple(layers), K=K,
+                   **options)
+
+    @property
+    def dims(self) -> Dims:
+        """The model sizes this adapter fits."""
+        return Dims(**{f: getattr(self, f) for f in DIM_FIELDS})
+
+    def inject_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`zinit.inject` (after ``layers`` and ``K``) that build this adapter."""
+        return {"gate": self.gate, "gate_fn": self.gate_fn, "backbone": self.backbone,
+                "train_modules": list(self.train_modules), "visual_dim": self.visual_dim,
+                "visual_hidden": self.visual_hidden if self.visual_hidden is not None else 128}
+
+    def differences(self, other: "AdapterConfig") -> dict[str, tuple[Any, Any]]:
+        """``{field: (this value, other value)}`` for every field where the two differ (empty: equal)."""
+        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``zinit.json`` fields: format, schema version, then every field (tuples as lists; the visual fields
+        only with a visual projection, as earlier versions wrote them)."""
+        out: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        for key, value in asdict(self).items():
+            if key in ("visual_dim", "visual_hidden") and self.visual_dim is None:
+                continue
+            out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "adapter description") -> "AdapterConfig":
+        """Read and check the fields :meth:`to_json` writes (extra keys, such as the weights' size and digest, are
+        ignored). Errors name ``source``, the field, the bad value and the fix."""
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise ValueError(f"{source} is not a zinit adapter description (no \"format\": \"{FORMAT}\")")
+        version = data.get("format_version", 0)
+        if not _is_int(version):
+            raise _field_error(source, "format_version", f"an int (this zinit writes {FORMAT_VERSION})", version)
+        if version > FORMAT_VERSION:
+            from ._version import __version__
+
+            raise ValueError(f"{source} has format_version {version}, newer than this zinit ({__version__}) reads "
+                             f"({FORMAT_VERSION}); upgrade zinit")
+        required = ["backbone", "layers", "K", "gate", "gate_fn", *DIM_FIELDS]
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise ValueError(f"{source} lacks the fields {missing}; {_AGAIN}")
+        _check(data, source)
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["layers"] = tuple(values["layers"])
+        values["train_modules"] = tuple(values.get("train_modules", ()))
+        if values.get("visual_dim") is None:
+            values["visual_dim"] = values["visual_hidden"] = None
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "AdapterConfig":
+        """A copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+
+def _field_error(source: str, key: str, want: str, value: Any) -> ValueError:
+    return ValueError(f"{source}: field {key!r} must be {want}, got {json.dumps(value)} ({type(value).__name__}); "
+                      f"correct it or {_AGAIN}")
+
+
+def _check(data: Mapping[str, Any], source: str) -> None:
+    """Types and ranges of every field; errors name the field, the value and the fix."""
+    if not isinstance(data["backbone"], str):
+        raise _field_error(source, "backbone", "a backbone name such as \"llama\"", data["backbone"])
+    for key in DIM_FIELDS:
+        if not _is_int(data[key]) or data[key] < 1:
+            raise _field_error(source, key, "an int >= 1", data[key])
+    layers, depth = data["layers"], data["num_layers"]
+    if (not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(n) and 0 <= n < depth for n in layers)
+            or len(set(layers)) != len(layers)):
+        raise _field_error(source, "layers", f"a non-empty list of distinct layer indices in 0..{depth - 1}", layers)
+    if not _is_int(data["K"]) or data["K"] < 1:
+        raise _field_error(source, "K", "an int >= 1 (the prompt length)", data["K"])
+    if data["gate"] not in GATE_KINDS:
+        raise _field_error(source, "gate", f"one of {list(GATE_KINDS)}", data["gate"])
+    if data["gate_fn"] not in GATE_FUNCTIONS:
+        raise _field_error(source, "gate_fn", f"one of {list(GATE_FUNCTIONS)}", data["gate_fn"])
+    modules = data.get("train_modules", [])
+    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
+        raise _field_error(source, "train_modules", "a list of submodule names", modules)
+    for key in ("visual_dim", "visual_hidden"):
+        value = data.get(key)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise _field_error(source, key, "an int >= 1 or null", value)
+    if "weights_bytes" in data and (not _is_int(data["weights_bytes"]) or data["weights_bytes"] < 0):
+        raise _field_error(source, "weights_bytes", "the size of adapter.safetensors in bytes", data["weights_bytes"])
+    sha = data.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise _field_error(source, "weights_sha256", "the sha256 of adapter.safetensors (64 hex digits)", sha)
