@@ -8,6 +8,7 @@ has ``num_key_value_heads`` key/value heads, shared by query heads exactly as th
 
 from __future__ import annotations
 
+from einops import rearrange
 from torch import Tensor, nn
 
 from zinit import hf
@@ -42,10 +43,10 @@ def _dims(model: nn.Module) -> Dims:
 
 
 def _project(attn: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
-    shape = (*prompt.shape[:-1], -1, attn.head_dim)  # [..., K, Hkv, d]
-    key = attn.k_proj(prompt).view(shape).transpose(-2, -3)
-    value = attn.v_proj(prompt).view(shape).transpose(-2, -3)
-    return key, value
+    def heads(x: Tensor) -> Tensor:
+        return rearrange(x, "... k (h d) -> ... h k d", d=attn.head_dim)
+
+    return heads(attn.k_proj(prompt)), heads(attn.v_proj(prompt))
 
 
 register_backbone(

@@ -8,6 +8,7 @@ carry no adapter and are left as they are.
 
 from __future__ import annotations
 
+from einops import rearrange
 from torch import Tensor, nn
 
 from zinit import hf
@@ -44,10 +45,10 @@ def _dims(model: nn.Module) -> Dims:
 
 
 def _project(attn: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
-    shape = (*prompt.shape[:-1], attn.num_attention_heads, attn.attention_head_size)  # [..., K, H, d]
-    key = attn.key(prompt).view(shape).transpose(-2, -3)
-    value = attn.value(prompt).view(shape).transpose(-2, -3)
-    return key, value
+    def heads(x: Tensor) -> Tensor:
+        return rearrange(x, "... k (h d) -> ... h k d", h=attn.num_attention_heads)
+
+    return heads(attn.key(prompt)), heads(attn.value(prompt))
 
 
 register_backbone(

@@ -14,6 +14,7 @@ import sys
 import threading
 
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from zinit.prompts import prompt_term
@@ -46,10 +47,8 @@ def _dims(model: nn.Module) -> Dims:
 def _project(attn: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
     width = attn.num_heads * attn.head_dim
     weight, bias = attn.qkv.weight, attn.qkv.bias
-    kv = F.linear(prompt, weight[width:], None if bias is None else bias[width:])  # [..., K, 2·H·d]
-    kv = kv.view(*prompt.shape[:-1], 2, attn.num_heads, attn.head_dim)
-    key = kv.select(-3, 0).transpose(-2, -3)  # [..., H, K, d]
-    value = kv.select(-3, 1).transpose(-2, -3)
+    kv = F.linear(prompt, weight[width:], None if bias is None else bias[width:])  # the k and v thirds of qkv
+    key, value = rearrange(kv, "... k (two h d) -> two ... h k d", two=2, h=attn.num_heads)
     return attn.k_norm(key), value
 
 
@@ -147,5 +146,7 @@ register_backbone(
         install=_install,
         uninstall=_uninstall,
         description="timm VisionTransformer / DeiT (fused qkv, class token, bidirectional)",
+        # peft has no defaults for timm models: LoRA on the fused q/k/v projection, IA3 on it and the MLP output
+        peft_targets=(("lora", ("qkv",)), ("ia3", ("qkv", "fc2")), ("ia3_feedforward", ("fc2",))),
     )
 )

@@ -77,15 +77,24 @@ class _ZeroBias(nn.Module):
         self.bias = nn.Parameter(torch.zeros(width, device=device, dtype=dtype))
 
 
+def _layer_of(model: nn.Module, attention: nn.Module) -> nn.Module:
+    """The layer (transformer block) that holds ``attention``: its nearest ancestor that is an element of the layer
+    stack, i.e. whose name ends in an index (``model.layers.3``, ``blocks.3``, ``encoder.layer.3``)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    parts = names[id(attention)].split(".")
+    for end in range(len(parts), 0, -1):
+        if parts[end - 1].isdigit():
+            return model.get_submodule(".".join(parts[:end]))
+    raise ValueError(f"{names[id(attention)]} is in no indexed layer stack")
+
+
 def apply_floor(model: nn.Module, L: int) -> nn.Module:
     """Freeze everything, then add one trainable zero bias to the input of the lowest of the top L layers."""
     for p in model.parameters():
         p.requires_grad_(False)
     spec = zinit.find_backbone(model)
     dims = spec.dims(model)
-    layer_modules = {"llama": lambda m: m.base_model.layers, "vit": lambda m: m.blocks,
-                     "roberta": lambda m: m.base_model.encoder.layer}[spec.name](model)
-    first = layer_modules[dims.num_layers - L]
+    first = _layer_of(model, spec.attention_modules(model)[dims.num_layers - L])
     p = next(model.parameters())
     first.zinit_floor = _ZeroBias(dims.hidden_size, p.device, p.dtype)
 
@@ -99,30 +108,24 @@ def apply_floor(model: nn.Module, L: int) -> nn.Module:
     return model
 
 
-def apply_method(name: str, model: nn.Module, L: int, K: int) -> nn.Module:
-    """``model`` (a private copy) prepared with method ``name``: zinit, zinit_generic (through the ``hf`` backbone),
-    floor, base, adaption_prompt, lora, prefix."""
+#: What the benchmark's own names mean; every other name is a method of zinit compare's registry
+#: (zinit.recipes.methods), prepared exactly as a recipe prepares it.
+REFERENCES = ("base", "floor", "zinit_generic")
+
+
+def apply_method(name: str, model: nn.Module, L: int, K: int, task: str = "causal_lm") -> nn.Module:
+    """``model`` (a private copy) prepared with ``name``: a reference (``base``: untouched; ``floor``: see
+    :func:`apply_floor`; ``zinit_generic``: zinit through the generic ``hf`` backbone) or a registered method
+    (``zinit``, ``adaption_prompt``, ``lora``, ``prefix`` ...) for a model of ``task``."""
     if name == "base":
         return model
     if name == "floor":
         return apply_floor(model, L)
-    if name == "zinit":
-        return zinit.inject(model, L, K)
     if name == "zinit_generic":  # the same adapter through the generic hf backbone (prompt K/V by the layer's forward)
         return zinit.inject(model, L, K, backbone="hf")
-    import peft
+    from zinit.recipes import methods
 
-    spec = zinit.find_backbone(model).name
-    if name == "adaption_prompt":
-        cfg = peft.AdaptionPromptConfig(adapter_len=K, adapter_layers=L, task_type="CAUSAL_LM")
-    elif name == "lora":
-        targets = {"llama": ["q_proj", "v_proj"], "vit": ["qkv"], "roberta": ["query", "value"]}[spec]
-        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)
-    elif name == "prefix":
-        cfg = peft.PrefixTuningConfig(num_virtual_tokens=K, task_type="SEQ_CLS")
-    else:
-        raise ValueError(f"unknown method {name!r}")
-    return peft.get_peft_model(model, cfg)
+    return methods.prepare(name, model, methods.MethodContext(recipe="bench", layers=L, K=K, task=task))
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -343,7 +346,8 @@ def suite_vit(args) -> dict:
     images = torch.randn(args.vit_batch, 3, 224, 224, device=args.device)
     labels = torch.randint(0, 100, (args.vit_batch,), device=args.device)
     loss = lambda m: nn.functional.cross_entropy(m(images), labels)  # noqa: E731
-    models = {m: apply_method(m, copy.deepcopy(base), L, args.K) for m in ("floor", "zinit", "lora")}
+    models = {m: apply_method(m, copy.deepcopy(base), L, args.K, "image_classification")
+              for m in ("floor", "zinit", "lora")}
     stats = interleaved({m: train_step_fn(models[m], loss, _autocast(args.device, getattr(torch, args.dtype)))
                          for m in models}, max(1, args.repeats // 2), args.device)
     report(f"ViT train step [{args.vit_model}, batch {args.vit_batch}, L={L}, K={args.K}]", stats, "floor",
@@ -365,7 +369,7 @@ def suite_roberta(args) -> dict:
     models, skipped = {}, {}
     for m in ("floor", "zinit", "prefix"):
         try:
-            models[m] = apply_method(m, copy.deepcopy(base), L, args.K)
+            models[m] = apply_method(m, copy.deepcopy(base), L, args.K, "sequence_classification")
             loss(models[m]).backward()  # peft's prefix tuning may not support this transformers version
             models[m].zero_grad(set_to_none=True)
         except Exception as exc:  # reported as n/a with the reason, not silently dropped

@@ -8,7 +8,9 @@ rates by task (or by recipe). A method that cannot take a recipe's model raises 
 Built in: ``zinit``; through peft, ``lora`` (r=8 on the query and value projections), ``ia3``, ``prefix`` and
 ``prompt`` tuning and ``adaption_prompt`` (peft's LLaMA-Adapter); ``vpt`` (VPT-deep for timm ViTs, written here);
 ``bitfit`` (biases only), ``linear`` (the task head only) and ``full`` fine-tuning. Methods that add a task-specific
-head train it too (``ctx.head``).
+head train it too (``ctx.head``). This is the one registry of methods: ``zinit compare`` and the speed benchmark
+(``zinit bench``) both prepare models through :func:`prepare`. peft's target modules come from peft's own defaults for
+the model type, or from the backbone (:attr:`zinit.Backbone.peft_targets`) where peft has none (timm ViTs).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from einops import repeat
 from torch import nn
 
 import zinit
@@ -43,7 +46,8 @@ class MethodContext:
     layers: int  #: adapt (or prompt) the top L layers where the method has such a setting
     K: int  #: prompt / virtual-token length where the method has one
     head: Sequence[str] = ()  #: names of new task-head submodules that every method trains
-    task: str = "causal_lm"  #: "causal_lm", "image_classification" or "question_answering"
+    #: "causal_lm", "image_classification", "question_answering" or "sequence_classification"
+    task: str = "causal_lm"
 
 
 @dataclass
@@ -109,10 +113,17 @@ def _zinit(model: nn.Module, ctx: MethodContext) -> nn.Module:
     return zinit.inject(model, layers=min(ctx.layers, depth), K=ctx.K, train_modules=list(ctx.head))
 
 
-_LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "vit": ["qkv"], "roberta": ["query", "value"]}
-_IA3 = {"llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]), "vit": (["qkv", "fc2"], ["fc2"]),
-        "roberta": (["key", "value", "output.dense"], ["output.dense"])}
-_PEFT_TASK = {"causal_lm": "CAUSAL_LM", "question_answering": "QUESTION_ANS", "image_classification": None}
+_PEFT_TASK = {"causal_lm": "CAUSAL_LM", "question_answering": "QUESTION_ANS", "sequence_classification": "SEQ_CLS",
+              "image_classification": None}
+
+
+def _targets(model: nn.Module, method: str) -> list[str] | None:
+    """Target modules of a peft method: what the model's backbone declares (``Backbone.peft_targets``), else None,
+    which lets peft pick its own defaults for the model type (and name the model type if it has none)."""
+    try:
+        return zinit.find_backbone(model).peft_target(method)
+    except ValueError:  # a model no backbone takes: peft's defaults, or its own error
+        return None
 
 
 def _peft_class(name: str) -> Any:
@@ -128,23 +139,25 @@ def _peft(model: nn.Module, config: Any) -> nn.Module:
     return _peft_class("get_peft_model")(model, config)
 
 
+def _peft_targeted(model: nn.Module, config: Any) -> nn.Module:
+    try:
+        return _peft(model, config)
+    except ValueError as exc:  # no default targets for this model type: peft says so
+        if "target_modules" not in str(exc):
+            raise
+        raise NotApplicable(f"no {type(config).__name__} target modules known for {_family(model)}: {exc}") from None
+
+
 def _lora(model: nn.Module, ctx: MethodContext) -> nn.Module:
-    LoraConfig = _peft_class("LoraConfig")
-    family = _family(model)
-    if family not in _LORA_TARGETS:
-        raise NotApplicable(f"no LoRA target modules known for {family}")
-    return _peft(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=_LORA_TARGETS[family],
-                                   modules_to_save=list(ctx.head) or None, task_type=_PEFT_TASK[ctx.task]))
+    return _peft_targeted(model, _peft_class("LoraConfig")(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=_targets(model, "lora"),
+        modules_to_save=list(ctx.head) or None, task_type=_PEFT_TASK[ctx.task]))
 
 
 def _ia3(model: nn.Module, ctx: MethodContext) -> nn.Module:
-    IA3Config = _peft_class("IA3Config")
-    family = _family(model)
-    if family not in _IA3:
-        raise NotApplicable(f"no IA3 target modules known for {family}")
-    targets, ff = _IA3[family]
-    return _peft(model, IA3Config(target_modules=targets, feedforward_modules=ff,
-                                  modules_to_save=list(ctx.head) or None, task_type=_PEFT_TASK[ctx.task]))
+    return _peft_targeted(model, _peft_class("IA3Config")(
+        target_modules=_targets(model, "ia3"), feedforward_modules=_targets(model, "ia3_feedforward"),
+        modules_to_save=list(ctx.head) or None, task_type=_PEFT_TASK[ctx.task]))
 
 
 def _prompt_learning(kind: str) -> Callable[[nn.Module, MethodContext], nn.Module]:
@@ -219,7 +232,9 @@ class VPTDeep(nn.Module):
     def hook(self, index: int) -> Callable:
         def pre_hook(_block: nn.Module, args: tuple) -> tuple:
             x = args[0]
-            prompt = self.prompts[index].to(x.dtype).expand(x.shape[0], -1, -1)
+            prompt = repeat(self.prompts[index].to(x.dtype), "k c -> b k c", b=x.shape[0])
+            # [class (and register) tokens | K prompt tokens | patches]; from block 1 on the previous block's K
+            # prompt outputs are replaced (VPT-deep)
             rest = x[:, self.prefix:] if index == 0 else x[:, self.prefix + self.K:]
             return (torch.cat([x[:, :self.prefix], prompt, rest], dim=1), *args[1:])
 

@@ -55,6 +55,9 @@ class Backbone:
         description: one line for listings and error messages.
         generic: a catch-all for a whole library (the ``hf`` backbone takes any transformers model): consulted only
             when no other backbone matches the model.
+        peft_targets: module names the PEFT methods that ``zinit compare`` runs through peft should target, for a
+            family peft has no defaults for (peft knows every transformers model type; a timm ViT it does not):
+            ``(("lora", ("qkv",)), ("ia3", ("qkv", "fc2")), ("ia3_feedforward", ("fc2",)))``.
     """
 
     name: str
@@ -66,6 +69,12 @@ class Backbone:
     uninstall: Callable[[nn.Module, Sequence[nn.Module]], None]
     description: str = ""
     generic: bool = False
+    peft_targets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def peft_target(self, method: str) -> list[str] | None:
+        """The module names :attr:`peft_targets` gives for ``method`` (None: use peft's own defaults)."""
+        found = dict(self.peft_targets).get(method)
+        return None if found is None else list(found)
 
 
 _REGISTRY: dict[str, Backbone] = {}
