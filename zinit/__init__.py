@@ -7,6 +7,7 @@
 """
 
 from . import convert
+from .bank import adapter_names, adapter_parameters, add_adapter, remove_adapter, use_adapters
 from ._version import __version__
 from .inject import (
     Injection,
@@ -35,6 +36,9 @@ __all__ = [
     "Recipe",
     "VisualProjection",
     "__version__",
+    "adapter_names",
+    "adapter_parameters",
+    "add_adapter",
     "adapter_state_dict",
     "backbones",
     "convert",
@@ -53,7 +57,9 @@ __all__ = [
     "recipe_names",
     "register_backbone",
     "register_recipe",
+    "remove_adapter",
     "save_adapter",
     "trainable_parameters",
+    "use_adapters",
     "visual_features",
 ]

@@ -110,12 +110,10 @@ def inject(
     """
     if is_injected(model):
         raise RuntimeError("this model is already injected with zinit; call zinit.eject(model) first to re-inject")
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise ValueError(f"K={K!r} must be an int >= 1 (the prompt length; the paper uses 10)")
-    if gate not in GATE_KINDS:
-        raise ValueError(f"gate={gate!r} is not one of {GATE_KINDS}")
-    if gate_fn not in GATE_FUNCTIONS:
-        raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
+    if hasattr(model, "_zinit_bank"):
+        raise RuntimeError("this model carries named adapters (zinit.add_adapter); inject one into a model without "
+                           "them, or add this one by name: zinit.add_adapter(model, name, layers=..., K=...)")
+    _check_options(K, gate, gate_fn)
     spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
     dims = spec.dims(model)
     chosen = _check_layers(layers, dims.num_layers)
@@ -162,6 +160,15 @@ def inject(
         raise
     setattr(model, STATE_ATTR, Injection(spec, config, flags, visual))
     return model
+
+
+def _check_options(K: int, gate: str, gate_fn: str) -> None:
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"K={K!r} must be an int >= 1 (the prompt length; the paper uses 10)")
+    if gate not in GATE_KINDS:
+        raise ValueError(f"gate={gate!r} is not one of {GATE_KINDS}")
+    if gate_fn not in GATE_FUNCTIONS:
+        raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
 
 
 _SERIAL = itertools.count(1)
@@ -282,7 +289,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def eject(model: nn.Module) -> nn.Module:
-    """Remove everything :func:`inject` added and restore each parameter's ``requires_grad``; returns ``model``.
+    """Remove everything :func:`inject` added (or every named adapter :func:`zinit.add_adapter` added) and restore
+    each parameter's ``requires_grad``; returns ``model``.
 
     Afterwards the model's state_dict, parameters and outputs are those of a never-injected model.
 
@@ -292,6 +300,12 @@ def eject(model: nn.Module) -> nn.Module:
     >>> list(zinit.eject(zinit.inject(vit, 2, 4)).state_dict()) == keys
     True
     """
+    if not is_injected(model) and hasattr(model, "_zinit_bank"):
+        from .bank import adapter_names, remove_adapter
+
+        for name in adapter_names(model):
+            remove_adapter(model, name)
+        return model
     state = injection(model)
     modules = state.backbone.attention_modules(model)
     targets = [modules[n] for n in state.layers]

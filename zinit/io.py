@@ -38,8 +38,10 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     return {**injection(model).config.to_json(), "zinit_version": __version__}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write an injected model's adapter to ``directory`` (created if needed) and return the folder.
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: str | None = None) -> Path:
+    """Write an injected model's adapter (or, with ``name``, the named adapter of :func:`zinit.add_adapter`) to
+    ``directory`` (created if needed) and return the folder. Either way the folder is the same kind: any of them
+    loads with :func:`load_adapter` or :func:`zinit.add_adapter`.
 
     Writes ``adapter.safetensors`` (keys ``layers.{n}.prompt`` / ``layers.{n}.gate``, float32, and
     ``modules.{name}.*`` for inject's ``train_modules``) and ``zinit.json`` (format version, backbone, hidden size,
@@ -57,12 +59,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     >>> sorted(p.name for p in folder.iterdir())
     ['adapter.safetensors', 'zinit.json']
     """
-    config = adapter_config(model)
+    if name is None:
+        config = adapter_config(model)
+        state = adapter_state_dict(model)
+    else:
+        from .bank import named_adapter_config, named_adapter_state_dict
+
+        config = {**named_adapter_config(model, name).to_json(), "zinit_version": __version__}
+        state = named_adapter_state_dict(model, name)
     folder = Path(directory)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"save_adapter: {folder} is a file; pass a folder (it receives {WEIGHTS_NAME} and "
                                  f"{CONFIG_NAME})")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     staged: list[str] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -211,6 +220,23 @@ def _read_weights(weights: Path, config: dict[str, Any]) -> dict[str, Any]:
     return tensors
 
 
+def read_adapter(directory: str | os.PathLike[str]) -> tuple[AdapterConfig, dict[str, Any]]:
+    """The :class:`~zinit.AdapterConfig` and the tensors of an adapter folder, both checked (the description's
+    fields, the weights' size, sha256 and dtypes); errors name the file and the fix. Nothing is loaded anywhere.
+
+    >>> import tempfile, timm, zinit
+    >>> folder = zinit.save_adapter(zinit.inject(timm.create_model("vit_tiny_patch16_224"), 2, 4), tempfile.mkdtemp())
+    >>> config, tensors = read_adapter(folder)
+    >>> config.K, sorted(tensors)[:2]
+    (4, ['layers.10.gate', 'layers.10.prompt'])
+    """
+    config = read_adapter_config(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist (the folder has {CONFIG_NAME} but no weights); {_AGAIN}")
+    return AdapterConfig.from_json(config, str(Path(directory) / CONFIG_NAME)), _read_weights(weights, config)
+
+
 def _shown(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -230,11 +256,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     >>> zinit.injection(fresh).layers
     (10, 11)
     """
-    config = read_adapter_config(directory)
-    wanted = AdapterConfig.from_json(config, str(Path(directory) / CONFIG_NAME))
-    weights = Path(directory) / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist (the folder has {CONFIG_NAME} but no weights); {_AGAIN}")
+    wanted, tensors = read_adapter(directory)
     spec = get_backbone(wanted.backbone)
     if not spec.matches(model):
         raise ValueError(
@@ -248,7 +270,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
                 f"adapter/model mismatch on {key}: the adapter in {directory} has {key}={getattr(wanted, key)}, "
                 f"the model has {key}={getattr(dims, key)}; load it into the model it was trained on"
             )
-    tensors = _read_weights(weights, config)
     injected_here = not is_injected(model)
     if injected_here:
         inject(model, list(wanted.layers), wanted.K, **wanted.inject_options())
@@ -266,7 +287,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
             load_adapter_state_dict(model, tensors)
         except KeyError as exc:
             message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-            raise KeyError(f"{weights}: {message}") from None
+            raise KeyError(f"{Path(directory) / WEIGHTS_NAME}: {message}") from None
     except BaseException:
         if injected_here:
             eject(model)

@@ -14,6 +14,8 @@ from .config import GATE_KINDS  # noqa: F401 - its home was here
 
 #: Name of the submodule that holds a layer's adapter, on that layer's attention module.
 ADAPTER_ATTR = "zinit_adapter"
+#: Name of the submodule, on an attention module, that holds that layer's named adapters (:mod:`zinit.bank`).
+BANK_ATTR = "zinit_bank"
 #: Name of the model-level submodule that holds the visual projection (``inject(..., visual_dim=D)``).
 VISUAL_ATTR = "zinit_visual_proj"
 
@@ -195,7 +197,8 @@ def prompt_term(module: nn.Module, query: Tensor, scaling: float, *, scope: obje
         softcap: the layer's logit soft-capping, if it has one (Gemma 2).
 
     The term is in the query's dtype and layout; add it to the attention output before the heads are merged and the
-    output projection runs. With the gates at zero it is exactly zero.
+    output projection runs. With the gates at zero it is exactly zero. On a model with named adapters
+    (:func:`zinit.add_adapter`) it is each row's adapter's term, as :func:`zinit.use_adapters` chose.
 
     >>> import torch, timm, zinit
     >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224"), layers=1, K=4)
@@ -207,7 +210,9 @@ def prompt_term(module: nn.Module, query: Tensor, scaling: float, *, scope: obje
     """
     adapter = module._modules.get(ADAPTER_ATTR)
     if adapter is None:
-        return None
+        adapter = module._modules.get(BANK_ATTR)  # named adapters, chosen per row
+        if adapter is None:
+            return None
     return adapter.attend(query, module, scaling, scope=scope, softcap=softcap)
 
 

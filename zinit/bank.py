@@ -1,0 +1,412 @@
+"""Many named adapters on one frozen model, chosen per row of a batch.
+
+One frozen base model carries any number of small adapters (the paper's "experts" plugged in per use), each with its
+own K, layers and gate options, all for the same base. :func:`use_adapters` chooses, for every forward or
+``generate()`` inside it, which adapter each row of the batch uses (or none: the base model), so one batch can mix
+requests of different adapters::
+
+    zinit.add_adapter(model, "math", "out/math/adapter")      # a zinit.save_adapter folder
+    zinit.add_adapter(model, "poems", "out/poems/adapter")
+    with zinit.use_adapters(model, ["math", "poems", None]):   # row 2: the base model
+        out = model.generate(**batch)
+
+How a mixed batch is computed (exact, and about as fast as a batch of one adapter): the token attention is the
+model's own and shared by every row; at each adapted layer the prompt keys and values of the adapters the batch uses
+are projected once, padded to the longest K, and gathered per row (``[B, H, K, d]``), so the prompt term is one small
+attention for the whole batch. Padded prompt positions are masked out of the softmax; a row whose adapter does not
+adapt this layer (or that uses none) gets a zero term, exactly. Each row's output is therefore what that adapter
+loaded alone computes, and a row with no adapter is the base model's.
+
+An adapter costs its own parameters only (its prompts and gates). Adding or removing one never touches the others.
+Adapters are added and removed between forwards, not during one (the server does that on its scheduling thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .attention import prompt_attention
+from .config import DIM_FIELDS, AdapterConfig
+from .prompts import BANK_ATTR, STORE_ATTR, LayerAdapter, PromptStore
+from .registry import Backbone, Dims, find_backbone, get_backbone
+
+#: Attribute of a model that holds its :class:`Bank`.
+BANK_STATE_ATTR = "_zinit_bank"
+
+
+class Routing:
+    """Which adapter each row uses while a :func:`use_adapters` block runs: a ContextVar, so threads and asyncio
+    tasks running forwards of the same model each see their own choice. Copies and pickles get a fresh one."""
+
+    def __init__(self) -> None:
+        self.var: ContextVar[Route | None] = ContextVar(f"zinit_route_{id(self)}", default=None)
+
+    def __reduce__(self) -> tuple:
+        return (Routing, ())
+
+    def __deepcopy__(self, memo: dict) -> "Routing":
+        return Routing()
+
+    def current(self) -> "Route | None":
+        return self.var.get()
+
+
+@dataclass(frozen=True)
+class Route:
+    """The choice of one :func:`use_adapters` block: one name (or None) per row, or one for every row."""
+
+    serial: int  #: unique per block, so prompt keys/values kept for a decoding loop never serve another choice
+    names: tuple[str | None, ...] | None  #: per row (None: ``every`` for all rows)
+    every: str | None = None
+
+    def rows(self, batch: int) -> tuple[str | None, ...]:
+        """The name of each of ``batch`` rows (``generate()`` with beams repeats each row's choice)."""
+        if self.names is None:
+            return (self.every,) * batch
+        if batch == len(self.names):
+            return self.names
+        if batch % len(self.names):
+            raise ValueError(f"use_adapters names {len(self.names)} rows, but the forward has a batch of {batch}; "
+                             "give one name (or None) per row")
+        repeat = batch // len(self.names)
+        return tuple(name for name in self.names for _ in range(repeat))
+
+
+@dataclass
+class Bank:
+    """The named adapters of a model; kept on it as ``model._zinit_bank``."""
+
+    backbone: Backbone
+    dims: Dims
+    requires_grad: dict[str, bool]  #: each base parameter's flag before the first adapter froze it
+    routing: Routing = field(default_factory=Routing)
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)  #: by name, in the order they were added
+    installed: set[int] = field(default_factory=set)  #: layers whose attention routes through the bank
+
+
+class BankLayer(nn.Module):
+    """The named adapters of one attention module (``adapters[name]`` is a :class:`~zinit.LayerAdapter`)."""
+
+    def __init__(self, routing: Routing) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self._routing = routing
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}"
+
+    def attend(self, query: Tensor, attention: nn.Module, scaling: float, scope: object | None = None,
+               softcap: float | None = None) -> Tensor | None:
+        """The prompt term ``[B, H, T, d]`` of each row's adapter at this layer, or None when no row uses one."""
+        route = self._routing.current()
+        if route is None:
+            return None
+        rows = route.rows(query.shape[0])
+        used = [name for name in dict.fromkeys(rows) if name is not None and name in self.adapters]
+        if not used:
+            return None
+        if len(used) == 1 and all(name == used[0] for name in rows):  # one adapter for the whole batch
+            return self.adapters[used[0]].attend(query, attention, scaling, scope=scope, softcap=softcap)
+        key, value, mask, index = self._mixed(route, rows, used, attention, query, scope)
+        return prompt_attention(query, key[index], value[index], scaling, softcap,
+                                mask=None if mask is None else mask[index])
+
+    def _mixed(self, route: Route, rows: tuple[str | None, ...], used: list[str], attention: nn.Module,
+               query: Tensor, scope: object | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """Stacked prompt keys/values ``[U + 1, H, Kmax, d]`` of the used adapters (the last slot: zeros, for rows
+        with no adapter here), the mask of real positions ``[U + 1, Kmax]`` (None when every K is the same) and each
+        row's slot ``[B]``. Kept on the KV cache for the one-token decoding steps of a ``generate()``, as
+        :meth:`LayerAdapter.attend` keeps a single adapter's."""
+        decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        stamp = (route.serial, len(rows), query.dtype, query.device)
+        store = getattr(scope, STORE_ATTR, None) if decoding else None
+        if decoding and store is None:
+            store = PromptStore()
+            try:
+                setattr(scope, STORE_ATTR, store)
+            except (AttributeError, TypeError):
+                store = None
+        entry = store.get(self) if store is not None else None
+        if query.shape[-2] == 1 and entry is not None and entry[0] == stamp:
+            return entry[1]
+        prepared = [self.adapters[name]._prepared(attention, query, None) for name in used]  # [H, K_a, d] each
+        longest = max(k.shape[-2] for k, _ in prepared)
+        heads, dim = prepared[0][0].shape[0], prepared[0][0].shape[-1]
+        keys = query.new_zeros(len(used) + 1, heads, longest, dim)
+        values = query.new_zeros(len(used) + 1, heads, longest, prepared[0][1].shape[-1])
+        mask = torch.ones(len(used) + 1, longest, dtype=torch.bool, device=query.device)
+        keys, values = list(keys.unbind(0)), list(values.unbind(0))
+        for slot, (k, v) in enumerate(prepared):
+            pad = longest - k.shape[-2]
+            keys[slot] = nn.functional.pad(k, (0, 0, 0, pad))
+            values[slot] = nn.functional.pad(v, (0, 0, 0, pad))
+            mask[slot, k.shape[-2]:] = False
+        slots = {name: slot for slot, name in enumerate(used)}
+        index = torch.tensor([slots.get(name, len(used)) for name in rows], device=query.device)
+        result = (torch.stack(keys), torch.stack(values), None if bool(mask.all()) else mask, index)
+        if store is not None:
+            store[self] = (stamp, result)
+        return result
+
+
+_SERIAL = itertools.count(1)
+
+
+def bank(model: nn.Module) -> Bank:
+    """The :class:`Bank` of a model that has named adapters; a clear error otherwise."""
+    state = getattr(model, BANK_STATE_ATTR, None)
+    if not isinstance(state, Bank):
+        raise ValueError("this model has no named adapters: add one with zinit.add_adapter(model, name, folder)")
+    return state
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters added to ``model``, in the order they were added (empty when there are none).
+
+    >>> import zinit, timm
+    >>> vit = timm.create_model("vit_tiny_patch16_224")
+    >>> zinit.adapter_names(zinit.add_adapter(vit, "a", layers=2, K=4))
+    ['a']
+    """
+    state = getattr(model, BANK_STATE_ATTR, None)
+    return list(state.configs) if isinstance(state, Bank) else []
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > 128 or any(c in name for c in "./\\\0") \
+            or name != name.strip():
+        raise ValueError(f"adapter name {name!r}: use a non-empty string of at most 128 characters without '.', '/', "
+                         "'\\' or surrounding spaces (e.g. 'math-v2')")
+    return name
+
+
+def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
+                layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
+                gate_fn: str = "tanh", backbone: str | None = None) -> nn.Module:
+    """Add a named adapter to ``model`` (frozen on the first one) and return the model.
+
+    ``source`` is an adapter folder written by :func:`zinit.save_adapter` (its ``zinit.json`` says the layers, K
+    and gate; the model's sizes must match). Without a source, a new zero-init adapter is made from ``layers`` and
+    ``K`` (and the gate options), for training several adapters on one model (multi-task batches).
+
+    Adapters of different K, layers and gate options mix freely. Adapters with image features or a trained task
+    head (``visual_dim``, ``train_modules``) are single-adapter only: load those with :func:`zinit.load_adapter`.
+
+    >>> import torch, timm, zinit
+    >>> vit = timm.create_model("vit_tiny_patch16_224")
+    >>> _ = zinit.add_adapter(vit, "birds", layers=2, K=4)
+    >>> _ = zinit.add_adapter(vit, "cars", layers=[5, 11], K=8, gate="layer")
+    >>> with torch.no_grad(), zinit.use_adapters(vit, ["birds", "cars", None]):
+    ...     out = vit(torch.randn(3, 3, 224, 224))
+    >>> zinit.adapter_names(vit), tuple(out.shape)
+    (['birds', 'cars'], (3, 1000))
+    """
+    from .inject import _check_layers, is_injected
+
+    _check_name(name)
+    if is_injected(model):
+        raise ValueError("this model is injected with one adapter (zinit.inject / load_adapter); named adapters go "
+                         "on a model without one: zinit.eject(model) first, or save that adapter and add it by name")
+    state = getattr(model, BANK_STATE_ATTR, None)
+    if isinstance(state, Bank) and name in state.configs:
+        raise ValueError(f"an adapter named {name!r} is already on this model; remove it first "
+                         "(zinit.remove_adapter) or pick another name")
+    if source is not None:
+        if layers is not None or K is not None:
+            raise ValueError("add_adapter takes either an adapter folder or layers= and K= for a new adapter, not both")
+        from .io import read_adapter
+
+        config, tensors = read_adapter(source)
+        if config.visual_dim is not None or config.train_modules:
+            raise ValueError(f"the adapter in {source} has image features or a task head (visual_dim / "
+                             "train_modules): load it alone with zinit.load_adapter; named adapters are prompts and "
+                             "gates only")
+        spec = get_backbone(config.backbone)
+        if not spec.matches(model):
+            raise ValueError(f"the adapter in {source} was saved for backbone {config.backbone!r}, which does not "
+                             f"accept a {type(model).__qualname__}: add it to the model it was trained on")
+    else:
+        if layers is None or K is None:
+            raise ValueError("add_adapter needs an adapter folder, or layers= and K= for a new zero-init adapter")
+        spec = state.backbone if isinstance(state, Bank) and backbone is None else (
+            get_backbone(backbone) if backbone is not None else find_backbone(model))
+        from .inject import _check_options
+
+        _check_options(K, gate, gate_fn)
+        dims = spec.dims(model)
+        config = AdapterConfig.for_model(spec.name, dims, _check_layers(layers, dims.num_layers), K, gate=gate,
+                                         gate_fn=gate_fn)
+        tensors = None
+    dims = state.dims if isinstance(state, Bank) else spec.dims(model)
+    if isinstance(state, Bank) and spec.name != state.backbone.name:
+        raise ValueError(f"this model's adapters use backbone {state.backbone.name!r}; the adapter {name!r} uses "
+                         f"{spec.name!r}: add adapters of one backbone to a model")
+    for key in DIM_FIELDS:
+        if getattr(config, key) != getattr(dims, key):
+            raise ValueError(f"adapter/model mismatch on {key}: the adapter {name!r} has {key}={getattr(config, key)}, "
+                             f"the model has {key}={getattr(dims, key)}; add it to the model it was trained on")
+    created = state is None
+    if created:
+        state = Bank(spec, dims, {n: p.requires_grad for n, p in model.named_parameters()})
+        for p in model.parameters():
+            p.requires_grad_(False)
+    modules = spec.attention_modules(model)
+    added: list[nn.Module] = []
+    new_layers = [n for n in config.layers if n not in state.installed]
+    try:
+        for n in config.layers:
+            attention = modules[n]
+            if BANK_ATTR not in attention._modules:
+                attention.add_module(BANK_ATTR, BankLayer(state.routing))
+            device = next(attention.parameters()).device
+            adapter = LayerAdapter(config.K, dims.hidden_size, dims.num_heads, gate=config.gate,
+                                   gate_fn=config.gate_fn, project=spec.project, device=device)
+            attention._modules[BANK_ATTR].adapters[name] = adapter
+            added.append(attention)
+        if tensors is not None:
+            _load_named(model, state, name, config, tensors, modules)
+        spec.install(model, [modules[n] for n in new_layers])
+    except BaseException:
+        for attention in added:
+            del attention._modules[BANK_ATTR].adapters[name]
+            if not len(attention._modules[BANK_ATTR].adapters):
+                delattr(attention, BANK_ATTR)
+        if created:
+            for pname, p in model.named_parameters():
+                p.requires_grad_(state.requires_grad.get(pname, p.requires_grad))
+        raise
+    state.installed.update(new_layers)
+    state.configs[name] = config
+    if created:
+        setattr(model, BANK_STATE_ATTR, state)
+    return model
+
+
+def _load_named(model: nn.Module, state: Bank, name: str, config: AdapterConfig, tensors: Mapping[str, Tensor],
+                modules: Sequence[nn.Module]) -> None:
+    expected = {}
+    for n in config.layers:
+        adapter = modules[n]._modules[BANK_ATTR].adapters[name]
+        expected[f"layers.{n}.prompt"], expected[f"layers.{n}.gate"] = adapter.prompt, adapter.gate
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise KeyError(f"adapter {name!r} does not fit its zinit.json: missing keys {missing}, unexpected keys "
+                       f"{unexpected}")
+    for key, target in expected.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise ValueError(f"adapter {name!r}: key {key!r} has shape {tuple(tensors[key].shape)}, expected "
+                             f"{tuple(target.shape)}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])
+
+
+def named_adapter_layers(model: nn.Module, name: str) -> dict[int, LayerAdapter]:
+    """``{layer index: LayerAdapter}`` of the named adapter ``name``, bottom to top."""
+    state = bank(model)
+    if name not in state.configs:
+        raise KeyError(f"no adapter named {name!r} on this model; it has {list(state.configs)}")
+    modules = state.backbone.attention_modules(model)
+    return {n: modules[n]._modules[BANK_ATTR].adapters[name] for n in state.configs[name].layers}
+
+
+def named_adapter_config(model: nn.Module, name: str) -> AdapterConfig:
+    """The :class:`~zinit.AdapterConfig` of the named adapter ``name``."""
+    named_adapter_layers(model, name)  # the error names the adapters there are
+    return bank(model).configs[name]
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The prompts and gates of the named adapter ``name``, bottom to top: what an optimizer should get to train it."""
+    return [p for a in named_adapter_layers(model, name).values() for p in (a.prompt, a.gate)]
+
+
+def named_adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """The canonical state (``layers.{n}.prompt`` / ``layers.{n}.gate``) of the named adapter ``name``: the keys
+    :func:`zinit.adapter_state_dict` gives for the same adapter injected alone."""
+    out: dict[str, Tensor] = {}
+    for n, adapter in named_adapter_layers(model, name).items():
+        out[f"layers.{n}.prompt"], out[f"layers.{n}.gate"] = adapter.prompt.detach(), adapter.gate.detach()
+    return out
+
+
+def remove_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove the named adapter ``name`` (the others are untouched); after the last one the model is exactly as it
+    was before the first :func:`add_adapter` (hooks removed, ``requires_grad`` restored). Returns the model.
+
+    >>> import zinit, timm
+    >>> vit = timm.create_model("vit_tiny_patch16_224")
+    >>> keys = list(vit.state_dict())
+    >>> _ = zinit.add_adapter(vit, "a", layers=2, K=4)
+    >>> list(zinit.remove_adapter(vit, "a").state_dict()) == keys
+    True
+    """
+    state = bank(model)
+    layers = named_adapter_layers(model, name)
+    modules = state.backbone.attention_modules(model)
+    del state.configs[name]
+    still = {n for config in state.configs.values() for n in config.layers}
+    unused = [n for n in layers if n not in still]
+    state.backbone.uninstall(model, [modules[n] for n in unused])
+    for n in layers:
+        holder = modules[n]._modules[BANK_ATTR]
+        del holder.adapters[name]
+        if not len(holder.adapters):
+            delattr(modules[n], BANK_ATTR)
+    state.installed.difference_update(unused)
+    if not state.configs:
+        for pname, p in model.named_parameters():
+            p.requires_grad_(state.requires_grad.get(pname, p.requires_grad))
+        delattr(model, BANK_STATE_ATTR)
+    return model
+
+
+@contextmanager
+def use_adapters(model: nn.Module, names: str | None | Sequence[str | None]) -> Iterator[None]:
+    """Choose the adapter of each row for every forward and ``generate()`` of ``model`` inside the block.
+
+    ``names`` is one name (every row), None (the base model) or one name-or-None per row of the batch (``generate()``
+    with beams repeats each row's choice over its beams). Outside any block a model with named adapters computes the
+    base model. Blocks are per thread / asyncio task (a ContextVar) and nest (the innermost wins).
+
+    >>> import torch, timm, zinit
+    >>> vit = zinit.add_adapter(timm.create_model("vit_tiny_patch16_224"), "a", layers=2, K=4)
+    >>> x = torch.randn(2, 3, 224, 224)
+    >>> with torch.no_grad():
+    ...     base = vit(x)
+    ...     with zinit.use_adapters(vit, ["a", None]):  # gates start at 0: both rows are the base model's
+    ...         mixed = vit(x)
+    >>> torch.equal(base, mixed)
+    True
+    """
+    state = bank(model)
+    if names is None or isinstance(names, str):
+        chosen: tuple[str | None, ...] | None = None
+        every = names
+        check = [names]
+    else:
+        chosen = tuple(names)
+        every = None
+        check = list(chosen)
+        if not chosen:
+            raise ValueError("use_adapters got an empty list: give one adapter name (or None) per row")
+    unknown = sorted({n for n in check if n is not None and n not in state.configs}, key=str)
+    bad = [n for n in check if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"use_adapters: adapter names are strings or None, got {bad[0]!r}")
+    if unknown:
+        raise KeyError(f"no adapter named {', '.join(map(repr, unknown))} on this model; it has "
+                       f"{list(state.configs)} (add one with zinit.add_adapter)")
+    token = state.routing.var.set(Route(next(_SERIAL), chosen, every))
+    try:
+        yield
+    finally:
+        state.routing.var.reset(token)
