@@ -13,6 +13,8 @@ ratio to the reference row. Suites:
              and no adapter math is done. The least any adapter can cost.
   infer      inference forward of zinit vs the base model.
   generate   greedy generation with KV cache (batch 1 and 8, --new-tokens tokens): zinit, peft adaption prompt, base.
+  adapters   N requests on one model carrying N named adapters (--adapters, default 8), greedy decoding: one batch
+             mixing the N adapters vs a batch of one adapter vs the base model vs the N requests one at a time.
   memory     peak memory of a training step of each method, in a fresh subprocess per method: on CPU the
              process's peak RSS during the step (VmHWM reset just before it), so it includes the model; on CUDA
              torch.cuda.max_memory_allocated.
@@ -302,6 +304,47 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
+def suite_adapters(args, shape: str) -> dict:
+    """Decode throughput of N requests on one frozen model carrying N named adapters (zinit.add_adapter): one batch
+    mixing all N adapters vs one batch of N requests of one adapter vs the base model alone (a copy with no adapter
+    at all) vs serving the N requests one at a time, each with its adapter."""
+    dtype = getattr(torch, args.dtype)
+    base = llama(shape, args.model, dtype, args.device)
+    L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
+    n = args.adapters
+    model = copy.deepcopy(base)
+    names = [f"adapter{i}" for i in range(n)]
+    for name in names:
+        zinit.add_adapter(model, name, layers=L, K=args.K)
+        with torch.no_grad():  # open gates, so every adapter really computes its prompt term
+            for p in zinit.adapter_parameters(model, name):
+                if p.ndim <= 1:
+                    p.fill_(0.1)
+    prompt = torch.randint(0, base.config.vocab_size, (n, args.gen_prompt), device=args.device)
+
+    def generate(m: nn.Module, route: Any, rows: torch.Tensor) -> None:
+        from contextlib import nullcontext
+
+        with torch.no_grad(), (zinit.use_adapters(m, route) if route is not False else nullcontext()):
+            m.generate(input_ids=rows, attention_mask=torch.ones_like(rows), do_sample=False,
+                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+
+    fns = {
+        "base model": lambda: generate(base, False, prompt),
+        "one adapter": lambda: generate(model, names[0], prompt),
+        f"{n} adapters mixed": lambda: generate(model, names, prompt),
+        "one at a time": lambda: [generate(model, names[i], prompt[i:i + 1]) for i in range(n)],
+    }
+    stats = interleaved(fns, max(1, args.repeats // 2), args.device)
+    rate = {k: n * args.new_tokens / s["median"] for k, s in stats.items()}
+    report(f"many adapters, greedy decoding [{shape}, {n} requests x {args.new_tokens} new tokens, L={L}, "
+           f"K={args.K}]", stats, "one adapter", extra={k: f"{rate[k]:.1f} tokens/s" for k in rate})
+    mixed = rate[f"{n} adapters mixed"]
+    print(f"  mixed batch = {mixed / rate['one adapter']:.3f} x one-adapter batch, "
+          f"{mixed / rate['one at a time']:.2f} x one at a time, {mixed / rate['base model']:.3f} x base model")
+    return {"requests": n, "seconds": stats, "tokens_per_s": rate}
+
+
 def suite_memory(args, shape: str) -> dict:
     results = {}
     for method in ("floor", "zinit", "adaption_prompt", "lora"):
@@ -385,7 +428,7 @@ def suite_roberta(args) -> dict:
     return {"seconds": stats, "n/a": skipped}
 
 
-SUITES = ("train", "infer", "generate", "memory", "scaling", "vit", "roberta")
+SUITES = ("train", "infer", "generate", "adapters", "memory", "scaling", "vit", "roberta")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -404,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--gen-prompt", type=int, default=32)
     p.add_argument("--gen-batches", default="1,8")
+    p.add_argument("--adapters", type=int, default=8, help="named adapters (and requests) of the adapters suite")
     p.add_argument("--scaling-lengths", default="128,512,2048")
     p.add_argument("--vit-model", default="vit_base_patch16_224")
     p.add_argument("--vit-batch", type=int, default=4)
@@ -426,8 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"dtype {args.dtype}, repeats {args.repeats} (interleaved, after one warm-up round)")
     results: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                                "threads": torch.get_num_threads()}
-    per_shape = {"train": suite_train, "infer": suite_infer, "generate": suite_generate, "memory": suite_memory,
-                 "scaling": suite_scaling}
+    per_shape = {"train": suite_train, "infer": suite_infer, "generate": suite_generate, "adapters": suite_adapters,
+                 "memory": suite_memory, "scaling": suite_scaling}
     for suite in suites:
         if suite in per_shape:
             shapes = args.shapes if suite in ("train", "memory") else args.shapes[:1]

@@ -115,16 +115,15 @@ class BankLayer(nn.Module):
             return None
         if len(used) == 1 and all(name == used[0] for name in rows):  # one adapter for the whole batch
             return self.adapters[used[0]].attend(query, attention, scaling, scope=scope, softcap=softcap)
-        key, value, mask, index = self._mixed(route, rows, used, attention, query, scope)
-        return prompt_attention(query, key[index], value[index], scaling, softcap,
-                                mask=None if mask is None else mask[index])
+        key, value, mask = self._mixed(route, rows, used, attention, query, scope)
+        return prompt_attention(query, key, value, scaling, softcap, mask=mask)
 
     def _mixed(self, route: Route, rows: tuple[str | None, ...], used: list[str], attention: nn.Module,
-               query: Tensor, scope: object | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-        """Stacked prompt keys/values ``[U + 1, H, Kmax, d]`` of the used adapters (the last slot: zeros, for rows
-        with no adapter here), the mask of real positions ``[U + 1, Kmax]`` (None when every K is the same) and each
-        row's slot ``[B]``. Kept on the KV cache for the one-token decoding steps of a ``generate()``, as
-        :meth:`LayerAdapter.attend` keeps a single adapter's."""
+               query: Tensor, scope: object | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Each row's prompt keys and gated values ``[B, H, Kmax, d]`` (its adapter's, padded to the longest K of the
+        batch; zeros for a row with no adapter at this layer) and the mask of real positions ``[B, Kmax]`` (None
+        when every K is the same). Kept on the KV cache for the one-token decoding steps of a ``generate()``, as
+        :meth:`LayerAdapter.attend` keeps a single adapter's, so a decoding step gathers nothing."""
         decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         stamp = (route.serial, len(rows), query.dtype, query.device)
         store = getattr(scope, STORE_ATTR, None) if decoding else None
@@ -151,7 +150,7 @@ class BankLayer(nn.Module):
             mask[slot, k.shape[-2]:] = False
         slots = {name: slot for slot, name in enumerate(used)}
         index = torch.tensor([slots.get(name, len(used)) for name in rows], device=query.device)
-        result = (torch.stack(keys), torch.stack(values), None if bool(mask.all()) else mask, index)
+        result = (torch.stack(keys)[index], torch.stack(values)[index], None if bool(mask.all()) else mask[index])
         if store is not None:
             store[self] = (stamp, result)
         return result

@@ -44,7 +44,8 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPo
 OWN_ERRORS: tuple[type[BaseException], ...] = (KeyError, RuntimeError, ImportError, LookupError)
 _PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "recipes")
 #: Commands whose code lives outside zinit's core, as ``module:function`` taking the command's own argument list.
-OUTER_COMMANDS = {"compare": "zinit.recipes.compare:main", "bench": "zinit.benchmarks.speed:main"}
+OUTER_COMMANDS = {"compare": "zinit.recipes.compare:main", "bench": "zinit.benchmarks.speed:main",
+                  "serve": "zinit.serve.cli:main"}
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed and memory vs peft and the floor (python -m zinit.benchmarks.speed -h)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("serve", help="an OpenAI-compatible server of a base model and many adapters "
+                       "(zinit serve -h)", add_help=False)
+    p.add_argument("serve_args", nargs=argparse.REMAINDER)
     return parser
 
 

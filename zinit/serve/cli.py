@@ -1,0 +1,88 @@
+"""``zinit serve [NAME=]ADAPTER_FOLDER ... [--model M]``: serve a base model and its adapters over HTTP.
+
+    zinit serve out/alpaca/adapter                    # the embedded SmolLM2 + the main job's adapter, as "alpaca"
+    zinit serve math=out/math/adapter poems=out/poems/adapter --model /path/to/llama --port 8000
+    curl localhost:8000/v1/completions -d '{"model": "alpaca", "prompt": "Hello", "max_tokens": 16}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from ..cliargs import positive_int
+
+
+def adapter_spec(text: str) -> tuple[str, str]:
+    """``NAME=FOLDER`` or ``FOLDER`` (named after the folder, or after its parent when the folder is called
+    ``adapter``, as ``zinit train`` writes ``OUT/adapter``)."""
+    if "=" in text:
+        name, folder = text.split("=", 1)
+    else:
+        folder = text
+        path = Path(text.rstrip("/"))
+        name = path.parent.name if path.name == "adapter" and path.parent.name else path.name
+    if not name or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an adapter folder, or NAME=FOLDER")
+    return name, folder
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zinit serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapters", nargs="*", type=adapter_spec, metavar="[NAME=]FOLDER",
+                   help="adapter folders written by zinit train / zinit.save_adapter, served under NAME")
+    p.add_argument("--model", default=None, help="base model: hub id or local folder (default: the embedded "
+                                                 "SmolLM2-135M-Instruct)")
+    p.add_argument("--base-name", default="base", help="the model id that means no adapter (default base)")
+    p.add_argument("--adapters-dir", default=None,
+                   help="allow POST /v1/adapters to load adapters from this folder (and from nowhere else)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--max-batch", type=positive_int, default=8, help="rows decoded together (default 8)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting at most; more get 429")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="the largest max_tokens a request may ask")
+    p.add_argument("--prefill-tokens", type=positive_int, default=2048,
+                   help="prompt tokens prefilled per step at most (bounds the pause a burst gives running rows)")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .. import bank, lm
+    from ..io import read_adapter_config
+    from ..train import dist as D
+    from .app import Server, create_app
+    from .engine import Engine
+
+    names = [name for name, _ in args.adapters]
+    if len(set(names)) != len(names) or args.base_name in names:
+        raise SystemExit(f"zinit serve: error: adapter names must be distinct and not {args.base_name!r}: {names}")
+    for _, folder in args.adapters:
+        read_adapter_config(folder)  # a missing or broken adapter fails before the model loads
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    env = D.setup(args.device)
+    model, tokenizer = lm.load_model(args.model, env.device)
+    for name, folder in args.adapters:
+        bank.add_adapter(model, name, folder)
+    eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    engine = Engine(model, eos_token_ids={t for t in eos if t is not None}, max_batch=args.max_batch,
+                    max_queue=args.max_queue, prefill_tokens=args.prefill_tokens)
+    context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    server = Server(engine, tokenizer, base_name=args.base_name, adapters_dir=args.adapters_dir,
+                    max_tokens=args.max_tokens, context=context)
+    print(f"zinit serve: {type(model).__name__} with adapters {names or '(none)'} on http://{args.host}:{args.port}"
+          " (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models)", flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _as_list(value: object) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]
