@@ -144,3 +144,53 @@ def test_minilm_through_the_generic_backbone_equals_the_roberta_backbone():
         zinit.eject(model)
     keep = batch["attention_mask"].bool()
     assert (outputs["hf"][keep] - outputs["roberta"][keep]).abs().max().item() <= 1e-5
+
+
+def test_smollm2_serves_mixed_adapters_token_identical_to_each_alone(smollm2):
+    """The real GQA model through zinit serve's engine: three requests of two adapters and the base model, joining
+    at different steps, each equal token for token to greedy generate() with its adapter alone."""
+    from zinit.serve import Engine, Request
+
+    tok, model = smollm2
+    states = {}
+    for name, seed in (("one", 3), ("two", 4)):
+        zinit.inject(model, layers=30, K=10)
+        randomize_adapter(model, seed=seed, scale=0.05)
+        states[name] = {k: v.clone() for k, v in zinit.adapter_state_dict(model).items()}
+        zinit.eject(model)
+    prompts = {name: tok(text)["input_ids"] for name, text in
+               (("one", "The capital of France is"), ("two", "List three colours:"), (None, "Hello, my name is"))}
+    want = {}
+    for name, ids in prompts.items():
+        if name is not None:
+            zinit.inject(model, layers=30, K=10)
+            zinit.load_adapter_state_dict(model, states[name])
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, min_new_tokens=8,
+                                 do_sample=False, pad_token_id=tok.eos_token_id)
+        want[name] = out[0, len(ids):].tolist()
+        if name is not None:
+            zinit.eject(model)
+    for name in states:
+        zinit.add_adapter(model, name, layers=30, K=10)
+        with torch.no_grad():
+            for n, a in zinit.bank.named_adapter_layers(model, name).items():
+                a.prompt.copy_(states[name][f"layers.{n}.prompt"])
+                a.gate.copy_(states[name][f"layers.{n}.gate"])
+    try:
+        engine = Engine(model, eos_token_ids=[])
+        got = {name: [] for name in prompts}
+        order = [("one", 0), ("two", 1), (None, 3)]
+        step = 0
+        while order or engine.running() or engine.waiting():
+            for name, at in [o for o in order if o[1] == step]:
+                engine.submit(Request(prompts[name], name, max_tokens=8,
+                                      on_token=lambda t, why, name=name: got[name].append(t) if why is None else None))
+                order.remove((name, at))
+            engine.step()
+            step += 1
+        assert got == want
+        assert want["one"] != want[None] or want["two"] != want[None]  # the adapters change the answers
+    finally:
+        zinit.eject(model)

@@ -210,3 +210,14 @@ def test_shutdown_finishes_the_running_request(setup):
     body = got["r"].json()
     assert got["r"].status_code == 200 and body["usage"]["completion_tokens"] >= 1
     assert body["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_the_load_benchmark_runs_end_to_end_without_failures(tmp_path):
+    """The benchmark is a tool people rerun: it must work end to end (timings are not asserted)."""
+    from zinit.benchmarks import serve
+
+    out = serve.main(["--shape", "tiny", "--adapters", "3", "--L", "2", "--K", "4", "--concurrency", "1,4",
+                      "--requests", "4", "--max-tokens", "3", "--json", str(tmp_path / "serve.json")])
+    assert [level["concurrency"] for level in out["levels"]] == [1, 4]
+    assert all(level["failed"] == 0 and level["requests"] == 4 for level in out["levels"])
+    assert json.loads((tmp_path / "serve.json").read_text())["adapters"] == 3
