@@ -153,3 +153,24 @@ def test_the_engine_thread_serves_concurrent_submitters_and_stop_drains(folders)
     for i, prompt, adapter, n in jobs:
         assert results[i].tokens == _solo(folders, adapter, prompt, n)
     assert "a2" in engine.adapters()
+
+
+def test_a_failing_prefill_fails_its_requests_and_the_running_batch_goes_on(folders):
+    engine = _served(folders)
+    ok, ok_sink = _request(PROMPTS[0], "a", 5)
+    engine.submit(ok)
+    engine.step()
+    real = engine.model.forward
+
+    def broken(*args, **kwargs):  # the next prefill (more than one new token) fails, e.g. out of memory
+        if kwargs["input_ids"].shape[1] > 1:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    engine.model.forward = broken
+    bad, bad_sink = _request(PROMPTS[2], "b", 5)
+    engine.submit(bad)
+    while engine.step():
+        pass
+    assert bad_sink.reason == "error: RuntimeError: out of memory" and bad_sink.tokens == []
+    assert ok_sink.reason == "length" and ok_sink.tokens == _solo(folders, "a", PROMPTS[0], 5)

@@ -351,11 +351,16 @@ class Engine:
             ids[i, length - len(r.prompt):] = torch.tensor(r.prompt, device=self.device)
             mask[i, length - len(r.prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad(), self._routing(new):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             **{self._cache_kwarg: DynamicCache()})
-        logits = out.logits[:, -1]
-        first = torch.tensor([sample(logits[i], r) for i, r in enumerate(new)], device=self.device)
+        try:
+            with torch.no_grad(), self._routing(new):
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                 **{self._cache_kwarg: DynamicCache()})
+            logits = out.logits[:, -1]
+            first = torch.tensor([sample(logits[i], r) for i, r in enumerate(new)], device=self.device)
+        except Exception as exc:  # noqa: BLE001 - these requests fail with the reason; the running batch goes on
+            for r in new:
+                r.on_token(None, f"error: {type(exc).__name__}: {exc}")
+            return
         prefilled = self._emit(_Batch(new, _returned_cache(out), mask, first, positions[:, -1] + 1))
         if prefilled is not None:
             self._batch = prefilled if self._batch is None else _merge(self._batch, prefilled)
