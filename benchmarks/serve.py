@@ -13,7 +13,6 @@ latest; nothing leaves the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import threading
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 import zinit
+from zinit.files import write_json
 
 
 def _model(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         thread.join(60)
     out = {"adapters": args.adapters, "max_tokens": args.max_tokens, "levels": results}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     return out
 
 
