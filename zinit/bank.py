@@ -324,7 +324,14 @@ def named_adapter_config(model: nn.Module, name: str) -> AdapterConfig:
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """The prompts and gates of the named adapter ``name``, bottom to top: what an optimizer should get to train it."""
+    """The prompts and gates of the named adapter ``name``, bottom to top: what an optimizer should get to train it.
+
+    >>> import torch, timm, zinit
+    >>> vit = zinit.add_adapter(timm.create_model("vit_tiny_patch16_224"), "a", layers=2, K=4)
+    >>> opt = torch.optim.AdamW(zinit.adapter_parameters(vit, "a"), lr=1e-2)
+    >>> [tuple(p.shape) for p in zinit.adapter_parameters(vit, "a")]
+    [(4, 192), (3,), (4, 192), (3,)]
+    """
     return [p for a in named_adapter_layers(model, name).values() for p in (a.prompt, a.gate)]
 
 
