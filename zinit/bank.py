@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .attention import prompt_attention
 from .config import DIM_FIELDS, AdapterConfig
-from .prompts import BANK_ATTR, STORE_ATTR, LayerAdapter, PromptStore
+from .prompts import BANK_ATTR, LayerAdapter, PromptStore
 from .registry import Backbone, Dims, find_backbone, get_backbone
 
 #: Attribute of a model that holds its :class:`Bank`.
@@ -126,13 +126,7 @@ class BankLayer(nn.Module):
         :meth:`LayerAdapter.attend` keeps a single adapter's, so a decoding step gathers nothing."""
         decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         stamp = (route.serial, len(rows), query.dtype, query.device)
-        store = getattr(scope, STORE_ATTR, None) if decoding else None
-        if decoding and store is None:
-            store = PromptStore()
-            try:
-                setattr(scope, STORE_ATTR, store)
-            except (AttributeError, TypeError):
-                store = None
+        store = PromptStore.on(scope) if decoding else None
         entry = store.get(self) if store is not None else None
         if query.shape[-2] == 1 and entry is not None and entry[0] == stamp:
             return entry[1]

@@ -166,13 +166,9 @@ class LayerAdapter(nn.Module):
     def _scoped(self, scope: object, attention: nn.Module, query: Tensor, tokens: Tensor | None,
                 serial: int) -> tuple[Tensor, Tensor]:
         """Prompt keys/values stored on ``scope`` (a KV cache) for this adapter, or projected and stored there."""
-        store = getattr(scope, STORE_ATTR, None)
-        if not isinstance(store, PromptStore):
-            store = PromptStore()
-            try:
-                setattr(scope, STORE_ATTR, store)
-            except (AttributeError, TypeError):  # a cache object that takes no attributes: no reuse
-                return self._prepared(attention, query, tokens)
+        store = PromptStore.on(scope)
+        if store is None:  # a cache object that takes no attributes: no reuse
+            return self._prepared(attention, query, tokens)
         stamp = (query.dtype, query.device, serial, None if tokens is None else tokens.shape[0])
         entry = store.get(self)  # one read: another thread's write can never be half-seen
         if query.shape[-2] == 1 and entry is not None and entry[0] == stamp:  # a decoding step
@@ -223,6 +219,18 @@ STORE_ATTR = "_zinit_prompt_kv"
 class PromptStore(dict):
     """``{adapter: (stamp, key, value)}`` kept on one KV cache. A copy or a pickle of the cache gets an empty store
     (the prompt is projected again on its next use), so copying a cache never copies adapters."""
+
+    @staticmethod
+    def on(scope: object) -> "PromptStore | None":
+        """The store kept on the KV cache ``scope``, made on first use; None for a cache that takes no attributes."""
+        store = getattr(scope, STORE_ATTR, None)
+        if not isinstance(store, PromptStore):
+            store = PromptStore()
+            try:
+                setattr(scope, STORE_ATTR, store)
+            except (AttributeError, TypeError):
+                return None
+        return store
 
     def __reduce__(self) -> tuple:
         return (PromptStore, ())
