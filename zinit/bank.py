@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import prompt_attention
-from .config import DIM_FIELDS, AdapterConfig
+from .config import AdapterConfig
 from .prompts import BANK_ATTR, LayerAdapter, PromptStore
 from .registry import Backbone, Dims, find_backbone, get_backbone
 
@@ -215,17 +215,14 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
     if source is not None:
         if layers is not None or K is not None:
             raise ValueError("add_adapter takes either an adapter folder or layers= and K= for a new adapter, not both")
-        from .io import read_adapter
+        from .io import check_fits, read_adapter
 
         config, tensors = read_adapter(source)
         if config.visual_dim is not None or config.train_modules:
             raise ValueError(f"the adapter in {source} has image features or a task head (visual_dim / "
                              "train_modules): load it alone with zinit.load_adapter; named adapters are prompts and "
                              "gates only")
-        spec = get_backbone(config.backbone)
-        if not spec.matches(model):
-            raise ValueError(f"the adapter in {source} was saved for backbone {config.backbone!r}, which does not "
-                             f"accept a {type(model).__qualname__}: add it to the model it was trained on")
+        spec = check_fits(config, model, source, "add it to the model it was trained on")
     else:
         if layers is None or K is None:
             raise ValueError("add_adapter needs an adapter folder, or layers= and K= for a new zero-init adapter")
@@ -242,10 +239,6 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
     if isinstance(state, Bank) and spec.name != state.backbone.name:
         raise ValueError(f"this model's adapters use backbone {state.backbone.name!r}; the adapter {name!r} uses "
                          f"{spec.name!r}: add adapters of one backbone to a model")
-    for key in DIM_FIELDS:
-        if getattr(config, key) != getattr(dims, key):
-            raise ValueError(f"adapter/model mismatch on {key}: the adapter {name!r} has {key}={getattr(config, key)}, "
-                             f"the model has {key}={getattr(dims, key)}; add it to the model it was trained on")
     created = state is None
     if created:
         state = Bank(spec, dims, {n: p.requires_grad for n, p in model.named_parameters()})
@@ -285,21 +278,13 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
 
 def _load_named(model: nn.Module, state: Bank, name: str, config: AdapterConfig, tensors: Mapping[str, Tensor],
                 modules: Sequence[nn.Module]) -> None:
+    from .inject import copy_adapter_state
+
     expected = {}
     for n in config.layers:
         adapter = modules[n]._modules[BANK_ATTR].adapters[name]
-        expected[f"layers.{n}.prompt"], expected[f"layers.{n}.gate"] = adapter.prompt, adapter.gate
-    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
-    if missing or unexpected:
-        raise KeyError(f"adapter {name!r} does not fit its zinit.json: missing keys {missing}, unexpected keys "
-                       f"{unexpected}")
-    for key, target in expected.items():
-        if tuple(tensors[key].shape) != tuple(target.shape):
-            raise ValueError(f"adapter {name!r}: key {key!r} has shape {tuple(tensors[key].shape)}, expected "
-                             f"{tuple(target.shape)}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key])
+        expected[f"layers.{n}.prompt"], expected[f"layers.{n}.gate"] = adapter.prompt.detach(), adapter.gate.detach()
+    copy_adapter_state(expected, tensors, config.layers)
 
 
 def named_adapter_layers(model: nn.Module, name: str) -> dict[int, LayerAdapter]:

@@ -18,9 +18,9 @@ zinit routes only the *adapted* attention modules, and leaves the model's config
   computed from the same ``query`` (the layer's own, never recomputed). Implementations that read
   ``module.config._attn_implementation`` themselves (the flash family picks its kernel by that name) are handed a
   view of the module whose ``config`` is the model's real one.
-- a forward pre-hook passes the layer's KV cache (``cache``, ``past_key_values`` before transformers 5.24) to the wrapper as the *scope* of the prompt keys/values:
-  the one-token decoding steps of a KV cache reuse the prompt keys/values its last multi-token call projected (see
-  :meth:`zinit.prompts.LayerAdapter.attend`).
+- a forward pre-hook passes the layer's KV cache (``cache``; ``past_key_values`` before transformers 5.24) to the
+  wrapper as the *scope* of the prompt keys/values: the one-token decoding steps of a KV cache reuse the prompt
+  keys/values its last multi-token call projected (see :meth:`zinit.prompts.LayerAdapter.attend`).
 """
 
 from __future__ import annotations

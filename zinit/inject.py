@@ -342,7 +342,13 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
         KeyError: a missing or unexpected key (named, with the keys this model expects).
         ValueError: a wrong shape (naming the key, the given shape and the expected one).
     """
-    expected = adapter_state_dict(model)
+    copy_adapter_state(adapter_state_dict(model), state, injection(model).layers)
+
+
+def copy_adapter_state(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], layers: Sequence[int]) -> None:
+    """Copy ``state`` into the tensors ``expected`` (canonical keys -> views of the adapter's parameters), strictly:
+    the same keys, floating-point tensors, the same shapes; nothing is copied unless everything fits. Shared by
+    :func:`load_adapter_state_dict` and the named adapters of :mod:`zinit.bank`."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -353,7 +359,7 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
             parts.append(f"unexpected keys {unexpected}")
         raise KeyError(
             f"adapter state does not fit this model: {'; '.join(parts)}. The model's adapter has layers "
-            f"{list(injection(model).layers)} (keys layers.N.prompt / layers.N.gate)"
+            f"{list(layers)} (keys layers.N.prompt / layers.N.gate)"
         )
     for key, target in expected.items():
         value = state[key]

@@ -2,9 +2,9 @@
 
 No pickle anywhere: weights are safetensors, the description is JSON (an :class:`~zinit.AdapterConfig`). Files
 are written through :mod:`zinit.files`: to a temporary name in the target folder, then renamed into place, so an
-interrupted save never leaves a half-written file under the real name, and with the umask's mode. An adapter's two files are written as a pair: both go to temporary files first, ``zinit.json`` records the
-size and sha256 of the weights it describes, and the weights are renamed into place, then the description; an error
-between the two renames puts the earlier weights back, and a crash there (power loss, SIGKILL) is detected by
+interrupted save never leaves a half-written file under the real name, and with the umask's mode. An adapter's two
+files are written as a pair: both go to temporary files first, ``zinit.json`` records the size and sha256 of the
+weights it describes, and the weights are renamed into place, then the description; an error between the two renames puts the earlier weights back, and a crash there (power loss, SIGKILL) is detected by
 :func:`load_adapter`, which then names the leftover files that restore either adapter.
 """
 
@@ -26,7 +26,7 @@ from ._version import __version__
 from .config import _AGAIN, DIM_FIELDS, FORMAT_VERSION, AdapterConfig  # noqa: F401 - FORMAT_VERSION re-exported
 from .files import DISK_FULL, discard, fsync_dir, read_json, stage
 from .inject import adapter_state_dict, eject, inject, injection, is_injected, load_adapter_state_dict
-from .registry import get_backbone
+from .registry import Backbone, get_backbone
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "zinit.json"
@@ -237,6 +237,23 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[AdapterConfig, dict
     return AdapterConfig.from_json(config, str(Path(directory) / CONFIG_NAME)), _read_weights(weights, config)
 
 
+def check_fits(config: AdapterConfig, model: nn.Module, source: str | os.PathLike[str],
+               fix: str = "load it into the model it was trained on") -> Backbone:
+    """The backbone of the adapter ``config`` (read from ``source``), after checking that it accepts ``model`` and
+    that the model's sizes are the adapter's; each error names the field, both values and ``fix``. Shared by
+    :func:`load_adapter` and :func:`zinit.add_adapter`."""
+    spec = get_backbone(config.backbone)
+    if not spec.matches(model):
+        raise ValueError(f"the adapter in {source} was saved for backbone {config.backbone!r}, "
+                         f"which does not accept a {type(model).__qualname__}: {fix}")
+    dims = spec.dims(model)
+    for key in DIM_FIELDS:
+        if getattr(config, key) != getattr(dims, key):
+            raise ValueError(f"adapter/model mismatch on {key}: the adapter in {source} has {key}="
+                             f"{getattr(config, key)}, the model has {key}={getattr(dims, key)}; {fix}")
+    return spec
+
+
 def _shown(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -257,19 +274,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     (10, 11)
     """
     wanted, tensors = read_adapter(directory)
-    spec = get_backbone(wanted.backbone)
-    if not spec.matches(model):
-        raise ValueError(
-            f"the adapter in {directory} was saved for backbone {wanted.backbone!r}, "
-            f"which does not accept a {type(model).__qualname__}: load it into the model it was trained on"
-        )
-    dims = spec.dims(model)
-    for key in DIM_FIELDS:
-        if getattr(wanted, key) != getattr(dims, key):
-            raise ValueError(
-                f"adapter/model mismatch on {key}: the adapter in {directory} has {key}={getattr(wanted, key)}, "
-                f"the model has {key}={getattr(dims, key)}; load it into the model it was trained on"
-            )
+    check_fits(wanted, model, directory)
     injected_here = not is_injected(model)
     if injected_here:
         inject(model, list(wanted.layers), wanted.K, **wanted.inject_options())
