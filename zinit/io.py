@@ -4,7 +4,8 @@ No pickle anywhere: weights are safetensors, the description is JSON (an :class:
 are written through :mod:`zinit.files`: to a temporary name in the target folder, then renamed into place, so an
 interrupted save never leaves a half-written file under the real name, and with the umask's mode. An adapter's two
 files are written as a pair: both go to temporary files first, ``zinit.json`` records the size and sha256 of the
-weights it describes, and the weights are renamed into place, then the description; an error between the two renames puts the earlier weights back, and a crash there (power loss, SIGKILL) is detected by
+weights it describes, and the weights are renamed into place, then the description; an error between the two renames
+puts the earlier weights back, and a crash there (power loss, SIGKILL) is detected by
 :func:`load_adapter`, which then names the leftover files that restore either adapter.
 """
 

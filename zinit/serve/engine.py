@@ -169,7 +169,8 @@ class Engine:
     >>> model = zinit.add_adapter(LlamaForCausalLM(cfg).eval(), "a", layers=1, K=4)
     >>> engine = Engine(model, eos_token_ids=[])
     >>> out = []
-    >>> engine.submit(Request([5, 6, 7], "a", max_tokens=3, on_token=lambda t, why: out.append(t if why is None else why)))
+    >>> engine.submit(Request([5, 6, 7], "a", max_tokens=3,
+    ...                       on_token=lambda t, why: out.append(t if why is None else why)))
     >>> while engine.step(): pass
     >>> len(out), out[-1]
     (4, 'length')
