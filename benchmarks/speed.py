@@ -19,6 +19,9 @@ ratio to the reference row. Suites:
              process's peak RSS during the step (VmHWM reset just before it), so it includes the model; on CUDA
              torch.cuda.max_memory_allocated.
   scaling    zinit vs floor training step at sequence lengths 128, 512, 2048 (batch 1).
+  quantized  zinit training step on the same checkpoint loaded four ways (--bases): float32, bfloat16, torchao int8
+             weight-only and bitsandbytes NF4 (zinit.quant, what --quantize loads), interleaved in one process, plus
+             each one's weight footprint and peak memory of a step in a fresh subprocess (as the memory suite).
   vit        timm ViT-B/16 training step (random weights): zinit vs peft LoRA on qkv vs floor.
   roberta    RoBERTa-base training step (random weights): zinit vs peft prefix tuning vs floor.
 
@@ -272,9 +275,13 @@ def suite_generate(args, shape: str) -> dict:
 
 
 def _memory_child(args) -> None:
-    """Run in a fresh process: build one method, take two training steps, print peak memory as JSON."""
+    """Run in a fresh process: build one method (on the ``--memory-base`` load of ``--model``, with one), take two
+    training steps, print peak memory as JSON."""
     dtype = getattr(torch, args.dtype)
-    base = llama(args.shapes[0], args.model, dtype, args.device)
+    if args.memory_base:
+        base = load_base(args.model, args.memory_base, args.device)
+    else:
+        base = llama(args.shapes[0], args.model, dtype, args.device)
     L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
     model = apply_method(args.memory_child, base, L, args.K)
     batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
@@ -345,17 +352,23 @@ def suite_adapters(args, shape: str) -> dict:
     return {"requests": n, "seconds": stats, "tokens_per_s": rate}
 
 
+def _peak_memory(args, shape: str, method: str, model: str | None, base: str | None = None) -> dict[str, float]:
+    """Peak memory of two training steps of ``method`` in a fresh subprocess (see :func:`_memory_child`)."""
+    cmd = [sys.executable, "-m", "zinit.benchmarks.speed", "--memory-child", method, "--shape", shape,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--L", str(args.L), "--K", str(args.K),
+           "--device", args.device, "--dtype", args.dtype] + (["--model", model] if model else []) + (
+           ["--memory-base", base] if base else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")), None)
+    if line is None:
+        raise RuntimeError(f"memory child for {method} {base or ''} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(line[len("MEMORY "):])
+
+
 def suite_memory(args, shape: str) -> dict:
     results = {}
     for method in ("floor", "zinit", "adaption_prompt", "lora"):
-        cmd = [sys.executable, "-m", "zinit.benchmarks.speed", "--memory-child", method, "--shape", shape,
-               "--batch", str(args.batch), "--seq", str(args.seq), "--L", str(args.L), "--K", str(args.K),
-               "--device", args.device, "--dtype", args.dtype] + (["--model", args.model] if args.model else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")), None)
-        if line is None:
-            raise RuntimeError(f"memory child for {method} failed:\n{proc.stderr[-2000:]}")
-        results[method] = json.loads(line[len("MEMORY "):])
+        results[method] = _peak_memory(args, shape, method, args.model)
     floor = results["floor"]["peak_mb"]
     what = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS during a step, fresh process"
     print(f"\npeak training memory [{shape}, batch {args.batch}x{args.seq}] ({what})")
@@ -378,6 +391,65 @@ def suite_scaling(args, shape: str) -> dict:
         report(f"scaling: train step [{shape}, batch 1x{T}]", stats, "floor")
         out[str(T)] = stats
     return {"shape": shape, "seconds": out}
+
+
+#: The loads of one checkpoint the quantized suite compares: two float dtypes and the schemes of zinit.quant.
+BASES = ("float32", "bfloat16", "int8", "nf4", "bnb-int8")
+
+
+def load_base(folder: str, base: str, device: str) -> nn.Module:
+    """The checkpoint in ``folder`` loaded as ``base``: ``float32`` / ``bfloat16`` weights, or quantized with a
+    :mod:`zinit.quant` scheme through ``from_pretrained(quantization_config=...)``, as ``--quantize`` loads it."""
+    from transformers import AutoModelForCausalLM
+
+    from zinit import quant
+
+    if base in ("float32", "bfloat16"):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, base)).to(device).eval()
+    kwargs = quant.load_kwargs(base, torch.device(device))
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+
+
+def suite_quantized(args, shape: str) -> dict:
+    """zinit's training step and memory on one checkpoint loaded as each of ``--bases`` (a random-weight ``shape``
+    saved to a temporary folder, or ``--model``)."""
+    import tempfile
+
+    from zinit import quant
+
+    unknown = [b for b in args.bases if b not in BASES]
+    if unknown:
+        raise SystemExit(f"unknown --bases {unknown}; choose among {', '.join(BASES)}")
+    with tempfile.TemporaryDirectory(prefix="zinit-bench-") as tmp:
+        folder = args.model
+        if folder is None:
+            folder = tmp
+            llama(shape, None, torch.float32, "cpu").save_pretrained(folder)
+        models, skipped = {}, {}
+        for base in args.bases:
+            try:
+                model = load_base(folder, base, args.device)
+            except ImportError as exc:  # a backend that is not installed: a row "n/a" with the reason
+                skipped[base] = str(exc)
+                continue
+            L = min(args.L, zinit.find_backbone(model).dims(model).num_layers)
+            models[base] = apply_method("zinit", model, L, args.K)
+        first = next(iter(models.values()))
+        batch = torch.randint(0, first.config.vocab_size, (args.batch, args.seq), device=args.device)
+        footprint = {b: quant.weight_bytes(m) / 2**20 for b, m in models.items()}
+        stats = interleaved({b: train_step_fn(m, lm_loss(batch), _autocast(args.device, torch.float32))
+                             for b, m in models.items()}, max(1, args.repeats // 2), args.device)
+        del models, first
+        peak = {b: _peak_memory(args, shape, "zinit", folder, b)["peak_mb"] for b in stats}
+    reference = "float32" if "float32" in stats else next(iter(stats))
+    report(f"zinit train step on a quantized base [{args.model or shape}, batch {args.batch}x{args.seq}, "
+           f"L={L}, K={args.K}, {args.device}]", stats, reference,
+           extra={b: f"weights {footprint[b]:7.0f} MB ({footprint[b] / footprint[reference]:.3f}x), peak "
+                     f"{peak[b]:7.0f} MB ({peak[b] / peak[reference]:.3f}x)" for b in stats})
+    for base, why in skipped.items():
+        print(f"  {base:18s} n/a: {why}")
+    return {"shape": args.model or shape, "seconds": stats, "weights_mb": footprint, "peak_mb": peak,
+            "n/a": skipped}
 
 
 def suite_vit(args) -> dict:
@@ -428,7 +500,7 @@ def suite_roberta(args) -> dict:
     return {"seconds": stats, "n/a": skipped}
 
 
-SUITES = ("train", "infer", "generate", "adapters", "memory", "scaling", "vit", "roberta")
+SUITES = ("train", "infer", "generate", "adapters", "memory", "scaling", "quantized", "vit", "roberta")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -454,10 +526,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--roberta-seq", type=int, default=128)
     p.add_argument("--tiny-roberta", action="store_true", help="a 4-layer RoBERTa (for smoke tests)")
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--bases", default=",".join(BASES[:4]),
+                   help=f"loads of the quantized suite, among {', '.join(BASES)} (default %(default)s)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-base", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.gen_batches = [int(b) for b in args.gen_batches.split(",")]
+    args.bases = [b for b in args.bases.split(",") if b]
     args.scaling_lengths = [int(t) for t in args.scaling_lengths.split(",")]
     if args.memory_child:
         _memory_child(args)
@@ -471,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                                "threads": torch.get_num_threads()}
     per_shape = {"train": suite_train, "infer": suite_infer, "generate": suite_generate, "adapters": suite_adapters,
-                 "memory": suite_memory, "scaling": suite_scaling}
+                 "memory": suite_memory, "scaling": suite_scaling, "quantized": suite_quantized}
     for suite in suites:
         if suite in per_shape:
             shapes = args.shapes if suite in ("train", "memory") else args.shapes[:1]

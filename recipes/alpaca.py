@@ -125,7 +125,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                          ("batch_size", "examples per process per step"))},
         blr={"default": None, "help": "base lr; lr = blr·global_batch/256 (default: zinit 9e-3, embedded run 0.6; "
                                       "other methods: their default, see zinit compare)"})
-    add_flags(p, "max_seq_len", max_seq_len={"default": None, "help": "truncate examples to this many tokens "
+    add_flags(p, "max_seq_len", "quantize", max_seq_len={"default": None, "help": "truncate examples to this many tokens "
                                              f"{unset % (OFFICIAL_DEFAULTS['max_seq_len'], EMBEDDED_DEFAULTS['max_seq_len'])}"})
     p.add_argument("--pad-to-max", action="store_true", help="pad every batch to --max-seq-len (the official code)")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (torchrun, N>1)")
@@ -156,7 +156,7 @@ def run_train(args: argparse.Namespace) -> int:
         eval_path = Path(args.eval_data) if args.eval_data else (EMBEDDED_HELDOUT if args.data is None else None)
         records = load_records(data_path)
         heldout = load_records(eval_path) if eval_path else None
-        model, tokenizer = load_model(args.model, run.device)
+        model, tokenizer = load_model(args.model, run.device, args.quantize)
         model = run.prepare(model)
         items = tokenize(records, tokenizer, s["max_seq_len"])
         if not items:

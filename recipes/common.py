@@ -33,6 +33,7 @@ from torch import nn
 
 import zinit
 from zinit.cliargs import layer_count, nonneg_float, positive_float, positive_int, prompt_length
+from zinit.quant import QUANTIZE_FLAG
 from zinit.train import TrainConfig
 from zinit.train import dist as D
 from zinit.train.lock import hold_output
@@ -72,6 +73,7 @@ FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "eval_batch_size": ("--eval-batch-size", {"type": positive_int, "default": 16,
                                               "help": "examples per evaluation batch (default %(default)s)"}),
     "device": ("--device", {"default": None, "help": "cpu or cuda (default: cuda when available)"}),
+    "quantize": QUANTIZE_FLAG,
     "no_progress": ("--no-progress", {"action": "store_true", "help": "no progress bars"}),
 }
 #: The shared options of a recipe's train command that the trainer reads (see :meth:`TrainingRun.config`).

@@ -474,7 +474,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("likelihood", "generate"), default="likelihood",
                    help="evaluation: option-letter likelihood (fast) or greedy generation (the paper's)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N questions of a split")
-    add_flags(p, "eval_batch_size", "device", "no_progress")
+    add_flags(p, "eval_batch_size", "device", "no_progress", "quantize")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -529,7 +529,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> None:
         encoder.model.cpu()
     dim = encoder.dim if encoder is not None else None
 
-    model, tokenizer = load_model(args.model, env.device)
+    model, tokenizer = load_model(args.model, env.device, args.quantize)
     if args.method == "zinit":  # the image features enter through zinit's visual projection
         run.layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
         torch.manual_seed(args.seed)
@@ -631,7 +631,7 @@ def run_eval(args: argparse.Namespace) -> int:
                                env.device)
         cache = Path(args.feature_cache) if args.feature_cache else data.root / "zinit_features"
         features = image_features(data, args.split, pids, encoder, cache, progress=not args.no_progress)
-    model, tokenizer = load_model(args.model, env.device)
+    model, tokenizer = load_model(args.model, env.device, args.quantize)
     zinit.load_adapter(model, args.adapter)
     result = evaluate_split(model, tokenizer, data, args.split, pids, features, args.mode, args.eval_batch_size,
                             info.get("max_seq_len", 512), progress=not args.no_progress)

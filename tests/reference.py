@@ -142,7 +142,8 @@ def prompt_kv_at_position_0(model, attn, prompt: Tensor):
 
     AttentionInterface.register("reference_record", _record)
     params = inspect.signature(type(attn).forward).parameters
-    hidden = prompt.detach()[None].to(next(attn.parameters()).dtype)
+    floats = [p.dtype for p in attn.parameters() if p.is_floating_point()]  # none in a 4-bit layer (uint8 weights)
+    hidden = prompt.detach()[None].to(floats[0] if floats else model.dtype)
     kwargs = {"hidden_states": hidden, "attention_mask": None}
     for name in ("past_key_values", "past_key_value", "layer_past"):
         if name in params:

