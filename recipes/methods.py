@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -309,7 +310,7 @@ def save_trained(model: nn.Module, folder: str | Path) -> Path:
     """zinit: :func:`zinit.save_adapter`. Other methods: their trainable tensors in ``trainable.safetensors``."""
     folder = Path(folder)
     if zinit.is_injected(model):
-        return zinit.save_adapter(model, folder)
+        return zinit.save_adapter(model, folder, command=sys.argv)
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -355,7 +356,9 @@ def write_summary(out: str | Path, method: str, metrics: dict[str, float], train
                   device: torch.device | None = None) -> None:
     """``summary.json``: what ``zinit compare`` tabulates for one method's run of a recipe."""
     adapter_dir = Path(adapter_dir)
-    size = sum(p.stat().st_size for p in adapter_dir.rglob("*") if p.is_file()) if adapter_dir.exists() else 0
+    # the weights and their description, not the adapter card (README.md) beside them
+    size = sum(p.stat().st_size for p in adapter_dir.rglob("*") if p.is_file() and p.suffix != ".md"
+               ) if adapter_dir.exists() else 0
     write_json(Path(out) / SUMMARY_NAME, {"method": method, "metrics": metrics, "trainable_parameters": trainable,
                                           "adapter_bytes": size, "peak_memory_mb": peak_memory_mb(device)})
 

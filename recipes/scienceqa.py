@@ -606,7 +606,8 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> None:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """The options of ``zinit eval scienceqa``."""
     _common_args(p)
-    p.add_argument("--adapter", required=True, help="adapter folder written by zinit train scienceqa (OUTPUT/adapter)")
+    p.add_argument("--adapter", required=True, help="adapter folder written by zinit train scienceqa "
+                   "(OUTPUT/adapter), or a Hub repo id org/name[@revision]")
     p.add_argument("--split", default="test", help="split to score (default test)")
     p.add_argument("--output", default=None, help="write report.json and predictions.json here")
 
@@ -615,10 +616,12 @@ def run_eval(args: argparse.Namespace) -> int:
     """``zinit eval scienceqa``: the accuracy table of an adapter on one split (the encoder is the one it was
     trained with, read from the adapter folder)."""
     check_model_folder(args.model)
-    zinit.read_adapter_config(args.adapter)  # a missing or broken adapter fails before anything loads
+    # a folder, or a Hub repo id fetched with the recipe's file beside the adapter
+    folder = zinit.hub.resolve_adapter(args.adapter, extra_files=(RECIPE_FILE,))
+    zinit.read_adapter_config(folder)  # a missing or broken adapter fails before anything loads
     env = D.setup(args.device)
     data = load_scienceqa(args.data)
-    info_file = Path(args.adapter) / RECIPE_FILE
+    info_file = folder / RECIPE_FILE
     info = read_json(info_file, "ScienceQA adapter description", "it is written beside the adapter by zinit train "
                      "scienceqa")
     if not isinstance(info, dict) or "visual_encoder" not in info or "visual_layers" not in info:
@@ -632,7 +635,7 @@ def run_eval(args: argparse.Namespace) -> int:
         cache = Path(args.feature_cache) if args.feature_cache else data.root / "zinit_features"
         features = image_features(data, args.split, pids, encoder, cache, progress=not args.no_progress)
     model, tokenizer = load_model(args.model, env.device, args.quantize)
-    zinit.load_adapter(model, args.adapter)
+    zinit.load_adapter(model, folder)
     result = evaluate_split(model, tokenizer, data, args.split, pids, features, args.mode, args.eval_batch_size,
                             info.get("max_seq_len", 512), progress=not args.no_progress)
     predictions = result.pop("predictions")

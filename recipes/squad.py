@@ -585,7 +585,7 @@ def run_train(args: argparse.Namespace) -> int:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """The options of ``zinit eval squad``."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="adapter folder written by zinit train squad (OUTPUT/adapter)")
+    p.add_argument("--adapter", required=True, help="adapter folder written by zinit train squad (OUTPUT/adapter), or a Hub repo id org/name[@revision]")
     p.add_argument("--data", required=True, help="a SQuAD JSON file (e.g. dev-v2.0.json) or a folder with dev-vX.json")
     p.add_argument("--version", choices=("1.1", "2.0"), default=None, help="with a folder: which dev file")
     p.add_argument("--output", default=None, help="write eval.json and predictions.json here")

@@ -492,7 +492,7 @@ def _saved_pair(tmp_path):
     model = zinit.inject(tiny_llama(layers=3), 2, K=3)
     randomize_adapter(model, seed=1)
     folder = zinit.save_adapter(model, tmp_path / "adapter")
-    earlier = {name: (folder / name).read_bytes() for name in ("adapter.safetensors", "zinit.json")}
+    earlier = {name: (folder / name).read_bytes() for name in ("adapter.safetensors", "zinit.json", "README.md")}
     randomize_adapter(model, seed=2)
     return model, folder, earlier
 

@@ -124,7 +124,7 @@ def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         zinit.save_adapter(model, folder)
     assert (folder / "adapter.safetensors").read_bytes() == good
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "zinit.json"]  # no temp file left
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter.safetensors", "zinit.json"]  # no temp file left
 
 
 def test_models_sharing_one_config_inject_and_eject_independently():

@@ -6,7 +6,7 @@
 7692
 """
 
-from . import convert
+from . import convert, hub, quant
 from .bank import adapter_names, adapter_parameters, add_adapter, remove_adapter, use_adapters
 from ._version import __version__
 from .inject import (
@@ -42,6 +42,8 @@ __all__ = [
     "adapter_state_dict",
     "backbones",
     "convert",
+    "hub",
+    "quant",
     "eject",
     "find_backbone",
     "get_backbone",

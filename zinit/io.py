@@ -1,4 +1,6 @@
-"""Save and load adapters: ``adapter.safetensors`` (canonical keys) + ``zinit.json`` (what the adapter fits).
+"""Save and load adapters: ``adapter.safetensors`` (canonical keys) + ``zinit.json`` (what the adapter fits), with
+an adapter card ``README.md`` beside them; a Hub repo id (``"org/name"``, ``"org/name@revision"``) works wherever a
+folder does, and ``save_adapter(..., push_to_hub=...)`` uploads the folder (:mod:`zinit.hub`).
 
 No pickle anywhere: weights are safetensors, the description is JSON (an :class:`~zinit.AdapterConfig`). Files
 are written through :mod:`zinit.files`: to a temporary name in the target folder, then renamed into place, so an
@@ -6,7 +8,8 @@ interrupted save never leaves a half-written file under the real name, and with 
 files are written as a pair: both go to temporary files first, ``zinit.json`` records the size and sha256 of the
 weights it describes, and the weights are renamed into place, then the description; an error between the two renames
 puts the earlier weights back, and a crash there (power loss, SIGKILL) is detected by
-:func:`load_adapter`, which then names the leftover files that restore either adapter.
+:func:`load_adapter`, which then names the leftover files that restore either adapter. The card is staged with the
+pair and renamed into place after it; it describes the adapter and is never read back by a load.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from safetensors import SafetensorError
 from safetensors.torch import load as _load_safetensors, save_file
@@ -31,6 +34,8 @@ from .registry import Backbone, get_backbone
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "zinit.json"
+#: The adapter card written beside them (the Hub shows it as the repo's model card; see :mod:`zinit.hub`).
+CARD_NAME = "README.md"
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:
@@ -39,27 +44,44 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
     return {**injection(model).config.to_json(), "zinit_version": __version__}
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: str | None = None,
+                 base_model: str | None = None, command: str | Sequence[str] | None = None,
+                 push_to_hub: bool | str = False, revision: str | None = None, private: bool | None = None,
+                 token: str | bool | None = None, commit_message: str | None = None) -> Path:
     """Write an injected model's adapter (or, with ``name``, the named adapter of :func:`zinit.add_adapter`) to
     ``directory`` (created if needed) and return the folder. Either way the folder is the same kind: any of them
     loads with :func:`load_adapter` or :func:`zinit.add_adapter`.
 
     Writes ``adapter.safetensors`` (keys ``layers.{n}.prompt`` / ``layers.{n}.gate``, float32, and
-    ``modules.{name}.*`` for inject's ``train_modules``) and ``zinit.json`` (format version, backbone, hidden size,
+    ``modules.{name}.*`` for inject's ``train_modules``), ``zinit.json`` (format version, backbone, hidden size,
     heads, KV heads, head size, layer count, adapted layers, K, gate, gate_fn, train_modules, visual_dim and
-    visual_hidden when there is a visual projection (``visual_proj.*``), zinit version, and the size and sha256 of
-    the weights file it describes).
+    visual_hidden when there is a visual projection (``visual_proj.*``), zinit version, the base model and the
+    training command when known, and the size and sha256 of the weights file it describes) and ``README.md``, the
+    adapter card (:func:`zinit.hub.adapter_card`: Hub metadata, what the adapter is, how to load it).
 
-    The pair is replaced together: if anything fails (a full disk, Ctrl-C, any error) the adapter that was in the
+    ``base_model``: the Hub id of the model it was trained on (default: the model's own ``name_or_path`` when that
+    is a repo id, :func:`zinit.hub.base_model_of`). ``command``: the training command (``sys.argv`` or a string),
+    shown in the card.
+
+    ``push_to_hub``: a repo id (``"org/name"``), or True for one named after the folder (see
+    :func:`zinit.hub.push_target`); after the folder is saved it is uploaded with :func:`zinit.hub.push_adapter`
+    (``revision`` = the branch to push to, created if needed; ``private``, ``token``, ``commit_message`` as in
+    ``huggingface_hub``). If the upload fails, the folder stays saved and the error says how to push it again.
+
+    The files are replaced together: if anything fails (a full disk, Ctrl-C, any error) the adapter that was in the
     folder before is left as it was, and no temporary file stays behind. A full disk raises an OSError (errno
     ``ENOSPC``) that says so and names the folder. Files get the umask's mode (``0o644`` under umask ``022``).
 
     >>> import tempfile, timm, zinit
     >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224", pretrained=False), layers=2, K=4)
-    >>> folder = zinit.save_adapter(vit, tempfile.mkdtemp())
+    >>> folder = zinit.save_adapter(vit, tempfile.mkdtemp(), command="zinit train vtab --task svhn")
     >>> sorted(p.name for p in folder.iterdir())
-    ['adapter.safetensors', 'zinit.json']
+    ['README.md', 'adapter.safetensors', 'zinit.json']
     """
+    from . import hub
+
+    folder = Path(directory)
+    push_id = hub.push_target(folder, push_to_hub) if push_to_hub else None  # a bad repo id fails before writing
     if name is None:
         config = adapter_config(model)
         state = adapter_state_dict(model)
@@ -68,12 +90,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
 
         config = {**named_adapter_config(model, name).to_json(), "zinit_version": __version__}
         state = named_adapter_state_dict(model, name)
-    folder = Path(directory)
+    base = base_model if base_model is not None else hub.base_model_of(model)
+    if base:
+        config["base_model"] = base
+    if command is not None:
+        config["command"] = hub.command_text(command)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"save_adapter: {folder} is a file; pass a folder (it receives {WEIGHTS_NAME} and "
                                  f"{CONFIG_NAME})")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     staged: list[str] = []
+    card_tmp: str | None = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         weights_tmp = stage(folder / WEIGHTS_NAME,
@@ -83,7 +110,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
         config.update(weights_bytes=size, weights_sha256=digest)
         text = json.dumps(config, indent=2) + "\n"
         staged.append(stage(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text)))
+        card = hub.adapter_card(config, sum(t.numel() for t in tensors.values()), push_id)
+        card_tmp = stage(folder / CARD_NAME, lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
         _commit_pair(folder, *staged)
+        os.replace(card_tmp, folder / CARD_NAME)  # after the pair: a card never describes weights not in place
     except OSError as exc:
         if exc.errno in DISK_FULL:
             raise OSError(exc.errno, f"disk full (no space left on the device) while saving the adapter to {folder}; "
@@ -91,9 +121,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
                                      "again") from exc
         raise
     finally:
-        for tmp in staged:  # already renamed into place, unless something failed
+        for tmp in [*staged, *([card_tmp] if card_tmp else [])]:  # already renamed into place, unless something failed
             discard(tmp)
     fsync_dir(folder)
+    if push_id is not None:
+        try:
+            hub.push_adapter(folder, push_id, revision=revision, private=private, token=token,
+                             commit_message=commit_message)
+        except Exception as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if "push_adapter(" not in reason:
+                reason += f"; push it again with zinit.hub.push_adapter({str(folder)!r}, {push_id!r})"
+            raise OSError(f"the adapter is saved in {folder}, but pushing it to {push_id} failed: {reason}") from exc
     return folder
 
 
@@ -137,18 +176,33 @@ def _commit_pair(folder: Path, weights_tmp: str, config_tmp: str) -> None:
             discard(backup)
 
 
-def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+def _local(directory: str | os.PathLike[str], revision: str | None, cache_dir: str | os.PathLike[str] | None,
+           token: str | bool | None, local_files_only: bool) -> Path:
+    """The local folder of ``directory``: itself, or for a Hub repo id its snapshot in the Hugging Face cache."""
+    from .hub import resolve_adapter
+
+    return resolve_adapter(directory, revision=revision, cache_dir=cache_dir, token=token,
+                           local_files_only=local_files_only)
+
+
+def read_adapter_config(directory: str | os.PathLike[str], *, revision: str | None = None,
+                        cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+                        local_files_only: bool = False) -> dict[str, Any]:
     """Read and check ``zinit.json`` in ``directory``; errors name the file and what is wrong with it.
 
     Every field the loader uses is checked for its type and range (``"K": "10"`` or ``"layers": "all"`` is an error
     naming the field and the value), as is the folder itself (missing, a file, or another method's weights).
+
+    ``directory`` may be a Hub repo id (``"org/name"``, ``"org/name@revision"``; an existing local path always
+    wins): the adapter's files are fetched into the Hugging Face cache first (:func:`zinit.hub.resolve_adapter`;
+    ``revision``, ``cache_dir``, ``token``, ``local_files_only`` and ``HF_HUB_OFFLINE`` as in ``huggingface_hub``).
 
     >>> import tempfile, timm, zinit
     >>> folder = zinit.save_adapter(zinit.inject(timm.create_model("vit_tiny_patch16_224"), 2, 4), tempfile.mkdtemp())
     >>> zinit.read_adapter_config(folder)["K"]
     4
     """
-    folder = Path(directory)
+    folder = _local(directory, revision, cache_dir, token, local_files_only)
     path = folder / CONFIG_NAME
     if not folder.is_dir():
         if folder.is_file():
@@ -221,9 +275,13 @@ def _read_weights(weights: Path, config: dict[str, Any]) -> dict[str, Any]:
     return tensors
 
 
-def read_adapter(directory: str | os.PathLike[str]) -> tuple[AdapterConfig, dict[str, Any]]:
-    """The :class:`~zinit.AdapterConfig` and the tensors of an adapter folder, both checked (the description's
-    fields, the weights' size, sha256 and dtypes); errors name the file and the fix. Nothing is loaded anywhere.
+def read_adapter(directory: str | os.PathLike[str], *, revision: str | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+                 local_files_only: bool = False) -> tuple[AdapterConfig, dict[str, Any]]:
+    """The :class:`~zinit.AdapterConfig` and the tensors of an adapter folder (or Hub repo id, as for
+    :func:`read_adapter_config`), both checked (the description's fields, the weights' size, sha256 and dtypes);
+    errors name the file and the fix. Nothing is loaded anywhere. Other files in the folder (the ``README.md``
+    card) are not read.
 
     >>> import tempfile, timm, zinit
     >>> folder = zinit.save_adapter(zinit.inject(timm.create_model("vit_tiny_patch16_224"), 2, 4), tempfile.mkdtemp())
@@ -231,11 +289,12 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[AdapterConfig, dict
     >>> config.K, sorted(tensors)[:2]
     (4, ['layers.10.gate', 'layers.10.prompt'])
     """
-    config = read_adapter_config(directory)
-    weights = Path(directory) / WEIGHTS_NAME
+    folder = _local(directory, revision, cache_dir, token, local_files_only)
+    config = read_adapter_config(folder)
+    weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist (the folder has {CONFIG_NAME} but no weights); {_AGAIN}")
-    return AdapterConfig.from_json(config, str(Path(directory) / CONFIG_NAME)), _read_weights(weights, config)
+    return AdapterConfig.from_json(config, str(folder / CONFIG_NAME)), _read_weights(weights, config)
 
 
 def check_fits(config: AdapterConfig, model: nn.Module, source: str | os.PathLike[str],
@@ -259,8 +318,15 @@ def _shown(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, revision: str | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
+                 local_files_only: bool = False) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` and return the model.
+
+    ``directory`` is the adapter folder, or a Hub repo id: ``"org/name"`` or ``"org/name@revision"`` (an existing
+    local path always wins), fetched into the Hugging Face cache by :func:`zinit.hub.resolve_adapter` (only the
+    adapter's files; ``revision``, ``cache_dir``, ``token``, ``local_files_only`` and ``HF_HUB_OFFLINE=1`` as in
+    ``huggingface_hub``), then checked exactly as a local folder is.
 
     A model that is not injected yet is injected as ``zinit.json`` says; an injected one must have the same layers,
     K, gate and gate_fn. A model whose sizes differ from the file's raises a ValueError naming the field and both
@@ -274,7 +340,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
     >>> zinit.injection(fresh).layers
     (10, 11)
     """
-    wanted, tensors = read_adapter(directory)
+    folder = _local(directory, revision, cache_dir, token, local_files_only)
+    wanted, tensors = read_adapter(folder)
     check_fits(wanted, model, directory)
     injected_here = not is_injected(model)
     if injected_here:
@@ -293,7 +360,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modu
             load_adapter_state_dict(model, tensors)
         except KeyError as exc:
             message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-            raise KeyError(f"{Path(directory) / WEIGHTS_NAME}: {message}") from None
+            raise KeyError(f"{folder / WEIGHTS_NAME}: {message}") from None
     except BaseException:
         if injected_here:
             eject(model)

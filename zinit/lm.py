@@ -165,7 +165,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("instruction", help="the instruction")
     p.add_argument("--input", default="", help="optional input / context")
     p.add_argument("--model", default=None, help="hub id or local folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", default=None, help="adapter folder written by zinit train (OUTPUT/adapter)")
+    p.add_argument("--adapter", default=None, help="adapter folder written by zinit train (OUTPUT/adapter), or a Hub repo id org/name[@revision]")
     p.add_argument(QUANTIZE_FLAG[0], **QUANTIZE_FLAG[1])
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
     p.add_argument("--temperature", type=positive_float, default=0.1, help="sampling temperature (paper: 0.1)")

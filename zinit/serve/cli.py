@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zinit serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapters", nargs="*", type=adapter_spec, metavar="[NAME=]FOLDER",
-                   help="adapter folders written by zinit train / zinit.save_adapter, served under NAME")
+                   help="adapter folders written by zinit train / zinit.save_adapter (or Hub repo ids "
+                        "org/name[@revision]), served under NAME")
     p.add_argument("--model", default=None, help="base model: hub id or local folder (default: the embedded "
                                                  "SmolLM2-135M-Instruct)")
     p.add_argument(QUANTIZE_FLAG[0], **QUANTIZE_FLAG[1])
