@@ -289,6 +289,7 @@ def _memory_child(args) -> None:
     step()  # first step: optimizer state and lazily allocated buffers exist from here on
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    _trim_heap()  # what loading freed (a quantized load frees its float weights) leaves the RSS baseline
     setup = _rss_mb("VmRSS")
     _reset_peak_rss()
     step()
@@ -303,6 +304,19 @@ def _rss_mb(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so the RSS is what the
+    process holds, not what it once held; a no-op where libc has no ``malloc_trim``."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak_rss() -> None:
@@ -440,16 +454,19 @@ def suite_quantized(args, shape: str) -> dict:
         stats = interleaved({b: train_step_fn(m, lm_loss(batch), _autocast(args.device, torch.float32))
                              for b, m in models.items()}, max(1, args.repeats // 2), args.device)
         del models, first
-        peak = {b: _peak_memory(args, shape, "zinit", folder, b)["peak_mb"] for b in stats}
+        memory = {b: _peak_memory(args, shape, "zinit", folder, b) for b in stats}
+        peak = {b: m["peak_mb"] for b, m in memory.items()}
+        held = {b: m["before_step_mb"] for b, m in memory.items()}
     reference = "float32" if "float32" in stats else next(iter(stats))
     report(f"zinit train step on a quantized base [{args.model or shape}, batch {args.batch}x{args.seq}, "
            f"L={L}, K={args.K}, {args.device}]", stats, reference,
-           extra={b: f"weights {footprint[b]:7.0f} MB ({footprint[b] / footprint[reference]:.3f}x), peak "
-                     f"{peak[b]:7.0f} MB ({peak[b] / peak[reference]:.3f}x)" for b in stats})
+           extra={b: f"weights {footprint[b]:5.0f} MB ({footprint[b] / footprint[reference]:.3f}x), process "
+                     f"{held[b]:5.0f} MB before the step, peak {peak[b]:5.0f} MB ({peak[b] / peak[reference]:.3f}x)"
+                  for b in stats})
     for base, why in skipped.items():
         print(f"  {base:18s} n/a: {why}")
-    return {"shape": args.model or shape, "seconds": stats, "weights_mb": footprint, "peak_mb": peak,
-            "n/a": skipped}
+    return {"shape": args.model or shape, "seconds": stats, "weights_mb": footprint, "before_step_mb": held,
+            "peak_mb": peak, "n/a": skipped}
 
 
 def suite_vit(args) -> dict:
