@@ -32,5 +32,6 @@ register_backbone(
         uninstall=hfauto.uninstall,
         description="any Hugging Face model whose attention goes through AttentionInterface (found by introspection)",
         generic=True,
+        joint_softmax=True,  # gate='none': zinit.hf joins the prompt keys (sdpa, eager)
     )
 )

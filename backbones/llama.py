@@ -59,5 +59,6 @@ register_backbone(
         install=hf.install,
         uninstall=hf.uninstall,
         description="Hugging Face LLaMA / Mistral / Qwen2 (causal LM or base model), GQA and RoPE",
+        joint_softmax=True,  # gate='none': zinit.hf joins the prompt keys (sdpa, eager)
     )
 )

@@ -61,5 +61,6 @@ register_backbone(
         install=hf.install,
         uninstall=hf.uninstall,
         description="Hugging Face BERT / RoBERTa (base model and every task head), padding mask on tokens only",
+        joint_softmax=True,  # gate='none': zinit.hf joins the prompt keys (sdpa, eager)
     )
 )

@@ -5,7 +5,8 @@ dispatch point to hook: the adapted blocks' attention modules become instances o
 undone by eject) whose forward, :func:`_zinit_forward`, is timm's forward with the gated prompt term added to the
 attention output before ``norm``/``proj``. Prompt keys/values are the k and v slices of the fused ``qkv`` applied to
 the prompt (with the layer's ``k_norm``, Identity unless the model uses qk-norm). Bidirectional: no mask on the
-prompt part.
+prompt part. ``gate="none"``: the prompt keys/values go before the tokens' and timm's own attention (SDPA or eager)
+runs one softmax over both, any ``attn_mask`` widened by K columns every query sees.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import sys
 import threading
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from zinit.prompts import prompt_term
+from zinit.attention import joint_mask
+from zinit.prompts import joint_prompt_kv, prompt_term
 from zinit.registry import Backbone, Dims, register_backbone
 
 
@@ -72,10 +75,16 @@ def _zinit_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None, 
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = self.q_norm(q), self.k_norm(k)
-    out = _token_attention(self, q, k, v, attn_mask, is_causal)
-    term = prompt_term(self, q, self.scale)
-    if term is not None:
-        out = out + term.to(out.dtype)
+    joint = joint_prompt_kv(self, q)
+    if joint is not None:  # gate="none": one softmax over [prompt; tokens]
+        attn_mask = joint_mask(attn_mask, joint[0].shape[-2], N, N, is_causal, q.device)
+        k, v = torch.cat([joint[0].to(k.dtype), k], dim=-2), torch.cat([joint[1].to(v.dtype), v], dim=-2)
+        out = _token_attention(self, q, k, v, attn_mask, False)
+    else:
+        out = _token_attention(self, q, k, v, attn_mask, is_causal)
+        term = prompt_term(self, q, self.scale)
+        if term is not None:
+            out = out + term.to(out.dtype)
     out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
     out = self.norm(out)
     if out_gate is not None:
@@ -148,5 +157,6 @@ register_backbone(
         description="timm VisionTransformer / DeiT (fused qkv, class token, bidirectional)",
         # peft has no defaults for timm models: LoRA on the fused q/k/v projection, IA3 on it and the MLP output
         peft_targets=(("lora", ("qkv",)), ("ia3", ("qkv", "fc2")), ("ia3_feedforward", ("fc2",))),
+        joint_softmax=True,  # gate='none': the prompt keys join timm's own attention
     )
 )

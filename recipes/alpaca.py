@@ -31,7 +31,7 @@ from zinit.train.plots import plot_run
 
 from .common import TrainingRun, add_flags, add_train_flags
 from .instructions import EMBEDDED_HELDOUT, EMBEDDED_TRAIN, load_records, prompt_of, tokenize
-from .methods import trainable_count
+from .methods import is_zinit, trainable_count
 
 #: The official recipe (LLaMA-7B on the 52K Alpaca set).
 OFFICIAL_DEFAULTS = {"blr": 9e-3, "epochs": 5.0, "warmup_epochs": 2.0, "batch_size": 4, "max_seq_len": 512}
@@ -139,7 +139,7 @@ def _embedded(args: argparse.Namespace) -> bool:
 
 def _resolve_blr(args: argparse.Namespace) -> float | None:
     """The embedded run's zinit lr (the official 9e-3 assumes 8K steps of 32 examples); None: the usual defaults."""
-    return EMBEDDED_DEFAULTS["blr"] if _embedded(args) and args.method == "zinit" else None
+    return EMBEDDED_DEFAULTS["blr"] if _embedded(args) and is_zinit(args.method) else None
 
 
 def _settings(args: argparse.Namespace, run: TrainingRun) -> dict[str, Any]:

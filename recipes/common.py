@@ -115,7 +115,7 @@ def add_train_flags(p: argparse.ArgumentParser, *, skip: Sequence[str] = (), **s
 def base_lr(recipe: str, method: str, args: argparse.Namespace | None = None) -> float | None:
     """The default base learning rate of ``method`` on ``recipe`` for a run with options ``args``
     (:meth:`zinit.Recipe.base_lr`)."""
-    return zinit.get_recipe(recipe).base_lr(method, methods.get_method(method).blr, args)
+    return methods.recipe_blr(recipe, method, args)
 
 
 class TrainingRun:
@@ -195,8 +195,10 @@ class TrainingRun:
         """Print the run's first line on rank 0: the recipe, the model, the method and its trainable count, the data.
         """
         if self.is_main:
-            how = (f"top {self.layers} layers, K={self.args.K}" if self.method == "zinit" and self.layers is not None
-                   else f"method {self.method}")
+            how = f"method {self.method}"
+            if methods.is_zinit(self.method) and self.layers is not None:
+                how = f"top {self.layers} layers, K={self.args.K}" + (f" ({self.method})" if self.method != "zinit"
+                                                                      else "")
             print(f"zinit train {self.recipe}: {what}, {how}: {methods.trainable_count(model):,} trainable parameters; "
                   f"{data}", flush=True)
 

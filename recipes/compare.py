@@ -80,7 +80,7 @@ def default_blr(recipe: str, method: str, recipe_args: Sequence[str]) -> float |
     from zinit.cli import build_parser
 
     args = build_parser().parse_args(["train", recipe, *recipe_args, "--method", method, "--output", "-"])
-    return zinit.get_recipe(recipe).base_lr(method, M.get_method(method).blr, args)
+    return M.recipe_blr(recipe, method, args)
 
 
 def select_lr(recipe: str, method: str, out: Path, recipe_args: list[str], grid: Sequence[float],

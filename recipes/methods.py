@@ -5,9 +5,12 @@ right parameters trainable (and returns the model, or a wrapper such as a peft m
 rates by task (or by recipe). A method that cannot take a recipe's model raises :class:`NotApplicable` with the reason, which
 ``zinit compare`` reports as "n/a". Adding a method is one :func:`register_method` call (see README).
 
-Built in: ``zinit``; through peft, ``lora`` (r=8 on the query and value projections), ``ia3``, ``prefix`` and
-``prompt`` tuning and ``adaption_prompt`` (peft's LLaMA-Adapter); ``vpt`` (VPT-deep for timm ViTs, written here);
-``bitfit`` (biases only), ``linear`` (the task head only) and ``full`` fine-tuning. Methods that add a task-specific
+Built in: ``zinit``, and its two ablations ``zinit_random`` (the gate starts drawn at random instead of 0) and
+``zinit_nogate`` (no gate: the prompt keys join the tokens' softmax, plain prefix attention with the same
+parameters), which every recipe treats as zinit (its lr, its special cases: :func:`defaults_of`); through peft,
+``lora`` (r=8 on the query and value projections), ``ia3``, ``prefix`` and ``prompt`` tuning and
+``adaption_prompt`` (peft's LLaMA-Adapter); ``vpt`` (VPT-deep for timm ViTs, written here); ``bitfit`` (biases only),
+``linear`` (the task head only) and ``full`` fine-tuning. Methods that add a task-specific
 head train it too (``ctx.head``). This is the one registry of methods: ``zinit compare`` and the speed benchmark
 (``zinit bench``) both prepare models through :func:`prepare`. peft's target modules come from peft's own defaults for
 the model type, or from the backbone (:attr:`zinit.Backbone.peft_targets`) where peft has none (timm ViTs).
@@ -61,6 +64,13 @@ class Method:
     #: a recipe's own table wins over both (:meth:`zinit.Recipe.base_lr`)
     blr: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    #: the method this one is a variant of: recipes give it that method's defaults and special cases (its base lr in
+    #: a recipe's own table, the embedded Alpaca run's lr, VTAB's lr grid, ScienceQA's image path), see
+    #: :func:`defaults_of`
+    variant_of: str | None = None
+    #: zinit and its variants: the :func:`zinit.inject` options beyond layers, K and the task head (``gate``,
+    #: ``gate_init``); None for every other method
+    inject_options: dict[str, Any] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -88,6 +98,39 @@ def prepare(name: str, model: nn.Module, ctx: MethodContext) -> nn.Module:
     return get_method(name).prepare(model, ctx)
 
 
+def defaults_of(name: str) -> str:
+    """The method whose defaults a recipe gives ``name``: its :attr:`Method.variant_of`, or itself.
+
+    >>> defaults_of("zinit_random"), defaults_of("zinit_nogate"), defaults_of("lora")
+    ('zinit', 'zinit', 'lora')
+    """
+    return get_method(name).variant_of or name
+
+
+def is_zinit(name: str) -> bool:
+    """Whether ``name`` is zinit or one of its variants (a recipe's zinit-only paths apply, e.g. ScienceQA's images)."""
+    return defaults_of(name) == "zinit"
+
+
+def zinit_options(name: str) -> dict[str, Any]:
+    """The :func:`zinit.inject` options (``gate``, ``gate_init``) of zinit or a zinit variant, for a recipe that
+    injects itself (ScienceQA, with its visual projection).
+
+    >>> zinit_options("zinit"), zinit_options("zinit_random"), zinit_options("zinit_nogate")
+    ({}, {'gate_init': 'random'}, {'gate': 'none'})
+    """
+    options = get_method(name).inject_options
+    if options is None:
+        raise ValueError(f"method {name!r} does not inject zinit (zinit_options is for zinit and its variants)")
+    return dict(options)
+
+
+def recipe_blr(recipe: str, method: str, args: Any = None) -> float | None:
+    """The default base lr of ``method`` on ``recipe`` (:meth:`zinit.Recipe.base_lr`), a variant looked up in the
+    recipe's own table (and by the recipe's ``resolve_blr``) under the method it is a variant of."""
+    return zinit.get_recipe(recipe).base_lr(defaults_of(method), get_method(method).blr, args)
+
+
 def _family(model: nn.Module) -> str:
     try:
         return zinit.find_backbone(model).name
@@ -109,9 +152,23 @@ def _train_heads(model: nn.Module, ctx: MethodContext) -> None:
 # the methods
 
 
-def _zinit(model: nn.Module, ctx: MethodContext) -> nn.Module:
-    depth = zinit.find_backbone(model).dims(model).num_layers
-    return zinit.inject(model, layers=min(ctx.layers, depth), K=ctx.K, train_modules=list(ctx.head))
+def _zinit_with(**options: Any) -> Callable[[nn.Module, MethodContext], nn.Module]:
+    """The ``prepare`` of zinit with these :func:`zinit.inject` options (none: the method itself)."""
+
+    def prepare_(model: nn.Module, ctx: MethodContext) -> nn.Module:
+        depth = zinit.find_backbone(model).dims(model).num_layers
+        try:
+            return zinit.inject(model, layers=min(ctx.layers, depth), K=ctx.K, train_modules=list(ctx.head),
+                                **options)
+        except ValueError as exc:  # a backbone or attention kernel that cannot join the prompt keys: say so
+            if options.get("gate") == "none" and str(exc).startswith("gate='none'"):
+                raise NotApplicable(str(exc)) from None
+            raise
+
+    return prepare_
+
+
+_zinit = _zinit_with()
 
 
 _PEFT_TASK = {"causal_lm": "CAUSAL_LM", "question_answering": "QUESTION_ANS", "sequence_classification": "SEQ_CLS",
@@ -284,7 +341,7 @@ def _full(model: nn.Module, ctx: MethodContext) -> nn.Module:
 #: defaults are the official ones (Alpaca and ScienceQA 9e-3; the embedded Alpaca run 0.6).
 _LM, _IMG, _QA = "causal_lm", "image_classification", "question_answering"
 for _m in (
-    Method("zinit", _zinit, {_IMG: 1e-2, _QA: 1e-2}, "zero-init gated prompts (this library)"),
+    Method("zinit", _zinit, {_IMG: 1e-2, _QA: 1e-2}, "zero-init gated prompts (this library)", inject_options={}),
     Method("lora", _lora, {_LM: 0.032, _IMG: 4e-3, _QA: 2e-3}, "LoRA r=8 on the query/value projections"),
     Method("ia3", _ia3, {_LM: 0.1, _IMG: 1e-2, _QA: 1e-2}, "IA3 on keys, values and the FFN output"),
     Method("prefix", _prompt_learning("prefix"), {_LM: 0.32, _QA: 1e-2}, "peft prefix tuning, K tokens"),
@@ -294,6 +351,12 @@ for _m in (
     Method("bitfit", _bitfit, {_LM: 0.032, _IMG: 4e-3, _QA: 2e-3}, "biases only"),
     Method("linear", _linear, {_IMG: 1e-2, _QA: 1e-2}, "the task head only"),
     Method("full", _full, {_LM: 6.4e-4, _IMG: 1e-4, _QA: 1e-4}, "every parameter"),
+    # the paper's ablations, with zinit's lrs (only the gate differs); listed after the methods zinit is compared to
+    Method("zinit_random", _zinit_with(gate_init="random"), {_IMG: 1e-2, _QA: 1e-2},
+           "zinit with the gate drawn at random, N(0, 1), instead of 0", "zinit", {"gate_init": "random"}),
+    Method("zinit_nogate", _zinit_with(gate="none"), {_IMG: 1e-2, _QA: 1e-2},
+           "zinit's prompts without a gate, joined to the tokens' softmax (prefix attention)", "zinit",
+           {"gate": "none"}),
 ):
     register_method(_m)
 

@@ -500,7 +500,7 @@ def run_train(args: argparse.Namespace) -> int:
     """``zinit train scienceqa``: train on the train split, keep the adapter of the best val epoch, report test."""
     check_model_folder(args.model)
     with TrainingRun("scienceqa", args) as run:
-        if args.method != "zinit" and not args.no_image:
+        if not methods.is_zinit(args.method) and not args.no_image:
             raise methods.NotApplicable("image features enter through zinit's visual projection; pass --no-image to "
                                         "compare text-only models")
         _train(args, run)
@@ -530,10 +530,11 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> None:
     dim = encoder.dim if encoder is not None else None
 
     model, tokenizer = load_model(args.model, env.device, args.quantize)
-    if args.method == "zinit":  # the image features enter through zinit's visual projection
+    if methods.is_zinit(args.method):  # the image features enter through zinit's visual projection
         run.layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
         torch.manual_seed(args.seed)
-        zinit.inject(model, layers=run.layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden)
+        zinit.inject(model, layers=run.layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden,
+                     **methods.zinit_options(args.method))
     else:
         model = run.prepare(model)
     items, dropped = [], 0

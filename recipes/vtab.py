@@ -442,7 +442,7 @@ def run_train(args: argparse.Namespace) -> int:
                          "or 'all'")
     grid = args.blr_grid
     if grid is None:
-        blr = base_lr("vtab", args.method) if args.method != "zinit" else None
+        blr = base_lr("vtab", args.method) if not methods.is_zinit(args.method) else None
         grid = f"{blr / 2:g},{blr:g},{blr * 2:g}" if blr else "5e-3,1e-2,5e-2"
     settings = VtabSettings(
         model=args.model, pretrained_file=args.pretrained_file, img_size=args.img_size, layers=args.layers, K=args.K,

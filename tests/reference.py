@@ -7,6 +7,10 @@ For one adapted layer, in float64, with explicit matmuls, one loop over heads an
     g = tanh(gate) or gate, one per head (a layer gate is the same for every head)
 
 with query head h using key/value head h // (H / Hkv) for grouped-query attention.
+
+``gate=None`` (zinit's ``gate="none"``) is plain prefix attention instead, one softmax over prompt and tokens:
+
+    out_h = softmax([q_h·Kp_hᵀ·s ; q_h·Kw_hᵀ·s + mask])·[Vp_h ; Vw_h]      (no mask on the K prompt columns)
 """
 
 from __future__ import annotations
@@ -33,8 +37,31 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def prefix_attention(q, k, v, kp, vp, scale, allowed, softcap=None):
+    """Prefix attention: q [B,H,T,d], k/v [B,Hkv,S,d], kp/vp [Hkv,K,d], allowed [B,T,S] bool or None (token columns
+    only; every query sees the K prompt columns) -> [B,H,T,d]. One softmax per head over K + S scores."""
+    B, H, T, d = q.shape
+    group = H // k.shape[1]
+    out = torch.empty_like(q)
+    for h in range(H):
+        kv = h // group
+        keys = torch.cat([kp[kv].expand(B, -1, -1), k[:, kv]], dim=1)  # [B, K+S, d]
+        values = torch.cat([vp[kv].expand(B, -1, -1), v[:, kv]], dim=1)
+        s = q[:, h] @ keys.transpose(-1, -2) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        if allowed is not None:
+            seen = torch.cat([torch.ones(B, T, kp.shape[1], dtype=torch.bool), allowed], dim=-1)
+            s = s.masked_fill(~seen, NEG)
+        out[:, h] = torch.softmax(s, dim=-1) @ values
+    return out
+
+
 def gated_attention(q, k, v, kp, vp, gate, gate_fn, scale, allowed):
-    """q [B,H,T,d], k/v [B,Hkv,S,d], kp/vp [Hkv,K,d], allowed [B,T,S] bool or None -> [B,H,T,d]."""
+    """q [B,H,T,d], k/v [B,Hkv,S,d], kp/vp [Hkv,K,d], allowed [B,T,S] bool or None -> [B,H,T,d]. ``gate=None``:
+    :func:`prefix_attention` instead."""
+    if gate is None:
+        return prefix_attention(q, k, v, kp, vp, scale, allowed)
     B, H, T, d = q.shape
     group = H // k.shape[1]
     g = torch.tanh(gate.double()) if gate_fn == "tanh" else gate.double()
@@ -165,15 +192,36 @@ def prompt_kv_at_position_0(model, attn, prompt: Tensor):
     raise AssertionError(f"{type(attn).__qualname__} never called its attention function")
 
 
+def _prefix_reference(module, query, key, value, attention_mask, cap_prompt, **kwargs):
+    """gate=None: naive float64 prefix attention over [prompt keys at position 0; the layer's keys]. The model must
+    run with attn_implementation="eager", whose masks are always materialised: an additive float mask [B,1,T,S]
+    (or bool), or None for no mask at all."""
+    if module._reference_impl != "eager":
+        raise AssertionError("the prefix reference reads eager masks: build the reference model with eager attention")
+    kp, vp = module._reference_kv
+    q, k, v = query.double(), key.double(), value.double()
+    allowed = None
+    if attention_mask is not None:
+        m = attention_mask[:, 0]
+        allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        allowed = allowed.expand(q.shape[0], q.shape[2], k.shape[2])
+    scale = kwargs.get("scaling") or module.scaling
+    out = prefix_attention(q, k, v, kp, vp, scale, allowed, kwargs.get("softcap") if cap_prompt else None)
+    return out.transpose(1, 2).to(query.dtype), None
+
+
 def install_reference(model, attns, prompts, gates, gate_fn: str, cap_prompt: bool = True):
     """Route each of ``attns`` (modules of a *never-injected* copy of the model) through the reference: the family's
     own eager attention for the tokens plus the naive prompt term (float64, per head, its own softmax, the layer's
-    soft-capping, unless ``cap_prompt`` is False) from :func:`prompt_kv_at_position_0`."""
+    soft-capping, unless ``cap_prompt`` is False) from :func:`prompt_kv_at_position_0`. A gate of None: naive prefix
+    attention instead (:func:`_prefix_reference`; the reference model must use eager attention)."""
     import sys
 
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
     def reference(module, query, key, value, attention_mask, **kwargs):
+        if module._reference_gate is None:
+            return _prefix_reference(module, query, key, value, attention_mask, cap_prompt, **kwargs)
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         own = ALL_ATTENTION_FUNCTIONS.get_interface(module._reference_impl, eager) or eager
         out, weights = own(module, query, key, value, attention_mask,
@@ -196,7 +244,7 @@ def install_reference(model, attns, prompts, gates, gate_fn: str, cap_prompt: bo
     AttentionInterface.register("reference_prompt", reference)
     for attn, prompt, gate in zip(attns, prompts, gates):
         attn._reference_kv = prompt_kv_at_position_0(model, attn, prompt)
-        attn._reference_gate = gate.detach()
+        attn._reference_gate = None if gate is None else gate.detach()
         attn._reference_impl = attn.config._attn_implementation or "eager"
         attn.config = _RouteTo(attn.config, "reference_prompt")
 

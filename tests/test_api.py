@@ -40,7 +40,7 @@ def test_bad_layers(layers, message):
     (dict(K=0), ValueError, r"K=0 must be an int >= 1"),
     (dict(K=2.5), ValueError, r"K=2.5 must be an int"),
     (dict(K=True), ValueError, r"K=True must be an int"),
-    (dict(K=2, gate="token"), ValueError, r"gate='token' is not one of \('head', 'layer'\)"),
+    (dict(K=2, gate="token"), ValueError, r"gate='token' is not one of \('head', 'layer', 'none'\)"),
     (dict(K=2, gate_fn="sigmoid"), ValueError, r"gate_fn='sigmoid' is not one of \('tanh', 'identity'\)"),
     (dict(K=2, backbone="gpt2"), ValueError, r"unknown backbone 'gpt2'; registered backbones: .*llama"),
     (dict(K=2, layers="top"), TypeError, r"layers='top': pass an int L"),

@@ -162,7 +162,7 @@ ADAPTER_ROWS = [
     ('"hidden_size": "32"', lambda f: _config(f, hidden_size="32"), ValueError,
      r"field 'hidden_size' must be an int >= 1, got \"32\" \(str\)"),
     ('"gate": "token"', lambda f: _config(f, gate="token"), ValueError,
-     r"field 'gate' must be one of \['head', 'layer'\], got \"token\""),
+     r"field 'gate' must be one of \['head', 'layer', 'none'\], got \"token\""),
     ('"train_modules": "lm_head"', lambda f: _config(f, train_modules="lm_head"), ValueError,
      r"field 'train_modules' must be a list of submodule names, got \"lm_head\""),
     ("zinit.json without K", lambda f: _config(f, K=DELETE), ValueError,

@@ -23,7 +23,7 @@ from .inject import (
 )
 from .io import load_adapter, read_adapter_config, save_adapter
 from .config import AdapterConfig
-from .prompts import LayerAdapter, VisualProjection, prompt_term
+from .prompts import LayerAdapter, VisualProjection, joint_prompt_kv, prompt_term
 from .recipe import Recipe, get_recipe, recipe_names, register_recipe
 from .registry import Backbone, Dims, backbones, find_backbone, get_backbone, register_backbone
 
@@ -51,6 +51,7 @@ __all__ = [
     "inject",
     "injection",
     "is_injected",
+    "joint_prompt_kv",
     "layer_adapters",
     "load_adapter",
     "load_adapter_state_dict",

@@ -7,6 +7,9 @@ through a softmax of its own, and the result is scaled per head by a gate that s
 
 The first term is the layer's own attention, computed by the model's own kernel (SDPA / flash) and never
 touched here. This module computes the second term only: it is ``T × K`` per head, tiny beside the first.
+
+Without a gate (``gate="none"``, plain prefix attention) there is one softmax over prompt and token keys; the
+layer's own kernel computes it on the longer key sequence, with the mask :func:`joint_mask` widens.
 """
 
 from __future__ import annotations
@@ -125,3 +128,35 @@ def gated_prompt_attention(
     """
     key, value = prepare_prompt_kv(prompt_key, prompt_value, gate, query.shape[1], query.dtype)
     return prompt_attention(query, key, value, scaling, softcap)
+
+
+def joint_mask(mask: Tensor | None, prompt_len: int, q_len: int, kv_len: int, causal: bool,
+               device: torch.device | str | None = None) -> Tensor | None:
+    """The attention mask over ``[K prompt keys; S token keys]`` for a ``gate="none"`` layer: the token columns as
+    ``mask`` has them, and K columns before them that every query sees.
+
+    ``mask``: the implementation's own (``[..., T, S]`` booleans, True = attend, or additive floats, 0 = attend), or
+    None. ``causal``: whether a None mask stands for a causal one (SDPA's ``is_causal``: query i sees keys 0..i,
+    aligned top-left as SDPA and transformers' cropping of an empty static cache do), which cannot be expressed on a
+    longer key sequence, so the mask is built, on ``device``; otherwise None (every query sees every key) stays None.
+
+    >>> joint_mask(None, 2, 3, 3, causal=True)[0, 0].int()
+    tensor([[1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1]], dtype=torch.int32)
+    >>> joint_mask(torch.tensor([[0.0, -1e9]]), 1, 1, 2, causal=False)
+    tensor([[ 0.0000e+00,  0.0000e+00, -1.0000e+09]])
+    """
+    if mask is None:
+        if not causal:
+            return None
+        tokens = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
+        return torch.cat([torch.ones(q_len, prompt_len, dtype=torch.bool, device=device), tokens], dim=-1)[None, None]
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"gate='none' joins the prompt keys to an attention mask given as a tensor; this attention "
+                         f"gives a {type(mask).__name__}: use an implementation with tensor masks (Hugging Face: "
+                         "attn_implementation='sdpa' or 'eager'), or gate='head' or 'layer'")
+    pad_shape = (*mask.shape[:-1], prompt_len)
+    pad = (torch.ones(pad_shape, dtype=torch.bool, device=mask.device) if mask.dtype == torch.bool
+           else torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device))
+    return torch.cat([pad, mask], dim=-1)

@@ -151,6 +151,9 @@ class BankLayer(nn.Module):
 
 
 _SERIAL = itertools.count(1)
+_NO_GATE = ("{what}: its prompt keys join each layer's token softmax, which cannot differ per row of a mixed batch, "
+            "so named adapters are gated (gate='head' or 'layer'); load a gate='none' adapter alone with "
+            "zinit.load_adapter (or zinit.inject)")
 
 
 def bank(model: nn.Module) -> Bank:
@@ -183,15 +186,17 @@ def _check_name(name: object) -> str:
 
 def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
                 layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
-                gate_fn: str = "tanh", backbone: str | None = None) -> nn.Module:
+                gate_fn: str = "tanh", backbone: str | None = None, gate_init: str = "zero") -> nn.Module:
     """Add a named adapter to ``model`` (frozen on the first one) and return the model.
 
     ``source`` is an adapter folder written by :func:`zinit.save_adapter` (its ``zinit.json`` says the layers, K
     and gate; the model's sizes must match). Without a source, a new zero-init adapter is made from ``layers`` and
     ``K`` (and the gate options), for training several adapters on one model (multi-task batches).
 
-    Adapters of different K, layers and gate options mix freely. Adapters with image features or a trained task
-    head (``visual_dim``, ``train_modules``) are single-adapter only: load those with :func:`zinit.load_adapter`.
+    Adapters of different K, layers and gate options mix freely (``gate_init="random"`` too: a new adapter's gate
+    then starts drawn from N(0, 1), as :func:`zinit.inject` draws it). Adapters with image features, a trained task
+    head or no gate (``visual_dim``, ``train_modules``, ``gate="none"``, whose prompt keys join the tokens' softmax
+    and so cannot be mixed per row) are single-adapter only: load those with :func:`zinit.load_adapter`.
 
     >>> import torch, timm, zinit
     >>> vit = timm.create_model("vit_tiny_patch16_224")
@@ -222,6 +227,8 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
             raise ValueError(f"the adapter in {source} has image features or a task head (visual_dim / "
                              "train_modules): load it alone with zinit.load_adapter; named adapters are prompts and "
                              "gates only")
+        if config.gate == "none":
+            raise ValueError(_NO_GATE.format(what=f"the adapter in {source} has gate='none'"))
         spec = check_fits(config, model, source, "add it to the model it was trained on")
     else:
         if layers is None or K is None:
@@ -230,10 +237,12 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
             get_backbone(backbone) if backbone is not None else find_backbone(model))
         from .inject import _check_options
 
-        _check_options(K, gate, gate_fn)
+        _check_options(K, gate, gate_fn, gate_init)
+        if gate == "none":
+            raise ValueError(_NO_GATE.format(what="gate='none'"))
         dims = spec.dims(model)
         config = AdapterConfig.for_model(spec.name, dims, _check_layers(layers, dims.num_layers), K, gate=gate,
-                                         gate_fn=gate_fn)
+                                         gate_fn=gate_fn, gate_init=gate_init)
         tensors = None
     dims = state.dims if isinstance(state, Bank) else spec.dims(model)
     if isinstance(state, Bank) and spec.name != state.backbone.name:
@@ -254,7 +263,8 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
                 attention.add_module(BANK_ATTR, BankLayer(state.routing))
             device = next(attention.parameters()).device
             adapter = LayerAdapter(config.K, dims.hidden_size, dims.num_heads, gate=config.gate,
-                                   gate_fn=config.gate_fn, project=spec.project, device=device)
+                                   gate_fn=config.gate_fn, project=spec.project, device=device,
+                                   gate_init=config.gate_init)
             attention._modules[BANK_ATTR].adapters[name] = adapter
             added.append(attention)
         if tensors is not None:

@@ -2,9 +2,16 @@
 and :func:`zinit.load_adapter` compares, as a whole.
 
 An :class:`AdapterConfig` names the backbone, the model sizes the adapter fits (hidden size, heads, KV heads, head
-size, layer count) and every injection option (layers, K, gate, gate function, trained submodules, visual
-projection). It is frozen, compares by value, and round-trips through JSON with a schema version
-(:data:`FORMAT_VERSION`); files written by older zinit versions, which lack the later optional fields, keep loading.
+size, layer count) and every injection option (layers, K, gate, gate function, gate initialisation, trained
+submodules, visual projection). It is frozen, compares by value, and round-trips through JSON with a schema version;
+files written by older zinit versions, which lack the later optional fields, keep loading.
+
+Schema versions: a file says the lowest version its features need (:meth:`AdapterConfig.format_version`), so an
+older zinit reads every adapter it can compute correctly and refuses, with "upgrade zinit", one it cannot:
+
+- 1: every adapter with a gate (``gate="head"`` / ``"layer"``), whatever its ``gate_init``; a zinit that predates
+  ``gate_init`` ignores the field, which only records how the gate started (the weights hold where it is now).
+- 2: ``gate="none"`` (prompt keys joined to the tokens' softmax), which a version-1 reader would compute wrongly.
 """
 
 from __future__ import annotations
@@ -18,9 +25,14 @@ from .registry import Dims
 
 #: What ``zinit.json`` says it is.
 FORMAT = "zinit-adapter"
-#: The schema version this zinit writes (and the newest it reads).
-FORMAT_VERSION = 1
-GATE_KINDS = ("head", "layer")
+#: The newest schema version this zinit reads (a file is written with the lowest version its features need).
+FORMAT_VERSION = 2
+#: ``"head"``: one gate per query head (the paper); ``"layer"``: one per layer (peft); ``"none"``: no gate, the prompt
+#: keys joined to the tokens' keys in one softmax (plain prefix attention with the same parameters).
+GATE_KINDS = ("head", "layer", "none")
+#: How a gate starts: ``"zero"`` (the method: the adapted model starts as the base model) or ``"random"`` (the
+#: paper's random-init ablation); see :class:`zinit.LayerAdapter`.
+GATE_INITS = ("zero", "random")
 #: The fields that describe the model an adapter fits (the :class:`~zinit.registry.Dims` of its backbone).
 DIM_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_layers")
 #: The fields that an adapter folder records about its weights file, beside the configuration.
@@ -56,11 +68,12 @@ class AdapterConfig:
     num_layers: int  #: layers the model has
     layers: tuple[int, ...]  #: adapted layer indices, ascending
     K: int  #: prompt length
-    gate: str = "head"  #: ``"head"`` (one gate per query head) or ``"layer"``
-    gate_fn: str = "tanh"  #: ``"tanh"`` or ``"identity"``
+    gate: str = "head"  #: ``"head"`` (one gate per query head), ``"layer"`` or ``"none"`` (no gate: one softmax)
+    gate_fn: str = "tanh"  #: ``"tanh"`` or ``"identity"`` (unused by ``gate="none"``)
     train_modules: tuple[str, ...] = ()  #: submodules trained and saved with the adapter (a task head)
     visual_dim: int | None = None  #: width of the image features (None: text only)
     visual_hidden: int | None = None  #: hidden width of the visual projection (None without ``visual_dim``)
+    gate_init: str = "zero"  #: ``"zero"`` (the method) or ``"random"`` (the ablation); ``"zero"`` for ``gate="none"``
 
     @classmethod
     def for_model(cls, backbone: str, dims: Dims, layers: tuple[int, ...], K: int, **options: Any) -> "AdapterConfig":
@@ -75,7 +88,7 @@ class AdapterConfig:
 
     def inject_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`zinit.inject` (after ``layers`` and ``K``) that build this adapter."""
-        return {"gate": self.gate, "gate_fn": self.gate_fn, "backbone": self.backbone,
+        return {"gate": self.gate, "gate_fn": self.gate_fn, "gate_init": self.gate_init, "backbone": self.backbone,
                 "train_modules": list(self.train_modules), "visual_dim": self.visual_dim,
                 "visual_hidden": self.visual_hidden if self.visual_hidden is not None else 128}
 
@@ -84,12 +97,26 @@ class AdapterConfig:
         return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
                 if getattr(self, f.name) != getattr(other, f.name)}
 
+    def format_version(self) -> int:
+        """The lowest schema version that describes this adapter (see the module docstring): 2 for ``gate="none"``,
+        which an older zinit must refuse, else 1, which every zinit since the first reads.
+
+        >>> import zinit
+        >>> cfg = zinit.AdapterConfig("llama", 64, 4, 2, 16, 4, (2, 3), K=10)
+        >>> [cfg.replace(**o).format_version() for o in ({}, {"gate_init": "random"}, {"gate": "none"})]
+        [1, 1, 2]
+        """
+        return 2 if self.gate == "none" else 1
+
     def to_json(self) -> dict[str, Any]:
-        """The ``zinit.json`` fields: format, schema version, then every field (tuples as lists; the visual fields
-        only with a visual projection, as earlier versions wrote them)."""
-        out: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        """The ``zinit.json`` fields: format, schema version (:meth:`format_version`), then every field (tuples as
+        lists; the visual fields only with a visual projection, and ``gate_init`` only when it is not ``"zero"``,
+        so a default adapter's description is exactly what earlier versions wrote)."""
+        out: dict[str, Any] = {"format": FORMAT, "format_version": self.format_version()}
         for key, value in asdict(self).items():
             if key in ("visual_dim", "visual_hidden") and self.visual_dim is None:
+                continue
+            if key == "gate_init" and value == "zero":
                 continue
             out[key] = list(value) if isinstance(value, tuple) else value
         return out
@@ -102,7 +129,8 @@ class AdapterConfig:
             raise ValueError(f"{source} is not a zinit adapter description (no \"format\": \"{FORMAT}\")")
         version = data.get("format_version", 0)
         if not _is_int(version):
-            raise _field_error(source, "format_version", f"an int (this zinit writes {FORMAT_VERSION})", version)
+            raise _field_error(source, "format_version", f"an int (this zinit reads versions up to {FORMAT_VERSION})",
+                               version)
         if version > FORMAT_VERSION:
             from ._version import __version__
 
@@ -119,6 +147,9 @@ class AdapterConfig:
         values["train_modules"] = tuple(values.get("train_modules", ()))
         if values.get("visual_dim") is None:
             values["visual_dim"] = values["visual_hidden"] = None
+        if values["gate"] == "none" and version < 2:  # hand-edited: the version says a reader may ignore it
+            raise _field_error(source, "format_version", "2 for gate \"none\" (which older zinit cannot compute)",
+                               version)
         return cls(**values)
 
     def replace(self, **changes: Any) -> "AdapterConfig":
@@ -148,6 +179,12 @@ def _check(data: Mapping[str, Any], source: str) -> None:
         raise _field_error(source, "gate", f"one of {list(GATE_KINDS)}", data["gate"])
     if data["gate_fn"] not in GATE_FUNCTIONS:
         raise _field_error(source, "gate_fn", f"one of {list(GATE_FUNCTIONS)}", data["gate_fn"])
+    gate_init = data.get("gate_init", "zero")
+    if gate_init not in GATE_INITS:
+        raise _field_error(source, "gate_init", f"one of {list(GATE_INITS)}", gate_init)
+    if gate_init != "zero" and data["gate"] == "none":
+        raise _field_error(source, "gate_init", "\"zero\" with gate \"none\" (there is no gate to initialise)",
+                           gate_init)
     modules = data.get("train_modules", [])
     if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
         raise _field_error(source, "train_modules", "a list of submodule names", modules)

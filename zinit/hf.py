@@ -21,6 +21,13 @@ zinit routes only the *adapted* attention modules, and leaves the model's config
 - a forward pre-hook passes the layer's KV cache (``cache``; ``past_key_values`` before transformers 5.24) to the
   wrapper as the *scope* of the prompt keys/values: the one-token decoding steps of a KV cache reuse the prompt
   keys/values its last multi-token call projected (see :meth:`zinit.prompts.LayerAdapter.attend`).
+- ``gate="none"`` (one softmax over prompt and tokens): the wrapper puts the prompt keys/values before the layer's
+  keys/values (cache included), widens the mask by K columns every query may see
+  (:func:`zinit.attention.joint_mask`) and calls the implementation on the K + S keys, so the model's own kernel
+  computes the joint softmax exactly (its scaling, soft-capping, dropout, attention sinks and GQA included). Done
+  for ``"sdpa"`` and ``"eager"``, whose masks are plain tensors; the flash family (which may derive sequence
+  boundaries from position ids), flex (block masks), paged and hub kernels are refused at inject time and at call
+  time.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ import inspect
 import sys
 from typing import Any, Callable, Sequence
 
+import torch
 from torch import Tensor, nn
 
-from .prompts import prompt_term
+from .attention import joint_mask
+from .prompts import ADAPTER_ATTR, joint_prompt_kv, prompt_term
 
 PREFIX = "zinit_"
 #: Keyword under which the pre-hook hands the layer's KV cache (the prompt K/V scope) to the wrapper.
@@ -42,6 +51,8 @@ SCOPE_KWARG = "zinit_scope"
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 #: Implementations that never read ``module.config``: they are called with the module itself.
 _CONFIG_FREE = frozenset({"sdpa", "eager"})
+#: Implementations that compute ``gate="none"`` (prompt keys joined to the token keys): their masks are tensors.
+JOINT_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class AdaptedConfig:
@@ -115,6 +126,20 @@ def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
         scope = kwargs.pop(SCOPE_KWARG, None)
         base = ALL_ATTENTION_FUNCTIONS.get_interface(original, None) or _eager_for(type(module))
         target = module if config_free else _BaseView(module, base_config(module.config))
+        joint = joint_prompt_kv(module, query, scope=scope)
+        if joint is not None:  # gate="none": one softmax over [prompt; tokens], on the implementation's own kernel
+            _check_joint(module, original)
+            if kwargs.get("position_bias") is not None:
+                raise ValueError(f"{type(module).__qualname__} passes a position bias to its attention, which zinit "
+                                 "cannot extend to the prompt keys of gate='none'; use gate='head' or 'layer'")
+            prompt_key, prompt_value = joint
+            K = prompt_key.shape[-2]
+            causal = original == "sdpa" and _sdpa_causal(module, query, attention_mask, kwargs)
+            attention_mask = joint_mask(attention_mask, K, query.shape[-2], key.shape[-2], causal, query.device)
+            key = torch.cat([prompt_key.to(key.dtype), key], dim=-2)
+            value = torch.cat([prompt_value.to(value.dtype), value], dim=-2)
+            out, weights = base(target, query, key, value, attention_mask, **kwargs)
+            return out, (weights[..., K:] if isinstance(weights, Tensor) else weights)  # the tokens' columns
         out, weights = base(target, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling")
         if scaling is None:
@@ -128,6 +153,24 @@ def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
 
     zinit_attention.__name__ = f"zinit_{original}_attention"
     return zinit_attention
+
+
+def _sdpa_causal(module: nn.Module, query: Tensor, attention_mask: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether transformers' SDPA function would apply a causal mask of its own (``is_causal``) to this call: it does
+    with no mask, more than one query and a causal module (or ``is_causal=True`` passed)."""
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    return attention_mask is None and query.shape[-2] > 1 and bool(is_causal)
+
+
+def _check_joint(module: nn.Module, implementation: str) -> None:
+    if implementation not in JOINT_IMPLEMENTATIONS:
+        raise ValueError(
+            f"gate='none' joins the prompt keys to the token keys inside the attention kernel, which zinit does for "
+            f"the {' and '.join(map(repr, JOINT_IMPLEMENTATIONS))} implementations; {type(module).__qualname__} "
+            f"uses {implementation!r}: load the model with attn_implementation='sdpa' (or call "
+            "model.set_attn_implementation('sdpa')), or use gate='head' or 'layer', which every implementation runs")
 
 
 def attention_name(original: str) -> str:
@@ -164,7 +207,8 @@ def install(model: nn.Module, modules: Sequence[nn.Module]) -> None:
     """Route the attention of ``modules`` (``model``'s adapted layers) through zinit's wrapper.
 
     Each module dispatches by its own ``config._attn_implementation`` (the model's config, or the sub-config of its
-    tower in a composite model); that config gets the :class:`AdaptedConfig` view."""
+    tower in a composite model); that config gets the :class:`AdaptedConfig` view. A ``gate="none"`` adapter on a
+    module whose implementation cannot compute it (see :data:`JOINT_IMPLEMENTATIONS`) is refused here."""
     for m in modules:
         config = base_config(getattr(m, "config", None))
         if not hasattr(config, "_attn_implementation"):
@@ -173,6 +217,9 @@ def install(model: nn.Module, modules: Sequence[nn.Module]) -> None:
                 "reach it"
             )
         attention_name(config._attn_implementation or "eager")  # fail here, not in the first forward
+        adapter = m._modules.get(ADAPTER_ATTR)
+        if adapter is not None and adapter.gate is None:
+            _check_joint(m, config._attn_implementation or "eager")
     for m in modules:
         m.config = AdaptedConfig(base_config(m.config))
         if _passes_kwargs(m):  # otherwise no scope: the prompt is projected on every call, decoding steps too

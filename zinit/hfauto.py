@@ -362,6 +362,7 @@ def family(name: str, model_types: Sequence[str], *, layers: str | None = None, 
         dims=lambda model: analysed(model).dims,
         project=project, install=install_, uninstall=uninstall,
         description=description or f"Hugging Face {', '.join(types)} (declared paths, the generic key path)",
+        joint_softmax=True,  # gate='none': zinit.hf joins the prompt keys (sdpa, eager)
     )
 
 

@@ -322,7 +322,9 @@ def adapter_card(config: Mapping[str, Any], parameters: int, repo_id: str | None
                      f"{config.get('num_kv_heads')} KV heads, {config.get('num_layers')} layers)"),
         ("adapted layers", f"{_ranges(layers)} ({len(layers)} of {config.get('num_layers')})"),
         ("prompt length K", str(config.get("K"))),
-        ("gate", f"{per}, {config.get('gate_fn')}, initialised to 0"),
+        ("gate", "none: the prompt keys join the tokens' softmax (prefix attention)" if gate == "none" else
+         f"{per}, {config.get('gate_fn')}, initialised "
+         f"{'at random, N(0, 1)' if config.get('gate_init') == 'random' else 'to 0'}"),
     ]
     if config.get("visual_dim") is not None:
         rows.append(("visual projection", f"{config.get('visual_dim')} -> {config.get('visual_hidden')} -> "

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import GATE_FUNCTIONS
-from .config import GATE_KINDS, AdapterConfig
+from .config import GATE_INITS, GATE_KINDS, AdapterConfig
 from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
 from .registry import Backbone, find_backbone, get_backbone
 
@@ -75,18 +75,31 @@ def inject(
     train_modules: Sequence[str] = (),
     visual_dim: int | None = None,
     visual_hidden: int = 128,
+    gate_init: str = "zero",
 ) -> nn.Module:
     """Turn a frozen transformer into a zero-init prompt-adapted one, in place, and return it.
 
     Every base parameter is frozen; each adapted layer gets a learnable prompt ``[K, C]`` (N(0, 1)) and a gate that
     starts at exactly 0, so until training moves the gates the model computes what it computed before.
 
+    Gate variants (the paper's ablations; the defaults are the method):
+
+    - ``gate_init="random"``: the gate starts drawn from N(0, 1) instead of 0 (see :class:`zinit.LayerAdapter` for
+      why that distribution); the adapted model then differs from the base model from the first step.
+    - ``gate="none"``: no gate at all; each adapted layer's prompt keys/values (the same projections, no positional
+      encoding) join its token keys/values in one softmax: plain prefix attention, every query seeing the K prompt
+      keys and the tokens its mask allows. ``L·K·C`` parameters. The token attention stays on the layer's own kernel,
+      run on the K + S keys: on Hugging Face models the ``"sdpa"`` and ``"eager"`` implementations (others are
+      refused here, naming the fix), on timm ViTs fused or not. Not for named adapters (:func:`zinit.add_adapter`).
+
     Args:
         model: a Hugging Face LLaMA/Mistral/Qwen2, RoBERTa/BERT model or a timm ViT/DeiT (see :func:`zinit.backbones`).
         layers: an int L (the top L layers, the paper's choice) or explicit layer indices (0 = bottom layer).
         K: prompt length (the paper uses 10).
-        gate: ``"head"`` (one gate per query head) or ``"layer"`` (one per layer, as peft).
-        gate_fn: ``"tanh"`` (paper) or ``"identity"`` (raw gate: official v1 inference, peft, litgpt).
+        gate: ``"head"`` (one gate per query head), ``"layer"`` (one per layer, as peft) or ``"none"`` (no gate,
+            one joint softmax).
+        gate_fn: ``"tanh"`` (paper) or ``"identity"`` (raw gate: official v1 inference, peft, litgpt); not with
+            ``gate="none"``.
         backbone: registry name to use instead of detecting it from the model.
         train_modules: names of submodules (``model.get_submodule`` paths, e.g. ``"head"`` of a timm ViT or
             ``"qa_outputs"`` of a question-answering model) that stay trainable and are saved and loaded with the
@@ -95,6 +108,7 @@ def inject(
             MLP ``D → visual_hidden → C`` (``visual_proj.*`` in the adapter) whose output token is added to every
             adapted layer's prompt; pass the features of a forward with :func:`visual_features`.
         visual_hidden: hidden width of that MLP (default 128).
+        gate_init: ``"zero"`` (the method) or ``"random"`` (the ablation: N(0, 1)); not with ``gate="none"``.
 
     Returns:
         ``model`` itself, whose only trainable parameters are now the prompts and gates (and ``train_modules``).
@@ -107,14 +121,20 @@ def inject(
         >>> model = zinit.inject(LlamaForCausalLM(cfg), layers=2, K=10)
         >>> sum(p.numel() for p in zinit.trainable_parameters(model))  # 2·10·64 + 2·4
         1288
+        >>> nogate = zinit.inject(LlamaForCausalLM(cfg), layers=2, K=10, gate="none")
+        >>> sum(p.numel() for p in zinit.trainable_parameters(nogate))  # 2·10·64, no gates
+        1280
     """
     if is_injected(model):
         raise RuntimeError("this model is already injected with zinit; call zinit.eject(model) first to re-inject")
     if hasattr(model, "_zinit_bank"):
         raise RuntimeError("this model carries named adapters (zinit.add_adapter); inject one into a model without "
                            "them, or add this one by name: zinit.add_adapter(model, name, layers=..., K=...)")
-    _check_options(K, gate, gate_fn)
+    _check_options(K, gate, gate_fn, gate_init)
     spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
+    if gate == "none" and not spec.joint_softmax:
+        raise ValueError(f"gate='none' joins the prompt keys into the layer's own softmax, which backbone "
+                         f"{spec.name!r} does not do (Backbone.joint_softmax is False); use gate='head' or 'layer'")
     dims = spec.dims(model)
     chosen = _check_layers(layers, dims.num_layers)
     extra = _check_train_modules(model, train_modules)
@@ -126,7 +146,8 @@ def inject(
     if visual_dim is not None and hasattr(model, VISUAL_ATTR):
         raise ValueError(f"the model already has an attribute {VISUAL_ATTR!r}; zinit needs that name")
     config = AdapterConfig.for_model(spec.name, dims, chosen, K, gate=gate, gate_fn=gate_fn, train_modules=extra,
-                                     visual_dim=visual_dim, visual_hidden=visual_hidden if visual_dim else None)
+                                     visual_dim=visual_dim, visual_hidden=visual_hidden if visual_dim else None,
+                                     gate_init=gate_init)
     visual = VisualInput() if visual_dim is not None else None
     modules = list(spec.attention_modules(model))
 
@@ -139,7 +160,7 @@ def inject(
             device = next(attention.parameters()).device
             adapter = LayerAdapter(
                 K, dims.hidden_size, dims.num_heads, gate=gate, gate_fn=gate_fn, project=spec.project, device=device,
-                visual=visual,
+                visual=visual, gate_init=gate_init,
             )
             attention.add_module(ADAPTER_ATTR, adapter)
         if visual is not None:
@@ -162,13 +183,18 @@ def inject(
     return model
 
 
-def _check_options(K: int, gate: str, gate_fn: str) -> None:
+def _check_options(K: int, gate: str, gate_fn: str, gate_init: str = "zero") -> None:
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K={K!r} must be an int >= 1 (the prompt length; the paper uses 10)")
     if gate not in GATE_KINDS:
         raise ValueError(f"gate={gate!r} is not one of {GATE_KINDS}")
     if gate_fn not in GATE_FUNCTIONS:
         raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
+    if gate_init not in GATE_INITS:
+        raise ValueError(f"gate_init={gate_init!r} is not one of {GATE_INITS}")
+    if gate == "none" and (gate_init != "zero" or gate_fn != "tanh"):
+        bad = f"gate_init={gate_init!r}" if gate_init != "zero" else f"gate_fn={gate_fn!r}"
+        raise ValueError(f"gate='none' has no gate, so {bad} does not apply: drop it, or use gate='head' or 'layer'")
 
 
 _SERIAL = itertools.count(1)
@@ -284,7 +310,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     >>> [tuple(p.shape) for p in zinit.trainable_parameters(vit)]
     [(4, 192), (3,), (4, 192), (3,)]
     """
-    params = [p for a in layer_adapters(model).values() for p in (a.prompt, a.gate)]
+    params = [p for a in layer_adapters(model).values() for p in (a.prompt, a.gate) if p is not None]
     return params + list(_extra_parameters(model, injection(model)).values())
 
 
@@ -322,14 +348,16 @@ def eject(model: nn.Module) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter's tensors under canonical keys ``layers.{n}.prompt`` ``[K, C]`` and ``layers.{n}.gate`` ``[H]``/``[1]``
-    (and ``visual_proj.*`` with ``visual_dim``, ``modules.{name}.{parameter}`` for each of inject's ``train_modules``).
+    (none with ``gate="none"``; ``visual_proj.*`` with ``visual_dim``, ``modules.{name}.{parameter}`` for each of
+    inject's ``train_modules``).
 
     ``n`` is the backbone's own layer index. Tensors are detached views of the parameters (as ``state_dict``).
     """
     out: dict[str, Tensor] = {}
     for n, adapter in layer_adapters(model).items():
         out[f"layers.{n}.prompt"] = adapter.prompt.detach()
-        out[f"layers.{n}.gate"] = adapter.gate.detach()
+        if adapter.gate is not None:
+            out[f"layers.{n}.gate"] = adapter.gate.detach()
     for key, p in _extra_parameters(model, injection(model)).items():
         out[key] = p.detach()
     return out

@@ -52,9 +52,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     ``directory`` (created if needed) and return the folder. Either way the folder is the same kind: any of them
     loads with :func:`load_adapter` or :func:`zinit.add_adapter`.
 
-    Writes ``adapter.safetensors`` (keys ``layers.{n}.prompt`` / ``layers.{n}.gate``, float32, and
-    ``modules.{name}.*`` for inject's ``train_modules``), ``zinit.json`` (format version, backbone, hidden size,
-    heads, KV heads, head size, layer count, adapted layers, K, gate, gate_fn, train_modules, visual_dim and
+    Writes ``adapter.safetensors`` (keys ``layers.{n}.prompt`` / ``layers.{n}.gate``, float32, no gate keys for
+    ``gate="none"``, and ``modules.{name}.*`` for inject's ``train_modules``), ``zinit.json`` (format version: the
+    lowest the adapter needs, 2 for ``gate="none"`` and 1 otherwise, so older zinit reads what it can compute;
+    backbone, hidden size, heads, KV heads, head size, layer count, adapted layers, K, gate, gate_fn, gate_init when
+    it is not ``"zero"``, train_modules, visual_dim and
     visual_hidden when there is a visual projection (``visual_proj.*``), zinit version, the base model and the
     training command when known, and the size and sha256 of the weights file it describes) and ``README.md``, the
     adapter card (:func:`zinit.hub.adapter_card`: Hub metadata, what the adapter is, how to load it).
@@ -329,7 +331,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, revisio
     ``huggingface_hub``), then checked exactly as a local folder is.
 
     A model that is not injected yet is injected as ``zinit.json`` says; an injected one must have the same layers,
-    K, gate and gate_fn. A model whose sizes differ from the file's raises a ValueError naming the field and both
+    K, gate, gate_fn and gate_init (every :class:`~zinit.AdapterConfig` field). A model whose sizes differ from the file's raises a ValueError naming the field and both
     values. The weights must be the file ``zinit.json`` describes (its size and sha256 are recorded there) and hold
     floating-point tensors with exactly the expected keys (a KeyError names the missing and unexpected ones). If
     anything fails, a model this call injected is ejected again and the model's adapter is unchanged.

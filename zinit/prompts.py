@@ -1,5 +1,10 @@
 """The learnable parameters of one adapted layer (its prompt and its gate), and the optional visual projection that
-adds a per-example image token to every layer's prompt (DESIGN.md §1, multimodal)."""
+adds a per-example image token to every layer's prompt (DESIGN.md §1, multimodal).
+
+Two calls reach an adapter from a backbone's attention: :func:`prompt_term` (the gated prompt term, added to the
+layer's attention output: ``gate="head"`` / ``"layer"``) and :func:`joint_prompt_kv` (the prompt keys and values a
+``gate="none"`` adapter joins to the layer's token keys, for the layer's own softmax).
+"""
 
 from __future__ import annotations
 
@@ -68,6 +73,20 @@ class VisualInput:
 class LayerAdapter(nn.Module):
     """Prompt ``[K, C]`` (initialised N(0, 1)) and gate (``[H]`` or ``[1]``, initialised to exactly 0) of one layer.
 
+    Gate variants (the paper's ablations, DESIGN.md §1):
+
+    - ``gate_init="random"``: the gate is drawn from N(0, 1), one value per gate element, right after the prompt and
+      from the same generator (torch's global one: ``torch.manual_seed`` makes both reproducible). N(0, 1) because
+      the paper does not say how its "rand-init attention" ablation draws the gate, and the official code
+      (``alpaca_finetuning_v1``) draws its one randomly initialised adapter parameter, the prompt (an ``nn.Embedding``),
+      from N(0, 1): the gate is drawn like the rest of the adapter, so ``tanh(gate)`` starts well away from 0
+      (mean ``|tanh(g)|`` ≈ 0.6) and the model does not start as the base model. Everything else is unchanged.
+    - ``gate="none"``: no gate parameter at all (``self.gate`` is None); the prompt keys and values join the layer's
+      token keys and values in one softmax (prefix attention with the same parameters), through
+      :meth:`joint_kv` and the backbone. The one public implementation of the paper's ablation (Diep et al., ICML
+      2025, "On Zero-Initialized Attention", the ``random_init`` switch of its ``llama/model.py``) computes exactly
+      this: one softmax over ``[prompt; tokens]``, no gate.
+
     Parameters are created in float32 whatever the model's dtype (they are what the optimizer updates, and a bf16
     gate could not take the small steps that open it) and cast to the attention's compute dtype on use. A later
     ``model.to(dtype)`` casts them with the rest of the model, which works too (for training, prefer autocast).
@@ -76,8 +95,9 @@ class LayerAdapter(nn.Module):
         K: prompt length.
         hidden_size: C, the input width of the layer's key/value projections.
         num_heads: query heads H.
-        gate: ``"head"`` (one gate per query head, the paper) or ``"layer"`` (one scalar, as peft).
+        gate: ``"head"`` (one gate per query head, the paper), ``"layer"`` (one scalar, as peft) or ``"none"``.
         gate_fn: ``"tanh"`` (paper) or ``"identity"`` (official v1 inference, peft, litgpt).
+        gate_init: ``"zero"`` (the method) or ``"random"`` (N(0, 1), see above).
         project: the backbone's ``(attention module, prompt) -> (keys, values)``.
         device: where to create the parameters (the model's device; ``"meta"`` works).
         visual: the model's :class:`VisualInput` when it was injected with ``visual_dim``; while image tokens
@@ -95,24 +115,39 @@ class LayerAdapter(nn.Module):
         project: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]],
         device: torch.device | str | None = None,
         visual: VisualInput | None = None,
+        gate_init: str = "zero",
     ) -> None:
         super().__init__()
         self.prompt = nn.Parameter(torch.randn(K, hidden_size, device=device, dtype=torch.float32))
-        self.gate = nn.Parameter(
-            torch.zeros(num_heads if gate == "head" else 1, device=device, dtype=torch.float32)
-        )
+        if gate == "none":
+            self.register_parameter("gate", None)
+        else:
+            shape = num_heads if gate == "head" else 1
+            start = (torch.randn(shape, device=device, dtype=torch.float32) if gate_init == "random"
+                     else torch.zeros(shape, device=device, dtype=torch.float32))
+            self.gate = nn.Parameter(start)
         self.gate_kind = gate
         self.gate_fn = gate_fn
+        self.gate_init = gate_init
         self.num_heads = num_heads
         self._project = project
         self._visual = visual
 
     def extra_repr(self) -> str:
         K, C = self.prompt.shape
-        return f"K={K}, hidden_size={C}, heads={self.num_heads}, gate={self.gate_kind!r}, gate_fn={self.gate_fn!r}"
+        text = f"K={K}, hidden_size={C}, heads={self.num_heads}, gate={self.gate_kind!r}"
+        if self.gate is not None:
+            text += f", gate_fn={self.gate_fn!r}"
+            if self.gate_init != "zero":
+                text += f", gate_init={self.gate_init!r}"
+        return text
 
     def gate_values(self) -> Tensor:
-        """The per-head multiplier ``[H]`` (``tanh(gate)`` or ``gate``, broadcast for a layer gate)."""
+        """The per-head multiplier ``[H]`` (``tanh(gate)`` or ``gate``, broadcast for a layer gate); an error for
+        ``gate="none"``, which has no gate."""
+        if self.gate is None:
+            raise ValueError("this adapter was injected with gate='none': it has no gate (its prompt keys join the "
+                             "tokens' softmax)")
         return gate_values(self.gate, self.gate_fn, self.num_heads)
 
     def prompt_kv(self, attention: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -132,11 +167,21 @@ class LayerAdapter(nn.Module):
         return serial, tokens.repeat_interleave(batch // tokens.shape[0], dim=0)  # generate() with beams
 
     def _prepared(self, attention: nn.Module, query: Tensor, tokens: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Gated: keys and gated values for every query head ``[(B,) H, K, d]``. ``gate="none"``: the keys and values
+        as projected, ``[(B,) Hkv, K, d]`` (the layer's own kernel shares KV heads as it does for its tokens)."""
         if tokens is None:
             key, value = self.prompt_kv(attention, query.dtype)
         else:  # one prompt per example: P + image token, [B, K, C]
             key, value = self._project(attention, (self.prompt + tokens[:, None, :]).to(query.dtype))
+        if self.gate is None:
+            return key, value
         return prepare_prompt_kv(key, value, self.gate_values(), self.num_heads, query.dtype)
+
+    def _kv(self, query: Tensor, attention: nn.Module, scope: object | None) -> tuple[Tensor, Tensor]:
+        serial, tokens = self._image_tokens(query.shape[0])
+        if scope is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._prepared(attention, query, tokens)
+        return self._scoped(scope, attention, query, tokens, serial)
 
     def attend(self, query: Tensor, attention: nn.Module, scaling: float, scope: object | None = None,
                softcap: float | None = None) -> Tensor:
@@ -155,13 +200,28 @@ class LayerAdapter(nn.Module):
 
         A cache kept across a weight change holds keys/values of the old weights anyway (the token ones too); give
         a decoding loop that starts after such a change a new cache, or a prefill of more than one token.
+
+        A ``gate="none"`` adapter has no separate term: its backbone joins :meth:`joint_kv` to the token keys.
         """
-        serial, tokens = self._image_tokens(query.shape[0])
-        if scope is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            key, value = self._prepared(attention, query, tokens)
-        else:
-            key, value = self._scoped(scope, attention, query, tokens, serial)
+        if self.gate is None:
+            raise ValueError("a gate='none' adapter has no separate prompt term: its prompt keys and values join the "
+                             "layer's token keys (zinit.joint_prompt_kv); this backbone called prompt_term")
+        key, value = self._kv(query, attention, scope)
         return prompt_attention(query, key, value, scaling, softcap)
+
+    def joint_kv(self, query: Tensor, attention: nn.Module, scope: object | None = None) -> tuple[Tensor, Tensor]:
+        """``gate="none"``: the prompt keys and values ``[B, Hkv, K, d]`` (in the query's dtype, no positional
+        encoding, the image token added where a :func:`zinit.visual_features` block is active) that the layer joins
+        to its token keys and values for one softmax. Projected once per call, or kept on ``scope`` for the
+        one-token decoding steps of a KV cache exactly as :meth:`attend` keeps a gated adapter's."""
+        if self.gate is not None:
+            raise ValueError(f"this adapter has a {self.gate_kind!r} gate: its prompt term is zinit.prompt_term, "
+                             "added to the attention output; joint_kv is for gate='none'")
+        key, value = self._kv(query, attention, scope)
+        if key.dim() == 3:  # one prompt for the batch
+            batch = query.shape[0]
+            key, value = key.expand(batch, *key.shape), value.expand(batch, *value.shape)
+        return key, value
 
     def _scoped(self, scope: object, attention: nn.Module, query: Tensor, tokens: Tensor | None,
                 serial: int) -> tuple[Tensor, Tensor]:
@@ -210,6 +270,29 @@ def prompt_term(module: nn.Module, query: Tensor, scaling: float, *, scope: obje
         if adapter is None:
             return None
     return adapter.attend(query, module, scaling, scope=scope, softcap=softcap)
+
+
+def joint_prompt_kv(module: nn.Module, query: Tensor, *, scope: object | None = None
+                    ) -> tuple[Tensor, Tensor] | None:
+    """The prompt keys and values ``[B, Hkv, K, d]`` that a ``gate="none"`` adapter on ``module`` joins to the
+    module's token keys and values, or None when ``module`` carries no such adapter (none at all, or a gated one:
+    then :func:`prompt_term` is the call).
+
+    A backbone that supports ``gate="none"`` (``Backbone(joint_softmax=True)``) concatenates them before its token
+    keys/values, lets every query see the K prompt positions (they carry no causal or padding mask and no position),
+    and runs its own attention kernel on the longer sequence: prefix attention, one softmax over prompt and tokens.
+    ``query`` is the module's own (its batch, dtype and device are used); ``scope`` as for :func:`prompt_term`.
+
+    >>> import torch, timm, zinit
+    >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224"), layers=1, K=4, gate="none")
+    >>> key, value = zinit.joint_prompt_kv(vit.blocks[11].attn, torch.randn(2, 3, 5, 64))
+    >>> tuple(key.shape), zinit.joint_prompt_kv(vit.blocks[0].attn, torch.randn(2, 3, 5, 64))
+    ((2, 3, 4, 64), None)
+    """
+    adapter = module._modules.get(ADAPTER_ATTR)
+    if adapter is None or adapter.gate is not None:
+        return None
+    return adapter.joint_kv(query, module, scope=scope)
 
 
 #: Attribute of a KV cache object under which the prompt keys/values of its decoding loop are kept.

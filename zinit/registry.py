@@ -58,6 +58,10 @@ class Backbone:
         peft_targets: module names the PEFT methods that ``zinit compare`` runs through peft should target, for a
             family peft has no defaults for (peft knows every transformers model type; a timm ViT it does not):
             ``(("lora", ("qkv",)), ("ia3", ("qkv", "fc2")), ("ia3_feedforward", ("fc2",)))``.
+        joint_softmax: the backbone computes ``gate="none"`` adapters: where
+            :func:`zinit.joint_prompt_kv` gives prompt keys/values for a module, its attention concatenates
+            them before the token keys/values, lets every query see them and runs one softmax over both. A backbone
+            without it (the default) is refused ``gate="none"`` by :func:`zinit.inject`.
     """
 
     name: str
@@ -70,6 +74,7 @@ class Backbone:
     description: str = ""
     generic: bool = False
     peft_targets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    joint_softmax: bool = False
 
     def peft_target(self, method: str) -> list[str] | None:
         """The module names :attr:`peft_targets` gives for ``method`` (None: use peft's own defaults)."""

@@ -135,7 +135,8 @@ def _gate_summary(model: nn.Module) -> dict[str, float]:
     if not is_injected(model):
         return {}
     with torch.no_grad():
-        return {str(n): a.gate_values().abs().mean().item() for n, a in layer_adapters(model).items()}
+        return {str(n): a.gate_values().abs().mean().item() for n, a in layer_adapters(model).items()
+                if a.gate is not None}  # gate="none" has no gate
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
