@@ -24,11 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zinit
-from tiny import randomize_adapter, tiny_encoder, tiny_llama, tiny_vit
+from tiny import DELETE, edit_adapter_config, randomize_adapter, run_cli, tiny_encoder, tiny_llama, tiny_vit
 from zinit.cli import main
 
 TESTS = Path(__file__).resolve().parent
-DELETE = object()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -37,14 +36,8 @@ DELETE = object()
 
 def run(args, capsys):
     """Run ``zinit ARGS`` in-process: (exit status, stderr)."""
-    capsys.readouterr()
-    try:
-        status = main([str(a) for a in args])
-    except SystemExit as exc:
-        status = exc.code
-    except KeyboardInterrupt:  # pragma: no cover - would end the whole pytest session
-        pytest.fail("KeyboardInterrupt escaped zinit.cli.main")
-    return status, capsys.readouterr().err
+    status, _, err = run_cli(args, capsys)
+    return status, err
 
 
 def assert_error_line(status, err, pattern):
@@ -82,16 +75,7 @@ def adapter(tmp_path, model_for):
     return zinit.save_adapter(model, tmp_path / "adapter")
 
 
-def _config(folder, **changes):
-    path = folder / "zinit.json"
-    config = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is DELETE:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    path.write_text(json.dumps(config))
-    return folder
+_config = edit_adapter_config
 
 
 def _weights(folder, change):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import zinit
 from reference import encoder_layer, install_reference, llama_layer, timm_attention_layer, vit_layer
-from tiny import clone, padded_batch, tiny_encoder, tiny_llama, tiny_vit, tokens
+from tiny import DELETE, clone, edit_adapter_config, padded_batch, tiny_encoder, tiny_llama, tiny_vit, tokens
 from zinit.benchmarks import coverage
 from zinit.recipes import methods as M
 
@@ -378,21 +378,13 @@ def test_gate_options_are_compared_on_load(tmp_path):
         zinit.load_adapter(zinit.inject(tiny_vit(), 2, K=4), nogate)
 
 
-def _rewrite(folder, **changes):
-    path = folder / "zinit.json"
-    data = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            data.pop(key, None)
-        else:
-            data[key] = value
-    path.write_text(json.dumps(data))
+_rewrite = edit_adapter_config
 
 
 def test_files_of_older_zinit_load_and_older_zinit_refuses_no_gate_files(tmp_path, images, monkeypatch):
     random = zinit.inject(tiny_vit(), 2, K=4, gate_init="random")
     folder = zinit.save_adapter(random, tmp_path / "old")
-    _rewrite(folder, gate_init=None, format_version=None)  # as the first zinit wrote it: no gate_init, no version
+    _rewrite(folder, gate_init=DELETE, format_version=DELETE)  # as the first zinit wrote it: no gate_init, no version
     old = zinit.load_adapter(tiny_vit(), folder)
     assert zinit.injection(old).config.gate_init == "zero"  # how the gate started is unknown; where it is, is not
     with torch.no_grad():

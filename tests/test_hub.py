@@ -23,8 +23,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 import zinit
 import zinit.hub as hub
-from tiny import randomize_adapter, tiny_llama, tokens
-from zinit.cli import main
+from tiny import randomize_adapter, run_cli, tiny_llama, tokens
 
 ADAPTER_FILES = ("zinit.json", "adapter.safetensors", "README.md")
 IDS = tokens(2, 7)
@@ -146,14 +145,7 @@ class FakeHub:
         return [name for name, _ in self.calls]
 
 
-def run(args, capsys):
-    capsys.readouterr()
-    try:
-        status = main([str(a) for a in args])
-    except SystemExit as exc:
-        status = exc.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
+run = run_cli
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -157,3 +157,40 @@ def subprocess_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+#: A value for :func:`edit_adapter_config` that deletes the key.
+DELETE = object()
+
+
+def edit_adapter_config(folder, **changes):
+    """Rewrite ``folder/zinit.json`` with ``changes`` applied (a value of :data:`DELETE` removes the key), as a user
+    or a broken tool might; returns ``folder``."""
+    import json
+
+    path = Path(folder) / "zinit.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is DELETE:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def run_cli(args, capsys):
+    """Run ``zinit ARGS`` in-process: (exit status, stdout, stderr)."""
+    import pytest
+
+    from zinit.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as exc:
+        status = exc.code
+    except KeyboardInterrupt:  # pragma: no cover - would end the whole pytest session
+        pytest.fail("KeyboardInterrupt escaped zinit.cli.main")
+    out = capsys.readouterr()
+    return status, out.out, out.err
