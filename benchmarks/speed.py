@@ -448,6 +448,9 @@ def suite_quantized(args, shape: str) -> dict:
                 continue
             L = min(args.L, zinit.find_backbone(model).dims(model).num_layers)
             models[base] = apply_method("zinit", model, L, args.K)
+        if not models:
+            raise SystemExit(f"zinit bench: no base of --bases {','.join(args.bases)} could be loaded: "
+                             + "; ".join(f"{b}: {why}" for b, why in skipped.items()))
         first = next(iter(models.values()))
         batch = torch.randint(0, first.config.vocab_size, (args.batch, args.seq), device=args.device)
         footprint = {b: quant.weight_bytes(m) / 2**20 for b, m in models.items()}

@@ -585,7 +585,9 @@ def run_train(args: argparse.Namespace) -> int:
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     """The options of ``zinit eval squad``."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on")
-    p.add_argument("--adapter", required=True, help="adapter folder written by zinit train squad (OUTPUT/adapter), or a Hub repo id org/name[@revision]")
+    p.add_argument("--adapter", required=True,
+                   help="adapter folder written by zinit train squad (OUTPUT/adapter), or a Hub repo id "
+                        "org/name[@revision]")
     p.add_argument("--data", required=True, help="a SQuAD JSON file (e.g. dev-v2.0.json) or a folder with dev-vX.json")
     p.add_argument("--version", choices=("1.1", "2.0"), default=None, help="with a folder: which dev file")
     p.add_argument("--output", default=None, help="write eval.json and predictions.json here")
@@ -595,7 +597,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """``zinit eval squad``: score an adapter on a SQuAD file with the official metrics."""
     settings = _eval_settings(args)
-    zinit.read_adapter_config(args.adapter)  # a missing or broken adapter fails before the model loads
+    folder = zinit.hub.resolve_adapter(args.adapter)  # a Hub repo id is fetched once, here
+    zinit.read_adapter_config(folder)  # a missing or broken adapter fails before the model loads
     env = D.setup(args.device)
     path = Path(args.data)
     if path.is_dir():
@@ -604,7 +607,7 @@ def run_eval(args: argparse.Namespace) -> int:
         path = find_files(path, args.version)[1]
     data = load_squad(path)
     model, tokenizer = load_model(args.model, env.device)
-    zinit.load_adapter(model, args.adapter)
+    zinit.load_adapter(model, folder)
     result = evaluate(model, tokenizer, data, settings, progress=not args.no_progress)
     predictions = result.pop("predictions")
     result["paper"] = PAPER[result["version"]]

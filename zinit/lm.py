@@ -165,7 +165,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("instruction", help="the instruction")
     p.add_argument("--input", default="", help="optional input / context")
     p.add_argument("--model", default=None, help="hub id or local folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", default=None, help="adapter folder written by zinit train (OUTPUT/adapter), or a Hub repo id org/name[@revision]")
+    p.add_argument("--adapter", default=None,
+                   help="adapter folder written by zinit train (OUTPUT/adapter), or a Hub repo id org/name[@revision]")
     p.add_argument(QUANTIZE_FLAG[0], **QUANTIZE_FLAG[1])
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
     p.add_argument("--temperature", type=positive_float, default=0.1, help="sampling temperature (paper: 0.1)")
@@ -177,15 +178,17 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     """``zinit generate``: answer one instruction with the Alpaca prompt, the base model plus an adapter."""
+    from .hub import resolve_adapter
     from .io import load_adapter, read_adapter_config
     from .train import dist as D
 
-    if args.adapter:
-        read_adapter_config(args.adapter)  # a missing or broken adapter fails before the model loads
+    folder = resolve_adapter(args.adapter) if args.adapter else None  # a Hub repo id is fetched once, here
+    if folder is not None:
+        read_adapter_config(folder)  # a missing or broken adapter fails before the model loads
     env = D.setup(args.device)
     model, tokenizer = load_model(args.model, env.device, args.quantize)
-    if args.adapter:
-        load_adapter(model, args.adapter)
+    if folder is not None:
+        load_adapter(model, folder)
     print(answer(model, tokenizer, args.instruction, args.input, greedy=args.greedy, temperature=args.temperature,
                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed))
     return 0

@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .. import bank, lm
+    from ..hub import resolve_adapter
     from ..io import read_adapter_config
     from ..train import dist as D
     from .app import Server, create_app
@@ -64,14 +65,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = [name for name, _ in args.adapters]
     if len(set(names)) != len(names) or args.base_name in names:
         raise SystemExit(f"zinit serve: error: adapter names must be distinct and not {args.base_name!r}: {names}")
-    for _, folder in args.adapters:
+    folders = {name: resolve_adapter(source) for name, source in args.adapters}  # a Hub repo id: fetched once
+    for folder in folders.values():
         read_adapter_config(folder)  # a missing or broken adapter fails before the model loads
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     env = D.setup(args.device)
     model, tokenizer = lm.load_model(args.model, env.device, args.quantize)
-    for name, folder in args.adapters:
+    for name, folder in folders.items():
         bank.add_adapter(model, name, folder)
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     engine = Engine(model, eos_token_ids={t for t in eos if t is not None}, max_batch=args.max_batch,
