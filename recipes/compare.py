@@ -36,10 +36,12 @@ from . import methods as M
 
 
 def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], nproc: int = 1,
-               blr: float | None = None) -> dict[str, Any]:
-    """Train one method in its own process; returns its row (metrics, sizes, peak memory, throughput, wall)."""
+               blr: float | None = None, folder: Path | None = None,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train one method in its own process, in ``folder`` (default ``out/method``) with the environment ``env``
+    (default this one's); returns its row (metrics, sizes, peak memory, throughput, wall)."""
     spec = zinit.get_recipe(recipe)
-    folder = out / method
+    folder = out / method if folder is None else folder
     cmd = [sys.executable, "-m", "zinit", "train", recipe, "--method", method, "--output", str(folder), *recipe_args]
     cmd += [a for a in spec.compare_args if a not in recipe_args]
     if blr is not None:
@@ -49,7 +51,7 @@ def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], 
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(folder / "compare.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start

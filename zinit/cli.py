@@ -9,7 +9,7 @@ registry holds, :func:`zinit.recipe_names`: the built-in alpaca, scienceqa, vtab
 ``zinit generate`` answers an instruction with a base model and an adapter, and ``zinit bench`` measures speed.
 
 This module imports no recipe and no benchmark: the recipes come from the registry, and the two commands that live
-in the outer ring (``compare``, ``bench``) are named in :data:`OUTER_COMMANDS` and imported when they run, as a
+in the outer ring (``compare``, ``ablate``, ``bench``) are named in :data:`OUTER_COMMANDS` and imported when they run, as a
 console-script entry point is.
 
 Errors in what the command was given (a missing or corrupt file, an adapter for another model, a bad value, a full
@@ -44,7 +44,8 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPo
 OWN_ERRORS: tuple[type[BaseException], ...] = (KeyError, RuntimeError, ImportError, LookupError)
 _PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "recipes")
 #: Commands whose code lives outside zinit's core, as ``module:function`` taking the command's own argument list.
-OUTER_COMMANDS = {"compare": "zinit.recipes.compare:main", "bench": "zinit.benchmarks.speed:main",
+OUTER_COMMANDS = {"compare": "zinit.recipes.compare:main", "ablate": "zinit.recipes.ablate:main",
+                  "bench": "zinit.benchmarks.speed:main",
                   "serve": "zinit.serve.cli:main"}
 
 
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="several fine-tuning methods through one recipe, one table "
                        "(zinit compare -h)", add_help=False)
     p.add_argument("compare_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("ablate", help="the paper's ablations (gate, layers, K, epochs) through one recipe over seeds "
+                       "(zinit ablate -h)", add_help=False)
+    p.add_argument("ablate_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("bench", help="speed and memory vs peft and the floor (python -m zinit.benchmarks.speed -h)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
