@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from zinit.attention import joint_mask
 from zinit.prompts import joint_prompt_kv, prompt_term
 from zinit.registry import Backbone, Dims, register_backbone
+from zinit.v2 import apply_bias_scale, bias_scale_of
 
 
 def _matches(model: nn.Module) -> bool:
@@ -51,6 +52,9 @@ def _project(attn: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
     width = attn.num_heads * attn.head_dim
     weight, bias = attn.qkv.weight, attn.qkv.bias
     kv = F.linear(prompt, weight[width:], None if bias is None else bias[width:])  # the k and v thirds of qkv
+    bias_scale = bias_scale_of(attn.qkv)
+    if bias_scale is not None:  # LLaMA-Adapter V2's bias/scale on qkv (zinit.inject(bias_scale=True)): its k, v thirds
+        kv = apply_bias_scale(kv, bias_scale, slice(width, None))
     key, value = rearrange(kv, "... k (two h d) -> two ... h k d", two=2, h=attn.num_heads)
     return attn.k_norm(key), value
 

@@ -7,7 +7,8 @@ rates by task (or by recipe). A method that cannot take a recipe's model raises 
 
 Built in: ``zinit``, and its two ablations ``zinit_random`` (the gate starts drawn at random instead of 0) and
 ``zinit_nogate`` (no gate: the prompt keys join the tokens' softmax, plain prefix attention with the same
-parameters), which every recipe treats as zinit (its lr, its special cases: :func:`defaults_of`); through peft,
+parameters), which every recipe treats as zinit (its lr, its special cases: :func:`defaults_of`), as it treats
+``zinit_v2`` (zinit plus LLaMA-Adapter V2's bias/scale on the blocks' linear layers and trained norms); through peft,
 ``lora`` (r=8 on the query and value projections), ``ia3``, ``prefix`` and ``prompt`` tuning and
 ``adaption_prompt`` (peft's LLaMA-Adapter); ``vpt`` (VPT-deep for timm ViTs, written here); ``bitfit`` (biases only),
 ``linear`` (the task head only) and ``full`` fine-tuning. Methods that add a task-specific
@@ -118,6 +119,8 @@ def zinit_options(name: str) -> dict[str, Any]:
 
     >>> zinit_options("zinit"), zinit_options("zinit_random"), zinit_options("zinit_nogate")
     ({}, {'gate_init': 'random'}, {'gate': 'none'})
+    >>> zinit_options("zinit_v2")
+    {'bias_scale': True, 'train_norms': True}
     """
     options = get_method(name).inject_options
     if options is None:
@@ -357,6 +360,10 @@ for _m in (
     Method("zinit_nogate", _zinit_with(gate="none"), {_IMG: 1e-2, _QA: 1e-2},
            "zinit's prompts without a gate, joined to the tokens' softmax (prefix attention)", "zinit",
            {"gate": "none"}),
+    # LLaMA-Adapter V2's additions on top of zinit, at zinit's lrs
+    Method("zinit_v2", _zinit_with(bias_scale=True, train_norms=True), {_IMG: 1e-2, _QA: 1e-2},
+           "zinit + LLaMA-Adapter V2: bias/scale on every block's linear layers, trained norms", "zinit",
+           {"bias_scale": True, "train_norms": True}),
 ):
     register_method(_m)
 

@@ -195,8 +195,9 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
 
     Adapters of different K, layers and gate options mix freely (``gate_init="random"`` too: a new adapter's gate
     then starts drawn from N(0, 1), as :func:`zinit.inject` draws it). Adapters with image features, a trained task
-    head or no gate (``visual_dim``, ``train_modules``, ``gate="none"``, whose prompt keys join the tokens' softmax
-    and so cannot be mixed per row) are single-adapter only: load those with :func:`zinit.load_adapter`.
+    head, no gate or LLaMA-Adapter V2's additions (``visual_dim``, ``train_modules``, ``gate="none"``, whose prompt
+    keys join the tokens' softmax and so cannot be mixed per row, ``bias_scale``/``train_norms``, which change shared
+    layers) are single-adapter only: load those with :func:`zinit.load_adapter`.
 
     >>> import torch, timm, zinit
     >>> vit = timm.create_model("vit_tiny_patch16_224")
@@ -229,6 +230,10 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
                              "gates only")
         if config.gate == "none":
             raise ValueError(_NO_GATE.format(what=f"the adapter in {source} has gate='none'"))
+        if config.bias_scale is not None or config.train_norms:
+            raise ValueError(f"the adapter in {source} has LLaMA-Adapter V2's bias/scale or trained norms "
+                             "(bias_scale / train_norms), which change the shared base model's layers for every row: "
+                             "load it alone with zinit.load_adapter; named adapters are prompts and gates only")
         spec = check_fits(config, model, source, "add it to the model it was trained on")
     else:
         if layers is None or K is None:

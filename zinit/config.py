@@ -12,6 +12,7 @@ older zinit reads every adapter it can compute correctly and refuses, with "upgr
 - 1: every adapter with a gate (``gate="head"`` / ``"layer"``), whatever its ``gate_init``; a zinit that predates
   ``gate_init`` ignores the field, which only records how the gate started (the weights hold where it is now).
 - 2: ``gate="none"`` (prompt keys joined to the tokens' softmax), which a version-1 reader would compute wrongly.
+- 3: LLaMA-Adapter V2's ``bias_scale`` / ``train_norms``, which a version-2 reader would silently drop.
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from .registry import Dims
 #: What ``zinit.json`` says it is.
 FORMAT = "zinit-adapter"
 #: The newest schema version this zinit reads (a file is written with the lowest version its features need).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: ``"head"``: one gate per query head (the paper); ``"layer"``: one per layer (peft); ``"none"``: no gate, the prompt
 #: keys joined to the tokens' keys in one softmax (plain prefix attention with the same parameters).
 GATE_KINDS = ("head", "layer", "none")
 #: How a gate starts: ``"zero"`` (the method: the adapted model starts as the base model) or ``"random"`` (the
 #: paper's random-init ablation); see :class:`zinit.LayerAdapter`.
 GATE_INITS = ("zero", "random")
+#: ``bias_scale`` values: off (None), the linear layers of the transformer blocks, every linear layer.
+BIAS_SCALES = (None, "blocks", "all")
 #: The fields that describe the model an adapter fits (the :class:`~zinit.registry.Dims` of its backbone).
 DIM_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_layers")
 #: The fields that an adapter folder records about its weights file, beside the configuration.
@@ -74,6 +77,10 @@ class AdapterConfig:
     visual_dim: int | None = None  #: width of the image features (None: text only)
     visual_hidden: int | None = None  #: hidden width of the visual projection (None without ``visual_dim``)
     gate_init: str = "zero"  #: ``"zero"`` (the method) or ``"random"`` (the ablation); ``"zero"`` for ``gate="none"``
+    #: LLaMA-Adapter V2: a learnable bias/scale on the linear layers of the blocks (``"blocks"``) or of the whole
+    #: model (``"all"``); None: off
+    bias_scale: str | None = None
+    train_norms: bool = False  #: LLaMA-Adapter V2: the normalisation layers are trained
 
     @classmethod
     def for_model(cls, backbone: str, dims: Dims, layers: tuple[int, ...], K: int, **options: Any) -> "AdapterConfig":
@@ -90,7 +97,8 @@ class AdapterConfig:
         """The keyword arguments of :func:`zinit.inject` (after ``layers`` and ``K``) that build this adapter."""
         return {"gate": self.gate, "gate_fn": self.gate_fn, "gate_init": self.gate_init, "backbone": self.backbone,
                 "train_modules": list(self.train_modules), "visual_dim": self.visual_dim,
-                "visual_hidden": self.visual_hidden if self.visual_hidden is not None else 128}
+                "visual_hidden": self.visual_hidden if self.visual_hidden is not None else 128,
+                "bias_scale": self.bias_scale or False, "train_norms": self.train_norms}
 
     def differences(self, other: "AdapterConfig") -> dict[str, tuple[Any, Any]]:
         """``{field: (this value, other value)}`` for every field where the two differ (empty: equal)."""
@@ -98,14 +106,18 @@ class AdapterConfig:
                 if getattr(self, f.name) != getattr(other, f.name)}
 
     def format_version(self) -> int:
-        """The lowest schema version that describes this adapter (see the module docstring): 2 for ``gate="none"``,
-        which an older zinit must refuse, else 1, which every zinit since the first reads.
+        """The lowest schema version that describes this adapter (see the module docstring): 3 with V2's
+        ``bias_scale``/``train_norms`` and 2 for ``gate="none"``, which an older zinit must refuse, else 1, which
+        every zinit since the first reads.
 
         >>> import zinit
         >>> cfg = zinit.AdapterConfig("llama", 64, 4, 2, 16, 4, (2, 3), K=10)
-        >>> [cfg.replace(**o).format_version() for o in ({}, {"gate_init": "random"}, {"gate": "none"})]
-        [1, 1, 2]
+        >>> [cfg.replace(**o).format_version() for o in ({}, {"gate_init": "random"}, {"gate": "none"},
+        ...                                              {"bias_scale": "blocks"}, {"train_norms": True})]
+        [1, 1, 2, 3, 3]
         """
+        if self.bias_scale is not None or self.train_norms:
+            return 3
         return 2 if self.gate == "none" else 1
 
     def to_json(self) -> dict[str, Any]:
@@ -116,7 +128,7 @@ class AdapterConfig:
         for key, value in asdict(self).items():
             if key in ("visual_dim", "visual_hidden") and self.visual_dim is None:
                 continue
-            if key == "gate_init" and value == "zero":
+            if (key, value) in (("gate_init", "zero"), ("bias_scale", None), ("train_norms", False)):
                 continue
             out[key] = list(value) if isinstance(value, tuple) else value
         return out
@@ -150,6 +162,9 @@ class AdapterConfig:
         if values["gate"] == "none" and version < 2:  # hand-edited: the version says a reader may ignore it
             raise _field_error(source, "format_version", "2 for gate \"none\" (which older zinit cannot compute)",
                                version)
+        if (values.get("bias_scale") is not None or values.get("train_norms")) and version < 3:
+            raise _field_error(source, "format_version", "3 for bias_scale / train_norms (which older zinit would "
+                               "drop)", version)
         return cls(**values)
 
     def replace(self, **changes: Any) -> "AdapterConfig":
@@ -185,6 +200,10 @@ def _check(data: Mapping[str, Any], source: str) -> None:
     if gate_init != "zero" and data["gate"] == "none":
         raise _field_error(source, "gate_init", "\"zero\" with gate \"none\" (there is no gate to initialise)",
                            gate_init)
+    if data.get("bias_scale") not in BIAS_SCALES:
+        raise _field_error(source, "bias_scale", "null, \"blocks\" or \"all\"", data.get("bias_scale"))
+    if not isinstance(data.get("train_norms", False), bool):
+        raise _field_error(source, "train_norms", "true or false", data.get("train_norms"))
     modules = data.get("train_modules", [])
     if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
         raise _field_error(source, "train_modules", "a list of submodule names", modules)

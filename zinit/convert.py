@@ -194,3 +194,157 @@ def to_peft(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[st
         out[f"{prefix}layers.{n}.self_attn.adaption_prompt"] = prompt.detach()[None].clone()
         out[f"{prefix}layers.{n}.self_attn.adaption_gate"] = gate.detach().reshape(1).clone()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# litgpt adapter / adapter_v2
+
+
+#: zinit's module path within an HF LLaMA-family block -> litgpt's, for the linear layers and norms of adapter_v2.
+#: q_proj, k_proj and v_proj are litgpt's one fused ``attn.qkv`` ([q of every head, k of every KV head, v ...]).
+LITGPT_BLOCK_NAMES = {"self_attn.o_proj": "attn.proj", "mlp.gate_proj": "mlp.fc_1", "mlp.up_proj": "mlp.fc_2",
+                      "mlp.down_proj": "mlp.proj", "input_layernorm": "norm_1", "post_attention_layernorm": "norm_2"}
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+#: Where the blocks, the final norm and the LM head of a ``LlamaForCausalLM`` are (zinit's keys use these names).
+HF_LLAMA_NAMES = {"blocks": "model.layers", "norm": "model.norm", "head": "lm_head"}
+_LITGPT_FORM = ('inject with gate="head", gate_fn="identity" (litgpt multiplies by the raw gating_factor) and, for '
+                'adapter_v2, bias_scale="all" and train_norms=True, e.g. zinit.inject(model, 30, 10, '
+                'gate_fn="identity", bias_scale="all", train_norms=True)')
+
+
+def _litgpt_checks(config: AdapterConfig | Mapping[str, Any], what: str) -> AdapterConfig:
+    if isinstance(config, Mapping):
+        config = AdapterConfig.from_json(config, f"{what}'s config")
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be the adapter's AdapterConfig (zinit.injection(model).config) or its zinit.json "
+                        f"fields, not {type(config).__name__}")
+    if config.backbone != "llama":
+        raise ValueError(f"this adapter is for the {config.backbone!r} backbone; litgpt's adapter naming is converted "
+                         "for zinit's 'llama' backbone (LlamaForCausalLM) only")
+    if config.gate != "head" or config.gate_fn != "identity":
+        raise ValueError(f"this adapter has gate={config.gate!r}, gate_fn={config.gate_fn!r}, but litgpt's adapter "
+                         f"has one raw gating_factor per head; {_LITGPT_FORM}")
+    if config.bias_scale == "blocks":
+        raise ValueError('this adapter has bias_scale="blocks", but litgpt\'s adapter_v2 has a bias/scale on the LM '
+                         f'head too; {_LITGPT_FORM}')
+    if config.visual_dim is not None or config.train_modules:
+        raise ValueError("this adapter has a visual projection or train_modules, which litgpt's adapter cannot hold")
+    if (config.bias_scale is None) != (not config.train_norms):
+        raise ValueError("litgpt's adapter_v2 has both the bias/scale and trained norms, its adapter neither; this "
+                         f"adapter has bias_scale={config.bias_scale!r}, train_norms={config.train_norms}: "
+                         f"{_LITGPT_FORM}")
+    return config
+
+
+def _litgpt_pairs(config: AdapterConfig) -> list[tuple[str, str]]:
+    """(zinit key, litgpt key) of every tensor but the fused qkv bias/scale (handled by the callers)."""
+    b, names = HF_LLAMA_NAMES["blocks"], LITGPT_BLOCK_NAMES
+    pairs = []
+    for n in config.layers:
+        pairs += [(f"layers.{n}.prompt", f"transformer.h.{n}.attn.adapter_wte.weight"),
+                  (f"layers.{n}.gate", f"transformer.h.{n}.attn.gating_factor")]
+    if config.bias_scale is not None:
+        for n in range(config.num_layers):
+            for ours, theirs in names.items():
+                kind = "norms" if "norm" in ours else "linears"
+                if kind == "norms":
+                    pairs.append((f"norms.{b}.{n}.{ours}.weight", f"transformer.h.{n}.{theirs}.weight"))
+                else:
+                    pairs += [(f"linears.{b}.{n}.{ours}.{w}", f"transformer.h.{n}.{theirs}.adapter_{w}")
+                              for w in ("bias", "scale")]
+        pairs.append((f"norms.{HF_LLAMA_NAMES['norm']}.weight", "transformer.ln_f.weight"))
+        pairs += [(f"linears.{HF_LLAMA_NAMES['head']}.{w}", f"lm_head.adapter_{w}") for w in ("bias", "scale")]
+    return pairs
+
+
+def to_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any]) -> dict[str, Tensor]:
+    """Canonical → litgpt ``adapter`` / ``adapter_v2`` state naming, for a LLaMA-family ``*ForCausalLM`` adapter.
+
+    litgpt keeps ``transformer.h.{n}.attn.adapter_wte.weight`` ``[K, C]`` and ``...attn.gating_factor``
+    ``[1, 1, H, 1]`` (a raw per-head gate) in each adapted layer, and adapter_v2 adds ``adapter_bias`` /
+    ``adapter_scale`` to every linear layer (``attn.qkv``, the concatenation of zinit's q/k/v ones in that order;
+    ``attn.proj``; ``mlp.fc_1/fc_2/proj`` = gate/up/down) of every layer and to ``lm_head``, and trains ``norm_1``,
+    ``norm_2`` and ``ln_f``. So only an adapter injected as litgpt computes converts: gate ``"head"`` with
+    ``gate_fn="identity"`` and, for V2, ``bias_scale="all"`` and ``train_norms=True`` (anything else is refused,
+    naming the option). Load the result with litgpt's ``model.load_state_dict(state, strict=False)`` beside the base
+    checkpoint; :func:`from_litgpt` goes back.
+
+    >>> import zinit
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> model = zinit.inject(LlamaForCausalLM(cfg), 1, 5, gate_fn="identity", bias_scale="all", train_norms=True)
+    >>> lit = to_litgpt(zinit.adapter_state_dict(model), zinit.injection(model).config)
+    >>> {k: tuple(v.shape) for k, v in lit.items() if k.startswith("transformer.h.1.attn")}  # doctest: +NORMALIZE_WHITESPACE
+    {'transformer.h.1.attn.adapter_wte.weight': (5, 32), 'transformer.h.1.attn.gating_factor': (1, 1, 4, 1),
+     'transformer.h.1.attn.proj.adapter_bias': (32,), 'transformer.h.1.attn.proj.adapter_scale': (32,),
+     'transformer.h.1.attn.qkv.adapter_bias': (64,), 'transformer.h.1.attn.qkv.adapter_scale': (64,)}
+    """
+    config = _litgpt_checks(config, "to_litgpt")
+    pairs = _litgpt_pairs(config)
+    qkv = [(n, w) for n in range(config.num_layers) for w in ("bias", "scale")] if config.bias_scale else []
+    b = HF_LLAMA_NAMES["blocks"]
+    expected = {ours for ours, _ in pairs} | {f"linears.{b}.{n}.{p}.{w}" for n, w in qkv for p in _QKV}
+    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    if missing or unexpected:
+        raise KeyError(f"the state dict does not fit its config: missing keys {missing[:5]}, unexpected keys "
+                       f"{unexpected[:5]}; pass zinit.adapter_state_dict(model) and zinit.injection(model).config of "
+                       "the same model")
+    out: dict[str, Tensor] = {}
+    for ours, theirs in pairs:
+        value = state_dict[ours].detach()
+        out[theirs] = value.reshape(1, 1, -1, 1).clone() if theirs.endswith("gating_factor") else value.clone()
+    for n, w in qkv:
+        out[f"transformer.h.{n}.attn.qkv.adapter_{w}"] = torch.cat(
+            [state_dict[f"linears.{b}.{n}.{p}.{w}"].detach() for p in _QKV])
+    return dict(sorted(out.items()))
+
+
+def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any]) -> dict[str, Tensor]:
+    """litgpt ``adapter`` / ``adapter_v2`` state naming → canonical, for the model of ``config``: the
+    :class:`~zinit.AdapterConfig` of a ``LlamaForCausalLM`` injected as litgpt computes (see :func:`to_litgpt`:
+    ``gate_fn="identity"``, and ``bias_scale="all"``, ``train_norms=True`` for adapter_v2 keys), into which
+    :func:`zinit.load_adapter_state_dict` then loads the result. Keys may carry a prefix (``model.``, Lightning's
+    ``_forward_module.``); litgpt's fused qkv bias/scale is split into the q, k and v projections' by the config's
+    head counts. A key missing or left over is an error naming it.
+    """
+    config = _litgpt_checks(config, "from_litgpt")
+    found: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        m = re.search(r"(?:^|\.)((?:transformer\.(?:h\.\d+\.|ln_f\.)|lm_head\.).*)$", key)
+        if m:
+            found[m.group(1)] = value
+    if not found:
+        raise ValueError("no 'transformer.h.N.attn.adapter_wte.weight' (or other litgpt adapter) keys: not a litgpt "
+                         "adapter state dict")
+    pairs = _litgpt_pairs(config)
+    out: dict[str, Tensor] = {}
+    used = set()
+    widths = [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2
+    b = HF_LLAMA_NAMES["blocks"]
+    wanted = [theirs for _, theirs in pairs]
+    if config.bias_scale:
+        wanted += [f"transformer.h.{n}.attn.qkv.adapter_{w}" for n in range(config.num_layers) for w in ("bias", "scale")]
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise KeyError(f"the litgpt state lacks {missing[:5]} ({len(missing)} keys) for this config (layers "
+                       f"{list(config.layers)}, bias_scale={config.bias_scale!r}); {_LITGPT_FORM}")
+    for ours, theirs in pairs:
+        out[ours] = found[theirs].reshape(-1).clone() if theirs.endswith("gating_factor") else found[theirs].clone()
+        used.add(theirs)
+    if config.bias_scale:
+        for n in range(config.num_layers):
+            for w in ("bias", "scale"):
+                key = f"transformer.h.{n}.attn.qkv.adapter_{w}"
+                fused = found[key]
+                if fused.shape != (sum(widths),):
+                    raise ValueError(f"{key} has shape {tuple(fused.shape)}, but this model's q/k/v give "
+                                     f"({sum(widths)},)")
+                for p, part in zip(_QKV, fused.split(widths)):
+                    out[f"linears.{b}.{n}.{p}.{w}"] = part.clone()
+                used.add(key)
+    extra = sorted(set(found) - used)
+    if extra:
+        raise KeyError(f"litgpt keys this config has no place for: {extra[:5]} ({len(extra)} keys); {_LITGPT_FORM} "
+                       f"with the layers the keys name")
+    return out

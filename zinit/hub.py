@@ -329,6 +329,14 @@ def adapter_card(config: Mapping[str, Any], parameters: int, repo_id: str | None
     if config.get("visual_dim") is not None:
         rows.append(("visual projection", f"{config.get('visual_dim')} -> {config.get('visual_hidden')} -> "
                                           f"{config.get('hidden_size')} (image features added to every prompt)"))
+    if config.get("bias_scale") or config.get("train_norms"):
+        parts = []
+        if config.get("bias_scale"):
+            parts.append("a learnable bias and scale on every linear layer" +
+                         (" of the transformer blocks" if config.get("bias_scale") == "blocks" else ", the head too"))
+        if config.get("train_norms"):
+            parts.append("trained normalisation layers")
+        rows.append(("LLaMA-Adapter V2", "; ".join(parts)))
     modules = [m for m in config.get("train_modules", []) or [] if isinstance(m, str)]
     if modules:
         rows.append(("trained modules", ", ".join(f"`{m}`" for m in modules)))

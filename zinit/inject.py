@@ -14,6 +14,7 @@ from .attention import GATE_FUNCTIONS
 from .config import GATE_INITS, GATE_KINDS, AdapterConfig
 from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
 from .registry import Backbone, find_backbone, get_backbone
+from . import v2
 
 #: Attribute of an injected model that holds its :class:`Injection`.
 STATE_ATTR = "_zinit"
@@ -31,6 +32,12 @@ class Injection:
     config: AdapterConfig
     requires_grad: dict[str, bool]  #: each base parameter's flag before inject froze it, restored by eject
     visual: VisualInput | None = None  #: where zinit.visual_features puts the current image tokens
+    #: qualified names of the linear layers with a learnable bias/scale (``bias_scale``), in model order
+    linears: tuple[str, ...] = ()
+    #: qualified names of the normalisation layers trained in place (``train_norms``), in model order
+    norms: tuple[str, ...] = ()
+    #: the values those norms' parameters had before inject, put back by eject (``{name.param: tensor}``)
+    norm_originals: dict[str, Tensor] | None = None
 
     def __getattr__(self, name: str) -> Any:  # only for names this record does not hold itself
         config = self.__dict__.get("config")
@@ -76,6 +83,8 @@ def inject(
     visual_dim: int | None = None,
     visual_hidden: int = 128,
     gate_init: str = "zero",
+    bias_scale: bool | str = False,
+    train_norms: bool = False,
 ) -> nn.Module:
     """Turn a frozen transformer into a zero-init prompt-adapted one, in place, and return it.
 
@@ -91,6 +100,12 @@ def inject(
       keys and the tokens its mask allows. ``L·K·C`` parameters. The token attention stays on the layer's own kernel,
       run on the K + S keys: on Hugging Face models the ``"sdpa"`` and ``"eager"`` implementations (others are
       refused here, naming the fix), on timm ViTs fused or not. Not for named adapters (:func:`zinit.add_adapter`).
+
+    LLaMA-Adapter V2's additions (:mod:`zinit.v2`), both starting as the identity, so the model still starts as the
+    base model: ``bias_scale=True`` gives every linear layer of the transformer blocks a learnable bias and scale,
+    ``y = s ⊙ (W x + b)`` with ``b = 0``, ``s = 1`` (``"all"``: every linear layer of the model, the LM head too, as
+    litgpt's ``adapter_v2``); ``train_norms=True`` trains the normalisation layers' own weights (put back by
+    :func:`eject`). Not for named adapters.
 
     Args:
         model: a Hugging Face LLaMA/Mistral/Qwen2, RoBERTa/BERT model or a timm ViT/DeiT (see :func:`zinit.backbones`).
@@ -109,6 +124,9 @@ def inject(
             adapted layer's prompt; pass the features of a forward with :func:`visual_features`.
         visual_hidden: hidden width of that MLP (default 128).
         gate_init: ``"zero"`` (the method) or ``"random"`` (the ablation: N(0, 1)); not with ``gate="none"``.
+        bias_scale: False (default), True or ``"blocks"`` (the linear layers of every transformer block), or
+            ``"all"`` (every linear layer, heads included): a learnable bias and scale on each (LLaMA-Adapter V2).
+        train_norms: train every normalisation layer (LLaMA-Adapter V2).
 
     Returns:
         ``model`` itself, whose only trainable parameters are now the prompts and gates (and ``train_modules``).
@@ -124,6 +142,10 @@ def inject(
         >>> nogate = zinit.inject(LlamaForCausalLM(cfg), layers=2, K=10, gate="none")
         >>> sum(p.numel() for p in zinit.trainable_parameters(nogate))  # 2·10·64, no gates
         1280
+        >>> v2 = zinit.inject(LlamaForCausalLM(cfg), layers=2, K=10, bias_scale=True, train_norms=True)
+        >>> # 1288 + bias/scale on 7 linears of each of the 4 layers: 4·2·(64+32+32+64+128+128+64), + 9 norms of 64
+        >>> sum(p.numel() for p in zinit.trainable_parameters(v2))
+        5960
     """
     if is_injected(model):
         raise RuntimeError("this model is already injected with zinit; call zinit.eject(model) first to re-inject")
@@ -131,6 +153,7 @@ def inject(
         raise RuntimeError("this model carries named adapters (zinit.add_adapter); inject one into a model without "
                            "them, or add this one by name: zinit.add_adapter(model, name, layers=..., K=...)")
     _check_options(K, gate, gate_fn, gate_init)
+    scope = _check_v2(bias_scale, train_norms)
     spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
     if gate == "none" and not spec.joint_softmax:
         raise ValueError(f"gate='none' joins the prompt keys into the layer's own softmax, which backbone "
@@ -147,9 +170,16 @@ def inject(
         raise ValueError(f"the model already has an attribute {VISUAL_ATTR!r}; zinit needs that name")
     config = AdapterConfig.for_model(spec.name, dims, chosen, K, gate=gate, gate_fn=gate_fn, train_modules=extra,
                                      visual_dim=visual_dim, visual_hidden=visual_hidden if visual_dim else None,
-                                     gate_init=gate_init)
+                                     gate_init=gate_init, bias_scale=scope, train_norms=bool(train_norms))
     visual = VisualInput() if visual_dim is not None else None
     modules = list(spec.attention_modules(model))
+    linears = (list(v2.select_linears(model, scope, v2.block_names(model, modules), extra)) if scope is not None
+               else [])
+    norms = list(v2.select_norms(model, extra)) if train_norms else []
+    if train_norms and not norms:
+        raise ValueError(f"train_norms=True, but {type(model).__name__} has no normalisation layer (a module whose "
+                         "class name ends in 'Norm' with parameters); drop train_norms")
+    originals = {f"{n}.{pn}": p.detach().clone() for n, m in norms for pn, p in m.named_parameters(recurse=False)}
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     targets = [modules[n] for n in chosen]
@@ -169,8 +199,12 @@ def inject(
         for name in extra:
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
+        v2.install_bias_scale(linears)
+        for _, norm in norms:
+            norm.requires_grad_(True)
         spec.install(model, targets)
     except BaseException:  # leave the model exactly as it was given
+        v2.uninstall_bias_scale(model)
         for attention in targets:
             if ADAPTER_ATTR in attention._modules:
                 delattr(attention, ADAPTER_ATTR)
@@ -179,8 +213,23 @@ def inject(
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
         raise
-    setattr(model, STATE_ATTR, Injection(spec, config, flags, visual))
+    setattr(model, STATE_ATTR, Injection(spec, config, flags, visual, tuple(n for n, _ in linears),
+                                         tuple(n for n, _ in norms), originals))
     return model
+
+
+def _check_v2(bias_scale: bool | str, train_norms: bool) -> str | None:
+    """The ``bias_scale`` scope (None: off) after checking both V2 options."""
+    if not isinstance(train_norms, bool):
+        raise ValueError(f"train_norms={train_norms!r} must be True or False")
+    if bias_scale is True:
+        return "blocks"
+    if bias_scale is False or bias_scale is None:
+        return None
+    if bias_scale not in v2.BIAS_SCALE_SCOPES:
+        raise ValueError(f"bias_scale={bias_scale!r} must be False, True (= 'blocks': the linear layers of the "
+                         "transformer blocks) or 'all' (every linear layer, the LM head too)")
+    return bias_scale
 
 
 def _check_options(K: int, gate: str, gate_fn: str, gate_init: str = "zero") -> None:
@@ -278,6 +327,12 @@ def _extra_parameters(model: nn.Module, state: Injection) -> dict[str, nn.Parame
         out.update({f"visual_proj.{n}": p for n, p in model.get_submodule(VISUAL_ATTR).named_parameters()})
     out.update({f"modules.{name}.{pname}": p for name in state.train_modules
                 for pname, p in model.get_submodule(name).named_parameters()})
+    for name in state.linears:
+        bias_scale = model.get_submodule(name).get_submodule(v2.BIAS_SCALE_ATTR)
+        out.update({f"linears.{name}.bias": bias_scale.bias, f"linears.{name}.scale": bias_scale.scale})
+    for name in state.norms:
+        out.update({f"norms.{name}.{pname}": p
+                    for pname, p in model.get_submodule(name).named_parameters(recurse=False)})
     return out
 
 
@@ -340,6 +395,10 @@ def eject(model: nn.Module) -> nn.Module:
         delattr(attention, ADAPTER_ATTR)
     if state.visual is not None:
         delattr(model, VISUAL_ATTR)
+    v2.uninstall_bias_scale(model)
+    with torch.no_grad():  # trained norms get their values back
+        for key, value in (state.norm_originals or {}).items():
+            model.get_parameter(key).copy_(value)
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
     delattr(model, STATE_ATTR)

@@ -1,0 +1,146 @@
+"""LLaMA-Adapter V2's additions (Gao et al. 2023), as options of :func:`zinit.inject`: a learnable bias and scale on
+linear layers, ``y = s ⊙ (W x + b)`` with ``b = 0`` and ``s = 1`` at the start, and trainable normalisation layers.
+
+Both start as the identity, so a model injected with them still computes exactly what the base model computes until
+training moves something. Neither touches a base weight:
+
+- Bias/scale: each chosen linear layer gets a small submodule (:class:`BiasScale`, attribute
+  :data:`BIAS_SCALE_ATTR`) with the two vectors, and a forward hook, :func:`bias_scale_hook`, a module-level function
+  that finds them through the module it is called on, so copies (``copy.deepcopy``, pickle) of the model use their
+  own vectors. The prompt keys/values go through the same hooked projections (a backbone that slices a fused weight
+  itself applies :func:`apply_bias_scale` to its slice), as they do in litgpt's ``adapter_v2``.
+- Norms: the normalisation layers' own weights (and biases) are trained in place, as litgpt and the official code
+  train them; :func:`zinit.inject` keeps a copy of their values and :func:`zinit.eject` puts it back.
+
+Which layers: ``bias_scale="blocks"`` (or True) takes every linear layer inside the transformer blocks (attention
+and MLP projections of every layer, adapted or not: the paper's "linear layers"); ``"all"`` also the linear layers
+outside them (the LM head, a pooler), which litgpt's ``adapter_v2`` includes, whose Llama-2-7B count of 4,279,744
+has the LM head's 2 × 32,000. ``train_norms`` takes every module whose class name ends in ``Norm`` (LayerNorm,
+RMSNorm, LlamaRMSNorm ...) and holds parameters: those of the blocks and the final one (and an embedding norm where
+the model has one, as BERT/RoBERTa do). Modules listed in ``train_modules`` (trained whole) and zinit's own are never
+taken.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+#: Attribute of a linear layer under which its :class:`BiasScale` hangs.
+BIAS_SCALE_ATTR = "zinit_bias_scale"
+#: ``bias_scale`` scopes: the linear layers of the transformer blocks, or every linear layer of the model.
+BIAS_SCALE_SCOPES = ("blocks", "all")
+
+
+class BiasScale(nn.Module):
+    """The learnable bias ``[out]`` (zeros) and scale ``[out]`` (ones) of one linear layer: ``y = scale ⊙ (W x +
+    bias)`` (after the layer's own bias, if it has one), kept in float32 whatever the base's dtype."""
+
+    def __init__(self, features: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(features, device=device))
+        self.scale = nn.Parameter(torch.ones(features, device=device))
+
+    def extra_repr(self) -> str:
+        return f"features={self.bias.numel()}"
+
+
+def apply_bias_scale(output: Tensor, bias_scale: BiasScale, features: slice | None = None) -> Tensor:
+    """``scale ⊙ (output + bias)`` over the last dimension, in ``output``'s dtype; ``features`` selects a slice of
+    the vectors, for a backbone that computes part of a fused projection itself (the k and v thirds of a ViT's qkv)."""
+    bias, scale = bias_scale.bias, bias_scale.scale
+    if features is not None:
+        bias, scale = bias[features], scale[features]
+    return (output + bias.to(output.dtype)) * scale.to(output.dtype)
+
+
+def bias_scale_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    """The forward hook of a linear layer with a :class:`BiasScale` (looked up on the module itself)."""
+    return apply_bias_scale(output, module._modules[BIAS_SCALE_ATTR])
+
+
+def bias_scale_of(module: nn.Module) -> BiasScale | None:
+    """The :class:`BiasScale` of a linear layer, or None (a backbone projecting prompts from a sliced weight asks)."""
+    found = module._modules.get(BIAS_SCALE_ATTR)
+    return found if isinstance(found, BiasScale) else None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # nn.Linear and its subclasses (bitsandbytes' Linear4bit/Linear8bitLt; torchao keeps nn.Linear), and the
+    # Conv1D of GPT-2-style transformers models (a linear layer with the weight transposed)
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else int(module.nf)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Norm") and any(True for _ in module.parameters(recurse=False))
+
+
+def block_names(model: nn.Module, attention_modules: list[nn.Module]) -> list[str]:
+    """The qualified names of the transformer blocks: for each attention module, its ancestor that is an element of
+    a ``ModuleList``/``Sequential`` (``model.layers.3``, ``blocks.3``, ``roberta.encoder.layer.3``), else its parent.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for attention in attention_modules:
+        name = names[id(attention)]
+        parts = name.split(".")
+        block = ".".join(parts[:-1])
+        for j in range(len(parts) - 1, 0, -1):
+            if isinstance(model.get_submodule(".".join(parts[:j])), (nn.ModuleList, nn.Sequential)):
+                block = ".".join(parts[:j + 1])
+                break
+        out.append(block)
+    return out
+
+
+def _excluded(name: str, skip: tuple[str, ...]) -> bool:
+    parts = name.split(".")
+    return any(name == s or name.startswith(s + ".") for s in skip) or any(p.startswith("zinit_") for p in parts)
+
+
+def select_linears(model: nn.Module, scope: str, blocks: list[str], skip: tuple[str, ...] = ()
+                   ) -> Iterator[tuple[str, nn.Module]]:
+    """The linear layers ``bias_scale=scope`` takes: ``(qualified name, module)`` in model order."""
+    for name, module in model.named_modules():
+        if not _is_linear(module) or _excluded(name, skip):
+            continue
+        if scope == "all" or any(name.startswith(b + ".") for b in blocks):
+            yield name, module
+
+
+def select_norms(model: nn.Module, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """The normalisation layers ``train_norms=True`` trains: ``(qualified name, module)`` in model order."""
+    for name, module in model.named_modules():
+        if _is_norm(module) and not _excluded(name, skip):
+            yield name, module
+
+
+def install_bias_scale(linears: list[tuple[str, nn.Module]]) -> None:
+    """Give each linear layer its :class:`BiasScale` and hook (undone by :func:`uninstall_bias_scale`)."""
+    for name, module in linears:
+        if BIAS_SCALE_ATTR in module._modules:
+            raise RuntimeError(f"{name} already has a zinit bias/scale")
+        device = next(module.parameters()).device
+        module.add_module(BIAS_SCALE_ATTR, BiasScale(_out_features(module), device))
+        module.register_forward_hook(bias_scale_hook)
+
+
+def uninstall_bias_scale(model: nn.Module) -> None:
+    """Remove every :class:`BiasScale` and its hook from ``model`` (a copy's too: found by attribute, not by handle).
+    """
+    for module in model.modules():
+        if BIAS_SCALE_ATTR in module._modules:
+            for key in [k for k, hook in module._forward_hooks.items() if hook is bias_scale_hook]:
+                del module._forward_hooks[key]
+            delattr(module, BIAS_SCALE_ATTR)
+
+
+def bias_scale_count(model: nn.Module, scope: str, blocks: list[str], skip: tuple[str, ...] = ()) -> int:
+    """The parameters ``bias_scale=scope`` adds: 2 × the output features of each linear layer it takes."""
+    return sum(2 * _out_features(m) for _, m in select_linears(model, scope, blocks, skip))
