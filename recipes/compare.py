@@ -14,6 +14,9 @@ Outputs in OUT: ``compare.md`` (the table), ``compare.json`` and ``compare.png``
 trainable parameters, log scale). Columns: trainable parameters, adapter file size, peak memory (RSS on CPU, CUDA
 ``max_memory_allocated`` on GPU, of the training process), training throughput (tokens/s or images/s, median over
 logged steps), wall time, the recipe's metrics. A method the model cannot take is a row "n/a" with the reason.
+Below the measured rows, the paper's published numbers for the recipe (:attr:`zinit.Recipe.paper`: VTAB's group
+means of zero-init, VPT-deep and full fine-tuning; SQuAD's EM/F1 of zero-init, full fine-tuning and P-tuning v2 for
+the ``--version`` run; ScienceQA's LLaMA-Adapter accuracy), in italics.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import zinit
 from zinit.cliargs import float_list, option_value, positive_int
@@ -123,8 +126,10 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def format_table(recipe: str, rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table (one row per method, n/a rows with their reason)."""
+def format_table(recipe: str, rows: Sequence[dict[str, Any]], paper: Mapping[str, Mapping[str, float]] | None = None
+                 ) -> str:
+    """The comparison as a Markdown table (one row per method, n/a rows with their reason), then a row per published
+    result of ``paper`` (:attr:`zinit.Recipe.paper`), its metrics only."""
     spec = zinit.get_recipe(recipe)
     unit, metric_names = spec.throughput_unit, spec.metrics
     head = ["method", "trainable params", "adapter file", "peak memory", f"train {unit}", "wall"] + list(metric_names)
@@ -138,7 +143,21 @@ def format_table(recipe: str, rows: Sequence[dict[str, Any]]) -> str:
                  f"{r['wall_s'] / 60:.1f} min"]
         cells += [f"{r['metrics'][m]:.2f}" if m in r["metrics"] else "–" for m in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
+    for label, values in (paper or {}).items():
+        cells = [f"*paper: {label}*"] + ["–"] * 5 + [f"{values[m]:.2f}" if m in values else "–" for m in metric_names]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paper_rows(recipe: str, recipe_args: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The published numbers (:attr:`zinit.Recipe.paper`) for a run of ``recipe`` with these options; {} if none."""
+    from zinit.cli import build_parser
+
+    spec = zinit.get_recipe(recipe)
+    if spec.paper is None:
+        return {}
+    args = build_parser().parse_args(["train", recipe, *recipe_args, "--output", "-"])
+    return {label: dict(values) for label, values in spec.paper(args).items()}
 
 
 def plot(recipe: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -198,9 +217,10 @@ def compare(recipe: str, method_names: Sequence[str], out: str | Path, recipe_ar
         status = row["status"] if row["status"] != "ok" else json.dumps(row["metrics"])
         print(f"{name}: {status}" + (f" ({row['reason'].splitlines()[0]})" if row["status"] != "ok" else ""),
               flush=True)
-    table = format_table(recipe, rows)
+    paper = paper_rows(recipe, recipe_args)
+    table = format_table(recipe, rows, paper)
     write_json(out / "compare.json", {"recipe": recipe, "recipe_args": list(recipe_args), "lr_grid": lr_grid,
-                                      "rows": rows})
+                                      "rows": rows, "paper": paper})
     atomic_write(out / "compare.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     plot(recipe, rows, out / "compare.png")
     print(table)

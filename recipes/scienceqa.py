@@ -663,4 +663,6 @@ RECIPE = zinit.register_recipe(zinit.Recipe(
     add_train_args=add_train_args, run_train=run_train, add_eval_args=add_eval_args, run_eval=run_eval,
     eval_description="ScienceQA accuracy table of an adapter on one split",
     metrics=METRICS, blr={"zinit": 9e-3}, default_blr=9e-3, validation_args=validation_args,
+    paper=lambda args: {f"{name.replace(' (paper)', '')}, LLaMA-7B":
+                        {m: v for m, v in row.items() if m in METRICS} for name, row in PAPER.items()},
 ))

@@ -647,4 +647,6 @@ RECIPE = zinit.register_recipe(zinit.Recipe(
     add_train_args=add_train_args, run_train=run_train, add_eval_args=add_eval_args, run_eval=run_eval,
     eval_description="official SQuAD EM/F1 of an adapter on a SQuAD file",
     metrics=("f1", "exact"), default_blr=1e-2, validation_args=validation_args,
+    paper=lambda args: {f"{name.replace(' (paper)', '')}, RoBERTa-large, v{args.version}":
+                        {"exact": em, "f1": f1} for name, (em, f1) in PAPER[args.version].items()},
 ))

@@ -476,8 +476,10 @@ def run_train(args: argparse.Namespace) -> int:
                 atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report + "\n"))
                 plot_report(results, out / "vtab.png")
                 adapter = out / names[0] / f"final_seed{settings.seeds[0]}" / "adapter"
-                methods.write_summary(out, args.method, {"top1": statistics.fmean(r["mean"] for r in results)},
-                                      results[0]["trainable_parameters"], adapter, run.device)
+                means = {g: m["mean"] for g, m in group_means({r["task"]: r["mean"] for r in results}).items()}
+                methods.write_summary(out, args.method, {"top1": statistics.fmean(r["mean"] for r in results),
+                                                         **means}, results[0]["trainable_parameters"], adapter,
+                                      run.device)
                 print(report)
                 print(f"report: {out / 'report.md'}, {out / 'report.json'}, {out / 'vtab.png'}")
     return run.status
@@ -486,6 +488,8 @@ def run_train(args: argparse.Namespace) -> int:
 RECIPE = zinit.register_recipe(zinit.Recipe(
     name="vtab", task="image_classification",
     description="VTAB-1k image classification on a timm ViT (grid on val, report on test)",
-    add_train_args=add_train_args, run_train=run_train, metrics=("top1",), throughput_unit="images/s",
+    add_train_args=add_train_args, run_train=run_train, metrics=("top1", *GROUPS), throughput_unit="images/s",
     default_blr=1e-2, lr_flag="--blr-grid", lr_grid_flag="--blr-grid",
+    paper=lambda args: {f"{name.replace(' (paper)', '')}, ViT-B/16 IN-21k": groups
+                        for name, groups in PAPER_GROUPS.items()},
 ))

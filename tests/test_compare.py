@@ -171,3 +171,22 @@ def test_lr_grid_selects_on_a_validation_split(tmp_path, tiny_model_dir, alpaca_
     assert len(val) + len(train) == len(json.loads(alpaca_file.read_text())) and len(val) >= 1
     grid_config = json.loads((out / "zinit" / "_lr_grid" / "x0.5" / "zinit" / "train_config.json").read_text())
     assert grid_config["data"].endswith("_validation_split/train.json")  # never the evaluation file
+
+
+def test_the_papers_numbers_sit_below_the_measured_rows():
+    """VTAB: the group means of zero-init, VPT-deep and full fine-tuning; SQuAD: the run's --version; none for alpaca."""
+    from zinit.recipes import compare
+
+    rows = [{"method": "zinit", "status": "ok", "metrics": {"top1": 80.0, "Natural": 81.0}, "trainable_parameters": 9,
+             "adapter_bytes": 10, "peak_memory_mb": 1.0, "throughput": None, "wall_s": 60.0}]
+    vtab = compare.paper_rows("vtab", ["--data", "d", "--task", "all"])
+    assert list(vtab) == ["zero-init, ViT-B/16 IN-21k", "VPT-deep, ViT-B/16 IN-21k", "full FT, ViT-B/16 IN-21k"]
+    table = compare.format_table("vtab", rows, vtab).splitlines()
+    assert table[0].endswith("| top1 | Natural | Specialized | Structured |")
+    assert table[2].endswith("| 80.00 | 81.00 | – | – |")
+    assert table[3] == "| *paper: zero-init, ViT-B/16 IN-21k* | – | – | – | – | – | – | 81.74 | 84.43 | 56.75 |"
+    squad = compare.paper_rows("squad", ["--data", "d", "--version", "1.1"])
+    assert squad["P-tuning v2, RoBERTa-large, v1.1"] == {"exact": 88.5, "f1": 94.4}
+    assert compare.paper_rows("squad", ["--data", "d", "--version", "2.0"])["full FT, RoBERTa-large, v2.0"] == {
+        "exact": 86.5, "f1": 89.4}
+    assert compare.paper_rows("alpaca", []) == {}

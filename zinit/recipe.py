@@ -61,6 +61,8 @@ class Recipe:
             training data and scores a validation split instead of the evaluation data (``zinit compare
             --lr-grid``). None (and no ``lr_grid_flag``): the recipe cannot select a learning rate.
         compare_args: options ``zinit compare`` adds to every run of this recipe (e.g. skip a score it does not use).
+        paper: ``args -> {row label: {metric: value}}``, the published numbers ``zinit compare`` shows below its
+            measured rows for a run with options ``args`` (e.g. SQuAD's per version); None: no published numbers.
     """
 
     name: str
@@ -80,6 +82,7 @@ class Recipe:
     lr_grid_flag: str | None = None
     validation_args: Callable[[Sequence[str], Path], list[str]] | None = None
     compare_args: tuple[str, ...] = ()
+    paper: Callable[[argparse.Namespace], Mapping[str, Mapping[str, float]]] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name) or self.name != self.name.lower():
