@@ -131,13 +131,10 @@ def run_point(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequ
               threads: int | None = None) -> dict[str, Any]:
     """Train one grid point with one seed in ``OUT/runs/POINT-sS`` (or reuse a finished run of the same command);
     returns its row: the point, the seed, the compare row (metrics, sizes, wall) and the loss curve and gates."""
-    folder = out / "runs" / f"{point.name()}-s{seed}"
-    args = [*recipe_args, *point.args(), "--seed", str(seed)]
-    saved = folder / ROW_NAME
-    if saved.is_file():
-        row = json.loads(saved.read_text())
-        if row.get("args") == args and row.get("status") == "ok":
-            return row
+    row = finished(point, seed, out, recipe_args)
+    if row["status"] == "ok":
+        return row
+    folder, args = out / "runs" / f"{point.name()}-s{seed}", row["args"]
     env = None
     if threads is not None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -145,8 +142,20 @@ def run_point(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequ
     row.update(point={a: point.get(a) for a in AXES}, seed=seed, args=args, name=point.name())
     if row["status"] == "ok":
         row["loss_curve"], row["gates"] = _curves(folder)
-    write_json(saved, row)
+    write_json(folder / ROW_NAME, row)
     return row
+
+
+def finished(point: Point, seed: int, out: Path, recipe_args: Sequence[str]) -> dict[str, Any]:
+    """The saved row of a finished run of this point and seed (same options), or a "missing" row."""
+    args = [*recipe_args, *point.args(), "--seed", str(seed)]
+    saved = out / "runs" / f"{point.name()}-s{seed}" / ROW_NAME
+    if saved.is_file():
+        row = json.loads(saved.read_text())
+        if row.get("args") == args and row.get("status") == "ok":
+            return row
+    return {"status": "missing", "reason": "not run yet (or not finished)", "point": {a: point.get(a) for a in AXES},
+            "seed": seed, "args": args, "name": point.name()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,11 +352,13 @@ def plot_gate_opening(rows: Sequence[dict[str, Any]], base: dict[str, Any], path
 
 def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dict[str, list[Any]],
            seeds: Sequence[int], base: dict[str, Any] | None = None, full: bool = False, jobs: int = 1,
-           nproc: int = 1) -> dict[str, Any]:
+           nproc: int = 1, report_only: bool = False) -> dict[str, Any]:
     """Run the grid and write ``ablate.md``, ``ablate.json`` and the plots into ``out``; returns the report's data.
 
     ``values``: axis -> its values (``gate``: names of :data:`GATES`; missing axes are not swept); ``base``: axis ->
-    base value (default: :func:`default_base`); ``jobs``: runs at a time, the CPU threads shared among them.
+    base value (default: :func:`default_base`); ``jobs``: runs at a time, the CPU threads shared among them. Runs go
+    seed by seed (every point with the first seed, then the next). ``report_only``: run nothing, report the runs
+    that finished (the others are "missing"), e.g. while the grid is still running or after it was cut short.
     """
     spec = zinit.get_recipe(recipe)
     if not spec.metrics:
@@ -365,20 +376,23 @@ def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dic
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = grid_points(values, base, full)
-    runs = [(p, s) for p in points for s in seeds]
+    runs = [(p, s) for s in seeds for p in points]  # seed by seed: a grid cut short has every point once first
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    print(f"zinit ablate {recipe}: {len(points)} points x {len(seeds)} seeds = {len(runs)} runs, {jobs} at a time, "
-          f"in {out / 'runs'}", flush=True)
+    print(f"zinit ablate {recipe}: {len(points)} points x {len(seeds)} seeds = {len(runs)} runs, "
+          + ("reporting the finished ones" if report_only else f"{jobs} at a time") + f", in {out / 'runs'}",
+          flush=True)
     done = 0
 
     def one(item: tuple[Point, int]) -> dict[str, Any]:
         nonlocal done
         p, s = item
-        row = run_point(recipe, p, s, out, recipe_args, nproc, threads)
+        row = (finished(p, s, out, recipe_args) if report_only else
+               run_point(recipe, p, s, out, recipe_args, nproc, threads))
         done += 1
         shown = json.dumps(row["metrics"]) if row["status"] == "ok" else f"{row['status']}: " + \
             row["reason"].splitlines()[0]
-        print(f"[{done}/{len(runs)}] {p.name()} seed {s}: {shown} ({row['wall_s'] / 60:.1f} min)", flush=True)
+        wall = f" ({row['wall_s'] / 60:.1f} min)" if "wall_s" in row else ""
+        print(f"[{done}/{len(runs)}] {p.name()} seed {s}: {shown}{wall}", flush=True)
         return row
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -476,6 +490,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--jobs", type=positive_int, default=1,
                         help="runs at a time, sharing the CPU threads (default 1)")
     parser.add_argument("--nproc", type=positive_int, default=1, help="processes per run (torchrun) (default 1)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the runs that finished so far (the others are listed as missing)")
     args, recipe_args = parser.parse_known_args(argv)
     if args.recipe not in zinit.recipe_names():
         parser.error(f"recipe {args.recipe!r}: zinit ablate runs {', '.join(zinit.recipe_names())}")
@@ -491,7 +507,7 @@ def main(argv: Sequence[str]) -> int:
     C.check_recipe_args(args.recipe, [*probe, "--seed", "0"], args.output)
     try:
         ablate(args.recipe, args.output, recipe_args, values, args.seeds, args.base, args.grid == "full", args.jobs,
-               args.nproc)
+               args.nproc, args.report_only)
     except ValueError as exc:
         parser.error(str(exc))
     return 0

@@ -98,6 +98,14 @@ def test_ablate_alpaca_end_to_end_then_resume(tmp_path, tiny_model_dir, alpaca_f
     assert started[0][started[0].index("--layers") + 1] == "1"
     assert json.loads(row_file.read_text())["status"] == "ok"
 
+    # --report-only runs nothing and lists what has not run (a new point, L=3)
+    wider = [a if a != "1,2" else "1,2,3" for a in args]
+    status, stdout, _ = run_cli([*wider, "--report-only"], capsys)
+    assert status == 0 and len(started) == 1
+    assert "zero-L3-K4-e1 seed 0: missing" in stdout and "| zero-L3-K4-e1 (seed 0 missing) | – |" in stdout
+    runs = {r["name"]: r for r in json.loads((out / "ablate.json").read_text())["runs"]}
+    assert runs["zero-L3-K4-e1"]["status"] == "missing" and runs["zero-L1-K4-e1"]["status"] == "ok"
+
 
 @pytest.mark.parametrize("extra, message", [
     (["--gates", "zero,half"], "gate variant 'half'"),
