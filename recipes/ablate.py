@@ -22,11 +22,13 @@ final mean |tanh(g)| of each adapted layer, per gated variant).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
 import statistics
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,10 +133,13 @@ def run_point(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequ
               threads: int | None = None) -> dict[str, Any]:
     """Train one grid point with one seed in ``OUT/runs/POINT-sS`` (or reuse a finished run of the same command);
     returns its row: the point, the seed, the compare row (metrics, sizes, wall) and the loss curve and gates."""
-    row = finished(point, seed, out, recipe_args)
+    row = finished(recipe, point, seed, out, recipe_args)
     if row["status"] == "ok":
         return row
     folder, args = out / "runs" / f"{point.name()}-s{seed}", row["args"]
+    if (folder / ROW_NAME).is_file() and json.loads((folder / ROW_NAME).read_text()).get("args") != args:
+        raise ValueError(f"{folder} holds a run of this point with other recipe options; use another --output for "
+                         "the new options (or delete that folder to train it again)")
     env = None
     if threads is not None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -146,9 +151,20 @@ def run_point(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequ
     return row
 
 
-def finished(point: Point, seed: int, out: Path, recipe_args: Sequence[str]) -> dict[str, Any]:
+@functools.lru_cache(maxsize=None)
+def seed_flag(recipe: str) -> str:
+    """The option of ``zinit train RECIPE`` that sets the seed: ``--seed``, or ``--seeds`` (VTAB's list)."""
+    parser = argparse.ArgumentParser()
+    zinit.get_recipe(recipe).add_train_args(parser)
+    for flag in ("--seed", "--seeds"):
+        if flag in parser._option_string_actions:
+            return flag
+    raise ValueError(f"zinit train {recipe} has no --seed option, which zinit ablate sets for each run")
+
+
+def finished(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequence[str]) -> dict[str, Any]:
     """The saved row of a finished run of this point and seed (same options), or a "missing" row."""
-    args = [*recipe_args, *point.args(), "--seed", str(seed)]
+    args = [*recipe_args, *point.args(), seed_flag(recipe), str(seed)]
     saved = out / "runs" / f"{point.name()}-s{seed}" / ROW_NAME
     if saved.is_file():
         row = json.loads(saved.read_text())
@@ -377,22 +393,23 @@ def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dic
     out.mkdir(parents=True, exist_ok=True)
     points = grid_points(values, base, full)
     runs = [(p, s) for s in seeds for p in points]  # seed by seed: a grid cut short has every point once first
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if jobs > 1 else None  # per process
     print(f"zinit ablate {recipe}: {len(points)} points x {len(seeds)} seeds = {len(runs)} runs, "
           + ("reporting the finished ones" if report_only else f"{jobs} at a time") + f", in {out / 'runs'}",
           flush=True)
-    done = 0
+    done, lock = 0, threading.Lock()
 
     def one(item: tuple[Point, int]) -> dict[str, Any]:
         nonlocal done
         p, s = item
-        row = (finished(p, s, out, recipe_args) if report_only else
+        row = (finished(recipe, p, s, out, recipe_args) if report_only else
                run_point(recipe, p, s, out, recipe_args, nproc, threads))
-        done += 1
         shown = json.dumps(row["metrics"]) if row["status"] == "ok" else f"{row['status']}: " + \
             row["reason"].splitlines()[0]
-        wall = f" ({row['wall_s'] / 60:.1f} min)" if "wall_s" in row else ""
-        print(f"[{done}/{len(runs)}] {p.name()} seed {s}: {shown}{wall}", flush=True)
+        with lock:
+            done += 1
+            wall = f" ({row['wall_s'] / 60:.1f} min)" if "wall_s" in row else ""
+            print(f"[{done}/{len(runs)}] {p.name()} seed {s}: {shown}{wall}", flush=True)
         return row
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -498,13 +515,17 @@ def main(argv: Sequence[str]) -> int:
     for flag in ("--method", "--seed"):
         if any(a == flag or a.startswith(flag + "=") for a in recipe_args):
             parser.error(f"{flag} is set by zinit ablate for each run (--gates, --seeds); drop it")
+    try:
+        seed = seed_flag(args.recipe)
+    except ValueError as exc:
+        parser.error(str(exc))
     values = {"gate": args.gates, "layers": args.layers, "K": args.K, "epochs": args.epochs}
     # the recipe's parser checks its options and that it takes every swept one, before any run starts
     probe = list(recipe_args)
     for axis, flag in FLAG.items():
         if values[axis]:
             probe += [flag, f"{values[axis][0]:g}"]
-    C.check_recipe_args(args.recipe, [*probe, "--seed", "0"], args.output)
+    C.check_recipe_args(args.recipe, [*probe, seed, "0"], args.output)
     try:
         ablate(args.recipe, args.output, recipe_args, values, args.seeds, args.base, args.grid == "full", args.jobs,
                args.nproc, args.report_only)

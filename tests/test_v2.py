@@ -281,3 +281,36 @@ def test_zinit_v2_method_prepares_the_v2_adapter():
     assert M.trainable_count(model) == 2 * (3 * 32 + 4) + 4 * per_layer + 9 * 32
     assert M.defaults_of("zinit_v2") == "zinit" and M.zinit_options("zinit_v2") == V2
     assert math.isclose(M.recipe_blr("vtab", "zinit_v2"), M.recipe_blr("vtab", "zinit"))
+
+
+def test_v2_bf16_model_trains_its_norms_in_float32_and_ejects_to_the_bf16_base():
+    """An Adam step of 1e-3 cannot move a bf16 weight near 1 (its resolution there is 2^-7): the norms train in
+    float32, their outputs cast back, so the model still starts bit-for-bit as the bf16 base."""
+    base = tiny_llama().to(torch.bfloat16).eval()
+    x = tokens(2, 9)
+    model = zinit.inject(copy.deepcopy(base), 2, 4, **V2)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, base(input_ids=x).logits)
+    norm = zinit.injection(model).norms[0]
+    weight = model.get_submodule(norm).weight
+    assert weight.dtype == torch.float32 and all(p.dtype == torch.float32 for p in zinit.trainable_parameters(model))
+    opt = torch.optim.AdamW(zinit.trainable_parameters(model), lr=1e-3)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    assert (weight - base.get_submodule(norm).weight.float()).abs().max() > 5e-4  # a bf16 weight would not move
+    zinit.eject(model)
+    assert model.get_submodule(norm).weight.dtype == torch.bfloat16
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_v2_leaves_an_inner_injection_alone_and_litgpt_needs_the_top_layers():
+    model = tiny_llama()
+    zinit.inject(model.model, 2, 4, bias_scale=True)
+    hooked = [n for n, m in model.named_modules() if hasattr(m, "zinit_bias_scale")]
+    with pytest.raises(RuntimeError, match="already has a zinit bias/scale"):
+        zinit.inject(model, 1, 4, bias_scale=True)
+    assert [n for n, m in model.named_modules() if hasattr(m, "zinit_bias_scale")] == hooked  # nothing undone
+    low = zinit.inject(tiny_llama(), [0, 1], 4, gate_fn="identity")
+    with pytest.raises(ValueError, match=r"litgpt adapts the layers from adapter_start_layer up.*\[2, 3\]"):
+        zinit.convert.to_litgpt(zinit.adapter_state_dict(low), zinit.injection(low).config)

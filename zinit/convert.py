@@ -168,9 +168,10 @@ def to_peft(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[st
         raise ValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but peft's "
                          f"adapter_layers=L always adapts the top L layers ({list(top)} for L={len(config.layers)}); "
                          f"{_REPRESENTABLE}")
-    if config.visual_dim is not None or config.train_modules:
+    if config.visual_dim is not None or config.train_modules or config.bias_scale or config.train_norms:
         extra = ("a visual projection" if config.visual_dim is not None
-                 else f"train_modules {list(config.train_modules)}")
+                 else f"train_modules {list(config.train_modules)}" if config.train_modules
+                 else "LLaMA-Adapter V2's bias/scale or trained norms (bias_scale / train_norms)")
         raise ValueError(f"this adapter has {extra}, which peft's adaption prompt cannot hold: convert an adapter "
                          "of prompts and gates only")
     if config.backbone != "llama":
@@ -229,6 +230,11 @@ def _litgpt_checks(config: AdapterConfig | Mapping[str, Any], what: str) -> Adap
                          f'head too; {_LITGPT_FORM}')
     if config.visual_dim is not None or config.train_modules:
         raise ValueError("this adapter has a visual projection or train_modules, which litgpt's adapter cannot hold")
+    top = tuple(range(config.num_layers - len(config.layers), config.num_layers))
+    if tuple(config.layers) != top:
+        raise ValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but litgpt "
+                         f"adapts the layers from adapter_start_layer up, the top L ({list(top)} for L="
+                         f"{len(config.layers)}: adapter_start_layer={top[0]}); {_LITGPT_FORM}")
     if (config.bias_scale is None) != (not config.train_norms):
         raise ValueError("litgpt's adapter_v2 has both the bias/scale and trained norms, its adapter neither; this "
                          f"adapter has bias_scale={config.bias_scale!r}, train_norms={config.train_norms}: "
@@ -266,8 +272,15 @@ def to_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[
     ``attn.proj``; ``mlp.fc_1/fc_2/proj`` = gate/up/down) of every layer and to ``lm_head``, and trains ``norm_1``,
     ``norm_2`` and ``ln_f``. So only an adapter injected as litgpt computes converts: gate ``"head"`` with
     ``gate_fn="identity"`` and, for V2, ``bias_scale="all"`` and ``train_norms=True`` (anything else is refused,
-    naming the option). Load the result with litgpt's ``model.load_state_dict(state, strict=False)`` beside the base
-    checkpoint; :func:`from_litgpt` goes back.
+    naming the option), on the top L layers (litgpt's ``adapter_start_layer`` = number of layers − L). Load the
+    result with litgpt's ``model.load_state_dict(state, strict=False)`` beside the base checkpoint, and check that no
+    key was left unused; :func:`from_litgpt` goes back.
+
+    The tensors convert by meaning (each q/k/v row to its projection), which is what litgpt's model computes for the
+    tokens. litgpt's own adapter forward (``litgpt/adapter.py``, 2025) reads the prompt's fused qkv output in the
+    interleaved per-group layout its checkpoints no longer use (``view(…, n_query_groups, q_per_kv + 2,
+    head_size)``), so inside litgpt the prompt keys/values of a converted adapter (or one litgpt trained) are not the
+    paper's; zinit's are, and the conversion keeps the parameters, not that arithmetic.
 
     >>> import zinit
     >>> from transformers import LlamaConfig, LlamaForCausalLM

@@ -180,6 +180,9 @@ def inject(
         raise ValueError(f"train_norms=True, but {type(model).__name__} has no normalisation layer (a module whose "
                          "class name ends in 'Norm' with parameters); drop train_norms")
     originals = {f"{n}.{pn}": p.detach().clone() for n, m in norms for pn, p in m.named_parameters(recurse=False)}
+    if any(v2.BIAS_SCALE_ATTR in m._modules for _, m in linears):
+        raise RuntimeError("a linear layer of this model already has a zinit bias/scale (a submodule injected on its "
+                           "own?): eject that first")
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     targets = [modules[n] for n in chosen]
@@ -200,11 +203,11 @@ def inject(
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
         v2.install_bias_scale(linears)
-        for _, norm in norms:
-            norm.requires_grad_(True)
+        v2.train_norms_in_float32(norms)
         spec.install(model, targets)
     except BaseException:  # leave the model exactly as it was given
-        v2.uninstall_bias_scale(model)
+        v2.uninstall_bias_scale(model, [n for n, _ in linears])
+        v2.restore_norms(model, [n for n, _ in norms])
         for attention in targets:
             if ADAPTER_ATTR in attention._modules:
                 delattr(attention, ADAPTER_ATTR)
@@ -395,10 +398,12 @@ def eject(model: nn.Module) -> nn.Module:
         delattr(attention, ADAPTER_ATTR)
     if state.visual is not None:
         delattr(model, VISUAL_ATTR)
-    v2.uninstall_bias_scale(model)
-    with torch.no_grad():  # trained norms get their values back
+    v2.uninstall_bias_scale(model, state.linears)
+    v2.restore_norms(model, state.norms)
+    with torch.no_grad():  # trained norms get their values back (none to give after an inject on the meta device)
         for key, value in (state.norm_originals or {}).items():
-            model.get_parameter(key).copy_(value)
+            if not value.is_meta:
+                model.get_parameter(key).copy_(value)
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
     delattr(model, STATE_ATTR)

@@ -10,7 +10,9 @@ training moves something. Neither touches a base weight:
   own vectors. The prompt keys/values go through the same hooked projections (a backbone that slices a fused weight
   itself applies :func:`apply_bias_scale` to its slice), as they do in litgpt's ``adapter_v2``.
 - Norms: the normalisation layers' own weights (and biases) are trained in place, as litgpt and the official code
-  train them; :func:`zinit.inject` keeps a copy of their values and :func:`zinit.eject` puts it back.
+  train them; :func:`zinit.inject` keeps a copy of their values and :func:`zinit.eject` puts it back. In a bf16 or
+  fp16 model they are trained in float32 (an Adam step of 1e-3 does not move a bf16 weight near 1), their output
+  cast back to the dtype the layer gave before (:func:`train_norms_in_float32`); eject restores the dtype too.
 
 Which layers: ``bias_scale="blocks"`` (or True) takes every linear layer inside the transformer blocks (attention
 and MLP projections of every layer, adapted or not: the paper's "linear layers"); ``"all"`` also the linear layers
@@ -23,7 +25,7 @@ taken.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +61,45 @@ def apply_bias_scale(output: Tensor, bias_scale: BiasScale, features: slice | No
 def bias_scale_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     """The forward hook of a linear layer with a :class:`BiasScale` (looked up on the module itself)."""
     return apply_bias_scale(output, module._modules[BIAS_SCALE_ATTR])
+
+
+#: Attribute of a normalisation layer trained in float32 in a lower-precision model: the dtype its parameters had.
+NORM_DTYPE_ATTR = "zinit_norm_dtype"
+
+
+def norm_dtype_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    """The forward hook of a trained norm upcast to float32 in a bf16/fp16 model: its output in the dtype the
+    original layer gave (its parameters' dtype promoted with the input's), so the rest of the model sees what it
+    saw before; the float32 parameters let an optimizer move them by steps smaller than bf16 resolves."""
+    if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
+        return output
+    return output.to(torch.promote_types(args[0].dtype, getattr(module, NORM_DTYPE_ATTR)))
+
+
+def train_norms_in_float32(norms: list[tuple[str, nn.Module]]) -> None:
+    """Make each norm's parameters trainable; those in a lower precision than float32 become float32 (in place:
+    the same Parameter objects) with :func:`norm_dtype_hook` casting the output back. Undone by
+    :func:`restore_norms`."""
+    for _, module in norms:
+        dtypes = {p.dtype for p in module.parameters(recurse=False)}
+        low = [d for d in dtypes if d.is_floating_point and torch.finfo(d).bits < 32]
+        if low:
+            setattr(module, NORM_DTYPE_ATTR, low[0])
+            module.float()
+            module.register_forward_hook(norm_dtype_hook)
+        module.requires_grad_(True)
+
+
+def restore_norms(model: nn.Module, names: Sequence[str]) -> None:
+    """Undo :func:`train_norms_in_float32` on the norms ``names``: hooks off, original dtype back (the values are the
+    caller's to restore)."""
+    for name in names:
+        module = model.get_submodule(name)
+        dtype = module.__dict__.pop(NORM_DTYPE_ATTR, None)
+        if dtype is not None:
+            for key in [k for k, hook in module._forward_hooks.items() if hook is norm_dtype_hook]:
+                del module._forward_hooks[key]
+            module.to(dtype)
 
 
 def bias_scale_of(module: nn.Module) -> BiasScale | None:
@@ -122,19 +163,23 @@ def select_norms(model: nn.Module, skip: tuple[str, ...] = ()) -> Iterator[tuple
 
 
 def install_bias_scale(linears: list[tuple[str, nn.Module]]) -> None:
-    """Give each linear layer its :class:`BiasScale` and hook (undone by :func:`uninstall_bias_scale`)."""
+    """Give each linear layer its :class:`BiasScale` and hook (undone by :func:`uninstall_bias_scale`); nothing is
+    installed if one of them has a bias/scale already (an inner model injected on its own)."""
+    taken = [name for name, module in linears if BIAS_SCALE_ATTR in module._modules]
+    if taken:
+        raise RuntimeError(f"{taken[0]} already has a zinit bias/scale (a submodule injected on its own?): eject that "
+                           "first")
     for name, module in linears:
-        if BIAS_SCALE_ATTR in module._modules:
-            raise RuntimeError(f"{name} already has a zinit bias/scale")
         device = next(module.parameters()).device
         module.add_module(BIAS_SCALE_ATTR, BiasScale(_out_features(module), device))
         module.register_forward_hook(bias_scale_hook)
 
 
-def uninstall_bias_scale(model: nn.Module) -> None:
-    """Remove every :class:`BiasScale` and its hook from ``model`` (a copy's too: found by attribute, not by handle).
-    """
-    for module in model.modules():
+def uninstall_bias_scale(model: nn.Module, names: Sequence[str]) -> None:
+    """Remove the :class:`BiasScale` and its hook from the linear layers ``names`` of ``model`` (found by attribute,
+    not by hook handle, so a copy's come off too); other modules' (an inner model's own injection) stay."""
+    for name in names:
+        module = model.get_submodule(name)
         if BIAS_SCALE_ATTR in module._modules:
             for key in [k for k, hook in module._forward_hooks.items() if hook is bias_scale_hook]:
                 del module._forward_hooks[key]
