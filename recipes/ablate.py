@@ -304,25 +304,33 @@ def plot_loss_curves(rows: Sequence[dict[str, Any]], base: dict[str, Any], path:
     seeds bold (both smoothed by a trailing mean over ~5 % of the run)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    drawn = False
+    drawn, drawn_names = False, []
     for color, gate in zip(("tab:blue", "tab:red", "tab:green"), GATES):
         curves = [r["loss_curve"] for r in rows if r["status"] == "ok" and r.get("loss_curve")
                   and r["point"]["gate"] == gate and _at_base(r["point"], base, "gate")]
         if not curves:
             continue
         drawn = True
+        drawn_names.append(f"{gate}-init" if gate != "none" else "no gate")
         for c in curves:
             ax.plot([s for s, _ in c], _smooth([v for _, v in c]), color=color, lw=0.7, alpha=0.4)
         n = min(len(c) for c in curves)
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
         ax.plot([s for s, _ in curves[0][:n]], _smooth(mean), color=color, lw=2,
                 label=f"gate {gate} ({GATES[gate]}, {len(curves)} seed{'s' * (len(curves) > 1)})")
+    title = "training loss by gate variant (" + " vs ".join(drawn_names) + ")"
+    return _save(plt, fig, ax, drawn, path, "optimizer step", "training loss", title)
+
+
+def _save(plt: Any, fig: Any, ax: Any, drawn: bool, path: Path, xlabel: str, ylabel: str, title: str
+          ) -> Path | None:
+    """Label, save and close a one-axis figure; None (and nothing written) when nothing was drawn on it."""
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("zero-init vs random-init gate (and no gate): training loss")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -348,18 +356,8 @@ def plot_gate_opening(rows: Sequence[dict[str, Any]], base: dict[str, Any], path
         stds = [statistics.stdev(g[n] for g in runs) if len(runs) > 1 else 0.0 for n in layers]
         ax.errorbar([int(n) for n in layers], means, yerr=stds, marker="o", ms=3, capsize=2,
                     label=f"gate {gate} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("layer index")
-    ax.set_ylabel("mean |tanh(g)| over heads, end of training")
-    ax.set_title("how far each layer's gate opened")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, drawn, path, "layer index", "mean |tanh(g)| over heads, end of training",
+                 "how far each layer's gate opened")
 
 
 # ---------------------------------------------------------------------------------------------------------------
