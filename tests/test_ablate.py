@@ -63,7 +63,7 @@ def test_scienceqa_report_shows_the_papers_numbers_beside_the_measured_ones():
 def test_ablate_alpaca_end_to_end_then_resume(tmp_path, tiny_model_dir, alpaca_file, capsys, monkeypatch):
     out = tmp_path / "abl"
     args = ["ablate", "alpaca", "--output", out, "--gates", "zero,random", "--layers", "1,2", "--base", "layers=2",
-            "--seeds", "0", "--jobs", "2", "--model", tiny_model_dir, "--data", alpaca_file, "--eval-data",
+            "--seeds", "0", "--jobs", "3", "--model", tiny_model_dir, "--data", alpaca_file, "--eval-data",
             alpaca_file, "--K", "4", "--epochs", "1", "--batch-size", "4", "--no-progress", "--device", "cpu"]
     status, stdout, _ = run_cli(args, capsys)
     assert status == 0, stdout
