@@ -431,9 +431,7 @@ def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dic
 def default_base(recipe: str, recipe_args: Sequence[str], values: dict[str, list[Any]]) -> dict[str, Any]:
     """Each axis's base value: the recipe's default (with these options) when it is among the axis's values, else
     the axis's first value."""
-    from zinit.cli import build_parser
-
-    parsed = build_parser().parse_args(["train", recipe, *recipe_args, "--output", "-"])
+    parsed = C.recipe_namespace(recipe, recipe_args)
     defaults = {"gate": "zero", "layers": getattr(parsed, "layers", None), "K": getattr(parsed, "K", None),
                 "epochs": getattr(parsed, "epochs", None)}
     return {a: defaults[a] if defaults[a] in values[a] else values[a][0] for a in AXES}

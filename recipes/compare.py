@@ -80,12 +80,17 @@ def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], 
 # --lr-grid
 
 
-def default_blr(recipe: str, method: str, recipe_args: Sequence[str]) -> float | None:
-    """The base lr ``zinit train RECIPE --method METHOD [recipe_args]`` uses when none is given."""
+def recipe_namespace(recipe: str, recipe_args: Sequence[str], output: str = "-") -> argparse.Namespace:
+    """``recipe_args`` parsed by ``zinit train RECIPE``'s own parser (its defaults filled in); a bad option stops
+    with the recipe's own error (exit 2)."""
     from zinit.cli import build_parser
 
-    args = build_parser().parse_args(["train", recipe, *recipe_args, "--method", method, "--output", "-"])
-    return M.recipe_blr(recipe, method, args)
+    return build_parser().parse_args(["train", recipe, *recipe_args, "--output", str(output)])
+
+
+def default_blr(recipe: str, method: str, recipe_args: Sequence[str]) -> float | None:
+    """The base lr ``zinit train RECIPE --method METHOD [recipe_args]`` uses when none is given."""
+    return M.recipe_blr(recipe, method, recipe_namespace(recipe, [*recipe_args, "--method", method]))
 
 
 def select_lr(recipe: str, method: str, out: Path, recipe_args: list[str], grid: Sequence[float],
@@ -151,12 +156,10 @@ def format_table(recipe: str, rows: Sequence[dict[str, Any]], paper: Mapping[str
 
 def paper_rows(recipe: str, recipe_args: Sequence[str]) -> dict[str, dict[str, float]]:
     """The published numbers (:attr:`zinit.Recipe.paper`) for a run of ``recipe`` with these options; {} if none."""
-    from zinit.cli import build_parser
-
     spec = zinit.get_recipe(recipe)
     if spec.paper is None:
         return {}
-    args = build_parser().parse_args(["train", recipe, *recipe_args, "--output", "-"])
+    args = recipe_namespace(recipe, recipe_args)
     return {label: dict(values) for label, values in spec.paper(args).items()}
 
 
@@ -232,9 +235,7 @@ def check_recipe_args(recipe: str, recipe_args: Sequence[str], output: str) -> N
     """Parse the options meant for the recipe with the recipe's own parser before any run starts: a typo or a bad
     value stops ``zinit compare`` at once (``zinit train RECIPE: error: ...``, exit 2) instead of failing every
     method's run in turn."""
-    from zinit.cli import build_parser
-
-    build_parser().parse_args(["train", recipe, *recipe_args, "--method", "zinit", "--output", str(output)])
+    recipe_namespace(recipe, [*recipe_args, "--method", "zinit"], output)
 
 
 def main(argv: Sequence[str]) -> int:
