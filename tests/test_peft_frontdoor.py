@@ -59,11 +59,14 @@ def trained(base):
 @pytest.mark.parametrize("options, task_type", [
     (dict(layers=2), "CAUSAL_LM"),
     (dict(layers=[0, 2], gate="layer", gate_fn="identity"), None),
-], ids=["top2-head-tanh-causal_lm", "list-layer-identity-no_task"])
+    (dict(layers=2, gate_init="random"), "CAUSAL_LM"),
+    (dict(layers=2, gate="none"), "CAUSAL_LM"),
+], ids=["top2-head-tanh-causal_lm", "list-layer-identity-no_task", "random-gate-init", "no-gate"])
 def test_get_peft_model_computes_what_inject_computes(base, ids, options, task_type):
     model = get_peft_model(clone(base), zp.ZinitConfig(K=K, task_type=task_type, **options))
     assert type(model.base_model) is zp.ZinitModel
-    assert torch.equal(_logits(model, ids), _logits(base, ids))  # zero-init: exactly the base model
+    starts_as_base = torch.equal(_logits(model, ids), _logits(base, ids))
+    assert starts_as_base is (options.get("gate_init") != "random" and options.get("gate") != "none")
     randomize_adapter(model.get_base_model())
     reference = zinit.inject(clone(base), options["layers"], K, **{k: v for k, v in options.items() if k != "layers"})
     zinit.load_adapter_state_dict(reference, zinit.adapter_state_dict(model.get_base_model()))
@@ -112,6 +115,25 @@ def test_save_pretrained_writes_only_prompts_and_gates_and_from_pretrained_repro
     assert again.get_nb_trainable_parameters()[0] == trained.get_nb_trainable_parameters()[0]
     lean = PeftModel.from_pretrained(tiny_llama("llama", 4, 2, layers=4), tmp_path, low_cpu_mem_usage=True)
     assert _max_diff(_logits(lean, ids), want) <= 1e-5  # same tensors, other memory alignment
+
+
+@pytest.mark.parametrize("options", [dict(gate_init="random"), dict(gate="none")], ids=["random-gate-init", "no-gate"])
+def test_gate_variants_save_and_load_through_peft(base, ids, tmp_path, options):
+    model = get_peft_model(clone(base), zp.ZinitConfig(layers=2, K=K, task_type="CAUSAL_LM", **options))
+    want = _logits(model, ids)  # untrained: a random gate (or no gate) already moves the output
+    assert _max_diff(want, _logits(base, ids)) > 1e-4
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k: saved[k] for k in options} == options
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    names = ("prompt",) if options.get("gate") == "none" else ("prompt", "gate")
+    assert set(tensors) == {k for k in _zinit_keys((2, 3)) if k.rsplit(".", 1)[1] in names}
+    torch.manual_seed(123)  # a fresh random gate on load, overwritten by the saved one
+    loaded = PeftModel.from_pretrained(tiny_llama("llama", 4, 2, layers=4), tmp_path)
+    assert {k: getattr(loaded.peft_config["default"], k) for k in options} == options
+    assert _max_diff(_logits(loaded, ids), want) <= 1e-6
+    with loaded.disable_adapter():
+        assert torch.equal(_logits(loaded, ids), _logits(base, ids))
 
 
 def test_from_pretrained_into_a_model_the_adapter_does_not_fit(trained, tmp_path):
@@ -220,8 +242,10 @@ def test_merge_and_a_second_adapter_are_refused(trained, tmp_path):
     (dict(layers=9, K=K), ValueError, r"layers=9 is out of range: this model has 4 layers"),
     (dict(layers=2, K=K, gate="row"), ValueError, r"gate='row' is not one of"),
     (dict(layers=2, K=K, gate_fn="relu"), ValueError, r"gate_fn='relu' is not one of"),
+    (dict(layers=2, K=K, gate_init="ones"), ValueError, r"gate_init='ones'"),
     (dict(layers=2, K=K, backbone="gpt9"), (KeyError, ValueError), r"gpt9"),
-], ids=["no-layers", "K0", "layers-out-of-range", "bad-gate", "bad-gate_fn", "unknown-backbone"])
+], ids=["no-layers", "K0", "layers-out-of-range", "bad-gate", "bad-gate_fn", "bad-gate_init",
+    "unknown-backbone"])
 def test_bad_config_is_refused_by_zinit_inject_and_the_model_is_left_as_it_was(base, options, error, match):
     model = clone(base)
     with pytest.raises(error, match=match):

@@ -73,14 +73,16 @@ def tiny_encoder(model_type: str = "roberta", head: str = "base", layers: int = 
 
 
 def randomize_adapter(model, seed: int = 1, scale: float = 1.0) -> None:
-    """Give every prompt and gate random non-zero values (gates too, so the prompt term is switched on)."""
+    """Give every prompt and gate random non-zero values (gates too, so the prompt term is switched on; a
+    ``gate="none"`` adapter has only its prompt)."""
     import zinit
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for adapter in zinit.layer_adapters(model).values():
             adapter.prompt.copy_(torch.randn(adapter.prompt.shape, generator=g))
-            adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=g) * scale)
+            if adapter.gate is not None:
+                adapter.gate.copy_(torch.randn(adapter.gate.shape, generator=g) * scale)
 
 
 def clone(model):

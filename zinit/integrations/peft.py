@@ -95,27 +95,38 @@ class ZinitConfig(PeftConfig):
     value is refused by ``get_peft_model`` with zinit's own message).
 
     Saved as ``adapter_config.json`` beside the weights (``"peft_type": "ZINIT"``, ``"layers"``, ``"K"``, ``"gate"``,
-    ``"gate_fn"``, ``"backbone"`` and peft's common fields), and read back by ``PeftModel.from_pretrained``.
+    ``"gate_fn"``, ``"gate_init"``, ``"backbone"`` and peft's common fields), and read back by
+    ``PeftModel.from_pretrained``.
+
+    The paper's gate ablations go through this door too (``gate="none"``, ``gate_init="random"``, as
+    :func:`zinit.inject`); LLaMA-Adapter V2's bias/scale and norm tuning do not (they change base modules in place,
+    which peft's ``disable_adapter()`` would not undo): use ``zinit.inject(..., bias_scale=True, train_norms=True)``
+    and :func:`zinit.save_adapter` for those.
 
     Args:
         layers: an int L (the top L layers) or a list of layer indices (0 = bottom layer).
         K: prompt length (the paper uses 10).
-        gate: ``"head"`` (one gate per query head, the paper) or ``"layer"`` (one per layer, as peft's adaption prompt).
+        gate: ``"head"`` (one gate per query head, the paper), ``"layer"`` (one per layer, as peft's adaption prompt)
+            or ``"none"`` (no gate: the prompt keys join the tokens' softmax, plain prefix attention).
         gate_fn: ``"tanh"`` (the paper) or ``"identity"`` (a raw gate). ``gate="layer", gate_fn="identity"`` with an
             int ``layers`` is the variant :func:`zinit.convert.to_peft` converts to stock peft's adaption prompt.
+        gate_init: ``"zero"`` (the method: the adapted model starts as the base model) or ``"random"`` (the paper's
+            random-init ablation; the drawn gate is saved with the prompts, so a loaded model computes what was saved).
         backbone: a zinit backbone name (``zinit.backbones()``) instead of detecting it from the model.
 
     >>> config = ZinitConfig(layers=2, K=10, task_type="CAUSAL_LM")
-    >>> config.peft_type.value, config.gate, config.gate_fn
-    ('ZINIT', 'head', 'tanh')
+    >>> config.peft_type.value, config.gate, config.gate_fn, config.gate_init
+    ('ZINIT', 'head', 'tanh', 'zero')
     """
 
     layers: int | list[int] | None = field(
         default=None, metadata={"help": "An int L (the top L layers) or a list of layer indices (0 = bottom)"}
     )
     K: int | None = field(default=None, metadata={"help": "Prompt length (the paper uses 10)"})
-    gate: str = field(default="head", metadata={"help": "'head' (one gate per query head) or 'layer' (one per layer)"})
+    gate: str = field(default="head", metadata={
+        "help": "'head' (one gate per query head), 'layer' (one per layer) or 'none' (no gate: prefix attention)"})
     gate_fn: str = field(default="tanh", metadata={"help": "'tanh' (the paper) or 'identity' (a raw gate)"})
+    gate_init: str = field(default="zero", metadata={"help": "'zero' (the method) or 'random' (the paper's ablation)"})
     backbone: str | None = field(default=None, metadata={"help": "zinit backbone name; None detects it from the model"})
 
     def __post_init__(self) -> None:
@@ -189,7 +200,7 @@ class ZinitModel(BaseTuner):
                 "folder_or_layers) and zinit.use_adapters(model, names) (a different adapter per row of a batch)"
             )
         zinit.inject(model, config.layers, config.K, gate=config.gate, gate_fn=config.gate_fn,
-                     backbone=config.backbone)
+                     gate_init=config.gate_init, backbone=config.backbone)
         names = {id(m): n for n, m in model.named_modules()}
         self.targeted_module_names = [names[id(m)] for m in self._attention_modules()]
         self.zinit_status = nn.ModuleList(ZinitLayerStatus(adapter_name, n) for n in self.targeted_module_names)
