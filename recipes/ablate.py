@@ -221,7 +221,8 @@ def format_report(recipe: str, points: Sequence[dict[str, Any]], values: dict[st
     shown_base = ", ".join(f"{a}={base[a]:g}" if isinstance(base[a], (int, float)) else f"{a}={base[a]}"
                            for a in AXES if base[a] is not None)
     lines = [f"# zinit ablate {recipe}", "", f"Base point: {shown_base or 'the recipe defaults'}. "
-             "Each cell: mean ± standard deviation over the seeds (n = seeds that finished).", ""]
+             "Each cell: mean ± sample standard deviation over the seeds (n = seeds that finished; no spread "
+             "for n = 1).", ""]
 
     def table(title: str, rows: Sequence[dict[str, Any]], axis: str | None) -> None:
         head = ["point", "trainable"] + list(spec.metrics)
@@ -233,7 +234,9 @@ def format_report(recipe: str, points: Sequence[dict[str, Any]], values: dict[st
             cells = [p["name"], f"{p['trainable_parameters']:,}" if p["trainable_parameters"] else "–"]
             for m in spec.metrics:
                 s = p.get(m)
-                cells.append(f"{s['mean']:.2f} ± {s['std']:.2f} (n={len(s['values'])})" if s else "–")
+                n = len(s["values"]) if s else 0
+                cells.append("–" if not s else f"{s['mean']:.2f} (n=1)" if n == 1
+                             else f"{s['mean']:.2f} ± {s['std']:.2f} (n={n})")
             if ref:
                 cells.append(f"{ref[p['point'][axis]]:.2f}" if p["point"][axis] in ref else "–")
             if p["failed"]:

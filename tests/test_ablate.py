@@ -48,7 +48,8 @@ def test_scienceqa_report_shows_the_papers_numbers_beside_the_measured_ones():
         return {"name": f"{gate}-L{layers}", "point": {"gate": gate, "layers": layers, "K": None, "epochs": None},
                 "trainable_parameters": 5, "failed": [], "Avg": {"mean": avg, "std": 1.0, "values": [avg - 1, avg + 1]}}
 
-    points = [point("zero", 30, 70.0), point("random", 30, 30.0), point("zero", 10, 50.0)]
+    single = {**point("zero", 10, 50.0), "Avg": {"mean": 50.0, "std": 0.0, "values": [50.0]}}  # one seed finished
+    points = [point("zero", 30, 70.0), point("random", 30, 30.0), single]
     values = _values(gate=["zero", "random"], layers=[10, 30])
     text = A.format_report("scienceqa", points, values, {"gate": "zero", "layers": 30, "K": None, "epochs": None},
                            False)
@@ -56,6 +57,7 @@ def test_scienceqa_report_shows_the_papers_numbers_beside_the_measured_ones():
     assert "| zero-L30 | 5 | 70.00 ± 1.00 (n=2) |" in gate_table and gate_table.rstrip().endswith("| 40.77 |")
     layer_rows = text.split("## layers")[1].splitlines()
     assert layer_rows[4].startswith("| zero-L10 |") and layer_rows[4].endswith("| 55.95 |")  # sorted by L
+    assert "| 50.00 (n=1) |" in layer_rows[4]  # one seed: no spread shown
     assert "| zero-L30 |" in layer_rows[5] and layer_rows[5].endswith("| 83.85 |")
     assert "random" not in text.split("## layers")[1]  # the layer table holds the other axes at base
 
