@@ -137,9 +137,7 @@ def run_point(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequ
     if row["status"] == "ok":
         return row
     folder, args = out / "runs" / f"{point.name()}-s{seed}", row["args"]
-    if (folder / ROW_NAME).is_file() and json.loads((folder / ROW_NAME).read_text()).get("args") != args:
-        raise ValueError(f"{folder} holds a run of this point with other recipe options; use another --output for "
-                         "the new options (or delete that folder to train it again)")
+    check_folder(recipe, point, seed, out, recipe_args)
     env = None
     if threads is not None:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -162,15 +160,45 @@ def seed_flag(recipe: str) -> str:
     raise ValueError(f"zinit train {recipe} has no --seed option, which zinit ablate sets for each run")
 
 
-def finished(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequence[str]) -> dict[str, Any]:
-    """The saved row of a finished run of this point and seed (same options), or a "missing" row."""
-    args = [*recipe_args, *point.args(), seed_flag(recipe), str(seed)]
+def _saved_row(point: Point, seed: int, out: Path) -> dict[str, Any] | None:
     saved = out / "runs" / f"{point.name()}-s{seed}" / ROW_NAME
-    if saved.is_file():
-        row = json.loads(saved.read_text())
-        if row.get("args") == args and row.get("status") == "ok":
-            return row
-    return {"status": "missing", "reason": "not run yet (or not finished)", "point": {a: point.get(a) for a in AXES},
+    return json.loads(saved.read_text()) if saved.is_file() else None
+
+
+@functools.lru_cache(maxsize=256)
+def _options(recipe: str, args: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in vars(C.recipe_namespace(recipe, args)).items() if k != "output"}
+
+
+def same_options(recipe: str, a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two option lists of ``zinit train RECIPE`` mean the same run: compared as the recipe's parser reads
+    them (defaults filled in), so order and ``--opt=value`` spellings do not matter."""
+    return list(a) == list(b) or _options(recipe, tuple(a)) == _options(recipe, tuple(b))
+
+
+def check_folder(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequence[str]) -> None:
+    """Refuse to train this point and seed over a finished run made with other recipe options (a failed or
+    unfinished one is retrained with the new options)."""
+    row = _saved_row(point, seed, out)
+    args = [*recipe_args, *point.args(), seed_flag(recipe), str(seed)]
+    if row is not None and row.get("status") == "ok" and not same_options(recipe, row.get("args", []), args):
+        raise ValueError(f"{out / 'runs' / f'{point.name()}-s{seed}'} holds a finished run of this point with other "
+                         "recipe options; use another --output for the new options (or delete that folder to train "
+                         "it again)")
+
+
+def finished(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequence[str]) -> dict[str, Any]:
+    """The saved row of a finished run of this point and seed (same options, however spelled), or a "missing" row
+    (with the reason of a run that failed)."""
+    args = [*recipe_args, *point.args(), seed_flag(recipe), str(seed)]
+    row = _saved_row(point, seed, out)
+    if row is not None and row.get("status") == "ok" and same_options(recipe, row.get("args", []), args):
+        return row
+    reason = "not run yet (or not finished)"
+    if row is not None and row.get("status") not in (None, "ok"):
+        why = (str(row.get("reason") or "").splitlines() or [""])[0]
+        reason = f"{row['status']} earlier" + (f": {why}" if why else "")
+    return {"status": "missing", "reason": reason, "point": {a: point.get(a) for a in AXES},
             "seed": seed, "args": args, "name": point.name()}
 
 
@@ -398,6 +426,9 @@ def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dic
     print(f"zinit ablate {recipe}: {len(points)} points x {len(seeds)} seeds = {len(runs)} runs, "
           + ("reporting the finished ones" if report_only else f"{jobs} at a time") + f", in {out / 'runs'}",
           flush=True)
+    if not report_only:  # every folder checked before the first run starts, not when the grid reaches it
+        for p, s in runs:
+            check_folder(recipe, p, s, out, recipe_args)
     done, lock = 0, threading.Lock()
 
     def one(item: tuple[Point, int]) -> dict[str, Any]:

@@ -109,6 +109,36 @@ def test_ablate_alpaca_end_to_end_then_resume(tmp_path, tiny_model_dir, alpaca_f
     assert runs["zero-L3-K4-e1"]["status"] == "missing" and runs["zero-L1-K4-e1"]["status"] == "ok"
 
 
+def test_finished_runs_are_matched_by_meaning_and_only_a_finished_one_blocks_other_options(tmp_path, monkeypatch):
+    point, args = A.Point("zero", 2, 4, 1.0), ["--data", "d.json", "--max-seq-len", "50"]
+    folder = tmp_path / "runs" / f"{point.name()}-s0"
+    folder.mkdir(parents=True)
+
+    def save(status, **extra):
+        row = {"status": status, "args": [*args, *point.args(), "--seed", "0"], "name": point.name(), **extra}
+        (folder / A.ROW_NAME).write_text(json.dumps(row))
+
+    save("ok", metrics={"exact_match": 1.0})
+    respelled = ["--max-seq-len=50", "--data", "d.json"]  # the same run, other order and spelling
+    assert A.finished("alpaca", point, 0, tmp_path, respelled)["status"] == "ok"
+    A.check_folder("alpaca", point, 0, tmp_path, respelled)
+    other = ["--data", "d.json", "--max-seq-len", "60"]
+    assert A.finished("alpaca", point, 0, tmp_path, other)["status"] == "missing"
+    with pytest.raises(ValueError, match="holds a finished run of this point with other recipe options"):
+        A.check_folder("alpaca", point, 0, tmp_path, other)
+
+    save("failed", reason="exit 1\nTraceback ...")
+    A.check_folder("alpaca", point, 0, tmp_path, other)  # a failed run is retrained, with the new options
+    assert A.finished("alpaca", point, 0, tmp_path, args)["reason"] == "failed earlier: exit 1"
+
+    # the whole grid is checked before its first run: a conflict at the last point starts nothing
+    save("ok", metrics={"exact_match": 1.0})
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("a run started"))
+    with pytest.raises(ValueError, match="holds a finished run"):
+        A.ablate("alpaca", tmp_path, other, {"layers": [1, 2], "K": [4], "epochs": [1.0]}, [0],
+                 {"layers": 1})
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--gates", "zero,half"], "gate variant 'half'"),
     (["--layers", "2,0"], "--layers"),
