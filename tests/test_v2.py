@@ -301,7 +301,51 @@ def test_v2_bf16_model_trains_its_norms_in_float32_and_ejects_to_the_bf16_base()
     zinit.eject(model)
     assert model.get_submodule(norm).weight.dtype == torch.bfloat16
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
-    assert not any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("first, then", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                         (torch.bfloat16, torch.float32)], ids=["f32-bf16", "bf16-f16", "bf16-f32"])
+def test_v2_survives_a_dtype_cast_after_inject(first, then):
+    """``model.to(dtype)`` after inject (build, inject, then move and cast): the model computes what the cast base
+    computes, bit for bit, the bias/scale vectors and the norms still train in float32 (the norms' first forward
+    after the cast may run under inference_mode), and eject gives back the cast base, dtypes and values."""
+    base = tiny_llama().to(first).eval()
+    x = tokens(2, 9)
+    model = zinit.inject(copy.deepcopy(base), 2, 4, **V2).to(then)
+    cast = copy.deepcopy(base).to(then)
+    inj = zinit.injection(model)
+    assert {model.get_submodule(n).zinit_bias_scale.scale.dtype for n in inj.linears} == {torch.float32}
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=x).logits, cast(input_ids=x).logits)
+    norms = [model.get_submodule(n).weight for n in inj.norms]
+    assert {w.dtype for w in norms} == {torch.float32}
+    before = [w.detach().clone() for w in norms]
+    opt = torch.optim.AdamW(zinit.trainable_parameters(model), lr=1e-3, weight_decay=0.0)
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    assert min((w - b).abs().max().item() for w, b in zip(norms, before)) > 5e-4  # a bf16/fp16 1.0 would not move
+    zinit.eject(model)
+    assert {k: (v.dtype, v.shape) for k, v in model.state_dict().items()} == {
+        k: (v.dtype, v.shape) for k, v in cast.state_dict().items()}
+    assert all(torch.equal(v, cast.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_v2_norms_that_share_one_weight_train_and_save_it_once(tmp_path):
+    model = tiny_llama()
+    layer = model.model.layers[1]
+    layer.post_attention_layernorm.weight = layer.input_layernorm.weight  # tied, as some checkpoints tie them
+    zinit.inject(model, 2, 4, train_norms=True)
+    params = zinit.trainable_parameters(model)
+    assert len(params) == len({id(p) for p in params})
+    folder = zinit.save_adapter(model, tmp_path / "a")
+    fresh = tiny_llama()
+    fresh.model.layers[1].post_attention_layernorm.weight = fresh.model.layers[1].input_layernorm.weight
+    loaded = zinit.load_adapter(fresh, folder)
+    state = zinit.adapter_state_dict(loaded)
+    assert "norms.model.layers.1.input_layernorm.weight" in state
+    assert "norms.model.layers.1.post_attention_layernorm.weight" not in state
 
 
 def test_v2_leaves_an_inner_injection_alone_and_litgpt_needs_the_top_layers():

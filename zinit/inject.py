@@ -333,9 +333,12 @@ def _extra_parameters(model: nn.Module, state: Injection) -> dict[str, nn.Parame
     for name in state.linears:
         bias_scale = model.get_submodule(name).get_submodule(v2.BIAS_SCALE_ATTR)
         out.update({f"linears.{name}.bias": bias_scale.bias, f"linears.{name}.scale": bias_scale.scale})
+    seen: set[int] = set()  # a Parameter two norms share (tied) is listed, saved and trained once
     for name in state.norms:
-        out.update({f"norms.{name}.{pname}": p
-                    for pname, p in model.get_submodule(name).named_parameters(recurse=False)})
+        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                out[f"norms.{name}.{pname}"] = p
     return out
 
 

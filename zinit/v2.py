@@ -14,6 +14,11 @@ training moves something. Neither touches a base weight:
   fp16 model they are trained in float32 (an Adam step of 1e-3 does not move a bf16 weight near 1), their output
   cast back to the dtype the layer gave before (:func:`train_norms_in_float32`); eject restores the dtype too.
 
+Both stay float32 through a later ``model.to(torch.bfloat16)`` / ``.half()``: the bias/scale vectors are not cast
+(:meth:`BiasScale._apply`), and a trained norm found below float32 at its next forward is put back to float32 (its
+values as the cast left them, so the model still computes what the cast base computes) by
+:func:`norm_precision_hook`. Eject gives the norms the dtype of the model around them at that time.
+
 Which layers: ``bias_scale="blocks"`` (or True) takes every linear layer inside the transformer blocks (attention
 and MLP projections of every layer, adapted or not: the paper's "linear layers"); ``"all"`` also the linear layers
 outside them (the LM head, a pooler), which litgpt's ``adapter_v2`` includes, whose Llama-2-7B count of 4,279,744
@@ -36,14 +41,32 @@ BIAS_SCALE_ATTR = "zinit_bias_scale"
 BIAS_SCALE_SCOPES = ("blocks", "all")
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 class BiasScale(nn.Module):
     """The learnable bias ``[out]`` (zeros) and scale ``[out]`` (ones) of one linear layer: ``y = scale ⊙ (W x +
-    bias)`` (after the layer's own bias, if it has one), kept in float32 whatever the base's dtype."""
+    bias)`` (after the layer's own bias, if it has one), kept in float32 whatever the base's dtype, also through a
+    later ``model.to(torch.bfloat16)`` or ``.half()`` (device moves and ``.double()`` apply as usual).
+
+    >>> m = BiasScale(4).to(torch.bfloat16)
+    >>> m.scale.dtype, m.double().scale.dtype
+    (torch.float32, torch.float64)
+    """
 
     def __init__(self, features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(features, device=device))
         self.scale = nn.Parameter(torch.ones(features, device=device))
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        def keep_precision(t: Tensor) -> Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype in _LOW:
+                return t.to(out.device)  # the move, not the cast: an optimizer step of 1e-3 must still move a 1.0
+            return out
+
+        return super()._apply(keep_precision, recurse)
 
     def extra_repr(self) -> str:
         return f"features={self.bias.numel()}"
@@ -70,36 +93,70 @@ NORM_DTYPE_ATTR = "zinit_norm_dtype"
 def norm_dtype_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     """The forward hook of a trained norm upcast to float32 in a bf16/fp16 model: its output in the dtype the
     original layer gave (its parameters' dtype promoted with the input's), so the rest of the model sees what it
-    saw before; the float32 parameters let an optimizer move them by steps smaller than bf16 resolves."""
-    if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
+    saw before; the float32 parameters let an optimizer move them by steps smaller than bf16 resolves. A norm that
+    was float32 all along is left alone."""
+    dtype = module.__dict__.get(NORM_DTYPE_ATTR)
+    if dtype is None or not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
         return output
-    return output.to(torch.promote_types(args[0].dtype, getattr(module, NORM_DTYPE_ATTR)))
+    return output.to(torch.promote_types(args[0].dtype, dtype))
+
+
+def _low_precision(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters(recurse=False) if p.dtype in _LOW), None)
+
+
+def _to_float32(module: nn.Module, low: torch.dtype) -> None:
+    """``module``'s own parameters to float32 in place (the same Parameter objects), its output cast back to
+    ``low`` by :func:`norm_dtype_hook`; under ``torch.inference_mode`` too, as ordinary (trainable) tensors."""
+    module.__dict__[NORM_DTYPE_ATTR] = low
+    with torch.inference_mode(False), torch.no_grad():
+        module.float()
+
+
+def norm_precision_hook(module: nn.Module, args: tuple) -> None:
+    """The forward pre-hook of every trained norm: parameters found below float32 (the model was cast with
+    ``model.to(torch.bfloat16)`` / ``.half()`` after inject) go back to float32, with the new dtype as the one
+    :func:`norm_dtype_hook` casts the output to. A check of one or two dtypes on every other call."""
+    low = _low_precision(module)
+    if low is not None:
+        _to_float32(module, low)
 
 
 def train_norms_in_float32(norms: list[tuple[str, nn.Module]]) -> None:
     """Make each norm's parameters trainable; those in a lower precision than float32 become float32 (in place:
-    the same Parameter objects) with :func:`norm_dtype_hook` casting the output back. Undone by
-    :func:`restore_norms`."""
+    the same Parameter objects) with :func:`norm_dtype_hook` casting the output back, and every norm gets
+    :func:`norm_precision_hook` for a cast after inject. Undone by :func:`restore_norms`."""
     for _, module in norms:
-        dtypes = {p.dtype for p in module.parameters(recurse=False)}
-        low = [d for d in dtypes if d.is_floating_point and torch.finfo(d).bits < 32]
-        if low:
-            setattr(module, NORM_DTYPE_ATTR, low[0])
-            module.float()
-            module.register_forward_hook(norm_dtype_hook)
+        low = _low_precision(module)
+        if low is not None:
+            _to_float32(module, low)
+        module.register_forward_pre_hook(norm_precision_hook)
+        module.register_forward_hook(norm_dtype_hook)
         module.requires_grad_(True)
 
 
+def _surrounding_dtype(model: nn.Module, name: str) -> torch.dtype | None:
+    """The dtype of the nearest frozen floating-point parameter around the module ``name`` (its block's, else
+    further up): the model's dtype there now, whatever casts happened since inject."""
+    parts = name.split(".")
+    for j in range(len(parts) - 1, -1, -1):
+        for p in model.get_submodule(".".join(parts[:j])).parameters():
+            if p.is_floating_point() and not p.requires_grad:
+                return p.dtype
+    return None
+
+
 def restore_norms(model: nn.Module, names: Sequence[str]) -> None:
-    """Undo :func:`train_norms_in_float32` on the norms ``names``: hooks off, original dtype back (the values are the
-    caller's to restore)."""
+    """Undo :func:`train_norms_in_float32` on the norms ``names``: hooks off and, for those trained in float32 in a
+    lower-precision model, the dtype of the model around them back (the values are the caller's to restore)."""
     for name in names:
         module = model.get_submodule(name)
+        for hooks, hook in ((module._forward_pre_hooks, norm_precision_hook), (module._forward_hooks, norm_dtype_hook)):
+            for key in [k for k, h in hooks.items() if h is hook]:
+                del hooks[key]
         dtype = module.__dict__.pop(NORM_DTYPE_ATTR, None)
         if dtype is not None:
-            for key in [k for k, hook in module._forward_hooks.items() if hook is norm_dtype_hook]:
-                del module._forward_hooks[key]
-            module.to(dtype)
+            module.to(_surrounding_dtype(model, name) or dtype)
 
 
 def bias_scale_of(module: nn.Module) -> BiasScale | None:
