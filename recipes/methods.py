@@ -155,13 +155,22 @@ def _train_heads(model: nn.Module, ctx: MethodContext) -> None:
 # the methods
 
 
+def _adapted_layers(model: nn.Module, ctx: MethodContext) -> int:
+    """``--layers`` L, or every layer of a model with fewer (said on stderr: a sweep over L would otherwise show
+    two values that trained the same thing)."""
+    depth = zinit.find_backbone(model).dims(model).num_layers
+    if ctx.layers > depth:
+        print(f"note: --layers {ctx.layers} is more than the model's {depth} layers: adapting all {depth}",
+              file=sys.stderr, flush=True)
+    return min(ctx.layers, depth)
+
+
 def _zinit_with(**options: Any) -> Callable[[nn.Module, MethodContext], nn.Module]:
     """The ``prepare`` of zinit with these :func:`zinit.inject` options (none: the method itself)."""
 
     def prepare_(model: nn.Module, ctx: MethodContext) -> nn.Module:
-        depth = zinit.find_backbone(model).dims(model).num_layers
         try:
-            return zinit.inject(model, layers=min(ctx.layers, depth), K=ctx.K, train_modules=list(ctx.head),
+            return zinit.inject(model, layers=_adapted_layers(model, ctx), K=ctx.K, train_modules=list(ctx.head),
                                 **options)
         except ValueError as exc:  # a backbone or attention kernel that cannot join the prompt keys: say so
             if options.get("gate") == "none" and str(exc).startswith("gate='none'"):
@@ -273,8 +282,7 @@ def _adaption_prompt(model: nn.Module, ctx: MethodContext) -> nn.Module:
     if _family(model) != "llama" or ctx.task != "causal_lm":
         raise NotApplicable("peft's adaption prompt supports LLaMA/Mistral causal LMs only")
     AdaptionPromptConfig = _peft_class("AdaptionPromptConfig")
-    depth = zinit.find_backbone(model).dims(model).num_layers
-    return _peft(model, AdaptionPromptConfig(adapter_len=ctx.K, adapter_layers=min(ctx.layers, depth),
+    return _peft(model, AdaptionPromptConfig(adapter_len=ctx.K, adapter_layers=_adapted_layers(model, ctx),
                                              task_type="CAUSAL_LM"))
 
 

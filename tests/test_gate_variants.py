@@ -462,3 +462,11 @@ def test_zinit_train_with_a_variant_method(tmp_path, tiny_model_dir, alpaca_file
     assert saved["gate"] == "none" and saved["format_version"] == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "zinit_nogate" and summary["trainable_parameters"] == 2 * 4 * 32
+
+
+def test_more_layers_than_the_model_has_adapts_all_and_says_so(capsys):
+    model = M.prepare("zinit", tiny_llama(), M.MethodContext("alpaca", 32, 3))
+    assert zinit.injection(model).layers == (0, 1, 2, 3)
+    assert "--layers 32 is more than the model's 4 layers: adapting all 4" in capsys.readouterr().err
+    M.prepare("zinit", tiny_llama(), M.MethodContext("alpaca", 4, 3))
+    assert "note:" not in capsys.readouterr().err
