@@ -22,7 +22,9 @@ final mean |tanh(g)| of each adapted layer, per gated variant).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import itertools
 import json
 import os
@@ -166,14 +168,23 @@ def _saved_row(point: Point, seed: int, out: Path) -> dict[str, Any] | None:
 
 
 @functools.lru_cache(maxsize=256)
-def _options(recipe: str, args: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in vars(C.recipe_namespace(recipe, args)).items() if k != "output"}
+def _options(recipe: str, args: tuple[str, ...]) -> dict[str, Any] | None:
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # a saved run's options this zinit no longer takes
+            parsed = C.recipe_namespace(recipe, args)
+    except SystemExit:
+        return None
+    return {k: v for k, v in vars(parsed).items() if k != "output"}
 
 
 def same_options(recipe: str, a: Sequence[str], b: Sequence[str]) -> bool:
     """Whether two option lists of ``zinit train RECIPE`` mean the same run: compared as the recipe's parser reads
-    them (defaults filled in), so order and ``--opt=value`` spellings do not matter."""
-    return list(a) == list(b) or _options(recipe, tuple(a)) == _options(recipe, tuple(b))
+    them (defaults filled in), so order and ``--opt=value`` spellings do not matter; options the parser refuses
+    match only themselves, token for token."""
+    if list(a) == list(b):
+        return True
+    parsed_a, parsed_b = _options(recipe, tuple(a)), _options(recipe, tuple(b))
+    return parsed_a is not None and parsed_a == parsed_b
 
 
 def check_folder(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequence[str]) -> None:

@@ -127,6 +127,12 @@ def test_finished_runs_are_matched_by_meaning_and_only_a_finished_one_blocks_oth
     with pytest.raises(ValueError, match="holds a finished run of this point with other recipe options"):
         A.check_folder("alpaca", point, 0, tmp_path, other)
 
+    row = json.loads((folder / A.ROW_NAME).read_text())
+    (folder / A.ROW_NAME).write_text(json.dumps({**row, "args": [*row["args"], "--retired-option", "1"]}))
+    assert A.finished("alpaca", point, 0, tmp_path, args)["status"] == "missing"  # an option zinit no longer takes
+    with pytest.raises(ValueError, match="other recipe options"):
+        A.check_folder("alpaca", point, 0, tmp_path, args)
+
     save("failed", reason="exit 1\nTraceback ...")
     A.check_folder("alpaca", point, 0, tmp_path, other)  # a failed run is retrained, with the new options
     assert A.finished("alpaca", point, 0, tmp_path, args)["reason"] == "failed earlier: exit 1"
