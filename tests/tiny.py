@@ -121,12 +121,13 @@ def char_tokenizer():
                                    unk_token="<unk>")
 
 
-def save_tiny_causal_lm(folder, layers: int = 3, seed: int = 0, attention_dropout: float = 0.0):
-    """Save a tiny random LLaMA and its character tokenizer to ``folder`` (what ``--model PATH`` loads)."""
+def save_tiny_causal_lm(folder, layers: int = 3, seed: int = 0, attention_dropout: float = 0.0, hidden: int = 32):
+    """Save a tiny random LLaMA and its character tokenizer to ``folder`` (what ``--model PATH`` loads); ``hidden``
+    the width (the MLP twice that)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = char_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       attention_dropout=attention_dropout)
