@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +12,12 @@ from tiny import alpaca_records, save_tiny_causal_lm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# A suite started as a background job (`cmd &` in a script) inherits SIGINT ignored, and so would every child
+# process: zinit then rightly leaves Ctrl-C alone, and the tests of what Ctrl-C does could not run. They model a
+# foreground terminal, so SIGINT is switched back on here (children get the default action at exec); the
+# background case has its own test (test_run_reliability.py).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -436,3 +436,22 @@ def test_repeated_sigterms_are_one_stop_request_and_a_second_sigint_quits():
     would end the process that receives the signals."""
     done = _run([sys.executable, "-c", REPEATS], timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
+BACKGROUND = """
+import os, signal
+from zinit.train.stop import StopSignals
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell gives a background job (`cmd &`)
+with StopSignals(announce=False) as signals:
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # left alone: Ctrl-C is not this job's
+    assert signal.getsignal(signal.SIGTERM) == signals._handle
+    os.kill(os.getpid(), signal.SIGINT)
+    assert signals.signum is None
+print("ok")
+"""
+
+
+def test_a_background_jobs_ignored_sigint_is_left_alone():
+    done = _run([sys.executable, "-c", BACKGROUND], timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
