@@ -167,10 +167,13 @@ def _saved_row(point: Point, seed: int, out: Path) -> dict[str, Any] | None:
     return json.loads(saved.read_text()) if saved.is_file() else None
 
 
+_PARSE_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=256)
 def _options(recipe: str, args: tuple[str, ...]) -> dict[str, Any] | None:
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # a saved run's options this zinit no longer takes
+    try:  # under a lock: redirect_stderr swaps the process's sys.stderr, and --jobs parses in several threads
+        with _PARSE_LOCK, contextlib.redirect_stderr(io.StringIO()):  # options this zinit no longer takes
             parsed = C.recipe_namespace(recipe, args)
     except SystemExit:
         return None

@@ -145,6 +145,38 @@ def test_finished_runs_are_matched_by_meaning_and_only_a_finished_one_blocks_oth
                  {"layers": 1})
 
 
+def test_option_parsing_in_several_threads_gives_sys_stderr_back(monkeypatch):
+    """``--jobs`` threads parse saved runs' options with stderr silenced; the second thread's parse is forced to
+    start while the first is inside its own (events, not luck), and the process's stderr must come back."""
+    import sys
+    import threading
+
+    real_stderr, entered, go = sys.stderr, [], threading.Event()
+    first_inside = threading.Event()
+
+    def parse(recipe, args, output="-"):
+        entered.append(args)
+        if len(entered) == 1:
+            first_inside.set()
+            assert go.wait(30)
+        raise SystemExit(2)  # a retired option, as argparse ends it
+
+    monkeypatch.setattr(A.C, "recipe_namespace", parse)
+    A._options.cache_clear()
+    one = threading.Thread(target=A._options, args=("alpaca", ("--a",)))
+    two = threading.Thread(target=A._options, args=("alpaca", ("--b",)))
+    one.start()
+    assert first_inside.wait(30)
+    two.start()
+    two.join(0.5)
+    assert len(entered) == 1  # the second parse waits for the first
+    go.set()
+    one.join(30)
+    two.join(30)
+    A._options.cache_clear()
+    assert len(entered) == 2 and sys.stderr is real_stderr
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--gates", "zero,half"], "gate variant 'half'"),
     (["--layers", "2,0"], "--layers"),

@@ -332,20 +332,47 @@ def test_v2_survives_a_dtype_cast_after_inject(first, then):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-def test_v2_norms_that_share_one_weight_train_and_save_it_once(tmp_path):
-    model = tiny_llama()
+def _tie_norms(model):
     layer = model.model.layers[1]
     layer.post_attention_layernorm.weight = layer.input_layernorm.weight  # tied, as some checkpoints tie them
-    zinit.inject(model, 2, 4, train_norms=True)
+    return model
+
+
+@pytest.mark.parametrize("first, then", [(torch.float32, None), (torch.bfloat16, None),
+                                         (torch.float32, torch.bfloat16)], ids=["f32", "bf16", "f32-then-bf16"])
+def test_v2_norms_that_share_one_weight_train_and_save_it_once(tmp_path, first, then):
+    base = _tie_norms(tiny_llama()).to(first).eval()
+    x = tokens(2, 9)
+    model = zinit.inject(copy.deepcopy(base), 2, 4, train_norms=True)
+    if then is not None:
+        model.to(then)
+        base = copy.deepcopy(base).to(then)
+    with torch.no_grad():  # both norms cast their output back, the second one too
+        assert torch.equal(model(input_ids=x).logits, base(input_ids=x).logits)
     params = zinit.trainable_parameters(model)
     assert len(params) == len({id(p) for p in params})
+    _randomize_v2(model)
     folder = zinit.save_adapter(model, tmp_path / "a")
-    fresh = tiny_llama()
-    fresh.model.layers[1].post_attention_layernorm.weight = fresh.model.layers[1].input_layernorm.weight
-    loaded = zinit.load_adapter(fresh, folder)
+    loaded = zinit.load_adapter(_tie_norms(tiny_llama()).to(then or first), folder)
     state = zinit.adapter_state_dict(loaded)
     assert "norms.model.layers.1.input_layernorm.weight" in state
     assert "norms.model.layers.1.post_attention_layernorm.weight" not in state
+    assert all(torch.equal(v, zinit.adapter_state_dict(model)[k]) for k, v in state.items())
+    zinit.eject(model)
+    assert all(torch.equal(v, base.state_dict()[k]) and v.dtype == base.state_dict()[k].dtype
+               for k, v in model.state_dict().items())
+
+
+def test_v2_eject_restores_each_norms_own_dtype_in_a_mixed_precision_model_frozen_before_eject():
+    """A bf16 base that keeps some layers in float32 (as transformers' keep_in_fp32 modules do), and a user who
+    freezes everything before eject: each norm goes back to the dtype it had, not to a neighbour's."""
+    base = tiny_llama().to(torch.bfloat16).eval()
+    for layer in base.model.layers:
+        layer.self_attn.q_proj.float()
+    model = zinit.inject(copy.deepcopy(base), 2, 4, **V2)
+    model.requires_grad_(False)
+    zinit.eject(model)
+    assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in base.state_dict().items()}
 
 
 def test_v2_leaves_an_inner_injection_alone_and_litgpt_needs_the_top_layers():
@@ -358,3 +385,48 @@ def test_v2_leaves_an_inner_injection_alone_and_litgpt_needs_the_top_layers():
     low = zinit.inject(tiny_llama(), [0, 1], 4, gate_fn="identity")
     with pytest.raises(ValueError, match=r"litgpt adapts the layers from adapter_start_layer up.*\[2, 3\]"):
         zinit.convert.to_litgpt(zinit.adapter_state_dict(low), zinit.injection(low).config)
+
+
+def test_v2_concurrent_first_forwards_after_a_cast_upcast_a_norm_once(monkeypatch):
+    """Serving threads' first forwards after ``model.to(bf16)``: the second thread reaches the upcast while the first
+    is inside it (forced with events, not hoped for by a loop), waits, and finds the norm float32 already."""
+    import threading
+
+    from zinit import v2
+
+    model = zinit.inject(tiny_llama(), 2, 4, train_norms=True).to(torch.bfloat16)
+    norm = model.get_submodule(zinit.injection(model).norms[0])
+    inside, go, waiting = threading.Event(), threading.Event(), threading.Event()
+    calls = []
+    real = v2._to_float32
+
+    def slow(module, low):
+        calls.append(low)
+        inside.set()
+        assert go.wait(30)
+        real(module, low)
+
+    class Spy:  # the lock, telling the test when a thread queues on it
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __enter__(self):
+            if self.lock.locked():
+                waiting.set()
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    monkeypatch.setattr(v2, "_to_float32", slow)
+    monkeypatch.setattr(v2, "_UPCAST_LOCK", Spy())
+    first = threading.Thread(target=v2.norm_precision_hook, args=(norm, ()))
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=v2.norm_precision_hook, args=(norm, ()))
+    second.start()
+    assert waiting.wait(30)  # the second thread saw bf16 and queued for the lock
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert calls == [torch.bfloat16] and norm.weight.dtype == torch.float32

@@ -203,7 +203,7 @@ def inject(
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
         v2.install_bias_scale(linears)
-        v2.train_norms_in_float32(norms)
+        v2.train_norms_in_float32(model, norms)
         spec.install(model, targets)
     except BaseException:  # leave the model exactly as it was given
         v2.uninstall_bias_scale(model, [n for n, _ in linears])

@@ -17,7 +17,8 @@ training moves something. Neither touches a base weight:
 Both stay float32 through a later ``model.to(torch.bfloat16)`` / ``.half()``: the bias/scale vectors are not cast
 (:meth:`BiasScale._apply`), and a trained norm found below float32 at its next forward is put back to float32 (its
 values as the cast left them, so the model still computes what the cast base computes) by
-:func:`norm_precision_hook`. Eject gives the norms the dtype of the model around them at that time.
+:func:`norm_precision_hook`. Eject gives each norm the dtype it was last seen in, or the model's new one if the
+model was cast since (told by a frozen parameter of the norm's dtype that each norm remembers).
 
 Which layers: ``bias_scale="blocks"`` (or True) takes every linear layer inside the transformer blocks (attention
 and MLP projections of every layer, adapted or not: the paper's "linear layers"); ``"all"`` also the linear layers
@@ -30,6 +31,7 @@ taken.
 
 from __future__ import annotations
 
+import threading
 from typing import Iterator, Sequence
 
 import torch
@@ -101,14 +103,27 @@ def norm_dtype_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     return output.to(torch.promote_types(args[0].dtype, dtype))
 
 
+#: Attribute of a trained norm: ``(name, dtype)`` of a frozen parameter that had the norm's dtype when it was last
+#: seen below float32, so eject can tell whether the model was cast since (the norm's own dtype no longer says).
+NORM_REF_ATTR = "zinit_norm_reference"
+#: Attribute of a trained norm that shares a parameter with other trained norms (tied): those norms.
+NORM_PEERS_ATTR = "zinit_norm_peers"
+_UPCAST_LOCK = threading.Lock()  # one thread upcasts a norm found cast down; the others wait, then see float32
+
+
 def _low_precision(module: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in module.parameters(recurse=False) if p.dtype in _LOW), None)
 
 
 def _to_float32(module: nn.Module, low: torch.dtype) -> None:
     """``module``'s own parameters to float32 in place (the same Parameter objects), its output cast back to
-    ``low`` by :func:`norm_dtype_hook`; under ``torch.inference_mode`` too, as ordinary (trainable) tensors."""
-    module.__dict__[NORM_DTYPE_ATTR] = low
+    ``low`` by :func:`norm_dtype_hook` (and so the output of the norms it shares a parameter with); under
+    ``torch.inference_mode`` too, as ordinary (trainable) tensors."""
+    for norm in (module, *module.__dict__.get(NORM_PEERS_ATTR, ())):
+        norm.__dict__[NORM_DTYPE_ATTR] = low
+        ref = norm.__dict__.get(NORM_REF_ATTR)
+        if ref is not None:
+            norm.__dict__[NORM_REF_ATTR] = (ref[0], low)  # the reference was cast with the norm
     with torch.inference_mode(False), torch.no_grad():
         module.float()
 
@@ -116,18 +131,38 @@ def _to_float32(module: nn.Module, low: torch.dtype) -> None:
 def norm_precision_hook(module: nn.Module, args: tuple) -> None:
     """The forward pre-hook of every trained norm: parameters found below float32 (the model was cast with
     ``model.to(torch.bfloat16)`` / ``.half()`` after inject) go back to float32, with the new dtype as the one
-    :func:`norm_dtype_hook` casts the output to. A check of one or two dtypes on every other call."""
-    low = _low_precision(module)
-    if low is not None:
-        _to_float32(module, low)
+    :func:`norm_dtype_hook` casts the output to. A check of one or two dtypes on every other call; the upcast itself
+    runs under a lock, so concurrent first forwards (serving threads) do it once."""
+    if _low_precision(module) is not None:
+        with _UPCAST_LOCK:
+            low = _low_precision(module)  # again: another thread may have done it meanwhile
+            if low is not None:
+                _to_float32(module, low)
 
 
-def train_norms_in_float32(norms: list[tuple[str, nn.Module]]) -> None:
+def train_norms_in_float32(model: nn.Module, norms: list[tuple[str, nn.Module]]) -> None:
     """Make each norm's parameters trainable; those in a lower precision than float32 become float32 (in place:
     the same Parameter objects) with :func:`norm_dtype_hook` casting the output back, and every norm gets
-    :func:`norm_precision_hook` for a cast after inject. Undone by :func:`restore_norms`."""
+    :func:`norm_precision_hook` for a cast after inject. Each norm also remembers a frozen parameter of its dtype
+    (for :func:`restore_norms`) and the norms it shares a parameter with. Undone by :func:`restore_norms`."""
+    trained = {id(p) for _, m in norms for p in m.parameters(recurse=False)}
+    reference: dict[torch.dtype, str] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not p.requires_grad and id(p) not in trained:
+            reference.setdefault(p.dtype, name)
+    owners: dict[int, list[nn.Module]] = {}
     for _, module in norms:
-        low = _low_precision(module)
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    lows = [_low_precision(module) for _, module in norms]  # all before any upcast: tied norms see the same
+    for (_, module), low in zip(norms, lows):
+        dtype = low or next(module.parameters(recurse=False)).dtype
+        if dtype in reference:
+            module.__dict__[NORM_REF_ATTR] = (reference[dtype], dtype)
+        peers = {id(m): m for p in module.parameters(recurse=False) for m in owners[id(p)] if m is not module}
+        if peers:
+            module.__dict__[NORM_PEERS_ATTR] = list(peers.values())
+    for (_, module), low in zip(norms, lows):
         if low is not None:
             _to_float32(module, low)
         module.register_forward_pre_hook(norm_precision_hook)
@@ -135,28 +170,35 @@ def train_norms_in_float32(norms: list[tuple[str, nn.Module]]) -> None:
         module.requires_grad_(True)
 
 
-def _surrounding_dtype(model: nn.Module, name: str) -> torch.dtype | None:
-    """The dtype of the nearest frozen floating-point parameter around the module ``name`` (its block's, else
-    further up): the model's dtype there now, whatever casts happened since inject."""
-    parts = name.split(".")
-    for j in range(len(parts) - 1, -1, -1):
-        for p in model.get_submodule(".".join(parts[:j])).parameters():
-            if p.is_floating_point() and not p.requires_grad:
-                return p.dtype
-    return None
+def _restored_dtype(model: nn.Module, module: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm trained in float32 goes back to: the one it was last seen in (``dtype``), or, when its
+    reference parameter changed dtype since (the model was cast to float32, say), the reference's new one."""
+    ref = module.__dict__.pop(NORM_REF_ATTR, None)
+    if ref is None:
+        return dtype
+    try:
+        now = model.get_parameter(ref[0]).dtype
+    except AttributeError:  # the reference is gone (a module replaced since): the dtype last seen
+        return dtype
+    return dtype if now == ref[1] else now
 
 
 def restore_norms(model: nn.Module, names: Sequence[str]) -> None:
     """Undo :func:`train_norms_in_float32` on the norms ``names``: hooks off and, for those trained in float32 in a
     lower-precision model, the dtype of the model around them back (the values are the caller's to restore)."""
-    for name in names:
-        module = model.get_submodule(name)
+    modules = [model.get_submodule(name) for name in names]
+    targets = []
+    for module in modules:
         for hooks, hook in ((module._forward_pre_hooks, norm_precision_hook), (module._forward_hooks, norm_dtype_hook)):
             for key in [k for k, h in hooks.items() if h is hook]:
                 del hooks[key]
+        module.__dict__.pop(NORM_PEERS_ATTR, None)
         dtype = module.__dict__.pop(NORM_DTYPE_ATTR, None)
+        targets.append(None if dtype is None else _restored_dtype(model, module, dtype))
+        module.__dict__.pop(NORM_REF_ATTR, None)
+    for module, dtype in zip(modules, targets):  # after every lookup: no restored norm is another's reference
         if dtype is not None:
-            module.to(_surrounding_dtype(model, name) or dtype)
+            module.to(dtype)
 
 
 def bias_scale_of(module: nn.Module) -> BiasScale | None:
