@@ -138,7 +138,7 @@ def run_point(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequ
     row = finished(recipe, point, seed, out, recipe_args)
     if row["status"] == "ok":
         return row
-    folder, args = out / "runs" / f"{point.name()}-s{seed}", row["args"]
+    folder, args = _run_folder(point, seed, out), row["args"]
     check_folder(recipe, point, seed, out, recipe_args)
     env = None
     if threads is not None:
@@ -162,8 +162,17 @@ def seed_flag(recipe: str) -> str:
     raise ValueError(f"zinit train {recipe} has no --seed option, which zinit ablate sets for each run")
 
 
+def _run_folder(point: Point, seed: int, out: Path) -> Path:
+    return out / "runs" / f"{point.name()}-s{seed}"
+
+
+def _run_args(recipe: str, point: Point, seed: int, recipe_args: Sequence[str]) -> list[str]:
+    """The options of ``zinit train RECIPE`` for this point and seed."""
+    return [*recipe_args, *point.args(), seed_flag(recipe), str(seed)]
+
+
 def _saved_row(point: Point, seed: int, out: Path) -> dict[str, Any] | None:
-    saved = out / "runs" / f"{point.name()}-s{seed}" / ROW_NAME
+    saved = _run_folder(point, seed, out) / ROW_NAME
     return json.loads(saved.read_text()) if saved.is_file() else None
 
 
@@ -194,9 +203,9 @@ def check_folder(recipe: str, point: Point, seed: int, out: Path, recipe_args: S
     """Refuse to train this point and seed over a finished run made with other recipe options (a failed or
     unfinished one is retrained with the new options)."""
     row = _saved_row(point, seed, out)
-    args = [*recipe_args, *point.args(), seed_flag(recipe), str(seed)]
+    args = _run_args(recipe, point, seed, recipe_args)
     if row is not None and row.get("status") == "ok" and not same_options(recipe, row.get("args", []), args):
-        raise ValueError(f"{out / 'runs' / f'{point.name()}-s{seed}'} holds a finished run of this point with other "
+        raise ValueError(f"{_run_folder(point, seed, out)} holds a finished run of this point with other "
                          "recipe options; use another --output for the new options (or delete that folder to train "
                          "it again)")
 
@@ -204,7 +213,7 @@ def check_folder(recipe: str, point: Point, seed: int, out: Path, recipe_args: S
 def finished(recipe: str, point: Point, seed: int, out: Path, recipe_args: Sequence[str]) -> dict[str, Any]:
     """The saved row of a finished run of this point and seed (same options, however spelled), or a "missing" row
     (with the reason of a run that failed)."""
-    args = [*recipe_args, *point.args(), seed_flag(recipe), str(seed)]
+    args = _run_args(recipe, point, seed, recipe_args)
     row = _saved_row(point, seed, out)
     if row is not None and row.get("status") == "ok" and same_options(recipe, row.get("args", []), args):
         return row

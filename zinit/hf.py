@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .attention import joint_mask
 from .prompts import ADAPTER_ATTR, joint_prompt_kv, prompt_term
+from .v2 import remove_hook
 
 PREFIX = "zinit_"
 #: Keyword under which the pre-hook hands the layer's KV cache (the prompt K/V scope) to the wrapper.
@@ -230,6 +231,4 @@ def uninstall(model: nn.Module, modules: Sequence[nn.Module]) -> None:
     """Give ``modules`` back the model's config and remove the scope hook: exactly as before :func:`install`."""
     for m in modules:
         m.config = base_config(m.config)
-        for key in [k for k, fn in m._forward_pre_hooks.items() if fn is _scope_hook]:
-            del m._forward_pre_hooks[key]
-            m._forward_pre_hooks_with_kwargs.pop(key, None)
+        remove_hook(m, _scope_hook, pre=True)

@@ -88,6 +88,18 @@ def bias_scale_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
     return apply_bias_scale(output, module._modules[BIAS_SCALE_ATTR])
 
 
+def remove_hook(module: nn.Module, hook: object, pre: bool = False) -> None:
+    """Remove every registration of the function ``hook`` from ``module``'s forward hooks (``pre``: forward
+    pre-hooks), with torch's per-handle side entries; found by identity, not by handle, so a copy's come off too."""
+    hooks = module._forward_pre_hooks if pre else module._forward_hooks
+    sides = ((module._forward_pre_hooks_with_kwargs,) if pre else
+             (module._forward_hooks_with_kwargs, module._forward_hooks_always_called))
+    for key in [k for k, h in hooks.items() if h is hook]:
+        del hooks[key]
+        for side in sides:
+            side.pop(key, None)
+
+
 #: Attribute of a normalisation layer trained in float32 in a lower-precision model: the dtype its parameters had.
 NORM_DTYPE_ATTR = "zinit_norm_dtype"
 
@@ -185,13 +197,12 @@ def _restored_dtype(model: nn.Module, module: nn.Module, dtype: torch.dtype) -> 
 
 def restore_norms(model: nn.Module, names: Sequence[str]) -> None:
     """Undo :func:`train_norms_in_float32` on the norms ``names``: hooks off and, for those trained in float32 in a
-    lower-precision model, the dtype of the model around them back (the values are the caller's to restore)."""
+    lower-precision model, their dtype back (:func:`_restored_dtype`; the values are the caller's to restore)."""
     modules = [model.get_submodule(name) for name in names]
     targets = []
     for module in modules:
-        for hooks, hook in ((module._forward_pre_hooks, norm_precision_hook), (module._forward_hooks, norm_dtype_hook)):
-            for key in [k for k, h in hooks.items() if h is hook]:
-                del hooks[key]
+        remove_hook(module, norm_precision_hook, pre=True)
+        remove_hook(module, norm_dtype_hook)
         module.__dict__.pop(NORM_PEERS_ATTR, None)
         dtype = module.__dict__.pop(NORM_DTYPE_ATTR, None)
         targets.append(None if dtype is None else _restored_dtype(model, module, dtype))
@@ -280,8 +291,7 @@ def uninstall_bias_scale(model: nn.Module, names: Sequence[str]) -> None:
     for name in names:
         module = model.get_submodule(name)
         if BIAS_SCALE_ATTR in module._modules:
-            for key in [k for k, hook in module._forward_hooks.items() if hook is bias_scale_hook]:
-                del module._forward_hooks[key]
+            remove_hook(module, bias_scale_hook)
             delattr(module, BIAS_SCALE_ATTR)
 
 
