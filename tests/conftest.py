@@ -20,6 +20,31 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_report_header(config):
+    """Which installed versions differ from constraints.txt (the ones the suite last passed with): a run on newer
+    releases (`bash setup.sh --latest`) says so in its first lines."""
+    from importlib import metadata
+    from pathlib import Path
+
+    pins = Path(__file__).resolve().parent.parent / "constraints.txt"
+    if not pins.is_file():
+        return "versions: no constraints.txt beside the tests"
+    differ = []
+    for line in pins.read_text().splitlines():
+        if "==" not in line or line.startswith("#"):
+            continue
+        name, pinned = line.split("==", 1)
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = "missing"
+        if installed != pinned:
+            differ.append(f"{name} {installed} (pinned {pinned})")
+    if not differ:
+        return "versions: exactly constraints.txt"
+    return "versions differing from constraints.txt: " + ", ".join(differ)
+
+
 @pytest.fixture
 def images():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
