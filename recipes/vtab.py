@@ -241,7 +241,7 @@ class VtabSettings:
     epochs: float = 100.0
     warmup_epochs: float = 10.0
     batch_size: int = 64
-    blr_grid: tuple[float, ...] = (5e-3, 1e-2, 5e-2)
+    blr_grid: tuple[float, ...] = (5e-3, 1e-2, 2e-2, 5e-2)  # zinit's default_blr_grid
     wd_grid: tuple[float, ...] = (1e-4, 1e-2)
     seeds: tuple[int, ...] = (0,)
     num_classes: int | None = None
@@ -421,10 +421,29 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_flags(p, "output", "method", "layers", "K", "epochs", "warmup_epochs", "batch_size", "device", "no_progress",
               layers=12, epochs={"default": 100.0, "help": "epochs per training run (default %(default)s)"},
               warmup_epochs=10.0, batch_size={"default": 64, "help": "images per process per step (default %(default)s)"})
-    p.add_argument("--blr-grid", default=None, help="base lrs to try, lr = blr·batch/256 (default 5e-3,1e-2,5e-2 for "
-                   "zinit; other methods: their default ×0.5, ×1, ×2)")
+    p.add_argument("--blr-grid", default=None, help="base lrs to try, lr = blr·batch/256 (default: the method's "
+                   "default base lr × " + ", ×".join(f"{m:g}" for m in LR_MULTIPLES) + ", the same multiples for every "
+                   "method; zinit: 5e-3,1e-2,2e-2,5e-2)")
     p.add_argument("--wd-grid", default="1e-4,1e-2", help="weight decays to try (default %(default)s)")
     p.add_argument("--seeds", default="0", help="seeds of the final runs, e.g. 0,1,2 (mean ± std)")
+
+
+#: The default lr grid of every method: its default base lr (:func:`zinit.recipes.common.base_lr`) times these. One set
+#: of multiples for all methods, so that no row of a comparison gets a wider search than another.
+LR_MULTIPLES = (0.5, 1.0, 2.0, 5.0)
+
+
+def default_blr_grid(method: str) -> tuple[float, ...]:
+    """The base lrs ``zinit train vtab`` tries for ``method`` when ``--blr-grid`` is not given: the method's default
+    base lr times :data:`LR_MULTIPLES`, the same multiples for every method.
+
+    >>> default_blr_grid("zinit"), default_blr_grid("full")
+    ((0.005, 0.01, 0.02, 0.05), (5e-05, 0.0001, 0.0002, 0.0005))
+    """
+    blr = base_lr("vtab", method)
+    if blr is None:
+        raise ValueError(f"method {method!r} has no default base lr for vtab: pass --blr-grid")
+    return tuple(float(f"{blr * m:.6g}") for m in LR_MULTIPLES)
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -440,10 +459,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not names:
         raise ValueError(f"--task {args.task!r} names no task: pass a VTAB-1k task name, a comma-separated list, "
                          "or 'all'")
-    grid = args.blr_grid
-    if grid is None:
-        blr = base_lr("vtab", args.method) if not methods.is_zinit(args.method) else None
-        grid = f"{blr / 2:g},{blr:g},{blr * 2:g}" if blr else "5e-3,1e-2,5e-2"
+    grid = args.blr_grid if args.blr_grid is not None else ",".join(f"{b:g}" for b in default_blr_grid(args.method))
     settings = VtabSettings(
         model=args.model, pretrained_file=args.pretrained_file, img_size=args.img_size, layers=args.layers, K=args.K,
         epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,

@@ -146,3 +146,25 @@ def test_pretrained_file_loads_without_pickle_and_refuses_a_wrong_one(tmp_path):
         vision.build_vit("vit_small_patch16_224", str(tmp_path / "w.safetensors"), 32)
     with pytest.raises(FileNotFoundError, match="--pretrained-file .*nope.pth does not exist"):
         vision.build_vit("vit_tiny_patch16_224", str(tmp_path / "nope.pth"), 32)
+
+
+@pytest.mark.parametrize("method", ["zinit", "vpt", "full", "linear", "lora", "bitfit", "zinit_random", "zinit_v2"])
+def test_default_lr_grid_uses_the_same_multiples_for_every_method(tmp_path, monkeypatch, method):
+    """Without --blr-grid, `zinit train vtab` searches every method over its own default base lr times one set of
+    multiples: no row of a comparison gets a wider search than another (zinit used to get ×0.5..×5, the rest ×0.5..×2)."""
+    from zinit.recipes.common import base_lr
+
+    write_task(tmp_path / "data", "dtd", classes=3)
+    seen = {}
+
+    def fake_run_task(root, name, out, settings, base):
+        seen["grid"] = settings.blr_grid
+        raise SystemExit(0)  # the grid is all this test needs
+
+    monkeypatch.setattr(vtab, "run_task", fake_run_task)
+    monkeypatch.setattr(vtab, "build_vit", lambda *a, **k: tiny_vit(num_classes=0))
+    with pytest.raises(SystemExit):
+        cli(["train", "vtab", "--task", "dtd", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+             "--method", method, "--device", "cpu", "--no-progress"])
+    blr = base_lr("vtab", method)
+    assert [round(b / blr, 6) for b in seen["grid"]] == list(vtab.LR_MULTIPLES)
