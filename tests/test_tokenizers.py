@@ -18,14 +18,14 @@ spm = pytest.importorskip("sentencepiece")
 WORDS = "the quick brown fox jumps over a lazy dog while zero init gates open prompts layer by layer".split()
 
 
-def _llama_folder_with_a_sentencepiece_tokenizer(folder):
+def _llama_folder_with_a_sentencepiece_tokenizer(folder, extra_sentences=(), vocab_size=64):
     """A LLaMA model folder as the LLaMA-1/2 conversions lay it out: config, weights, tokenizer.model (BPE
     sentencepiece, <unk>=0 <s>=1 </s>=2) and a tokenizer_config.json naming LlamaTokenizer; no tokenizer.json."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sentences = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4
+    sentences = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 4 + list(extra_sentences)
     buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=64,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=vocab_size,
                                    model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                                    character_coverage=1.0, minloglevel=2)
     folder.mkdir()
@@ -34,7 +34,7 @@ def _llama_folder_with_a_sentencepiece_tokenizer(folder):
         "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         "add_bos_token": True, "add_eos_token": False}))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return spm.SentencePieceProcessor(model_proto=buffer.getvalue())
@@ -54,3 +54,50 @@ def test_a_sentencepiece_llama_tokenizer_loads_and_tokenizes_as_sentencepiece_do
     zinit.inject(model, layers=2, K=4)
     reply = lm.answer(model, tokenizer, "Say the word.", greedy=True, max_new_tokens=3)
     assert isinstance(reply, str)
+
+
+def test_prompt_and_answer_are_tokenized_as_the_official_code_does(tmp_path):
+    """The official alpaca_finetuning_v1 tokenizes ``prompt + output`` as one string (``tokenizer.encode(example, bos=True,
+    eos=True)``) and masks the prompt's length: a SentencePiece model then trains on ``Response:fox`` with no
+    word-start marker on the answer, the pieces that follow the prompt at generation time. The reference here is
+    sentencepiece's own encoder on the joint string, not zinit's tokenizer call."""
+    folder = tmp_path / "llama"
+    template = [lm.format_prompt(" ".join(WORDS[i:i + 4])) + " ".join(WORDS[i + 4:i + 6]) for i in range(12)] * 4
+    processor = _llama_folder_with_a_sentencepiece_tokenizer(folder, template, vocab_size=160)
+    _, tokenizer = lm.load_model(str(folder), torch.device("cpu"))
+    prompt, answer = lm.format_prompt("the lazy dog"), "fox jumps"
+    pair = lm.tokenize_pair(prompt, answer, tokenizer, 512)
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert pair["input_ids"][:n_prompt] == tokenizer(prompt)["input_ids"]  # the prompt as generation sees it
+    assert pair["labels"][:n_prompt] == [-100] * n_prompt and pair["labels"][n_prompt:] == pair["input_ids"][n_prompt:]
+    # the answer: sentencepiece's pieces of the joint string after the prompt's (HF's converted tokenizer and raw
+    # sentencepiece differ on the template's newlines, so the prompts are compared by their own encoders)
+    joint, alone = processor.encode(prompt + answer), processor.encode(prompt)
+    assert joint[:len(alone)] == alone
+    official = joint[len(alone):] + [2]
+    assert [processor.id_to_piece(i) for i in official[:2]] == ["fox", "▁jumps"]  # no word-start marker on 'fox'
+    assert pair["input_ids"][n_prompt:] == official
+    assert processor.encode(answer)[0] != official[0]  # the answer alone would start with '▁fox'
+
+
+def test_a_token_merging_across_the_boundary_keeps_the_prompt_as_generation_sees_it():
+    """A tokenizer that merges the prompt's last character with the answer's first (``:`` + ``:`` → ``::``): the prompt's
+    ids stay those of the prompt alone (what generation is given), the answer is tokenized on its own."""
+
+    class Merging:  # one id per character, except '::' (id 1); EOS = 0
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=True):
+            ids, i = [], 0
+            while i < len(text):
+                if text.startswith("::", i):
+                    ids.append(1)
+                    i += 2
+                else:
+                    ids.append(ord(text[i]))
+                    i += 1
+            return {"input_ids": ids}
+
+    pair = lm.tokenize_pair("Q:", ":A", Merging(), 16)
+    assert pair["input_ids"] == [ord("Q"), ord(":"), ord(":"), ord("A"), 0]
+    assert pair["labels"] == [-100, -100, ord(":"), ord("A"), 0]

@@ -54,7 +54,12 @@ def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int) ->
     """``input_ids`` = prompt + answer + EOS and ``labels`` with the prompt masked (-100), truncated to max_seq_len;
     None when the prompt fills the whole length (no target token left).
 
-    Prompt and answer are tokenized separately, so the boundary between them is exact.
+    As the official LLaMA-Adapter code does, prompt + answer is tokenized as one string, so a SentencePiece (LLaMA-1/2)
+    tokenizer trains on ``### Response:The`` (no word-start marker on ``The``), the tokens that follow the prompt
+    tokenized alone at generation time. The prompt's tokens are the prompt tokenized alone whenever that is a prefix of
+    the joint tokens (always, unless a token merges across the boundary); otherwise the answer is tokenized on its own,
+    so the boundary stays exact (a byte-level BPE such as GPT-2's merging the prompt's last characters with the
+    answer's first).
 
     >>> class Chars:  # a stand-in tokenizer: one id per character, EOS = 0
     ...     eos_token_id = 0
@@ -65,8 +70,15 @@ def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int) ->
     >>> tokenize_pair("Q:", "A", Chars(), 2) is None
     True
     """
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    joint = list(tokenizer(prompt + answer)["input_ids"])
+    if joint[:len(prompt_ids)] == prompt_ids and not (prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id):
+        answer_ids = joint[len(prompt_ids):]
+        if answer_ids and answer_ids[-1] == tokenizer.eos_token_id:  # a tokenizer that appends EOS itself
+            answer_ids = answer_ids[:-1]
+    else:
+        answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    answer_ids = answer_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_seq_len]
     labels = ([-100] * len(prompt_ids) + answer_ids)[:max_seq_len]
     return {"input_ids": ids, "labels": labels} if any(t != -100 for t in labels) else None
