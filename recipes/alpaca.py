@@ -62,7 +62,8 @@ def normalize_answer(text: str) -> str:
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]], max_seq_len: int,
              batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False) -> dict[str, Any]:
-    """Held-out loss (mean over output tokens, teacher forced) and exact match of greedy answers.
+    """Held-out loss (mean over output tokens, teacher forced) and exact match of greedy answers, in the trainer's
+    precision (:func:`zinit.train.dist.autocast`: bf16 autocast on CUDA), as the other recipes evaluate.
 
     ``progress``: a progress bar over both passes (loss batches, then generation batches), on stderr.
     """
@@ -78,7 +79,8 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
     total_loss, total_tokens = 0.0, 0
     for s in range(0, len(items), batch_size):
         batch = {k: v.to(device) for k, v in pad_collate(items[s:s + batch_size], tokenizer.pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        with D.autocast(device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning returns the K virtual positions too
         target = batch["labels"][:, 1:]
         losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
@@ -95,8 +97,9 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
             chunk = records[s:s + batch_size]
             prompts = [prompt_of(r) for r in chunk]
             enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            with D.autocast(device):
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
             answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             for r, a in zip(chunk, answers):
                 ok = normalize_answer(a) == normalize_answer(r["output"])
