@@ -131,6 +131,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_flags(p, "max_seq_len", "quantize", max_seq_len={"default": None, "help": "truncate examples to this many tokens "
                                              f"{unset % (OFFICIAL_DEFAULTS['max_seq_len'], EMBEDDED_DEFAULTS['max_seq_len'])}"})
     p.add_argument("--pad-to-max", action="store_true", help="pad every batch to --max-seq-len (the official code)")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch examples of similar length together (less padding, faster; the per-batch mean loss then "
+                        "weighs tokens differently from the official random batches). Default: on, off with "
+                        "--pad-to-max (the official code: random batches, every one padded to --max-seq-len)")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (torchrun, N>1)")
     p.add_argument("--skip-eval-before", action="store_true",
                    help="do not score the held-out set before tuning (zinit compare does not use that score)")
@@ -143,6 +147,12 @@ def _embedded(args: argparse.Namespace) -> bool:
 def _resolve_blr(args: argparse.Namespace) -> float | None:
     """The embedded run's zinit lr (the official 9e-3 assumes 8K steps of 32 examples); None: the usual defaults."""
     return EMBEDDED_DEFAULTS["blr"] if _embedded(args) and is_zinit(args.method) else None
+
+
+def group_by_length(args: argparse.Namespace) -> bool:
+    """``--group-by-length`` as given, else on (dynamic padding pays most with similar lengths together) unless
+    ``--pad-to-max`` asks for the official code's batches (random order, every batch padded to the full length)."""
+    return args.group_by_length if args.group_by_length is not None else not args.pad_to_max
 
 
 def _settings(args: argparse.Namespace, run: TrainingRun) -> dict[str, Any]:
@@ -174,7 +184,8 @@ def run_train(args: argparse.Namespace) -> int:
                          "max_seq_len": s["max_seq_len"]},
         )
         config = run.config(epochs=s["epochs"], batch_size=s["batch_size"], blr=s["blr"],
-                            warmup_epochs=s["warmup_epochs"], pad_to=pad_to, fsdp=args.fsdp)
+                            warmup_epochs=s["warmup_epochs"], pad_to=pad_to, fsdp=args.fsdp,
+                            group_by_length=group_by_length(args))
         out = run.out
         run.describe(model, args.model or "embedded SmolLM2-135M-Instruct", f"{len(items)} examples from {data_path}")
         with run.hold():  # one run at a time writes this folder, evaluations and adapter included

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from tiny import alpaca_records
@@ -31,3 +32,27 @@ def test_evaluation_runs_in_the_trainers_precision(monkeypatch, tiny_model_dir):
     model.register_forward_pre_hook(lambda module, args: inside.append(depth[0] > 0))
     alpaca.evaluate(model, tokenizer, alpaca_records(4), max_seq_len=64, batch_size=2, max_new_tokens=2)
     assert len(inside) >= 4 and all(inside), inside  # 2 loss batches + 2 generation batches of 2+ forwards
+
+
+@pytest.mark.parametrize("flags, grouped", [([], True), (["--pad-to-max"], False),
+                                            (["--pad-to-max", "--group-by-length"], True),
+                                            (["--no-group-by-length"], False)])
+def test_length_grouping_is_an_option_off_under_pad_to_max(tmp_path, tiny_model_dir, alpaca_file, monkeypatch,
+                                                           flags, grouped):
+    """``--pad-to-max`` restores the official batches: random order, every batch padded to the full length (length
+    grouping off); ``--group-by-length`` / ``--no-group-by-length`` choose either way."""
+    from zinit.cli import main as cli
+
+    seen = {}
+
+    def fake_train(model, task, config):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(alpaca, "train", fake_train)
+    with pytest.raises(SystemExit):
+        cli(["train", "alpaca", "--model", str(tiny_model_dir), "--data", str(alpaca_file), "--output",
+             str(tmp_path / "out"), "--layers", "1", "--K", "2", "--max-seq-len", "256", "--no-progress", "--device",
+             "cpu", *flags])
+    assert seen["config"].group_by_length is grouped
+    assert seen["config"].pad_to == (256 if "--pad-to-max" in flags else None)
