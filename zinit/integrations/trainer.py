@@ -18,8 +18,9 @@ transformers release that stops calling one of them fails a test rather than sil
 - ``_load_from_checkpoint`` (private, no public hook): ``train(resume_from_checkpoint=...)`` loads the model with it
   before the optimizer, scheduler and RNG states; it would refuse a folder without ``model.safetensors``.
 - ``_load_best_model`` (private, no public hook): ``load_best_model_at_end`` loads the best checkpoint with it.
-- ``get_decay_parameter_names`` (public): gates (and any 1-D parameter) get no weight decay, as in zinit's own
-  trainer and the official recipe; prompts get ``args.weight_decay`` (0 by default).
+- ``get_decay_parameter_names`` (public): gates, scales and biases in any layout (and any 1-D parameter) get no
+  weight decay, as in zinit's own trainer (:func:`zinit.train.schedule.decays`); prompts get ``args.weight_decay``
+  (0 by default).
 
 DeepSpeed and FSDP are refused (the adapter is a few MB and replicated; shard the frozen model with
 ``zinit train --fsdp`` instead). Named adapters (:func:`zinit.add_adapter`) are not handled here: inject one adapter
@@ -39,6 +40,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..inject import injection, is_injected
 from ..io import CONFIG_NAME, load_adapter, save_adapter
+from ..train.schedule import decays
 
 __all__ = ["ZinitTrainer", "is_adapter_checkpoint"]
 
@@ -140,7 +142,8 @@ class ZinitTrainer(Trainer):
         load_adapter(self._unwrapped(), self.state.best_model_checkpoint)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """``Trainer``'s choice (no decay on biases and norms) less every 1-D parameter, so zinit's gates get no
-        weight decay (DESIGN.md §4: decay on the prompts, none on 1-D parameters)."""
-        one_d = {name for name, p in model.named_parameters() if p.ndim <= 1}
-        return [name for name in super().get_decay_parameter_names(model) if name not in one_d]
+        """``Trainer``'s choice (no decay on biases and norms) less what zinit's own trainer exempts
+        (:func:`zinit.train.schedule.decays`: gates, scales and biases in any layout, every 1-D parameter), so zinit's
+        gates get no weight decay and the prompts do, as in ``zinit train``."""
+        exempt = {name for name, p in model.named_parameters() if not decays(name, p)}
+        return [name for name in super().get_decay_parameter_names(model) if name not in exempt]
