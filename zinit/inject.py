@@ -356,10 +356,18 @@ def injection(model: nn.Module) -> Injection:
 
 
 def layer_adapters(model: nn.Module) -> dict[int, LayerAdapter]:
-    """``{layer index: LayerAdapter}`` of an injected model, bottom to top."""
+    """``{layer index: LayerAdapter}`` of an injected model, bottom to top.
+
+    Raises a ValueError when the adapters are switched off by peft's ``disable_adapter()`` or transformers'
+    ``disable_adapters()`` (each layer's adapter set aside): enable them first."""
     state = injection(model)
     modules = state.backbone.attention_modules(model)
-    return {n: getattr(modules[n], ADAPTER_ATTR) for n in state.layers}
+    adapters = {n: getattr(modules[n], ADAPTER_ATTR, None) for n in state.layers}
+    if any(a is None for a in adapters.values()):
+        raise ValueError("the zinit adapters of this model are disabled (peft's disable_adapter() or transformers' "
+                         "disable_adapters()): enable them first (enable_adapters(), or leave the disable_adapter() "
+                         "block)")
+    return adapters
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

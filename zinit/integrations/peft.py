@@ -5,9 +5,21 @@ Importing this module registers zinit with peft (``peft.utils.register_peft_meth
 ``PeftModel.save_pretrained`` (``adapter_config.json`` with ``"peft_type": "ZINIT"`` and ``adapter_model.safetensors``
 holding only the prompts and gates, under peft's keys ``base_model.model.<module path>.zinit_adapter.prompt`` /
 ``.gate``), ``PeftModel.from_pretrained`` / ``load_adapter``, ``disable_adapter()``, ``unload()``, and
-``transformers.Trainer`` (adapter-only checkpoints, ``resume_from_checkpoint``). Import it before
-``PeftModel.from_pretrained`` in a new process: peft finds the config class by ``peft_type`` in the registry this
-import fills.
+``transformers.Trainer`` (adapter-only checkpoints, ``resume_from_checkpoint``).
+
+transformers' own adapter methods work on a plain model too (``PreTrainedModel.load_adapter(folder)``,
+``add_adapter(ZinitConfig(...))``, ``set_adapter``, ``disable_adapters`` / ``enable_adapters``, ``active_adapters``,
+``get_adapter_state_dict``, ``delete_adapter``, ``save_pretrained``, and ``AutoModelForCausalLM.from_pretrained`` of an
+adapter folder): each adapted layer carries a :class:`ZinitLayerStatus` (peft's ``BaseTunerLayer``, which those
+methods look for) in the model's ``peft_zinit`` ModuleDict. transformers renames checkpoint keys on load with peft's
+``build_peft_weight_mapping``, which puts the adapter's name after peft's prefix (``...zinit_adapter.default.prompt``);
+zinit's parameters carry no adapter name, so this module wraps that function to leave zinit's keys as they are (other
+methods' mappings are untouched). A prompt or gate the checkpoint does not fill (an adapter trained on another model)
+is an error at the first forward, never a silently unadapted layer.
+
+In a new process, import this module before loading: peft finds the config class by ``peft_type`` in the registry
+this import fills, and has no hook to find it otherwise (without the import, peft stops with ``KeyError: 'ZINIT'``).
+``save_pretrained`` therefore writes :data:`CARD_LINE` as the first line of the folder's ``README.md`` card.
 
 The computation is literally zinit's: :class:`ZinitModel` calls :func:`zinit.inject` on the wrapped model, so
 ``zinit.adapter_state_dict(peft_model.get_base_model())`` and every other zinit function work on it too.
@@ -33,9 +45,12 @@ grow; this module adds the member ``PeftType.ZINIT`` (value ``"ZINIT"``, what ``
 
 from __future__ import annotations
 
+import functools
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +66,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import zinit
 from zinit.prompts import ADAPTER_ATTR
+from zinit.v2 import remove_hook
 
 # peft >= 0.21 asks the tuner class which state-dict entries are its own (BaseTuner._get_adapter_state_dict and
 # friends); older versions select keys by prefix and insert the adapter name into them on load, which would silently
@@ -58,16 +74,31 @@ from zinit.prompts import ADAPTER_ATTR
 if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # pragma: no cover - depends on the environment
     raise ImportError(f"zinit.integrations.peft needs peft >= 0.21 (found {_peft.__version__}): pip install -U peft")
 
-__all__ = ["NAME", "PREFIX", "ZinitConfig", "ZinitLayerStatus", "ZinitModel", "register"]
+__all__ = ["CARD_LINE", "NAME", "PREFIX", "STATUS_ATTR", "ZinitConfig", "ZinitLayerStatus", "ZinitModel", "register",
+           "write_card_line"]
 
 #: The method's name in peft's registry (``PeftType.ZINIT``).
 NAME = "zinit"
 #: peft's per-method prefix: the attribute that holds a layer's adapter is ``zinit_adapter``.
 PREFIX = "zinit_"
+#: The model's ``nn.ModuleDict`` of :class:`ZinitLayerStatus` (one per adapted layer, keyed by layer index). Its name
+#: must not contain :data:`PREFIX`: ``PreTrainedModel.delete_adapter`` (peft's ``delete_adapter``) skips modules whose
+#: path does.
+STATUS_ATTR = "peft_zinit"
+#: The first line of the body of the ``README.md`` card that ``save_pretrained`` writes beside a zinit adapter: peft
+#: has no way to find zinit's config class in a process that has not imported this module.
+CARD_LINE = ("**zinit adapter:** run `import zinit.integrations.peft` (`pip install zinit peft`) before "
+             "`PeftModel.from_pretrained` or `model.load_adapter` on this folder; without that import peft stops with "
+             "`KeyError: 'ZINIT'`.")
 #: A zinit parameter in a state dict (``...self_attn.zinit_adapter.prompt`` / ``.gate``).
 _KEY = re.compile(rf"(?:^|\.){ADAPTER_ATTR}\.(?:prompt|gate)$")
 #: What peft puts in front of the wrapped model's keys.
 _WRAPPER = "base_model.model."
+#: Set on a :class:`ZinitConfig` by transformers' ``load_adapter`` (through :func:`_keep_zinit_keys`): the adapter
+#: about to be injected gets its values from a checkpoint.
+_FROM_CHECKPOINT = "_zinit_from_checkpoint"
+#: The adapter card's file name (peft's and the Hub's).
+_CARD = "README.md"
 
 
 def _extend_peft_type(name: str) -> PeftType:
@@ -135,42 +166,218 @@ class ZinitConfig(PeftConfig):
         if isinstance(self.layers, (tuple, range)):  # what JSON gives back, so a loaded config compares equal
             self.layers = list(self.layers)
 
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """peft's ``save_pretrained`` (``adapter_config.json``), then :func:`write_card_line`: the folder's
+        ``README.md`` card says in its first line that loading needs ``import zinit.integrations.peft``.
+
+        ``PeftModel.save_pretrained`` and transformers' ``save_pretrained`` of a model with an adapter both call this.
+
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> ZinitConfig(layers=2, K=10).save_pretrained(folder)
+        >>> open(f"{folder}/README.md").read().split("---")[2].strip().splitlines()[0] == CARD_LINE
+        True
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        write_card_line(save_directory)
+
+
+def write_card_line(folder: str | os.PathLike[str]) -> Path:
+    """Make :data:`CARD_LINE` the first line of the body of ``folder/README.md`` (after its YAML metadata) and add
+    the tag ``zinit``; a folder without a card gets a short one. Idempotent; returns the card's path.
+
+    peft reads an adapter's ``adapter_config.json`` and looks its ``peft_type`` up in a registry that only an import
+    of this module fills; peft offers no hook (no entry point, no field read before that look-up) through which a
+    process that never imported zinit could find it. The card is where a person (or the Hub page) sees the fix.
+
+    >>> import tempfile
+    >>> path = write_card_line(write_card_line(tempfile.mkdtemp()).parent)
+    >>> from huggingface_hub import ModelCard
+    >>> card = ModelCard.load(path)
+    >>> card.text.strip().splitlines()[0] == CARD_LINE, card.text.count(CARD_LINE), card.data.tags
+    (True, 1, ['zinit'])
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = Path(folder) / _CARD
+    if path.is_file():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(f"---\n{ModelCardData(library_name='peft').to_yaml()}\n---\n")
+    body = [line for line in card.text.splitlines() if line.strip() != CARD_LINE]
+    while body and not body[0].strip():
+        body.pop(0)
+    card.text = "\n" + "\n".join([CARD_LINE, "", *body]).rstrip("\n") + "\n"
+    tags = list(card.data.tags or [])
+    if NAME not in tags:
+        card.data.tags = sorted([*tags, NAME])
+    card.save(path)
+    return path
+
 
 class ZinitLayerStatus(nn.Module, BaseTunerLayer):
-    """What peft's ``get_layer_status`` / ``get_model_status`` (and so ``PeftModel.disable_adapter()``) see of one
-    adapted layer. zinit's own :class:`~zinit.LayerAdapter` is no peft layer; this stand-in holds no tensors and
-    only reports the layer's state (enabled, the adapter's name, never merged). :class:`ZinitModel` makes one per
-    adapted layer.
+    """peft's view of one adapted layer: the ``BaseTunerLayer`` that peft's and transformers' adapter methods look
+    for in the model (``set_adapter``, ``enable_adapters`` / ``disable_adapters``, ``active_adapters``,
+    ``delete_adapter``, ``requires_grad_`` after a load, ``get_layer_status``), acting on zinit's
+    :class:`~zinit.LayerAdapter` of that layer. It holds no tensors, so the model's state dict does not change.
 
-    >>> ZinitLayerStatus("default", "model.layers.2.self_attn")
-    ZinitLayerStatus(model.layers.2.self_attn.zinit_adapter)
+    Disabled (``enable_adapters(False)``), or not among the active adapters (``set_adapter`` of other names), the
+    layer's adapter is out of its attention module (the module's ``zinit_adapter`` entry is None: the layer computes
+    what the base model computes) and kept here until it is enabled again. Entries are replaced, never added or
+    removed, so this is safe inside the ``named_modules()`` loop that calls it.
+
+    :class:`ZinitModel` makes one per adapted layer, in the model's ``peft_zinit`` ModuleDict (keyed by layer index).
+
+    >>> from peft import get_peft_model
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> model = get_peft_model(LlamaForCausalLM(cfg), ZinitConfig(layers=[0, 2], K=4)).get_base_model()
+    >>> status = model.peft_zinit["2"]
+    >>> status
+    ZinitLayerStatus(model.layers.2.self_attn.zinit_adapter, adapter='default')
+    >>> status.enable_adapters(False)
+    >>> model.model.layers[2].self_attn.zinit_adapter is None, status.adapter is not None
+    (True, True)
     """
 
-    def __init__(self, adapter_name: str, module_name: str) -> None:
+    def __init__(self, adapter_name: str, module_name: str, attention: nn.Module, model: nn.Module) -> None:
         nn.Module.__init__(self)
-        self._active_adapter = adapter_name
+        self._active_adapter: str | list[str] = adapter_name
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        self.adapter_name = adapter_name
         self.module_name = module_name
+        self.deleted = False
+        # plain references, not submodules: both belong to the model already
+        self.__dict__["_attention"] = attention
+        self.__dict__["_model"] = model
+        self.__dict__["_stash"] = None  # the layer's adapter while it is out of its attention module
+
+    @property
+    def adapter(self) -> nn.Module | None:
+        """The layer's :class:`~zinit.LayerAdapter` (in its attention module or kept here), None once deleted."""
+        if self.deleted:
+            return None
+        live = self._attention._modules.get(ADAPTER_ATTR)
+        return live if live is not None else self._stash
 
     def _get_available_adapters(self) -> set[str]:
-        return set(self.active_adapters)
+        return set() if self.deleted else {self.adapter_name}
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         pass  # holds no tensors (zinit creates the adapter on its layer's device)
 
+    def enable_adapters(self, enabled: bool) -> None:
+        """Put the layer's adapter back (``True``, if its name is active) or take it out (``False``)."""
+        self._disable_adapters = not enabled
+        self._sync()
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names``: this layer's adapter computes if its name is among them (trainable unless
+        ``inference_mode``, as peft's layers), and is out of the model otherwise."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapter = names
+        self._sync()
+        self._set_requires_grad(self.adapter_name in names and not inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Deleting the adapter removes it from the whole model (:func:`zinit.eject`): the base model is back."""
+        if adapter_name == self.adapter_name and not self.deleted:
+            _remove(self._model, purge=False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> ZinitLayerStatus:
+        """Train (or freeze) the layer's prompt and gate; transformers' ``load_adapter`` freezes the adapter so."""
+        self._set_requires_grad(requires_grad)
+        return self
+
+    def _set_requires_grad(self, requires_grad: bool) -> None:
+        adapter = self.adapter
+        if adapter is not None:
+            for p in adapter.parameters():
+                p.requires_grad_(requires_grad)
+
+    def _sync(self) -> None:
+        """Put the adapter in or out of its attention module, as the enabled flag and the active names say."""
+        if self.deleted:
+            return
+        modules = self._attention._modules
+        live = modules.get(ADAPTER_ATTR)
+        if self._disable_adapters or self.adapter_name not in self.active_adapters:
+            if live is not None:
+                self.__dict__["_stash"] = live
+                modules[ADAPTER_ATTR] = None
+        elif live is None and self._stash is not None:
+            modules[ADAPTER_ATTR] = self._stash
+            self.__dict__["_stash"] = None
+
     def extra_repr(self) -> str:
-        return f"{self.module_name}.{ADAPTER_ATTR}"
+        return f"{self.module_name}.{ADAPTER_ATTR}, adapter={self.adapter_name!r}" + (", deleted" if self.deleted
+                                                                                     else "")
+
+
+def _statuses(model: nn.Module) -> list[ZinitLayerStatus]:
+    container = model._modules.get(STATUS_ATTR)
+    return [s for s in container.values() if isinstance(s, ZinitLayerStatus)] if container is not None else []
+
+
+def _ours(model: nn.Module) -> bool:
+    """Whether ``model.peft_zinit`` is this module's (a ModuleDict of statuses, or the None a deletion left)."""
+    if STATUS_ATTR not in model._modules:
+        return False
+    container = model._modules[STATUS_ATTR]
+    return container is None or (isinstance(container, nn.ModuleDict)
+                                 and all(isinstance(s, ZinitLayerStatus) for s in container.values()))
+
+
+def _remove(model: nn.Module, *, purge: bool) -> None:
+    """Remove the peft adapter from ``model``: every layer's adapter back in place, then :func:`zinit.eject`, then the
+    statuses (``purge``) or, inside a ``named_modules()`` loop (transformers' ``delete_adapter``), only marked deleted
+    with the ModuleDict's entry set to None (replacing an entry is safe there, removing one is not)."""
+    for status in _statuses(model):
+        status._disable_adapters = False
+        status._active_adapter = [status.adapter_name]
+        status._sync()
+    remove_hook(model, _check_loaded, pre=True)
+    if zinit.is_injected(model):
+        zinit.eject(model)
+    for status in _statuses(model):
+        status.deleted = True
+        status._active_adapter = []
+    if STATUS_ATTR in model._modules:
+        if purge:
+            delattr(model, STATUS_ATTR)
+        else:
+            model._modules[STATUS_ATTR] = None
+
+
+def _check_loaded(model: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a model whose zinit adapter transformers' ``load_adapter`` filled: every prompt and gate
+    must have got a value (they wait on the meta device until then); then the hook removes itself."""
+    missing = [f"{s.module_name}.{ADAPTER_ATTR}.{name}" for s in _statuses(model) if s.adapter is not None
+               for name, p in s.adapter.named_parameters() if p.is_meta]
+    if missing:
+        state = zinit.injection(model)
+        raise ValueError(
+            f"the zinit adapter that model.load_adapter(...) loaded has no value for {_few(missing)}: the checkpoint "
+            "holds no tensor of that name and shape (the keys it held instead are the unexpected_keys / "
+            "mismatched_keys of what load_adapter returned, and of transformers' load report). It was trained on "
+            f"another model: this one gets layers {list(state.layers)} with K={state.K} and hidden size "
+            f"{state.dims.hidden_size}. Load it into the base model it was trained on "
+            "(PeftModel.from_pretrained(model, folder) names every key that does not fit)"
+        )
+    remove_hook(model, _check_loaded, pre=True)
 
 
 class ZinitModel(BaseTuner):
     """peft's tuner for zinit: injects through :func:`zinit.inject` and keeps one adapter.
 
-    Created by ``get_peft_model`` / ``PeftModel.from_pretrained``, not by hand. Beyond peft's ``BaseTuner`` it
-    differs in what zinit cannot do: a second adapter name is refused (use :func:`zinit.add_adapter` for many
-    adapters on one model), and ``merge_and_unload()`` / ``merge_adapter()`` raise, since a prompt attention is no
-    weight delta. ``disable_adapter_layers()`` takes the adapters out of their attention modules until
-    ``enable_adapter_layers()`` (what ``PeftModel.disable_adapter()`` calls): the model is then exactly the base model.
+    Created by ``get_peft_model`` / ``PeftModel.from_pretrained`` (or by transformers' ``load_adapter`` /
+    ``add_adapter`` through peft's ``inject_adapter_in_model``), not by hand. Beyond peft's ``BaseTuner`` it differs in
+    what zinit cannot do: a second adapter name is refused (use :func:`zinit.add_adapter` for many adapters on one
+    model), and ``merge_and_unload()`` / ``merge_adapter()`` raise, since a prompt attention is no weight delta.
+    ``disable_adapter_layers()`` takes the adapters out of their attention modules until ``enable_adapter_layers()``
+    (what ``PeftModel.disable_adapter()`` calls): the model is then exactly the base model.
 
     >>> from peft import get_peft_model
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -184,26 +391,49 @@ class ZinitModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = BaseTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
-    _zinit_stash: list[tuple[nn.Module, nn.Module]] | None = None  # adapters taken out by disable_adapter_layers
 
     # ------------------------------------------------------------------ injection
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Inject the adapter ``adapter_name`` of ``self.peft_config`` with :func:`zinit.inject` (peft's hook)."""
+        """Inject the adapter ``adapter_name`` of ``self.peft_config`` with :func:`zinit.inject` (peft's hook), and
+        give each adapted layer its :class:`ZinitLayerStatus`."""
         config = self.peft_config[adapter_name]
-        others = [name for name in self.peft_config if name != adapter_name]
-        if others:
-            raise ValueError(
-                f"zinit through peft holds one adapter per model, and this one already has {others}: cannot add "
-                f"{adapter_name!r}. For several adapters on one frozen model use zinit.add_adapter(model, name, "
-                "folder_or_layers) and zinit.use_adapters(model, names) (a different adapter per row of a batch)"
-            )
-        zinit.inject(model, config.layers, config.K, gate=config.gate, gate_fn=config.gate_fn,
-                     gate_init=config.gate_init, backbone=config.backbone)
+        from_checkpoint = bool(config.__dict__.pop(_FROM_CHECKPOINT, False))
+        try:
+            others = [name for name in self.peft_config if name != adapter_name]
+            if others:
+                raise ValueError(
+                    f"zinit through peft holds one adapter per model, and this one already has {others}: cannot add "
+                    f"{adapter_name!r}. For several adapters on one frozen model use zinit.add_adapter(model, name, "
+                    "folder_or_layers) and zinit.use_adapters(model, names) (a different adapter per row of a batch)"
+                )
+            if hasattr(model, STATUS_ATTR) and not _ours(model):
+                raise RuntimeError(f"the model already has an attribute {STATUS_ATTR!r}; zinit's peft method needs "
+                                   "that name")
+            zinit.inject(model, config.layers, config.K, gate=config.gate, gate_fn=config.gate_fn,
+                         gate_init=config.gate_init, backbone=config.backbone)
+        except BaseException:
+            # transformers' load_adapter / add_adapter go through a fresh tuner whose peft_config is the model's own
+            # dict: take the refused name out of it again (PeftModel.add_adapter does the same for its copy)
+            if self.peft_config.get(adapter_name) is config:
+                del self.peft_config[adapter_name]
+            raise
+        state = zinit.injection(model)
+        modules = self._attention_modules()
         names = {id(m): n for n, m in model.named_modules()}
-        self.targeted_module_names = [names[id(m)] for m in self._attention_modules()]
-        self.zinit_status = nn.ModuleList(ZinitLayerStatus(adapter_name, n) for n in self.targeted_module_names)
+        self.targeted_module_names = [names[id(m)] for m in modules]
+        statuses = nn.ModuleDict({str(n): ZinitLayerStatus(adapter_name, names[id(m)], m, model)
+                                  for n, m in zip(state.layers, modules)})
+        if STATUS_ATTR in model._modules:
+            delattr(model, STATUS_ATTR)  # what a deleted adapter left (see _remove)
+        model.add_module(STATUS_ATTR, statuses)
+        if from_checkpoint:
+            # transformers loads the values next; a prompt or gate it finds none for stays on the meta device and
+            # _check_loaded refuses the first forward (its load report only warns about unexpected keys)
+            for status in statuses.values():
+                status.adapter.to("meta")
+            model.register_forward_pre_hook(_check_loaded, prepend=True)
         if config.inference_mode:
             self._set_trainable(False)
 
@@ -216,8 +446,8 @@ class ZinitModel(BaseTuner):
         return [modules[n] for n in state.layers]
 
     def _set_trainable(self, requires_grad: bool) -> None:
-        for p in zinit.trainable_parameters(self.model):
-            p.requires_grad_(requires_grad)
+        for status in _statuses(self.model):
+            status._set_requires_grad(requires_grad)
 
     def _check_name(self, adapter_names: str | Sequence[str]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -228,10 +458,10 @@ class ZinitModel(BaseTuner):
     # ------------------------------------------------------------------ peft's adapter management
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """Make ``adapter_name`` active (it is the only one); ``inference_mode=True`` freezes it."""
+        """Make ``adapter_name`` active (it is the only one): trainable, or frozen with ``inference_mode=True``."""
         self._check_name(adapter_name)
-        if inference_mode:
-            self._set_trainable(False)
+        for status in _statuses(self.model):
+            status.set_adapter(adapter_name, inference_mode=inference_mode)
         self.active_adapter = adapter_name
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
@@ -240,18 +470,8 @@ class ZinitModel(BaseTuner):
         self._set_trainable(requires_grad)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        if enabled and self._zinit_stash is not None:
-            for attention, adapter in self._zinit_stash:
-                attention.add_module(ADAPTER_ATTR, adapter)
-            self._zinit_stash = None
-        elif not enabled and self._zinit_stash is None:
-            modules = self._attention_modules()
-            self._zinit_stash = [(m, m._modules.pop(ADAPTER_ATTR)) for m in modules]
-        for status in self._statuses():
-            status._disable_adapters = not enabled
-
-    def _statuses(self) -> list[ZinitLayerStatus]:
-        return list(self._modules.get("zinit_status") or ())
+        for status in _statuses(self.model):
+            status.enable_adapters(enabled)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove the adapter (:func:`zinit.eject`); the wrapped model is the base model again."""
@@ -283,13 +503,10 @@ class ZinitModel(BaseTuner):
         return self._unload()
 
     def _unload(self) -> nn.Module:
-        self._enable_adapter_layers(True)
-        if zinit.is_injected(self.model):
-            zinit.eject(self.model)
+        _remove(self.model, purge=True)
         if "peft_config" in self.model.__dict__:
             del self.model.peft_config
         self.targeted_module_names = []
-        self.zinit_status = nn.ModuleList()
         return self.model
 
     # ------------------------------------------------------------------ peft's state-dict hooks (classmethods)
@@ -302,7 +519,8 @@ class ZinitModel(BaseTuner):
         out = {k: v for k, v in state_dict.items() if _KEY.search(k)}
         if not out:
             raise ValueError("no zinit prompts or gates in the model's state dict: saving inside "
-                             "disable_adapter(), or after unload()? Save with the adapter in place")
+                             "disable_adapter() / disable_adapters(), or after unload() / delete_adapter()? Save with "
+                             "the adapter in place")
         return out
 
     @classmethod
@@ -342,8 +560,54 @@ def _few(keys: list[str], n: int = 4) -> str:
     return f"{keys[:n]} (+{len(keys) - n} more)" if len(keys) > n else str(keys)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# transformers' load_adapter
+
+
+def _renames_into_adapter_name(transform: Any, adapter_name: str) -> bool:
+    """Whether ``transform`` is the renaming peft's ``build_peft_weight_mapping`` adds for zinit's prefix
+    (``(zinit_[^.]*)`` -> ``\\1.<adapter name>``)."""
+    from transformers.core_model_loading import WeightRenaming
+
+    return (isinstance(transform, WeightRenaming)
+            and any(PREFIX in source for source in transform.source_patterns)
+            and all(target.endswith(f".{adapter_name}") for target in transform.target_patterns))
+
+
+def _keep_zinit_keys(build: Callable[..., list[Any]]) -> Callable[..., list[Any]]:
+    """peft's ``build_peft_weight_mapping`` (the key renamings transformers' ``load_adapter`` applies to a
+    checkpoint), without the one that would put the adapter's name into zinit's keys, for a :class:`ZinitConfig`;
+    unchanged for every other method. Also marks the config: the adapter injected next is filled from a checkpoint."""
+
+    @functools.wraps(build)
+    def build_peft_weight_mapping(weight_conversions: Any, adapter_name: str, peft_config: Any = None
+                                  ) -> list[Any]:
+        mapping = build(weight_conversions, adapter_name, peft_config=peft_config)
+        if getattr(peft_config, "peft_type", None) != ZINIT:
+            return mapping
+        peft_config.__dict__[_FROM_CHECKPOINT] = True
+        return [t for t in mapping if not _renames_into_adapter_name(t, adapter_name)]
+
+    build_peft_weight_mapping._zinit = True  # type: ignore[attr-defined]
+    return build_peft_weight_mapping
+
+
+def _route_transformers_loading() -> None:
+    """Wrap peft's ``build_peft_weight_mapping`` with :func:`_keep_zinit_keys` (once; a reload wraps the original
+    again). transformers imports it from its module at each ``load_adapter`` call, so the wrapper is what it gets."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # pragma: no cover - transformers < 5 renames no keys on load
+        return
+    build = conversion.build_peft_weight_mapping
+    while getattr(build, "_zinit", False):
+        build = build.__wrapped__
+    conversion.build_peft_weight_mapping = _keep_zinit_keys(build)
+
+
 def register() -> None:
-    """Register zinit with peft (``peft.utils.register_peft_method``); done on import, and idempotent.
+    """Register zinit with peft (``peft.utils.register_peft_method``), and route transformers' ``load_adapter`` key
+    renaming around zinit's keys (see the module's docstring); done on import, and idempotent.
 
     A second call does nothing; after a reload of this module (``importlib.reload``, IPython's autoreload) the new
     classes replace the old ones. Another package's method under the name ``"zinit"`` is an error.
@@ -359,6 +623,7 @@ def register() -> None:
         PEFT_TYPE_TO_TUNER_MAPPING,
     )
 
+    _route_transformers_loading()
     peft_type = _extend_peft_type(NAME.upper())
     config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
