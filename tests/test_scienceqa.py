@@ -226,3 +226,33 @@ def test_other_methods_run_text_only_and_compare(release, tmp_path):
         (32 + 32) + (32 + 16))
     lora_report = json.loads((cmp / "lora" / "report.json").read_text())
     assert lora_report["method"] == "lora" and lora_report["table"]["counts"]["Avg"] == 6
+
+
+def test_likelihood_scores_prompt_tuning_at_the_last_prompt_token(tmp_path):
+    """peft prompt tuning returns logits for its K virtual tokens too: the scorer still reads each question at the
+    token before the option letter. Reference: each question alone (no padding, no batch), the peft model's last
+    logits after "<prompt>The answer is ", argmax over the option letters."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zinit.recipes import methods
+
+    folder = save_tiny_causal_lm(tmp_path / "lm", seed=4)  # a model whose choice varies between the questions
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = methods.prepare("prompt", model, methods.MethodContext("scienceqa", 2, 4)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    problems = [{"question": f"Which one is number {i}?" + " Think." * i, "hint": "" if i % 2 else f"Hint {i}.",
+                 "choices": ["one", "two", "three", "four"][:2 + i % 3], "answer": 0} for i in range(8)]
+    got = sqa.predict(model, tokenizer, problems, None, "likelihood", batch_size=4)
+    expected = []
+    with torch.no_grad():
+        for p in problems:
+            ids = tokenizer(sqa.prompt_text(p) + "The answer is ")["input_ids"]
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            letters = [tokenizer.convert_tokens_to_ids(letter) for letter in sqa.LETTERS[:len(p["choices"])]]
+            expected.append(int(logits[letters].argmax()))
+    assert [choice for choice, _ in got] == expected
+    assert len(set(expected)) > 1  # not one constant letter, which a scorer could get right by chance

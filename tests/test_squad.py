@@ -218,3 +218,40 @@ def test_hub_rows_convert_to_the_official_layout(tmp_path, monkeypatch):
         expected = (RuntimeError, "pip install pyarrow")
     with pytest.raises(expected[0], match=expected[1]):
         squad.find_files("rajpurkar/squad_v2", "2.0")
+
+
+def test_the_span_head_is_drawn_from_the_seed(tmp_path, monkeypatch):
+    """A checkpoint without a span head (a base model, as roberta-large on the hub): the head the run draws depends on
+    --seed and on nothing else, whatever the process drew before, so every method of a compare starts from the same
+    head. Each run stops where the method would be applied (recording the head), before any training."""
+    from transformers import RobertaConfig, RobertaModel
+
+    from zinit.recipes import methods
+
+    make_squad_demo.make(tmp_path / "data", train_paragraphs=2, dev_paragraphs=1)
+    texts = [t for name in ("train-v1.1.json", "dev-v1.1.json")
+             for ex in squad.load_squad(tmp_path / "data" / name).examples for t in (ex["question"], ex["context"])]
+    tok = word_tokenizer(texts)
+    torch.manual_seed(0)
+    RobertaModel(RobertaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=140, pad_token_id=1)
+                 ).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    heads = []
+
+    def record(name, model, ctx):
+        heads.append((name, model.qa_outputs.weight.detach().clone(), model.qa_outputs.bias.detach().clone()))
+        raise methods.NotApplicable("recorded the initial span head")
+
+    monkeypatch.setattr(methods, "prepare", record)
+    for i, (method, seed, drawn_before) in enumerate([("zinit", 0, 1), ("lora", 0, 2), ("full", 0, 3),
+                                                      ("zinit", 5, 1)]):
+        torch.manual_seed(drawn_before)  # what earlier work in the process left the generator at
+        assert cli(["train", "squad", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "model"),
+                    "--output", str(tmp_path / f"out{i}"), "--method", method, "--seed", str(seed),
+                    "--max-length", "64", "--doc-stride", "16", "--no-progress", "--device", "cpu"]) == 3
+    assert [name for name, _, _ in heads] == ["zinit", "lora", "full", "zinit"]
+    first = heads[0]
+    for _, weight, bias in heads[1:3]:
+        assert torch.equal(weight, first[1]) and torch.equal(bias, first[2])
+    assert not torch.equal(heads[3][1], first[1])  # another --seed, another head
