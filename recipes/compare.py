@@ -11,9 +11,9 @@ set: the test/eval data never selects anything. Every recipe in the registry (:f
 compared; this module knows none of them by name.
 
 Outputs in OUT: ``compare.md`` (the table), ``compare.json`` and ``compare.png`` (the recipe's metric against
-trainable parameters, log scale). Columns: trainable parameters, adapter file size, peak memory (RSS on CPU, CUDA
-``max_memory_allocated`` on GPU, of the training process), training throughput (tokens/s or images/s, median over
-logged steps), wall time, the recipe's metrics. A method the model cannot take is a row "n/a" with the reason.
+trainable parameters, log scale). Columns: trainable parameters, adapter file size, peak GPU memory (CUDA
+``max_memory_allocated`` of the training process; – on CPU) and peak host memory (its RSS), each labelled, training
+throughput (tokens/s or images/s, median over logged steps), wall time, the recipe's metrics. A method the model cannot take is a row "n/a" with the reason.
 Below the measured rows, the paper's published numbers for the recipe (:attr:`zinit.Recipe.paper`: VTAB's group
 means of zero-init, VPT-deep and full fine-tuning; SQuAD's EM/F1 of zero-init, full fine-tuning and P-tuning v2 for
 the ``--version`` run; ScienceQA's LLaMA-Adapter accuracy), in italics.
@@ -72,8 +72,32 @@ def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], 
                        if "tokens_per_s" in r][1:]  # the first logged step includes warm-up
     return {**row, "status": "ok", "metrics": summary["metrics"], "trainable_parameters":
             summary["trainable_parameters"], "adapter_bytes": summary["adapter_bytes"],
-            "peak_memory_mb": max(summary["peak_memory_mb"], usage.ru_maxrss / 1024),
+            "peak_memory_mb": peak_memory(summary["peak_memory_mb"], usage.ru_maxrss / 1024),
             "throughput": statistics.median(throughput) if throughput else None, "blr": blr}
+
+
+def peak_memory(summary: float | Mapping[str, float | None], child_rss_mb: float) -> dict[str, float | None]:
+    """A run's peak memory, labelled: ``gpu`` (the training process's CUDA peak, None on CPU) and ``host`` (the
+    larger of the process's own peak RSS and the one the OS reports for the child, which includes its whole life).
+    ``summary``: the ``peak_memory_mb`` of a summary.json (a ``{gpu, host}`` dict; an older file's single number was
+    the CUDA peak on GPU and RSS on CPU, so it is taken as neither and only the child's RSS is reported).
+
+    >>> peak_memory({"gpu": None, "host": 900.0}, 950.0)
+    {'gpu': None, 'host': 950.0}
+    >>> peak_memory({"gpu": 2048.0, "host": 3000.0}, 2900.0)
+    {'gpu': 2048.0, 'host': 3000.0}
+    """
+    if not isinstance(summary, Mapping):
+        return {"gpu": None, "host": child_rss_mb}
+    host = max(summary.get("host") or 0.0, child_rss_mb)
+    return {"gpu": summary.get("gpu"), "host": host}
+
+
+def _memory_cells(peak: float | Mapping[str, float | None]) -> list[str]:
+    if not isinstance(peak, Mapping):  # a compare.json written before GPU and host memory were told apart
+        return ["–", f"{peak:.0f} MB"]
+    gpu = peak.get("gpu")
+    return ["–" if gpu is None else f"{gpu:.0f} MB", f"{peak['host']:.0f} MB"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,19 +161,20 @@ def format_table(recipe: str, rows: Sequence[dict[str, Any]], paper: Mapping[str
     result of ``paper`` (:attr:`zinit.Recipe.paper`), its metrics only."""
     spec = zinit.get_recipe(recipe)
     unit, metric_names = spec.throughput_unit, spec.metrics
-    head = ["method", "trainable params", "adapter file", "peak memory", f"train {unit}", "wall"] + list(metric_names)
+    head = (["method", "trainable params", "adapter file", "peak GPU memory", "peak host memory (RSS)", f"train {unit}",
+             "wall"] + list(metric_names))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['method']} | {r['status']}: {r['reason'].splitlines()[0]} |" + " |" * (len(head) - 2))
             continue
         cells = [r["method"], f"{r['trainable_parameters']:,}", _size(r["adapter_bytes"]),
-                 f"{r['peak_memory_mb']:.0f} MB", "–" if r["throughput"] is None else f"{r['throughput']:.0f}",
+                 *_memory_cells(r["peak_memory_mb"]), "–" if r["throughput"] is None else f"{r['throughput']:.0f}",
                  f"{r['wall_s'] / 60:.1f} min"]
         cells += [f"{r['metrics'][m]:.2f}" if m in r["metrics"] else "–" for m in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
     for label, values in (paper or {}).items():
-        cells = [f"*paper: {label}*"] + ["–"] * 5 + [f"{values[m]:.2f}" if m in values else "–" for m in metric_names]
+        cells = [f"*paper: {label}*"] + ["–"] * 6 + [f"{values[m]:.2f}" if m in values else "–" for m in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -548,11 +548,17 @@ def load_trained(model: nn.Module, folder: str | Path) -> nn.Module:
     return model
 
 
-def peak_memory_mb(device: torch.device | None = None) -> float:
-    """Peak memory of this process: CUDA ``max_memory_allocated`` on GPU, peak RSS on CPU (MiB)."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_memory_mb(device: torch.device | None = None) -> dict[str, float | None]:
+    """Peak memory of this process in MiB, both kinds, labelled: ``gpu`` (CUDA ``max_memory_allocated`` on
+    ``device``, None when it is not a GPU) and ``host`` (peak resident set size). Never one standing in for the other:
+    on GPU a method's footprint is its GPU memory, while the host holds the process's libraries and data.
+
+    >>> sorted(peak_memory_mb(torch.device("cpu"))), peak_memory_mb(torch.device("cpu"))["gpu"]
+    (['gpu', 'host'], None)
+    """
+    gpu = (torch.cuda.max_memory_allocated(device) / 2**20
+           if device is not None and device.type == "cuda" else None)
+    return {"gpu": gpu, "host": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def write_summary(out: str | Path, method: str, metrics: dict[str, float], trainable: int, adapter_dir: str | Path,
@@ -563,7 +569,7 @@ def write_summary(out: str | Path, method: str, metrics: dict[str, float], train
     size = sum(p.stat().st_size for p in adapter_dir.rglob("*") if p.is_file() and p.suffix != ".md"
                ) if adapter_dir.exists() else 0
     write_json(Path(out) / SUMMARY_NAME, {"method": method, "metrics": metrics, "trainable_parameters": trainable,
-                                          "adapter_bytes": size, "peak_memory_mb": peak_memory_mb(device)})
+                                          "adapter_bytes": size, "peak_memory_mb": peak_memory_mb(device)})  # {gpu, host}
 
 
 def write_not_applicable(out: str | Path, method: str, reason: str) -> int:

@@ -142,7 +142,8 @@ def test_compare_two_methods_and_one_not_applicable(tmp_path, tiny_model_dir, al
     for name in ("zinit", "lora"):
         r = rows[name]
         assert set(r["metrics"]) == {"eval_loss", "exact_match"} and r["adapter_bytes"] > 0
-        assert r["peak_memory_mb"] > 0 and r["throughput"] > 0 and r["wall_s"] > 0
+        assert r["peak_memory_mb"]["gpu"] is None and r["peak_memory_mb"]["host"] > 0  # CPU: no GPU figure
+        assert r["throughput"] > 0 and r["wall_s"] > 0
     assert rows["linear"]["status"] == "n/a" and "no separate task head" in rows["linear"]["reason"]
     table = (out / "compare.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["zinit", "lora", "linear"]
@@ -178,15 +179,34 @@ def test_the_papers_numbers_sit_below_the_measured_rows():
     from zinit.recipes import compare
 
     rows = [{"method": "zinit", "status": "ok", "metrics": {"top1": 80.0, "Natural": 81.0}, "trainable_parameters": 9,
-             "adapter_bytes": 10, "peak_memory_mb": 1.0, "throughput": None, "wall_s": 60.0}]
+             "adapter_bytes": 10, "peak_memory_mb": {"gpu": None, "host": 1.0}, "throughput": None, "wall_s": 60.0}]
     vtab = compare.paper_rows("vtab", ["--data", "d", "--task", "all"])
     assert list(vtab) == ["zero-init, ViT-B/16 IN-21k", "VPT-deep, ViT-B/16 IN-21k", "full FT, ViT-B/16 IN-21k"]
     table = compare.format_table("vtab", rows, vtab).splitlines()
     assert table[0].endswith("| top1 | Natural | Specialized | Structured |")
     assert table[2].endswith("| 80.00 | 81.00 | – | – |")
-    assert table[3] == "| *paper: zero-init, ViT-B/16 IN-21k* | – | – | – | – | – | – | 81.74 | 84.43 | 56.75 |"
+    assert table[3] == "| *paper: zero-init, ViT-B/16 IN-21k* | – | – | – | – | – | – | – | 81.74 | 84.43 | 56.75 |"
     squad = compare.paper_rows("squad", ["--data", "d", "--version", "1.1"])
     assert squad["P-tuning v2, RoBERTa-large, v1.1"] == {"exact": 88.5, "f1": 94.4}
     assert compare.paper_rows("squad", ["--data", "d", "--version", "2.0"])["full FT, RoBERTa-large, v2.0"] == {
         "exact": 86.5, "f1": 89.4}
     assert compare.paper_rows("alpaca", []) == {}
+
+
+def test_gpu_and_host_memory_are_reported_apart(monkeypatch):
+    """On GPU the footprint of a small method is its CUDA peak; the host RSS (libraries, data) must not stand in for it
+    (the column was max(CUDA peak, host RSS)). Both are recorded and shown, labelled."""
+    from zinit.recipes import compare
+    from zinit.recipes import methods as M
+
+    monkeypatch.setattr(M.torch.cuda, "max_memory_allocated", lambda device=None: 300 * 2**20)
+    peak = M.peak_memory_mb(M.torch.device("cuda", 0))
+    assert peak["gpu"] == 300.0 and peak["host"] > 0
+    row = compare.peak_memory({"gpu": 300.0, "host": 5000.0}, 5200.0)
+    assert row == {"gpu": 300.0, "host": 5200.0}
+    rows = [{"method": "zinit", "status": "ok", "metrics": {"exact_match": 1.0}, "trainable_parameters": 9,
+             "adapter_bytes": 10, "peak_memory_mb": row, "throughput": 5.0, "wall_s": 60.0}]
+    table = compare.format_table("alpaca", rows).splitlines()
+    assert "| peak GPU memory | peak host memory (RSS) |" in table[0]
+    assert "| 300 MB | 5200 MB |" in table[2]
+    assert compare.peak_memory(700.0, 800.0) == {"gpu": None, "host": 800.0}  # an older summary.json's lone number
