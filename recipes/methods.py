@@ -285,9 +285,39 @@ def _lora(model: nn.Module, ctx: MethodContext) -> nn.Module:
         modules_to_save=list(ctx.head) or None, task_type=_PEFT_TASK[ctx.task]))
 
 
+def _ia3_targets(model: nn.Module) -> tuple[list[str] | None, list[str] | None]:
+    """IA3's target and feed-forward modules as the IA3 paper places them: keys, values and the FFN's inner activation
+    (the input of the FFN's output layer). From the backbone's ``peft_targets`` or peft's defaults for the model type,
+    with one correction: peft's BERT/RoBERTa default ``output.dense`` also matches each attention block's output
+    projection (``attention.output.dense``), whose input (the attention's context) the paper does not scale; a
+    feed-forward match inside an attention module is dropped. Returns full module names, or (None, None) to let peft
+    name the model type it has no defaults for."""
+    targets, feedforward = _targets(model, "ia3"), _targets(model, "ia3_feedforward")
+    if targets is None:
+        from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+                                          TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets, feedforward = TARGETS.get(model_type), FEEDFORWARD.get(model_type)
+        if targets is None:
+            return None, None
+
+    def matches(name: str, suffixes: Sequence[str]) -> bool:
+        return any(name == t or name.endswith("." + t) for t in suffixes)
+
+    def in_attention(name: str) -> bool:
+        return any("attention" in part or part in ("attn", "self_attn") for part in name.split(".")[:-1])
+
+    names = [n for n, _ in model.named_modules() if n and matches(n, targets)]
+    ffn = [n for n in names if matches(n, feedforward or []) and not in_attention(n)]
+    names = [n for n in names if not (matches(n, feedforward or []) and in_attention(n))]
+    return names, ffn
+
+
 def _ia3(model: nn.Module, ctx: MethodContext) -> nn.Module:
+    targets, feedforward = _ia3_targets(model)
     return _peft_targeted(model, _peft_class("IA3Config")(
-        target_modules=_targets(model, "ia3"), feedforward_modules=_targets(model, "ia3_feedforward"),
+        target_modules=targets, feedforward_modules=feedforward,
         modules_to_save=list(ctx.head) or None, task_type=_PEFT_TASK[ctx.task]))
 
 
@@ -455,12 +485,14 @@ def _full(model: nn.Module, ctx: MethodContext) -> nn.Module:
 _LM, _IMG, _QA = "causal_lm", "image_classification", "question_answering"
 for _m in (
     Method("zinit", _zinit, {_IMG: 1e-2, _QA: 1e-2}, "zero-init gated prompts (this library)", inject_options={}),
-    Method("lora", _lora, {_LM: 0.032, _IMG: 4e-3, _QA: 2e-3}, "LoRA r=8 on the query/value projections"),
-    Method("ia3", _ia3, {_LM: 0.1, _IMG: 1e-2, _QA: 1e-2}, "IA3 on keys, values and the FFN output"),
+    Method("lora", _lora, {_LM: 0.032, _IMG: 4e-3, _QA: 2e-3},
+           "LoRA r=8 on the query/value projections (a timm ViT's fused qkv: keys too)"),
+    Method("ia3", _ia3, {_LM: 0.1, _IMG: 1e-2, _QA: 1e-2},
+           "IA3 on keys, values and the FFN's inner activation (a timm ViT's fused qkv: queries too)"),
     Method("prefix", _prompt_learning("prefix"), {_LM: 0.32, _QA: 1e-2}, "peft prefix tuning, K tokens"),
     Method("prompt", _prompt_learning("prompt"), {_LM: 1.0, _QA: 1e-2}, "peft prompt tuning, K tokens"),
     Method("adaption_prompt", _adaption_prompt, {_LM: 0.3}, "peft's LLaMA-Adapter (one gate per layer)"),
-    Method("vpt", _vpt, {_IMG: 1e-2}, "VPT-deep: K learned tokens at every block"),
+    Method("vpt", _vpt, {_IMG: 1e-2}, "VPT-deep: K learned tokens at every block (K fixed to the run's --K)"),
     Method("bitfit", _bitfit, {_LM: 0.032, _IMG: 4e-3, _QA: 2e-3}, "biases only"),
     Method("linear", _linear, {_IMG: 1e-2, _QA: 1e-2}, "the task head only"),
     Method("full", _full, {_LM: 6.4e-4, _IMG: 1e-4, _QA: 1e-4}, "every parameter"),

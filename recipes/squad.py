@@ -75,14 +75,17 @@ def exact_match(prediction: str, gold: str) -> int:
     return int(normalize_answer(prediction) == normalize_answer(gold))
 
 
-def f1_score(prediction: str, gold: str) -> float:
-    """Token F1 of the normalised strings (v2.0 rule: if either is empty, 1 when both are, else 0).
+def f1_score(prediction: str, gold: str, version: str = "2.0") -> float:
+    """Token F1 of the normalised strings. ``version`` "2.0" (``evaluate-v2.0.py``): if either is empty, 1 when both
+    are, else 0; "1.1" (``evaluate-v1.1.py``): no special case, so empty against empty is 0 (no common token).
 
     >>> f1_score("in the Paris museum", "Paris")  # precision 1/3, recall 1
     0.5
+    >>> f1_score("the", "a", "2.0"), f1_score("the", "a", "1.1")  # both normalise to empty
+    (1.0, 0.0)
     """
     pred, truth = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if not pred or not truth:
+    if version == "2.0" and (not pred or not truth):
         return float(pred == truth)
     common = collections.Counter(pred) & collections.Counter(truth)
     same = sum(common.values())
@@ -92,25 +95,36 @@ def f1_score(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def gold_answers(example: dict[str, Any]) -> list[str]:
-    """The official gold list: the answer texts that normalise to something non-empty, or ``[""]`` (unanswerable)."""
+def gold_answers(example: dict[str, Any], version: str = "2.0") -> list[str]:
+    """The official gold list. "2.0": the answer texts that normalise to something non-empty, or ``[""]``
+    (unanswerable); "1.1": every answer text as written (``evaluate-v1.1.py`` drops none).
+
+    >>> ex = {"answers": [{"text": "The"}, {"text": "Paris"}]}
+    >>> gold_answers(ex), gold_answers(ex, "1.1")
+    (['Paris'], ['The', 'Paris'])
+    """
+    if version == "1.1":
+        return [a["text"] for a in example["answers"]]
     texts = [a["text"] for a in example["answers"] if normalize_answer(a["text"])]
     return texts or [""]
 
 
-def score(examples: Sequence[dict[str, Any]], predictions: dict[str, str]) -> dict[str, Any]:
-    """EM and F1 (×100, max over gold answers, mean over questions) as the official scripts; with unanswerable
-    questions present (v2.0) also ``HasAns_*`` and ``NoAns_*``. A question with no prediction scores 0."""
+def score(examples: Sequence[dict[str, Any]], predictions: dict[str, str], version: str = "2.0") -> dict[str, Any]:
+    """EM and F1 (×100, max over gold answers, mean over questions) as the official script of ``version`` ("1.1" or
+    "2.0", whose rules differ on answers that normalise to empty); with unanswerable questions present (v2.0) also
+    ``HasAns_*`` and ``NoAns_*``. A question with no prediction scores 0."""
+    if version not in ("1.1", "2.0"):
+        raise ValueError(f"SQuAD version {version!r}: expected '1.1' or '2.0'")
     em, f1, has = {}, {}, {}
     for ex in examples:
-        golds = gold_answers(ex)
+        golds = gold_answers(ex, version)
         pred = predictions.get(ex["id"], None)
-        has[ex["id"]] = golds != [""]
-        if pred is None:
+        has[ex["id"]] = golds != [""] and bool(golds)
+        if pred is None or not golds:
             em[ex["id"]] = f1[ex["id"]] = 0.0
             continue
         em[ex["id"]] = max(exact_match(pred, g) for g in golds)
-        f1[ex["id"]] = max(f1_score(pred, g) for g in golds)
+        f1[ex["id"]] = max(f1_score(pred, g, version) for g in golds)
     return _summary(em, f1, has)
 
 
@@ -427,7 +441,7 @@ def evaluate(model: nn.Module, tokenizer: Any, data: SquadData, settings: EvalSe
             result["tuned_on_this_set"] = best_threshold(data.examples, spans, null_diff)
     else:
         predictions = spans
-        result.update(score(data.examples, predictions))
+        result.update(score(data.examples, predictions, version="1.1"))
     result["predictions"] = predictions
     return result
 

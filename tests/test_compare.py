@@ -210,3 +210,17 @@ def test_gpu_and_host_memory_are_reported_apart(monkeypatch):
     assert "| peak GPU memory | peak host memory (RSS) |" in table[0]
     assert "| 300 MB | 5200 MB |" in table[2]
     assert compare.peak_memory(700.0, 800.0) == {"gpu": None, "host": 800.0}  # an older summary.json's lone number
+
+
+def test_ia3_scales_keys_values_and_the_ffn_inner_activation_only():
+    """The IA3 paper scales keys, values and the FFN's inner activation. peft's BERT default ``output.dense`` also
+    matches every ``attention.output.dense`` (scaling the attention's context): the method leaves that one out."""
+    from tiny import tiny_encoder
+    from zinit.recipes import methods as M
+
+    model = M.prepare("ia3", tiny_encoder("bert", head="qa"), M.MethodContext("squad", 32, 3, head=("qa_outputs",),
+                                                                                   task="question_answering"))
+    scaled = {n.split(".ia3_l")[0]: tuple(p.shape) for n, p in model.named_parameters() if "ia3_l" in n}
+    layer0 = {n.split("layer.0.")[1]: s for n, s in scaled.items() if ".layer.0." in n}
+    inter = model.config.intermediate_size
+    assert layer0 == {"attention.self.key": (32, 1), "attention.self.value": (32, 1), "output.dense": (1, inter)}

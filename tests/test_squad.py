@@ -37,6 +37,25 @@ def test_em_f1_max_over_gold_answers():
     assert squad.f1_score("x y", "z") == 0.0
 
 
+def test_each_version_is_scored_by_its_own_official_rules(tmp_path, monkeypatch):
+    """evaluate-v1.1.py keeps every gold text (one that normalises to empty included) and has no empty-vs-empty rule
+    (F1 0: no common token); evaluate-v2.0.py drops such golds and scores empty vs empty as F1 1. Hand-computed:
+    gold "The" / "Paris", prediction "a" (normalises to empty): v1.1 EM 1 (matches "The"), F1 0; v2.0 EM 0, F1 0."""
+    ex = {"id": "q", "answers": [{"text": "The", "answer_start": 0}, {"text": "Paris", "answer_start": 4}],
+          "is_impossible": False}
+    assert squad.score([ex], {"q": "a"}, version="1.1") == {"exact": 100.0, "f1": 0.0, "total": 1}
+    assert squad.score([ex], {"q": "a"}, version="2.0") == {"exact": 0.0, "f1": 0.0, "total": 1}
+    with pytest.raises(ValueError, match="SQuAD version '3'"):
+        squad.score([ex], {"q": "a"}, version="3")
+    # a v1.1 file is evaluated with the v1.1 rules end to end
+    data = squad.SquadData(tmp_path / "dev-v1.1.json", [ex], version_2=False)
+    monkeypatch.setattr(squad, "prepare_features", lambda *a, **k: [])
+    monkeypatch.setattr(squad, "predict_logits", lambda *a, **k: ([], []))
+    monkeypatch.setattr(squad, "postprocess", lambda *a, **k: ({"q": "a"}, {"q": 0.0}))
+    result = squad.evaluate(None, type("Tokenizer", (), {"pad_token_id": 0})(), data, squad.EvalSettings())
+    assert (result["version"], result["exact"], result["f1"]) == ("1.1", 100.0, 0.0)
+
+
 def test_v2_unanswerable_questions_and_threshold():
     examples = [
         {"id": "a", "answers": [{"text": "Paris", "answer_start": 0}], "is_impossible": False},
