@@ -79,11 +79,11 @@ _config = edit_adapter_config
 
 
 def _weights(folder, change):
-    """Rewrite adapter.safetensors with ``change(tensors)`` and drop the recorded size and hash, as a file written by
-    another tool (or an older zinit) would be."""
+    """Rewrite adapter.safetensors with ``change(tensors)`` through ``safetensors.torch.save_file`` (no metadata), as
+    a user's script editing the adapter would; zinit.json is left as it was."""
     tensors = load_file(str(folder / "adapter.safetensors"))
     save_file(change(dict(tensors)), str(folder / "adapter.safetensors"))
-    return _config(folder, weights_sha256=DELETE, weights_bytes=DELETE)
+    return folder
 
 
 def _write(name, data):
@@ -108,11 +108,16 @@ def _other_methods_folder(folder):
     return other
 
 
+#: The save id of the weights :func:`_other_adapters_weights` writes.
+OTHER_SAVE = "feedface" * 4
+
+
 def _other_adapters_weights(folder):
-    """Same shapes, other values: the weights of a second save, under the first save's zinit.json."""
+    """Same shapes, other values: the weights of a second save (another save id), under the first save's
+    zinit.json."""
     tensors = load_file(str(folder / "adapter.safetensors"))
     save_file({k: v + 1 for k, v in tensors.items()}, str(folder / "adapter.safetensors"),
-              metadata={"format": "zinit-adapter"})
+              metadata={"format": "zinit-adapter", "save_id": OTHER_SAVE})
     return folder
 
 
@@ -163,16 +168,29 @@ ADAPTER_ROWS = [
     ("adapter.safetensors random bytes", _write("adapter.safetensors", lambda data: os.urandom(len(data))),
      ValueError, r"adapter.safetensors cannot be read as safetensors: .*; save the adapter again"),
     ("adapter.safetensors of another save", _other_adapters_weights, ValueError,
-     r"adapter.safetensors do not match zinit.json beside them \(its sha256 differs from the one recorded\): the "
-     r"file was truncated or replaced, or a save into \S+ was interrupted; save the adapter again"),
+     r"adapter.safetensors and \S+zinit.json are from different saves \(adapter.safetensors has save_id "
+     rf"{OTHER_SAVE}, zinit.json has save_id [0-9a-f]{{32}}\): a save into \S+ was interrupted between its two "
+     r"renames, or one of the files was copied from another adapter folder; save the adapter again "
+     r"\(zinit.save_adapter\), or copy both files of one save into the folder; if you wrote adapter.safetensors "
+     r"yourself \(averaging or editing adapters\), write it without metadata \(safetensors.torch.save_file\(tensors, "
+     r"path\)\) or with metadata=\{'save_id': '[0-9a-f]{32}'\}$"),
     ("a tensor of dtype int64", lambda f: _weights(f, lambda t: {**t, "layers.1.prompt": torch.ones(4, 32).long()}),
      ValueError, r"adapter.safetensors: tensor 'layers.1.prompt' has dtype int64; adapter tensors are floating point"),
     ("an extra key", lambda f: _weights(f, lambda t: {**t, "layers.0.prompt": torch.zeros(4, 32)}), KeyError,
-     r"adapter.safetensors: adapter state does not fit this model: unexpected keys \['layers.0.prompt'\]"),
+     r"adapter.safetensors does not fit zinit.json beside it: unexpected keys \['layers.0.prompt'\] \(zinit.json "
+     r"lists layers \[1, 2\]: to add a layer's adapter, add its index to 'layers' there\); make the two agree"),
     ("a missing key", lambda f: _weights(f, lambda t: {k: v for k, v in t.items() if k != "layers.2.gate"}),
-     KeyError, r"adapter.safetensors: adapter state does not fit this model: missing keys \['layers.2.gate'\]"),
+     KeyError, r"adapter.safetensors does not fit zinit.json beside it: missing keys \['layers.2.gate'\] "
+     r"\(zinit.json describes layers \[1, 2\] with K=4, gate='head': keys layers.N.prompt \[4, 32\] and "
+     r"layers.N.gate \[4\]\); make the two agree: add or remove those tensors, or correct zinit.json"),
+    ("a layer's tensors deleted", lambda f: _weights(f, lambda t: {k: v for k, v in t.items() if ".2." not in k}),
+     KeyError, r"adapter.safetensors: no tensors for layer 2 \(missing keys \['layers.2.prompt', 'layers.2.gate'\]\), "
+     r"which zinit.json beside it lists in 'layers': \[1, 2\]; to drop that layer's adapter, remove 2 from 'layers' "
+     r"in zinit.json too; to switch it off and keep the file whole, keep its tensors and set its gate "
+     r"\(layers.2.gate\) to zeros"),
     ("a tensor of another shape", lambda f: _weights(f, lambda t: {**t, "layers.1.prompt": torch.zeros(5, 32)}),
-     ValueError, r"'layers.1.prompt' has shape \(5, 32\), but this model expects \(4, 32\)"),
+     ValueError, r"adapter.safetensors: tensor 'layers.1.prompt' has shape \[5, 32\]; zinit.json beside it \(K=4, "
+     r"hidden_size=32\) says \[4, 32\]; write the tensor in that shape, or correct K in zinit.json"),
 ]
 
 
@@ -591,11 +609,14 @@ def test_a_crash_between_the_two_renames_is_detected_and_either_adapter_can_be_r
         model = zinit.inject(tiny_llama(layers=3), 2, K=3)
         randomize_adapter(model, seed=seed)
         expected[seed] = zinit.adapter_state_dict(model)
-    with pytest.raises(ValueError, match=r"adapter.safetensors do not match zinit.json beside them \(its sha256 "
-                                         r"differs.*a save into \S+ was interrupted; (.zinit.json.\S+.tmp describes "
-                                         r"these weights: rename it to zinit.json to use them; .adapter.safetensors."
-                                         r"\S+.tmp holds the weights zinit.json describes: rename it to "
-                                         r"adapter.safetensors to restore the earlier adapter)") as caught:
+    with pytest.raises(ValueError, match=r"adapter.safetensors and \S+zinit.json are from different saves "
+                                         r"\(adapter.safetensors has save_id [0-9a-f]{32}, zinit.json has save_id "
+                                         r"[0-9a-f]{32}\): a save into \S+ was interrupted between its two renames, "
+                                         r"or one of the files was copied from another adapter folder; "
+                                         r"(.zinit.json.\S+.tmp describes these weights: rename it to zinit.json to "
+                                         r"use them; .adapter.safetensors.\S+.tmp holds the weights zinit.json "
+                                         r"describes: rename it to adapter.safetensors to restore the earlier "
+                                         r"adapter)$") as caught:
         zinit.load_adapter(tiny_llama(layers=3), folder)
     names = re.findall(r"(\.\S+\.tmp) ", str(caught.value))
     description, weights = (folder / names[0]), (folder / names[1])

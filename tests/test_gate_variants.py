@@ -84,10 +84,10 @@ def test_default_is_zero_init_and_writes_what_earlier_versions_wrote(tmp_path):
     config = zinit.injection(model).config
     assert config.gate_init == "zero" and config.format_version() == 1
     saved = json.loads((zinit.save_adapter(model, tmp_path) / "zinit.json").read_text())
-    assert saved["format_version"] == 1 and "gate_init" not in saved  # byte-for-byte the fields zinit wrote before
+    assert saved["format_version"] == 1 and "gate_init" not in saved  # the fields zinit wrote before, plus save_id
     assert set(saved) == {"format", "format_version", "backbone", "hidden_size", "num_heads", "num_kv_heads",
                           "head_dim", "num_layers", "layers", "K", "gate", "gate_fn", "train_modules", "zinit_version",
-                          "weights_bytes", "weights_sha256"}
+                          "weights_bytes", "weights_sha256", "save_id"}  # (which earlier versions ignore)
 
 
 # ---------------------------------------------------------------- random-init gate

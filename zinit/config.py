@@ -38,8 +38,10 @@ GATE_INITS = ("zero", "random")
 BIAS_SCALES = (None, "blocks", "all")
 #: The fields that describe the model an adapter fits (the :class:`~zinit.registry.Dims` of its backbone).
 DIM_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_layers")
-#: The fields that an adapter folder records about its weights file, beside the configuration.
-FILE_FIELDS = ("weights_bytes", "weights_sha256")
+#: The fields that an adapter folder records about its weights file, beside the configuration: the save id (also in
+#: the weights' safetensors metadata; two files of different saves are a torn pair), and the size and sha256 of the
+#: file as saved (what older zinit versions compare; an edited file no longer matches them and still loads).
+FILE_FIELDS = ("save_id", "weights_bytes", "weights_sha256")
 
 _AGAIN = "save the adapter again (zinit.save_adapter) or restore the folder from a copy"
 
@@ -213,6 +215,10 @@ def _check(data: Mapping[str, Any], source: str) -> None:
             raise _field_error(source, key, "an int >= 1 or null", value)
     if "weights_bytes" in data and (not _is_int(data["weights_bytes"]) or data["weights_bytes"] < 0):
         raise _field_error(source, "weights_bytes", "the size of adapter.safetensors in bytes", data["weights_bytes"])
+    save_id = data.get("save_id")
+    if save_id is not None and not (isinstance(save_id, str) and save_id):
+        raise _field_error(source, "save_id", "the id of the save that wrote zinit.json and adapter.safetensors (a "
+                           "string, also in the weights' safetensors metadata)", save_id)
     sha = data.get("weights_sha256")
     if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
         raise _field_error(source, "weights_sha256", "the sha256 of adapter.safetensors (64 hex digits)", sha)

@@ -7,7 +7,7 @@ Everything that takes an adapter folder (:func:`zinit.load_adapter`, :func:`zini
 (:func:`huggingface_hub.snapshot_download`): its cache (``HF_HUB_CACHE`` / ``HF_HOME``, or ``cache_dir=``), its offline
 mode (``HF_HUB_OFFLINE=1``, or ``local_files_only=True``) and its login (``hf auth login``, ``HF_TOKEN``, or
 ``token=``). Only the adapter's files are downloaded (``zinit.json``, ``adapter.safetensors``, ``README.md``); the
-snapshot folder then goes through exactly the checks a local folder does (fields, size, sha256, dtypes).
+snapshot folder then goes through exactly the checks a local folder does (fields, save id, tensor names, shapes and dtypes).
 
 How a value is read: an existing local path always wins; otherwise a string shaped like a repo id goes to the Hub;
 anything else is a local folder that does not exist, and gets that error. A :class:`~pathlib.Path` is always local.

@@ -5,11 +5,18 @@ folder does, and ``save_adapter(..., push_to_hub=...)`` uploads the folder (:mod
 No pickle anywhere: weights are safetensors, the description is JSON (an :class:`~zinit.AdapterConfig`). Files
 are written through :mod:`zinit.files`: to a temporary name in the target folder, then renamed into place, so an
 interrupted save never leaves a half-written file under the real name, and with the umask's mode. An adapter's two
-files are written as a pair: both go to temporary files first, ``zinit.json`` records the size and sha256 of the
-weights it describes, and the weights are renamed into place, then the description; an error between the two renames
-puts the earlier weights back, and a crash there (power loss, SIGKILL) is detected by
-:func:`load_adapter`, which then names the leftover files that restore either adapter. The card is staged with the
-pair and renamed into place after it; it describes the adapter and is never read back by a load.
+files are written as a pair: both go to temporary files first, both carry the same new save id (``zinit.json``'s
+``save_id`` field, the safetensors metadata ``save_id``), and the weights are renamed into place, then the
+description; an error between the two renames puts the earlier weights back, and a crash there (power loss, SIGKILL)
+leaves two files of different saves, which :func:`load_adapter` refuses ("from different saves"), naming the
+leftover files that restore either adapter. The card is staged with the pair and renamed into place after it; it
+describes the adapter and is never read back by a load.
+
+The weights stay editable with standard tools: a file rewritten with ``safetensors.torch.save_file`` (a model soup,
+a cast to bf16) carries no save id, or the one it was copied with, and loads when its tensor names, shapes and
+dtypes fit ``zinit.json`` (:func:`check_weights`). Only a file that says it belongs to another save is refused: a
+different save id, or, for a folder written before save ids existed, zinit's metadata without an id on a file whose
+sha256 is not the one ``zinit.json`` records.
 """
 
 from __future__ import annotations
@@ -20,14 +27,14 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from safetensors import SafetensorError
 from safetensors.torch import load as _load_safetensors, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from ._version import __version__
-from .config import _AGAIN, DIM_FIELDS, FORMAT_VERSION, AdapterConfig  # noqa: F401 - FORMAT_VERSION re-exported
+from .config import _AGAIN, DIM_FIELDS, FORMAT, FORMAT_VERSION, AdapterConfig  # noqa: F401 - FORMAT_VERSION re-exported
 from .files import DISK_FULL, discard, fsync_dir, read_json, stage
 from .inject import adapter_state_dict, eject, inject, injection, is_injected, load_adapter_state_dict
 from .registry import Backbone, get_backbone
@@ -36,6 +43,13 @@ WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "zinit.json"
 #: The adapter card written beside them (the Hub shows it as the repo's model card; see :mod:`zinit.hub`).
 CARD_NAME = "README.md"
+#: The key of the save id, in ``zinit.json`` and in the safetensors metadata of ``adapter.safetensors`` alike.
+SAVE_ID = "save_id"
+
+
+def new_save_id() -> str:
+    """A fresh save id: 32 random hex digits, written into both files of one save."""
+    return secrets.token_hex(16)
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:
@@ -58,8 +72,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     backbone, hidden size, heads, KV heads, head size, layer count, adapted layers, K, gate, gate_fn, gate_init when
     it is not ``"zero"``, train_modules, visual_dim and
     visual_hidden when there is a visual projection (``visual_proj.*``), zinit version, the base model and the
-    training command when known, and the size and sha256 of the weights file it describes) and ``README.md``, the
-    adapter card (:func:`zinit.hub.adapter_card`: Hub metadata, what the adapter is, how to load it).
+    training command when known, the save id, and the size and sha256 of the weights file as saved) and
+    ``README.md``, the adapter card (:func:`zinit.hub.adapter_card`: Hub metadata, what the adapter is, how to load
+    it). The weights' safetensors metadata is ``{"format": "zinit-adapter", "save_id": <the same id>}``: a new
+    random id every save, which is how :func:`load_adapter` tells the two files of one save from a torn pair while
+    letting the weights be edited (older zinit versions compare the recorded size and sha256 instead).
 
     ``base_model``: the Hub id of the model it was trained on (default: the model's own ``name_or_path`` when that
     is a repo id, :func:`zinit.hub.base_model_of`). ``command``: the training command (``sys.argv`` or a string),
@@ -105,11 +122,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     card_tmp: str | None = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        save_id = new_save_id()
         weights_tmp = stage(folder / WEIGHTS_NAME,
-                             lambda tmp: save_file(tensors, tmp, metadata={"format": "zinit-adapter"}))
+                             lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, SAVE_ID: save_id}))
         staged.append(weights_tmp)
         digest, size = _digest(Path(weights_tmp).read_bytes())
-        config.update(weights_bytes=size, weights_sha256=digest)
+        config.update({SAVE_ID: save_id, "weights_bytes": size, "weights_sha256": digest})
         text = json.dumps(config, indent=2) + "\n"
         staged.append(stage(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text)))
         card = hub.adapter_card(config, sum(t.numel() for t in tensors.values()), push_id)
@@ -226,54 +244,221 @@ def _leftovers(folder: Path, name: str) -> list[Path]:
     return sorted(folder.glob(f".{name}.*.tmp"))
 
 
-def _mismatch(weights: Path, config: dict[str, Any], data: bytes, reason: str) -> ValueError:
-    """The error for weights that are not the ones ``zinit.json`` describes, naming leftover files of an interrupted
-    save that restore a consistent adapter."""
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (empty when it has none or its header cannot be read)."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size].decode("utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+
+
+def _written_together(config: Mapping[str, Any], data: bytes) -> bool:
+    """Whether the description ``config`` was written by the save that wrote the weights ``data``: the same save
+    id, or the very bytes it records (its sha256)."""
+    theirs = _metadata(data).get(SAVE_ID)
+    if theirs is not None and theirs == config.get(SAVE_ID):
+        return True
+    return config.get("weights_sha256") == _digest(data)[0]
+
+
+def _different_saves(config: Mapping[str, Any], data: bytes) -> str | None:
+    """Why the weights ``data`` and the description ``config`` are from different saves, or None when nothing says
+    so (an edited file without zinit's metadata says nothing: its tensors are checked instead).
+
+    The weights name their save in their safetensors metadata; a file written by a zinit from before save ids has
+    only ``{"format": "zinit-adapter"}``, and then the sha256 its ``zinit.json`` recorded is the test.
+    """
+    if config.get("weights_sha256") == _digest(data)[0]:
+        return None  # the very file the description was written with
+    meta = _metadata(data)
+    theirs, ours = meta.get(SAVE_ID), config.get(SAVE_ID)
+    if theirs is not None:
+        if theirs == ours:
+            return None
+        if ours is None:
+            return f"{WEIGHTS_NAME} has save_id {theirs}, {CONFIG_NAME} has none: it is from an earlier save"
+        return f"{WEIGHTS_NAME} has save_id {theirs}, {CONFIG_NAME} has save_id {ours}"
+    if meta.get("format") == FORMAT and "weights_sha256" in config:
+        return (f"{WEIGHTS_NAME} carries the metadata of a zinit save made before save ids, but its sha256 differs "
+                f"from the one {CONFIG_NAME} records")
+    return None
+
+
+def _torn(weights: Path, config: Mapping[str, Any], data: bytes, reason: str) -> ValueError:
+    """The error for weights and a description of different saves, naming leftover files of an interrupted save
+    that restore a consistent adapter, or else the ways to make the pair whole."""
     folder = weights.parent
-    digest, _ = _digest(data)
     hints = []
     for tmp in _leftovers(folder, CONFIG_NAME):  # the description of these weights, staged but not renamed
         try:
-            if json.loads(tmp.read_text()).get("weights_sha256") == digest:
-                hints.append(f"{tmp.name} describes these weights: rename it to {CONFIG_NAME} to use them")
-        except (OSError, ValueError, AttributeError):
+            staged = json.loads(tmp.read_text())
+        except (OSError, ValueError):
             continue
+        if isinstance(staged, dict) and _written_together(staged, data):
+            hints.append(f"{tmp.name} describes these weights: rename it to {CONFIG_NAME} to use them")
     for tmp in _leftovers(folder, WEIGHTS_NAME):  # the weights zinit.json describes, kept while the pair was replaced
         try:
-            if _digest(tmp.read_bytes())[0] == config.get("weights_sha256"):
+            if _written_together(config, tmp.read_bytes()):
                 hints.append(f"{tmp.name} holds the weights {CONFIG_NAME} describes: rename it to {WEIGHTS_NAME} to "
                              "restore the earlier adapter")
         except OSError:
             continue
-    fix = "; ".join(hints) if hints else _AGAIN
-    return ValueError(f"adapter weights {weights} do not match {CONFIG_NAME} beside them ({reason}): the file was "
-                      f"truncated or replaced, or a save into {folder} was interrupted; {fix}")
+    if hints:
+        fix = "; ".join(hints)
+    else:
+        ours = config.get(SAVE_ID)
+        fix = (f"save the adapter again (zinit.save_adapter), or copy both files of one save into the folder; if you "
+               f"wrote {WEIGHTS_NAME} yourself (averaging or editing adapters), write it without metadata "
+               "(safetensors.torch.save_file(tensors, path))" +
+               (f" or with metadata={{'{SAVE_ID}': '{ours}'}}" if isinstance(ours, str) else ""))
+    return ValueError(f"adapter weights {weights} and {folder / CONFIG_NAME} are from different saves ({reason}): a "
+                      f"save into {folder} was interrupted between its two renames, or one of the files was copied "
+                      f"from another adapter folder; {fix}")
 
 
-def _read_weights(weights: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The tensors of ``adapter.safetensors``, checked against the size and sha256 ``zinit.json`` records and for a
-    floating-point dtype; errors name the file and the fix."""
+def layer_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """The per-layer tensors an adapter described by ``config`` has, with their shapes: ``layers.{n}.prompt``
+    ``[K, hidden_size]`` and, unless ``gate="none"``, ``layers.{n}.gate`` ``[num_heads]`` (``gate="head"``) or
+    ``[1]`` (``gate="layer"``), for each adapted layer n.
+
+    >>> import zinit
+    >>> layer_shapes(zinit.AdapterConfig("llama", 64, 4, 2, 16, 4, (3,), K=10, gate="layer"))
+    {'layers.3.prompt': (10, 64), 'layers.3.gate': (1,)}
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for n in config.layers:
+        out[f"layers.{n}.prompt"] = (config.K, config.hidden_size)
+        if config.gate != "none":
+            out[f"layers.{n}.gate"] = (config.num_heads if config.gate == "head" else 1,)
+    return out
+
+
+def _extra_groups(config: AdapterConfig) -> dict[str, str]:
+    """``{key prefix: the zinit.json field that puts tensors under it}`` for the tensors beside the layers' (their
+    exact names and shapes are the model's, checked when they are loaded into it)."""
+    groups = {}
+    if config.visual_dim is not None:
+        groups["visual_proj."] = f"visual_dim={config.visual_dim}"
+    for name in config.train_modules:
+        groups[f"modules.{name}."] = f"train_modules entry {name!r}"
+    if config.bias_scale is not None:
+        groups["linears."] = f"bias_scale={config.bias_scale!r}"
+    if config.train_norms:
+        groups["norms."] = "train_norms=true"
+    return groups
+
+
+def _layout(config: AdapterConfig) -> str:
+    """What ``zinit.json`` says the layers' tensors are, for an error message."""
+    gates = {"head": f" and layers.N.gate {[config.num_heads]}", "layer": " and layers.N.gate [1]"}
+    return (f"{CONFIG_NAME} describes layers {list(config.layers)} with K={config.K}, gate={config.gate!r}: keys "
+            f"layers.N.prompt {[config.K, config.hidden_size]}{gates.get(config.gate, ' and no gates')}")
+
+
+def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: str | os.PathLike[str]) -> None:
+    """Check that the tensors of an adapter file (``source``, named in the errors) fit its description ``config``:
+    floating-point tensors (any float dtype: a load converts them to the adapter's), exactly the layers' keys
+    ``config`` implies with the shapes it implies (:func:`layer_shapes`), and the other tensors only under the
+    prefixes its fields provide (``visual_proj.*``, ``modules.NAME.*``, ``linears.*``, ``norms.*``).
+
+    Raises:
+        ValueError: a tensor that is not floating point, or a layer tensor of another shape (naming the key, its
+            shape, and the shape and fields of ``zinit.json``).
+        KeyError: missing or unexpected keys, each named with what ``zinit.json`` says; a layer whose tensors are all
+            gone gets its own message (what to edit to drop it, or how to switch it off instead).
+    """
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            dtype = str(value.dtype).replace("torch.", "")
+            raise ValueError(f"adapter weights {source}: tensor {key!r} has dtype {dtype}; adapter tensors are "
+                             f"floating point (zinit writes float32); {_AGAIN}")
+    expected = layer_shapes(config)
+    groups = _extra_groups(config)
+    missing = [k for k in expected if k not in tensors]
+    listed = {f"layers.{n}." for n in config.layers}
+    unlisted = sorted(k for k in tensors if k.startswith("layers.") and k not in expected
+                      and not any(k.startswith(p) for p in listed))
+    misnamed = sorted(k for k in tensors if k.startswith("layers.") and k not in expected and k not in unlisted)
+    other = sorted(k for k in tensors if not k.startswith("layers.") and not any(k.startswith(p) for p in groups))
+    # a visual projection, a task head (inject refuses one without parameters) and trained norms always have
+    # tensors; bias/scale ones may in principle be none, and the model's own check names any that are missing
+    empty = [p for p in groups if p != "linears." and not any(k.startswith(p) for k in tensors)]
+    dropped = [n for n in config.layers if all(k not in tensors for k in expected if k.startswith(f"layers.{n}."))]
+    if dropped and len(dropped) < len(config.layers) and not (unlisted or misnamed or other or empty) and all(
+            any(k.startswith(f"layers.{n}.") for n in dropped) for k in missing):
+        raise KeyError(_dropped_message(source, config, dropped, missing))
+    if missing or unlisted or misnamed or other or empty:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing} ({_layout(config)})")
+        if unlisted:
+            parts.append(f"unexpected keys {unlisted} ({CONFIG_NAME} lists layers {list(config.layers)}: to add a "
+                         "layer's adapter, add its index to 'layers' there)")
+        if misnamed:
+            parts.append(f"unexpected keys {misnamed} ({_layout(config)})")
+        if other:
+            where = (f"describes layers.N.* and {', '.join(f'{p}* ({why})' for p, why in groups.items())} only"
+                     if groups else "has no train_modules, visual_dim, bias_scale or train_norms: its keys are "
+                                    "layers.N.* only")
+            parts.append(f"unexpected keys {other} ({CONFIG_NAME} {where})")
+        for prefix in empty:
+            parts.append(f"no {prefix}* tensors, which {groups[prefix]} in {CONFIG_NAME} needs")
+        raise KeyError(f"{source} does not fit {CONFIG_NAME} beside it: {'; '.join(parts)}; make the two agree: add "
+                       f"or remove those tensors, or correct {CONFIG_NAME}")
+    for key, shape in expected.items():
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            if key.endswith(".prompt"):
+                why, fields_ = f"K={config.K}, hidden_size={config.hidden_size}", "K"
+            else:
+                why = f"gate={config.gate!r}" + (f", num_heads={config.num_heads}" if config.gate == "head" else "")
+                fields_ = "gate"
+            raise ValueError(f"{source}: tensor {key!r} has shape {list(got)}; {CONFIG_NAME} beside it ({why}) says "
+                             f"{list(shape)}; write the tensor in that shape, or correct {fields_} in {CONFIG_NAME}")
+
+
+def _dropped_message(source: str | os.PathLike[str], config: AdapterConfig, dropped: list[int],
+                     missing: list[str]) -> str:
+    """The error for layers whose tensors are all gone while ``zinit.json`` still lists them: what to edit to drop
+    them, or how to switch them off instead (a gate of zeros adds nothing, whatever the gate function)."""
+    which = ", ".join(map(str, dropped))
+    gates = ", ".join(f"layers.{n}.gate" for n in dropped)
+    if len(dropped) == 1:
+        head = f"layer {which}"
+        drop, keep = "that layer's adapter", "to keep it, put its tensors back"
+        switch = f"to switch it off and keep the file whole, keep its tensors and set its gate ({gates}) to zeros"
+    else:
+        head = f"layers {which}"
+        drop, keep = "those layers' adapters", "to keep them, put their tensors back"
+        switch = (f"to switch them off and keep the file whole, keep their tensors and set their gates ({gates}) to "
+                  "zeros")
+    return (f"{source}: no tensors for {head} (missing keys {missing}), which {CONFIG_NAME} beside it lists in "
+            f"'layers': {list(config.layers)}; to drop {drop}, remove {which} from 'layers' in {CONFIG_NAME} too; "
+            f"{keep if config.gate == 'none' else switch}")
+
+
+def _read_weights(weights: Path, config: Mapping[str, Any], adapter: AdapterConfig) -> dict[str, Tensor]:
+    """The tensors of ``adapter.safetensors``, checked: a readable safetensors file, of the same save as
+    ``zinit.json`` (:func:`_different_saves`), whose tensors fit ``adapter`` (:func:`check_weights`); errors name
+    the file and the fix."""
     data = weights.read_bytes()
-    recorded = config.get("weights_bytes")
-    size_note = ""
-    if recorded not in (None, len(data)):
-        size_note = f"; it is {len(data)} bytes, {CONFIG_NAME} records {recorded}"
     try:
         if not data:
             raise SafetensorError("the file is empty (0 bytes)")
         tensors = _load_safetensors(data)
     except SafetensorError as exc:
+        recorded = config.get("weights_bytes")
+        size_note = f"; it is {len(data)} bytes, {CONFIG_NAME} records {recorded}" if recorded not in (
+            None, len(data)) else ""
         raise ValueError(f"adapter weights {weights} cannot be read as safetensors: {exc}{size_note}; "
                          f"{_AGAIN}") from None
-    if size_note:
-        raise _mismatch(weights, config, data, size_note[2:])
-    if "weights_sha256" in config and _digest(data)[0] != config["weights_sha256"]:
-        raise _mismatch(weights, config, data, "its sha256 differs from the one recorded")
-    for key, value in tensors.items():
-        if not value.is_floating_point():
-            dtype = str(value.dtype).replace("torch.", "")
-            raise ValueError(f"adapter weights {weights}: tensor {key!r} has dtype {dtype}; adapter tensors are "
-                             f"floating point (zinit writes float32); {_AGAIN}")
+    reason = _different_saves(config, data)
+    if reason is not None:
+        raise _torn(weights, config, data, reason)
+    check_weights(tensors, adapter, weights)
     return tensors
 
 
@@ -281,9 +466,11 @@ def read_adapter(directory: str | os.PathLike[str], *, revision: str | None = No
                  cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
                  local_files_only: bool = False) -> tuple[AdapterConfig, dict[str, Any]]:
     """The :class:`~zinit.AdapterConfig` and the tensors of an adapter folder (or Hub repo id, as for
-    :func:`read_adapter_config`), both checked (the description's fields, the weights' size, sha256 and dtypes);
-    errors name the file and the fix. Nothing is loaded anywhere. Other files in the folder (the ``README.md``
-    card) are not read.
+    :func:`read_adapter_config`), both checked: the description's fields, the two files being of one save, and the
+    tensors' names, shapes and dtypes against the description (:func:`check_weights`); errors name the file and the
+    fix. Nothing is loaded anywhere. Other files in the folder (the ``README.md`` card) are not read.
+
+    Tensors come as stored (an edited file may hold bf16 or float16: loading converts them).
 
     >>> import tempfile, timm, zinit
     >>> folder = zinit.save_adapter(zinit.inject(timm.create_model("vit_tiny_patch16_224"), 2, 4), tempfile.mkdtemp())
@@ -296,7 +483,8 @@ def read_adapter(directory: str | os.PathLike[str], *, revision: str | None = No
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} does not exist (the folder has {CONFIG_NAME} but no weights); {_AGAIN}")
-    return AdapterConfig.from_json(config, str(folder / CONFIG_NAME)), _read_weights(weights, config)
+    adapter = AdapterConfig.from_json(config, str(folder / CONFIG_NAME))
+    return adapter, _read_weights(weights, config, adapter)
 
 
 def check_fits(config: AdapterConfig, model: nn.Module, source: str | os.PathLike[str],
@@ -331,10 +519,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, revisio
     ``huggingface_hub``), then checked exactly as a local folder is.
 
     A model that is not injected yet is injected as ``zinit.json`` says; an injected one must have the same layers,
-    K, gate, gate_fn and gate_init (every :class:`~zinit.AdapterConfig` field). A model whose sizes differ from the file's raises a ValueError naming the field and both
-    values. The weights must be the file ``zinit.json`` describes (its size and sha256 are recorded there) and hold
-    floating-point tensors with exactly the expected keys (a KeyError names the missing and unexpected ones). If
-    anything fails, a model this call injected is ejected again and the model's adapter is unchanged.
+    K, gate, gate_fn and gate_init (every :class:`~zinit.AdapterConfig` field). A model whose sizes differ from the
+    file's raises a ValueError naming the field and both values. The weights must be of the same save as
+    ``zinit.json`` (both carry its save id; a pair of two saves, from an interrupted save or a copied file, is
+    refused naming both ids and the fix) and hold floating-point tensors with exactly the keys and shapes
+    ``zinit.json`` implies (:func:`check_weights`: a KeyError names the missing and unexpected keys, a ValueError a
+    wrong shape and the one expected). A weights file edited with safetensors (an average of adapters, values
+    changed, a cast to bf16) loads as long as it fits, converted to the adapter's dtype. If anything fails, a model
+    this call injected is ejected again and the model's adapter is unchanged.
 
     >>> import tempfile, timm, torch, zinit
     >>> folder = zinit.save_adapter(zinit.inject(timm.create_model("vit_tiny_patch16_224"), 2, 4), tempfile.mkdtemp())
