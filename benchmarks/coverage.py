@@ -6,15 +6,23 @@ weights, ``zinit.inject`` it, and check:
 
 (a) zero-init invariance: the injected model's outputs equal the base model's (≤ 1e-6);
 (b) the naive reference (``tests/reference.py``: the family's own attention for the tokens plus the prompt term in
-    float64 with explicit loops, the prompt keys from the layer's own forward at position 0, a route of its own)
-    equals the injected model with open gates (≤ 1e-5);
+    float64 with explicit loops) equals the injected model with open gates (≤ 1e-5);
+(k) the prompt keys and values zinit projects equal the reference's (≤ 1e-5), and are not all ~0 (max |k| > 1e-3:
+    a key path that gives zeros proves nothing). The reference's keys take one of two routes, named per row in
+    ``key_path``: ``independent`` — the family's projections and norms written out (``reference.written_out_kv``:
+    separate or fused projections, key/value norms, ``clip_qkv``, key multipliers, the layer's own rotary at
+    position 0), never through the layer's forward; or ``capture: <why>`` — the layer's own forward at position 0
+    through a recording attention function, where the key path has a part the reference cannot write out;
 (c) causal LMs: cached greedy ``generate()`` gives, step by step, the logits of a full forward (≤ 1e-4);
 (d) ``save_adapter`` → ``load_adapter`` into a fresh copy gives identical outputs.
 
 A family zinit cannot adapt exactly is refused with a reason (:class:`zinit.hfauto.Unsupported`); a family whose
-tiny config cannot be built here is "skipped" with the error. Prints a table (family, backbone, result, reason) and
-the counts; ``--json`` / ``--markdown`` write them. ``--only gpt2,qwen3`` runs a subset. Needs a repository checkout
-(the reference lives in ``tests/``).
+tiny config cannot be built here is "skipped" with the error. Tiny models are random; a parameter of an attention
+module that its init leaves exactly 0 (a norm's offset weight, ZAYA's key scale) is drawn from U(0.5, 1.5), so every
+path to the keys carries signal. Prints a table (family, backbone, result, key path, reason) and the counts, each
+family once (the BERT-likes are checked as causal LMs and as encoders: a family passes when every row of it does);
+``--json`` / ``--markdown`` write them. ``--only gpt2,qwen3`` runs a subset. Needs a repository checkout (the
+reference lives in ``tests/``).
 """
 
 from __future__ import annotations
@@ -62,6 +70,13 @@ class Row:
     reason: str = ""
     checks: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    #: the reference's route to the prompt keys: "independent" (written out) or "capture: <why not independent>"
+    key_path: str = ""
+
+
+#: Limits of the checks (see the module docstring); ``prompt_key_size`` is a lower bound.
+LIMITS = {"zero_init": 1e-6, "reference": 1e-5, "prompt_kv": 1e-5, "generate": 1e-4, "save_load": 0.0}
+MIN_KEY = 1e-3
 
 
 def _reference_module() -> Any:
@@ -111,7 +126,29 @@ def build(family: str, kind: str, keep_depth: bool = False) -> nn.Module:
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         model = auto.from_config(config)
+    wake_zero_parameters(model)
     return model.float().eval()
+
+
+def wake_zero_parameters(model: nn.Module) -> list[str]:
+    """Draw from U(0.5, 1.5) every parameter of an attention module (a class named ``*Attention``) that is exactly 0
+    everywhere and is not a bias: a norm weight stored as an offset (Gemma 3's ``k_norm``), ZAYA's per-head key
+    scale (whose zeros make every key 0), attention sinks. A tiny random model then exercises its whole key path.
+    Returns the names drawn; a fixed generator, so builds stay deterministic."""
+    g = torch.Generator().manual_seed(3)
+    woken = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not type(module).__name__.endswith("Attention"):
+                continue
+            for pname, p in module.named_parameters():
+                full = f"{name}.{pname}" if name else pname
+                if full in woken or not p.is_floating_point() or p.numel() == 0 or p.any() \
+                        or "bias" in pname.split(".")[-1]:
+                    continue
+                p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float32).add_(0.5).to(p.dtype))
+                woken.append(full)
+    return woken
 
 
 def _inputs(model: nn.Module, kind: str) -> dict[str, torch.Tensor]:
@@ -173,10 +210,15 @@ def _run_checks(base: nn.Module, kind: str, L: int, K: int, row: Row) -> None:
     opened = _out(model, inputs)
     ref_model = copy.deepcopy(pristine)
     attns = [state.backbone.attention_modules(ref_model)[n] for n in adapters]
-    reference.install_reference(ref_model, attns, [a.prompt for a in adapters.values()],
-                                [a.gate for a in adapters.values()], state.gate_fn)
+    routes = reference.install_reference(ref_model, attns, [a.prompt for a in adapters.values()],
+                                         [a.gate for a in adapters.values()], state.gate_fn)
+    row.key_path = next((r for r in routes if r != "independent"), "independent")
     row.checks["reference"] = (opened - _out(ref_model, inputs)).abs().max().item()
     row.checks["gates_open_effect"] = (opened - expected).abs().max().item()
+    ours = state.backbone.attention_modules(model)
+    with torch.no_grad():
+        _key_checks(row, [(state.backbone.project(ours[n], a.prompt), attn._reference_kv)
+                          for (n, a), attn in zip(adapters.items(), attns)])
 
     if kind == "causal":
         base_gap = _generate_gap(pristine, inputs)
@@ -190,12 +232,38 @@ def _run_checks(base: nn.Module, kind: str, L: int, K: int, row: Row) -> None:
         fresh = zinit.load_adapter(copy.deepcopy(pristine), folder)
         row.checks["save_load"] = (_out(fresh, inputs) - opened).abs().max().item()
 
-    limits = {"zero_init": 1e-6, "reference": 1e-5, "generate": 1e-4, "save_load": 0.0}
-    bad = [f"{k} {row.checks[k]:.1e} > {v:g}" for k, v in limits.items() if k in row.checks and row.checks[k] > v]
+    bad = _verdict(row)
     if row.checks["gates_open_effect"] == 0.0:
         bad.append("open gates change nothing (the prompt term never reached the output)")
     row.result = "fail" if bad else "pass"
     row.reason = "; ".join(bad + ([row.reason] if row.reason else []))
+
+
+def _key_checks(row: Row, pairs: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+                ) -> None:
+    """``prompt_kv``: the largest gap between zinit's prompt keys/values and the reference's over the adapted
+    layers; ``prompt_key_size``: the smallest of the layers' largest reference key (a key path giving ~0 proves
+    nothing)."""
+    gaps, sizes = [], []
+    with torch.no_grad():
+        for (key, value), (ref_key, ref_value) in pairs:
+            key, value = key.detach().double().cpu(), value.detach().double().cpu()
+            if key.shape != ref_key.shape or value.shape != ref_value.shape:
+                raise AssertionError(f"prompt keys/values of shape {tuple(key.shape)}/{tuple(value.shape)}, the "
+                                     f"reference's {tuple(ref_key.shape)}/{tuple(ref_value.shape)}")
+            gaps.append(max((key - ref_key).abs().max().item(), (value - ref_value).abs().max().item()))
+            sizes.append(ref_key.abs().max().item())
+    row.checks["prompt_kv"] = max(gaps)
+    row.checks["prompt_key_size"] = min(sizes)
+
+
+def _verdict(row: Row) -> list[str]:
+    """The failed checks of ``row``, each with its value and limit."""
+    bad = [f"{k} {row.checks[k]:.1e} > {v:g}" for k, v in LIMITS.items() if k in row.checks and row.checks[k] > v]
+    if "prompt_key_size" in row.checks and not row.checks["prompt_key_size"] > MIN_KEY:
+        bad.append(f"prompt keys all ~0 (max |k| {row.checks['prompt_key_size']:.1e} ≤ {MIN_KEY:g}): the tiny "
+                   "config does not exercise the key path")
+    return bad
 
 
 def _generate_gap(model: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
@@ -290,12 +358,15 @@ def _timm_checks(base: nn.Module, images: torch.Tensor, expected: torch.Tensor, 
                                                        state.gate_fn)).abs().max().item()
         for n, (x, out) in seen.items())
     row.checks["gates_open_effect"] = (opened - expected).abs().max().item()
+    row.key_path = "independent"  # timm_attention_layer writes the fused qkv split and k_norm out
+    with torch.no_grad():
+        _key_checks(row, [(state.backbone.project(modules[n], a.prompt),
+                           reference.timm_prompt_kv(modules[n], a.prompt)) for n, a in adapters.items()])
     with tempfile.TemporaryDirectory() as folder:
         zinit.save_adapter(model, folder)
         fresh = zinit.load_adapter(copy.deepcopy(pristine), folder)
         row.checks["save_load"] = (_out_timm(fresh, images) - opened).abs().max().item()
-    limits = {"zero_init": 1e-6, "reference": 1e-5, "save_load": 0.0}
-    bad = [f"{k} {row.checks[k]:.1e} > {v:g}" for k, v in limits.items() if row.checks[k] > v]
+    bad = _verdict(row)
     if row.checks["gates_open_effect"] == 0.0:
         bad.append("open gates change nothing")
     row.result, row.reason = ("fail" if bad else "pass"), "; ".join(bad)
@@ -308,14 +379,43 @@ def families() -> list[tuple[str, str]]:
     return [(t, "causal") for t in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)] + list(EXTRA)
 
 
+#: A family with several rows (the BERT-likes as causal LMs and as encoders) takes the first of these its rows have.
+_PRECEDENCE = ("fail", "refused", "skipped", "pass")
+
+
+def by_family(rows: Sequence[Row]) -> dict[str, tuple[str, str]]:
+    """Each family once: its result (the first of :data:`_PRECEDENCE` among its rows, so it passes only when every
+    row does) and its key path ("independent" only when every passing row's is)."""
+    out: dict[str, tuple[str, str]] = {}
+    for family in dict.fromkeys(r.family for r in rows):
+        mine = [r for r in rows if r.family == family]
+        result = next(p for p in _PRECEDENCE if any(r.result == p for r in mine))
+        paths = {r.key_path.split(":")[0] for r in mine if r.result == "pass"}
+        out[family] = (result, "capture" if "capture" in paths else "independent" if paths else "")
+    return out
+
+
+def headline(rows: Sequence[Row]) -> str:
+    """The counts, each family once, and the passing families' key routes."""
+    families = by_family(rows)
+    counts = {p: sum(result == p for result, _ in families.values()) for p in _PRECEDENCE}
+    independent = sum(result == "pass" and path == "independent" for result, path in families.values())
+    extra = len(rows) - len(families)
+    return (f"{counts['pass']} pass, {counts['refused']} refused with a reason, {counts['fail']} fail, "
+            f"{counts['skipped']} skipped (tiny config not buildable here), of {len(families)} families"
+            + (f" ({len(rows)} rows: {extra} families are checked both as causal LMs and as encoders, and pass only "
+               "if both rows do)" if extra else "")
+            + f". Prompt keys checked against an independent (written-out) key path: {independent} of the "
+              f"{counts['pass']} passing families; through the capture route: {counts['pass'] - independent}.")
+
+
 def format_markdown(rows: Sequence[Row]) -> str:
-    counts = {r: sum(row.result == r for row in rows) for r in ("pass", "refused", "fail", "skipped")}
-    lines = [f"{counts['pass']} pass, {counts['refused']} refused with a reason, {counts['fail']} fail, "
-             f"{counts['skipped']} skipped (tiny config not buildable here), of {len(rows)} families", "",
-             "| family | kind | result | backbone | reason / worst check |", "|---|---|---|---|---|"]
+    lines = [headline(rows), "",
+             "| family | kind | result | backbone | key path | reason / worst check |", "|---|---|---|---|---|---|"]
     for r in rows:
         detail = r.reason or ", ".join(f"{k} {v:.0e}" for k, v in r.checks.items() if k != "gates_open_effect")
-        lines.append(f"| {r.family} | {r.kind} | {r.result} | {r.backbone} | {detail.replace('|', '/')} |")
+        lines.append(f"| {r.family} | {r.kind} | {r.result} | {r.backbone} | {r.key_path.replace('|', '/')} | "
+                     f"{detail.replace('|', '/')} |")
     return "\n".join(lines)
 
 
@@ -339,11 +439,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     for family, kind in tqdm(todo, desc="families", unit="family"):
         rows.append(check(family, kind))
         r = rows[-1]
-        tqdm.write(f"{family:28s} {r.result:8s} {r.backbone:8s} {r.reason[:110]}")
+        tqdm.write(f"{family:28s} {r.result:8s} {r.backbone:8s} {r.key_path.split(':')[0]:11s} {r.reason[:100]}")
     for row_name, name, extra in timm_rows:
         rows.append(check_timm(row_name, name, extra))
         r = rows[-1]
-        tqdm.write(f"{row_name:28s} {r.result:8s} {r.backbone:8s} {r.reason[:110]}")
+        tqdm.write(f"{row_name:28s} {r.result:8s} {r.backbone:8s} {r.key_path.split(':')[0]:11s} {r.reason[:100]}")
     table = format_markdown(rows)
     print(table)
     if args.json:

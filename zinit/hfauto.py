@@ -14,11 +14,19 @@ How it works: a shallow copy of the attention module (same weights, same submodu
 ``_attn_implementation = "zinit_capture"``, a registered attention function that records ``(query, key, value)``
 and returns zeros. The module itself is never changed, so concurrent forwards are unaffected.
 
+Position 0 is computed per layer: a model whose layers differ in their rotary (``config.layer_types``, e.g. OLMo 3's
+YaRN on its full-attention layers only, Gemma 3's local and global RoPE) gives each layer the (cos, sin) at position
+0 of its own layer type, exactly as its own forward hands that layer its position embeddings.
+
 Layout discovery (:func:`analyse`, once per model): the layer stack is the ``nn.ModuleList`` whose every element
 holds exactly one self-attention module that dispatches through ``ALL_ATTENTION_FUNCTIONS`` (cross-attention
-modules are left alone); every layer is captured once on a dummy prompt, which gives the head counts and head size
-(and proves that routing by ``config._attn_implementation`` reaches the module). A model that does not fit is
-refused with :class:`Unsupported`, whose message names what is missing; zinit never adapts a layer approximately.
+modules are left alone); every layer is captured on three random two-row prompts, (a, b), (c, b) and (a, d), which
+gives the head counts and head size (and proves that routing by ``config._attn_implementation`` reaches the module).
+Row b's keys and values must not change with the row before it, nor row a's with the row after it: a layer that mixes
+the rows of a sequence before its attention (a causal convolution over the sequence, a token shift: ZAYA) gives a
+row a key that depends on the rows around it, so a prompt row has no key of its own, and the model is refused. A
+model that does not fit is refused with :class:`Unsupported`, whose message names what is missing; zinit never
+adapts a layer approximately.
 """
 
 from __future__ import annotations
@@ -117,10 +125,13 @@ class Layout:
 
     layers: str  #: path of the layer stack (``model.model.layers`` → ``"model.layers"``)
     attention: str  #: path of the self-attention module inside a layer (``"self_attn"``)
-    position0: tuple[Tensor, Tensor] | None  #: the model's (cos, sin) at position 0, ``[rotary dim]``; None: no RoPE
+    #: the lowest layer's (cos, sin) at position 0, ``[rotary dim]``; None: no RoPE (each layer's: ``positions0``)
+    position0: tuple[Tensor, Tensor] | None
     dims: Dims
     attention_class: str
     attention_layers: tuple[int, ...] = ()  #: positions in the stack of the layers with attention (all but hybrids')
+    #: each attention layer's own (cos, sin) at position 0 (its layer type's rotary), bottom to top
+    positions0: tuple[tuple[Tensor, Tensor] | None, ...] = ()
 
 
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Layout]" = weakref.WeakKeyDictionary()
@@ -144,9 +155,23 @@ def _stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
-def _position0(model: nn.Module, attention: nn.Module, width: int) -> tuple[Tensor, Tensor] | None:
-    """The model's own rotary (cos, sin) at position 0, ``[rotary dim]`` each, or None when ``attention``'s forward
-    takes no position embeddings."""
+def _layer_type(model: nn.Module, layer: nn.Module, position: int) -> str | None:
+    """The layer type whose position embeddings the model hands the layer at ``position`` of its stack: the layer's
+    own ``attention_type`` where it has one (Gemma 3, ModernBERT), else ``config.layer_types[position]`` (OLMo 3,
+    ...), else None (one rotary for every layer)."""
+    own = getattr(layer, "attention_type", None)
+    if isinstance(own, str):
+        return own
+    types = getattr(_text_config(model), "layer_types", None)
+    if isinstance(types, (list, tuple)) and position < len(types):
+        return types[position]
+    return None
+
+
+def _position0(model: nn.Module, attention: nn.Module, width: int, layer_type: str | None = None
+               ) -> tuple[Tensor, Tensor] | None:
+    """The model's own rotary (cos, sin) at position 0 for layers of ``layer_type``, ``[rotary dim]`` each, or None
+    when ``attention``'s forward takes no position embeddings. A rotary that scales attention (YaRN) scales cos."""
     if "position_embeddings" not in _forward_params(type(attention)):
         return None
     rotaries = [m for name, m in model.named_modules() if name.split(".")[-1] in ("rotary_emb", "rotary_embedding")]
@@ -159,19 +184,58 @@ def _position0(model: nn.Module, attention: nn.Module, width: int) -> tuple[Tens
     kwargs: dict[str, Any] = {}
     params = _forward_params(type(rotary))
     if "layer_type" in params:
-        kwargs["layer_type"] = (getattr(_text_config(model), "layer_types", None) or [None])[0]
+        types = getattr(rotary, "rope_type", None)
+        if isinstance(types, dict) and layer_type not in types:  # a layer type with no RoPE (Ergo's full layers):
+            return None  # the model hands these layers no position embeddings
+        kwargs["layer_type"] = layer_type
     try:
         with torch.no_grad():
             cos, sin = rotary(dummy, torch.zeros(1, 1, dtype=torch.long, device=param.device), **kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure is a reason to refuse, named
-        raise Unsupported(f"cannot compute the position embeddings at position 0 with {type(rotary).__qualname__}: "
-                          f"{type(exc).__name__}: {exc}") from None
+        kind = f" for layer type {layer_type!r}" if "layer_type" in kwargs else ""
+        raise Unsupported(f"cannot compute the position embeddings at position 0{kind} with "
+                          f"{type(rotary).__qualname__}: {type(exc).__name__}: {exc}") from None
     if not isinstance(cos, Tensor) or not isinstance(sin, Tensor) or cos.shape != sin.shape:
         raise Unsupported(f"{type(rotary).__qualname__} does not return (cos, sin) tensors of one shape")
     if sin.abs().max() != 0:
         raise Unsupported(f"{type(rotary).__qualname__} rotates position 0 (sin ≠ 0): zinit cannot place the prompt "
                           "at no position")
     return cos.reshape(-1, cos.shape[-1])[0].float().cpu(), sin.reshape(-1, sin.shape[-1])[0].float().cpu()
+
+
+#: How far a prompt row's key/value may move when the other row of its two-row sequence changes, relative to its
+#: size: the captures compared have one shape and one row order, so a layer that keeps rows apart gives equal bits.
+_MIXING_TOLERANCE = 1e-6
+
+
+def _row_mixing(module: nn.Module, width: int, position0: tuple[Tensor, Tensor] | None
+                ) -> tuple[tuple[Tensor, Tensor, Tensor, dict], str | None]:
+    """Capture three two-row sequences of random rows, (a, b), (c, b) and (a, d); return the first capture and, if
+    a row's key or value changes with the row beside it (b's with its predecessor, a's with its successor: the layer
+    mixes a sequence's rows before its attention), the reason to refuse, else None.
+
+    Exact: the three captures have one shape, every row sits at position 0 and in the same place, so a layer that
+    keeps rows apart computes row b (and row a) with the very same operations twice. The rows are random (a fixed
+    generator of their own; the global RNG is untouched) so that every path of the key projection carries signal."""
+    floats = [p for p in module.parameters() if p.is_floating_point()]  # none in a 4-bit layer (uint8 weights)
+    param = floats[0] if floats else next(module.parameters())
+    dtype = param.dtype if floats else torch.float32
+    g = torch.Generator().manual_seed(0)
+    a, b, c, d = torch.randn(4, 1, 1, width, generator=g).to(device=param.device, dtype=dtype)
+    first = capture(module, torch.cat([a, b], dim=1), position0)
+    before = capture(module, torch.cat([c, b], dim=1), position0)  # b after another row
+    after = capture(module, torch.cat([a, d], dim=1), position0)  # a before another row
+    for name, index in (("key", 1), ("value", 2)):
+        for row, other, moved in ((1, before, "the row before it"), (0, after, "the row after it")):
+            mine, theirs = first[index][0, :, row].float(), other[index][0, :, row].float()
+            gap = (mine - theirs).abs().max().item()
+            if gap > _MIXING_TOLERANCE * mine.abs().max().item():
+                return first, (
+                    f"{type(module).__qualname__} mixes the rows of a sequence before its attention: the {name} of "
+                    f"a prompt row changes by {gap:.2g} (its size: {mine.abs().max().item():.2g}) when {moved} "
+                    "changes, as with a convolution or token shift over the sequence. A prompt row then has no "
+                    f"{name} of its own, and zinit's prompt keys and values are each one row's, at no position")
+    return first, None
 
 
 def capture(attention: nn.Module, hidden: Tensor, position0: tuple[Tensor, Tensor] | None
@@ -195,6 +259,8 @@ def capture(attention: nn.Module, hidden: Tensor, position0: tuple[Tensor, Tenso
     if position0 is not None:
         shape = (hidden.shape[0], hidden.shape[1], position0[0].shape[-1])
         kwargs["position_embeddings"] = tuple(t.to(hidden.device, hidden.dtype).expand(shape) for t in position0)
+    elif "position_embeddings" in params:  # a layer the model gives no position embeddings (a NoPE layer type)
+        kwargs["position_embeddings"] = None
     token = _RECORDS.set(records)
     try:
         type(attention).forward(clone, **kwargs)  # not the module's __call__: no hooks of the real module run
@@ -280,19 +346,26 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
     first = modules[0][1]
     if not isinstance(width, int):
         raise Unsupported(f"zinit cannot adapt {cls}: its config has no integer hidden_size")
-    position0 = _position0(model, first, width)
+    stack_positions = tuple(range(len(layers))) if attention_declared is not None else positions
+    by_type: dict[str | None, tuple[Tensor, Tensor] | None] = {}
+    positions0 = []
+    for i, (_, module) in zip(stack_positions, modules):  # each layer its own layer type's rotary at position 0
+        layer_type = _layer_type(model, layers[i], i)
+        if layer_type not in by_type:
+            by_type[layer_type] = _position0(model, module, width, layer_type)
+        positions0.append(by_type[layer_type])
     shapes = set()
-    for _, module in modules:
-        param = next(module.parameters())
-        dummy = torch.zeros(1, 2, width, dtype=param.dtype, device=param.device)
+    for (_, module), position0 in zip(modules, positions0):
         try:
             with torch.no_grad():
-                query, key, value, _ = capture(module, dummy, position0)
+                (query, key, value, _), mixing = _row_mixing(module, width, position0)
         except Unsupported:
             raise
         except Exception as exc:  # noqa: BLE001 - named in the refusal
             raise Unsupported(f"zinit cannot adapt {cls}: a forward of {type(module).__qualname__} on a prompt "
                               f"of width {width} failed ({type(exc).__name__}: {exc})") from None
+        if mixing is not None:
+            raise Unsupported(f"zinit cannot adapt {cls}: {mixing}")
         shapes.add((query.shape[1], key.shape[1], key.shape[-1], value.shape[1], value.shape[-1], query.shape[-1]))
     if len(shapes) != 1:
         raise Unsupported(f"zinit cannot adapt {cls}: its layers differ in head counts or sizes {sorted(shapes)}")
@@ -304,8 +377,8 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
     if heads % kv_heads:
         raise Unsupported(f"zinit cannot adapt {cls}: {heads} query heads are not a multiple of {kv_heads} key heads")
     dims = Dims(hidden_size=width, num_heads=heads, num_kv_heads=kv_heads, head_dim=key_dim, num_layers=len(modules))
-    layout = Layout(path, next(iter(names)), position0, dims, type(first).__qualname__,
-                    tuple(range(len(layers))) if attention_declared is not None else positions)
+    layout = Layout(path, next(iter(names)), positions0[0], dims, type(first).__qualname__, stack_positions,
+                    tuple(positions0))
     _LAYOUTS[model] = layout
     return layout
 
@@ -375,12 +448,18 @@ def project(attention: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def install(model: nn.Module, modules: list[nn.Module]) -> None:
-    """:func:`zinit.hf.install`, after recording on each module the position embeddings at position 0."""
+    """:func:`zinit.hf.install`, after recording on each module its own layer's position embeddings at position 0."""
     from . import hf
 
-    position0 = analyse(model).position0
+    layout = analyse(model)
+    stack = model.get_submodule(layout.layers)
+    own = {id(stack[i].get_submodule(layout.attention)): p0
+           for i, p0 in zip(layout.attention_layers, layout.positions0)}
     for m in modules:
-        m.__dict__["_zinit_position0"] = position0
+        if id(m) not in own:
+            raise ValueError(f"{type(m).__qualname__} is not one of the attention modules zinit found in "
+                             f"{type(model).__qualname__} ({layout.layers}.*.{layout.attention}); pass those")
+        m.__dict__["_zinit_position0"] = own[id(m)]
     hf.install(model, modules)
 
 
