@@ -3,9 +3,11 @@ Phi, Phi-3, Gemma 1/2/3, Qwen3, OLMo 2, StarCoder2, CLIP towers, the BERT-likes 
 backbones", lists what the coverage sweep measured).
 
 Generic (:mod:`zinit.hfauto`): the layer stack and each layer's self-attention module are found by introspection,
-and the prompt keys and values come out of the layer's own attention forward with identity position embeddings, so
-they go through exactly the key path the tokens go through (fused projections, biases, key norms) minus the
-position encoding. A model it cannot adapt exactly is refused with the reason. The specific backbones (``llama``,
+and the prompt keys and values come out of the layer's own attention forward at position 0, with the rotary of that
+layer's own type (RoPE rotates nothing there; YaRN's attention scale is kept), so they go through exactly the key path
+the tokens go through (fused projections, biases, key norms) minus the rotation. A model it cannot adapt exactly is
+refused with the reason (e.g. a layer that mixes a sequence's rows before its attention, so no prompt row has a key of
+its own). The specific backbones (``llama``,
 ``roberta``) win where they match; this one is consulted only when none does.
 """
 
