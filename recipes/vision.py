@@ -18,6 +18,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     from zinit.convert import load_state_file
+    from zinit.weights import read_metadata
 
     path = Path(path)
     if not path.is_file():
@@ -25,7 +26,10 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     state = load_state_file(path)
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    state = checkpoint_filter_fn(state, model)
+    # a DINOv2 file from zinit.weights: resize its position table as DINOv2 itself does (bicubic, no antialiasing;
+    # timm's default antialiases, which moves the 224-pixel features away from the model's own)
+    dinov2 = "dinov2" in read_metadata(path).get("timm_model", "")
+    state = checkpoint_filter_fn(state, model, antialias=not dinov2)
     head = {k for k in model.state_dict() if k.startswith("head.")}
     state = {k: v for k, v in state.items() if k not in head}
     own = model.state_dict()

