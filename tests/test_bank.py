@@ -289,3 +289,47 @@ def test_bad_input_is_refused_with_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError):  # a failed add leaves the model as it was
         zinit.add_adapter(fresh, "gone", tmp_path / "nothing")
     assert all(p.requires_grad for p in fresh.parameters()) and zinit.adapter_names(fresh) == []
+
+
+@pytest.mark.parametrize("K", [2 ** 40, 4_000_000])
+def test_zinit_json_is_checked_against_the_weights_before_anything_is_allocated(tmp_path, monkeypatch, K):
+    """K sizes the prompts: an edited zinit.json (K=2**40, K=4e6) is refused by comparing it with the weights' shapes
+    before any adapter tensor is allocated, even if the file reader let it through (its own check switched off)."""
+    import zinit.io
+    from zinit import bank
+    from tiny import edit_adapter_config
+
+    folder = zinit.save_adapter(zinit.inject(tiny_llama(), 2, 3), tmp_path / "a")
+    edit_adapter_config(folder, K=K)
+    monkeypatch.setattr(zinit.io, "check_weights", lambda *args, **kwargs: None, raising=False)
+    allocated = []
+
+    class Recording(bank.LayerAdapter):
+        def __init__(self, K, *args, **kwargs):
+            allocated.append(K)
+            raise MemoryError(f"allocated a prompt of K={K}")
+
+    monkeypatch.setattr(bank, "LayerAdapter", Recording)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=rf"shape \[3, 32\].*K={K}.*correct K in zinit.json"):
+        zinit.add_adapter(model, "a", folder)
+    assert allocated == [] and zinit.adapter_names(model) == []
+
+
+def test_prepare_then_install_is_add_adapter(tmp_path):
+    """prepare_adapter reads and builds without touching the model; install_adapter attaches the result, re-checking
+    the name (another adapter of that name may have come in between)."""
+    from zinit import bank
+
+    folders = _saved(tiny_llama, tmp_path)
+    model, ref = tiny_llama(), _bank(tiny_llama, {"a": folders["a"]})
+    prepared = bank.prepare_adapter(model, "a", folders["a"])
+    assert zinit.adapter_names(model) == [] and all(p.requires_grad for p in model.parameters())  # not frozen yet
+    assert list(model.state_dict()) == list(tiny_llama().state_dict())  # nothing attached yet
+    bank.install_adapter(model, prepared)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), zinit.use_adapters(model, "a"), zinit.use_adapters(ref, "a"):
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    again = bank.prepare_adapter(tiny_llama(), "a", folders["b"])
+    with pytest.raises(ValueError, match="already on this model"):
+        bank.install_adapter(model, again)

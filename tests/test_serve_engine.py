@@ -174,3 +174,262 @@ def test_a_failing_prefill_fails_its_requests_and_the_running_batch_goes_on(fold
         pass
     assert bad_sink.reason == "error: RuntimeError: out of memory" and bad_sink.tokens == []
     assert ok_sink.reason == "length" and ok_sink.tokens == _solo(folders, "a", PROMPTS[0], 5)
+
+
+# ---------------------------------------------------------------------- isolation (issue 26, section 1)
+
+def test_a_row_whose_own_sampling_raises_fails_alone_and_the_batch_goes_on(folders):
+    """A seed torch cannot take (2**64) raises in that row's sampling at the prefill it shares with a greedy row;
+    only that row fails."""
+    engine = _served(folders)
+    good, good_sink = _request(PROMPTS[0], "a", 6)
+    bad, bad_sink = _request(PROMPTS[1], "b", 6, temperature=1.0, seed=2 ** 64)
+    engine.submit(good)
+    engine.submit(bad)  # admitted together: one prefill, then per-row sampling
+    while engine.step():
+        pass
+    assert bad_sink.reason.startswith("error: ") and "Overflow" in bad_sink.reason and bad_sink.tokens == []
+    assert good_sink.reason == "length" and good_sink.tokens == _solo(folders, "a", PROMPTS[0], 6)
+
+
+def test_a_row_failing_mid_decode_fails_alone(folders, monkeypatch):
+    """A row whose sampling raises at its third token (forced) fails with its error; the other row of the batch
+    decodes on, token for token what it gets alone."""
+    from zinit.serve import engine as engine_module
+
+    engine = _served(folders)
+    good, good_sink = _request(PROMPTS[2], "a", 7)
+    bad, bad_sink = _request(PROMPTS[3], "b", 7)
+    real = engine_module.sample
+
+    def sample(logits, request):
+        if request is bad and len(request.generated) == 2:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, request)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+    engine.submit(good)
+    engine.submit(bad)
+    while engine.step():
+        pass
+    assert bad_sink.reason == "error: RuntimeError: probability tensor contains either inf, nan or element < 0"
+    assert bad_sink.tokens == _solo(folders, "b", PROMPTS[3], 2)
+    assert good_sink.reason == "length" and good_sink.tokens == _solo(folders, "a", PROMPTS[2], 7)
+
+
+def test_values_that_overflow_mean_greedy_in_the_engine_too(folders):
+    """A temperature near 1e-38 or top_p 0 is greedy (as vLLM), not a division that overflows."""
+    engine = _served(folders)
+    sinks = []
+    for kwargs in (dict(temperature=1e-38), dict(temperature=0.7, top_p=0.0)):
+        request, sink = _request(PROMPTS[0], "a", 5, **kwargs)
+        engine.submit(request)
+        sinks.append(sink)
+    while engine.step():
+        pass
+    for sink in sinks:
+        assert sink.reason == "length" and sink.tokens == _solo(folders, "a", PROMPTS[0], 5)
+
+
+def test_sampling_never_touches_torchs_global_generator(folders):
+    engine = _served(folders)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    unseeded, unseeded_sink = _request(PROMPTS[0], "a", 6, temperature=1.0)
+    seeded = [_request(PROMPTS[1], "b", 6, temperature=1.0, seed=7) for _ in range(2)]
+    engine.submit(unseeded)
+    for request, _ in seeded:
+        engine.submit(request)
+    while engine.step():
+        pass
+    assert unseeded_sink.reason == "length" and len(unseeded_sink.tokens) == 6
+    assert torch.equal(torch.get_rng_state(), before)  # torch.seed() would have reseeded it
+    assert seeded[0][1].tokens == seeded[1][1].tokens  # a seed still makes a request reproducible
+
+
+class _WatchedLock:
+    """The engine's lock, telling the test when another thread has to wait for it (``contended``)."""
+
+    def __init__(self, contended):
+        self.cond, self.contended = threading.Condition(), contended
+
+    def __enter__(self):
+        if not self.cond.acquire(blocking=False):
+            self.contended.set()
+            self.cond.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.cond.release()
+
+    def notify(self):
+        self.cond.notify()
+
+    def wait(self, timeout=None):
+        return self.cond.wait(timeout)
+
+
+def test_a_removal_between_the_adapter_check_and_the_enqueue_cannot_strand_a_request(folders, monkeypatch):
+    """Forced interleaving: a DELETE of the adapter runs (on another thread) right after submit has checked the
+    adapter, before it queues the request. Either the removal waits and is refused ("in use"), or the request is
+    refused: never a queued request whose adapter is gone (which used to be answered by the base model)."""
+    engine = _served(folders)
+    request, sink = _request(PROMPTS[0], "a", 5)
+    progressed = threading.Event()  # the removal finished, or is waiting for the lock submit holds
+    engine._lock = _WatchedLock(progressed)
+    removal = {}
+
+    def remove():
+        try:
+            engine.remove_adapter("a")
+            removal["result"] = "removed"
+        except RuntimeError as exc:
+            removal["result"] = str(exc)
+        finally:
+            progressed.set()
+
+    real_adapters = engine.adapters
+    hooked = []
+
+    def adapters():
+        names = real_adapters()
+        if not hooked and threading.current_thread() is threading.main_thread():  # the check inside submit
+            hooked.append(True)
+            helper = threading.Thread(target=remove)
+            helper.start()
+            hooked.append(helper)
+            assert progressed.wait(60)
+        return names
+
+    monkeypatch.setattr(engine, "adapters", adapters)
+    try:
+        engine.submit(request)
+        accepted = True
+    except KeyError:
+        accepted = False
+    hooked[1].join(60)
+    monkeypatch.setattr(engine, "adapters", real_adapters)
+    while engine.step():
+        pass
+    assert hooked, "submit no longer checks the adapter through Engine.adapters(): move the hook"
+    if accepted:
+        assert "in use" in removal["result"] and "a" in engine.adapters()
+        assert sink.reason == "length" and sink.tokens == _solo(folders, "a", PROMPTS[0], 5)
+    else:
+        assert removal["result"] == "removed" and sink.reason is None
+
+
+def test_a_row_whose_adapter_is_gone_fails_with_a_clear_error(folders):
+    """An adapter removed behind the engine's back (zinit.remove_adapter on its model): its queued and running rows
+    fail naming it; they are never answered by the base model."""
+    engine = _served(folders)
+    running, running_sink = _request(PROMPTS[0], "a", 6)
+    other, other_sink = _request(PROMPTS[2], "b", 6)
+    engine.submit(running)
+    engine.submit(other)
+    engine.step()
+    queued, queued_sink = _request(PROMPTS[1], "a", 4)
+    engine.submit(queued)
+    zinit.remove_adapter(engine.model, "a")
+    while engine.step():
+        pass
+    for sink in (running_sink, queued_sink):
+        assert sink.reason.startswith("error: ") and "'a'" in sink.reason and "unloaded" in sink.reason
+    assert len(running_sink.tokens) == 2 and queued_sink.tokens == []
+    assert other_sink.reason == "length" and other_sink.tokens == _solo(folders, "b", PROMPTS[2], 6)
+
+
+def test_an_adapter_is_read_off_the_engine_thread_and_decoding_goes_on_meanwhile(folders, monkeypatch):
+    """The file read (and its checks) runs on the caller's thread: while it is held, the engine finishes a request;
+    only the swap runs between steps."""
+    import zinit.io
+
+    want = _solo(folders, "a", PROMPTS[0], 4)
+    engine = _served(folders).start()
+    entered, release = threading.Event(), threading.Event()
+    readers = []
+    real = zinit.io.read_adapter
+
+    def read_adapter(*args, **kwargs):
+        readers.append(threading.current_thread().name)
+        entered.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zinit.io, "read_adapter", read_adapter)
+    errors = []
+
+    def load():
+        try:
+            engine.add_adapter("a2", str(folders["a"]))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    loader = threading.Thread(target=load, name="loader")
+    try:
+        loader.start()
+        assert entered.wait(60)
+        assert readers == ["loader"]  # not "zinit-engine"
+        done = threading.Event()
+        sink = Collect()
+
+        def on_token(token, reason):
+            sink(token, reason)
+            if reason is not None:
+                done.set()
+
+        engine.submit(Request(PROMPTS[0], "a", max_tokens=4, on_token=on_token))
+        assert done.wait(60), "the engine stalled while an adapter file was being read"
+        assert sink.tokens == want
+    finally:
+        release.set()
+        loader.join(60)
+        engine.stop()
+    assert not errors and "a2" in engine.adapters()
+
+
+# ---------------------------------------------------------------------- log-probabilities
+
+def test_logprobs_of_generated_and_prompt_tokens_are_the_models(folders):
+    """Rows of different adapters and prompt lengths (left padding) in one batch: each generated token's
+    log-probability and top-k, and each prompt token's, are those of a plain forward of that row alone."""
+    engine = _served(folders)
+    asked = [(PROMPTS[0], "a", 5), (PROMPTS[2], "b", 4), (PROMPTS[3], None, 3)]
+    requests = []
+    for prompt, adapter, n in asked:
+        request, _ = _request(prompt, adapter, n, logprobs=3, prompt_logprobs=2)
+        engine.submit(request)
+        requests.append(request)
+    plain, _ = _request(PROMPTS[1], "a", 3)  # asks for none: computes none
+    engine.submit(plain)
+    while engine.step():
+        pass
+    assert plain.token_logprobs == [] and plain.prompt_token_logprobs is None
+    for (prompt, adapter, n), request in zip(asked, requests):
+        model = tiny_llama() if adapter is None else zinit.load_adapter(tiny_llama(), folders[adapter])
+        ids = torch.tensor([prompt + request.generated])
+        with torch.no_grad():
+            want = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        assert len(request.token_logprobs) == n and len(request.prompt_token_logprobs) == len(prompt)
+        assert request.prompt_token_logprobs[0] is None
+        for t, token in enumerate(prompt + request.generated):
+            if t == 0:
+                continue
+            entry = request.prompt_token_logprobs[t] if t < len(prompt) else request.token_logprobs[t - len(prompt)]
+            value, top = entry
+            assert abs(value - float(want[t - 1, token])) < 1e-4
+            k = 2 if t < len(prompt) else 3
+            best = want[t - 1].topk(k)
+            assert [i for i, _ in top] == best.indices.tolist()
+            assert max(abs(v - float(b)) for (_, v), b in zip(top, best.values)) < 1e-4
+
+
+def test_max_tokens_0_scores_the_prompt_only(folders):
+    engine = _served(folders)
+    request, sink = _request(PROMPTS[0], "a", 0, prompt_logprobs=0)
+    engine.submit(request)
+    while engine.step():
+        pass
+    assert sink.reason == "length" and sink.tokens == [] and len(request.prompt_token_logprobs) == len(PROMPTS[0])
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.submit(_request(PROMPTS[0], "a", 0)[0])

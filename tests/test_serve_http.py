@@ -54,13 +54,15 @@ def _solo(setup, adapter, prompt_ids, n):
 class Running:
     """A uvicorn server in a thread on a free loopback port."""
 
-    def __init__(self, setup, **engine_kwargs):
+    def __init__(self, setup, server_kwargs=None, **engine_kwargs):
         folder, adapters = setup
         model, self.tokenizer = lm.load_model(str(folder), torch.device("cpu"))
         self.tokenizer.chat_template = CHAT
         zinit.add_adapter(model, "math", adapters / "math")
         self.engine = Engine(model, eos_token_ids=[self.tokenizer.eos_token_id], **engine_kwargs)
-        self.server = Server(self.engine, self.tokenizer, adapters_dir=str(adapters), max_tokens=64, context=512)
+        kwargs = dict(adapters_dir=str(adapters), max_tokens=64, context=512)
+        kwargs.update(server_kwargs or {})
+        self.server = Server(self.engine, self.tokenizer, **kwargs)
         config = uvicorn.Config(create_app(self.server), host="127.0.0.1", port=0, log_level="warning")
         self.uvicorn = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)

@@ -184,6 +184,17 @@ def _check_name(name: object) -> str:
     return name
 
 
+@dataclass
+class PreparedAdapter:
+    """A named adapter read, checked and built but not attached yet (:func:`prepare_adapter`): its modules hold their
+    weights already, so :func:`install_adapter` only attaches them (a quick step a server runs between forwards)."""
+
+    name: str
+    spec: Backbone
+    config: AdapterConfig
+    layers: dict[int, LayerAdapter]  #: the adapter of each adapted layer, bottom to top
+
+
 def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
                 layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
                 gate_fn: str = "tanh", backbone: str | None = None, gate_init: str = "zero") -> nn.Module:
@@ -199,6 +210,9 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
     keys join the tokens' softmax and so cannot be mixed per row, ``bias_scale``/``train_norms``, which change shared
     layers) are single-adapter only: load those with :func:`zinit.load_adapter`.
 
+    The same as :func:`install_adapter` of :func:`prepare_adapter`: a server reads and builds an adapter off its
+    decoding thread with the first and attaches it between forwards with the second.
+
     >>> import torch, timm, zinit
     >>> vit = timm.create_model("vit_tiny_patch16_224")
     >>> _ = zinit.add_adapter(vit, "birds", layers=2, K=4)
@@ -208,7 +222,14 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
     >>> zinit.adapter_names(vit), tuple(out.shape)
     (['birds', 'cars'], (3, 1000))
     """
-    from .inject import _check_layers, is_injected
+    prepared = prepare_adapter(model, name, source, layers=layers, K=K, gate=gate, gate_fn=gate_fn,
+                               backbone=backbone, gate_init=gate_init)
+    return install_adapter(model, prepared)
+
+
+def _check_free(model: nn.Module, name: str) -> Bank | None:
+    """The model's bank (None when it has none yet), after checking that ``name`` can be added to it."""
+    from .inject import is_injected
 
     _check_name(name)
     if is_injected(model):
@@ -218,6 +239,53 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
     if isinstance(state, Bank) and name in state.configs:
         raise ValueError(f"an adapter named {name!r} is already on this model; remove it first "
                          "(zinit.remove_adapter) or pick another name")
+    return state if isinstance(state, Bank) else None
+
+
+def _check_tensors(config: AdapterConfig, tensors: Mapping[str, Tensor], source: str | os.PathLike[str]) -> None:
+    """The tensors of an adapter file against the shapes its ``zinit.json`` implies (``layers.{n}.prompt``
+    ``[K, hidden_size]``, ``layers.{n}.gate`` ``[H]`` or ``[1]``), before anything of those sizes is allocated: K and
+    the gate are untrusted until the weights agree with them (a K of 2**40 must be an error, not an allocation)."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for n in config.layers:
+        expected[f"layers.{n}.prompt"] = (config.K, config.hidden_size)
+        expected[f"layers.{n}.gate"] = (config.num_heads if config.gate == "head" else 1,)
+    missing = [k for k in expected if k not in tensors]
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if missing or unexpected:
+        raise KeyError(f"adapter weights in {source} do not fit its zinit.json (layers {list(config.layers)}, "
+                       f"K={config.K}, gate={config.gate!r}): missing keys {missing}, unexpected keys {unexpected}; "
+                       "make the two agree or save the adapter again")
+    for key, shape in expected.items():
+        value = tensors[key]
+        if not isinstance(value, Tensor) or not value.is_floating_point():
+            raise ValueError(f"adapter weights in {source}: {key!r} is not a floating-point tensor; save the adapter "
+                             "again (zinit writes float32)")
+        if tuple(value.shape) != shape:
+            field_ = "K" if key.endswith(".prompt") else "gate"
+            raise ValueError(f"adapter weights in {source}: {key!r} has shape {list(value.shape)}, but zinit.json "
+                             f"(K={config.K}, hidden_size={config.hidden_size}, gate={config.gate!r}) says "
+                             f"{list(shape)}; correct {field_} in zinit.json or save the adapter again")
+
+
+def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
+                    layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
+                    gate_fn: str = "tanh", backbone: str | None = None,
+                    gate_init: str = "zero") -> PreparedAdapter:
+    """Read, check and build the named adapter :func:`add_adapter` would add (same arguments), without touching
+    ``model``: the files are read and every untrusted field of ``zinit.json`` is checked against the model and
+    against the weights' shapes before any tensor of those sizes is allocated. Safe to call from another thread
+    while the model runs forwards; :func:`install_adapter` attaches the result.
+
+    >>> import timm, zinit
+    >>> vit = timm.create_model("vit_tiny_patch16_224")
+    >>> prepared = prepare_adapter(vit, "a", layers=2, K=4)
+    >>> zinit.adapter_names(vit), zinit.adapter_names(install_adapter(vit, prepared))
+    ([], ['a'])
+    """
+    from .inject import _check_layers
+
+    state = _check_free(model, name)
     if source is not None:
         if layers is not None or K is not None:
             raise ValueError("add_adapter takes either an adapter folder or layers= and K= for a new adapter, not both")
@@ -235,10 +303,11 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
                              "(bias_scale / train_norms), which change the shared base model's layers for every row: "
                              "load it alone with zinit.load_adapter; named adapters are prompts and gates only")
         spec = check_fits(config, model, source, "add it to the model it was trained on")
+        _check_tensors(config, tensors, source)
     else:
         if layers is None or K is None:
             raise ValueError("add_adapter needs an adapter folder, or layers= and K= for a new zero-init adapter")
-        spec = state.backbone if isinstance(state, Bank) and backbone is None else (
+        spec = state.backbone if state is not None and backbone is None else (
             get_backbone(backbone) if backbone is not None else find_backbone(model))
         from .inject import _check_options
 
@@ -249,13 +318,33 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
         config = AdapterConfig.for_model(spec.name, dims, _check_layers(layers, dims.num_layers), K, gate=gate,
                                          gate_fn=gate_fn, gate_init=gate_init)
         tensors = None
-    dims = state.dims if isinstance(state, Bank) else spec.dims(model)
-    if isinstance(state, Bank) and spec.name != state.backbone.name:
+    if state is not None and spec.name != state.backbone.name:
+        raise ValueError(f"this model's adapters use backbone {state.backbone.name!r}; the adapter {name!r} uses "
+                         f"{spec.name!r}: add adapters of one backbone to a model")
+    dims = state.dims if state is not None else spec.dims(model)
+    modules = spec.attention_modules(model)
+    built: dict[int, LayerAdapter] = {}
+    for n in config.layers:
+        device = next(modules[n].parameters()).device
+        built[n] = LayerAdapter(config.K, dims.hidden_size, dims.num_heads, gate=config.gate, gate_fn=config.gate_fn,
+                                project=spec.project, device=device, gate_init=config.gate_init)
+    if tensors is not None:
+        _load_named(built, config, tensors)
+    return PreparedAdapter(name, spec, config, built)
+
+
+def install_adapter(model: nn.Module, prepared: PreparedAdapter) -> nn.Module:
+    """Attach an adapter :func:`prepare_adapter` built for ``model`` (frozen on the first one); returns the model.
+    Quick (no file, no allocation of the adapter's tensors): what a server runs between forwards. The name and
+    backbone are checked again (another adapter may have been added since it was prepared)."""
+    name, spec, config = prepared.name, prepared.spec, prepared.config
+    state = _check_free(model, name)
+    if state is not None and spec.name != state.backbone.name:
         raise ValueError(f"this model's adapters use backbone {state.backbone.name!r}; the adapter {name!r} uses "
                          f"{spec.name!r}: add adapters of one backbone to a model")
     created = state is None
-    if created:
-        state = Bank(spec, dims, {n: p.requires_grad for n, p in model.named_parameters()})
+    if state is None:
+        state = Bank(spec, spec.dims(model), {n: p.requires_grad for n, p in model.named_parameters()})
         for p in model.parameters():
             p.requires_grad_(False)
     modules = spec.attention_modules(model)
@@ -266,14 +355,8 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
             attention = modules[n]
             if BANK_ATTR not in attention._modules:
                 attention.add_module(BANK_ATTR, BankLayer(state.routing))
-            device = next(attention.parameters()).device
-            adapter = LayerAdapter(config.K, dims.hidden_size, dims.num_heads, gate=config.gate,
-                                   gate_fn=config.gate_fn, project=spec.project, device=device,
-                                   gate_init=config.gate_init)
-            attention._modules[BANK_ATTR].adapters[name] = adapter
+            attention._modules[BANK_ATTR].adapters[name] = prepared.layers[n]
             added.append(attention)
-        if tensors is not None:
-            _load_named(model, state, name, config, tensors, modules)
         spec.install(model, [modules[n] for n in new_layers])
     except BaseException:
         for attention in added:
@@ -291,13 +374,11 @@ def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | No
     return model
 
 
-def _load_named(model: nn.Module, state: Bank, name: str, config: AdapterConfig, tensors: Mapping[str, Tensor],
-                modules: Sequence[nn.Module]) -> None:
+def _load_named(built: Mapping[int, LayerAdapter], config: AdapterConfig, tensors: Mapping[str, Tensor]) -> None:
     from .inject import copy_adapter_state
 
     expected = {}
-    for n in config.layers:
-        adapter = modules[n]._modules[BANK_ATTR].adapters[name]
+    for n, adapter in built.items():
         expected[f"layers.{n}.prompt"], expected[f"layers.{n}.gate"] = adapter.prompt.detach(), adapter.gate.detach()
     copy_adapter_state(expected, tensors, config.layers)
 

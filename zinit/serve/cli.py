@@ -3,17 +3,24 @@
     zinit serve out/alpaca/adapter                    # the embedded SmolLM2 + the main job's adapter, as "alpaca"
     zinit serve math=out/math/adapter poems=out/poems/adapter --model /path/to/llama --port 8000
     curl localhost:8000/v1/completions -d '{"model": "alpaca", "prompt": "Hello", "max_tokens": 16}'
+
+Facing a network: --api-key KEY (or the ZINIT_API_KEY environment variable) makes every /v1 route need
+"Authorization: Bearer KEY"; --max-body-bytes bounds a request's size.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
 from ..cliargs import positive_int
 from ..quant import QUANTIZE_FLAG
+
+#: The environment variable the API key is read from when ``--api-key`` is not given (as vLLM's VLLM_API_KEY).
+API_KEY_ENV = "ZINIT_API_KEY"
 
 
 def adapter_spec(text: str) -> tuple[str, str]:
@@ -49,8 +56,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=positive_int, default=512, help="the largest max_tokens a request may ask")
     p.add_argument("--prefill-tokens", type=positive_int, default=2048,
                    help="prompt tokens prefilled per step at most (bounds the pause a burst gives running rows)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=None,
+                   help="the largest request body in bytes; larger ones get 413 (default 4 MiB)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (401 otherwise); default: the "
+                        f"{API_KEY_ENV} environment variable, else no key. Prefer the variable: a flag shows in ps")
     p.add_argument("--device", default=None)
     return p
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The API key to require: ``--api-key``, else the :data:`API_KEY_ENV` environment variable, else None (an
+    empty value means none)."""
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    return key or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..hub import resolve_adapter
     from ..io import read_adapter_config
     from ..train import dist as D
-    from .app import Server, create_app
+    from .app import DEFAULT_MAX_BODY_BYTES, Server, create_app
     from .engine import Engine
 
     names = [name for name, _ in args.adapters]
@@ -79,10 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = Engine(model, eos_token_ids={t for t in eos if t is not None}, max_batch=args.max_batch,
                     max_queue=args.max_queue, prefill_tokens=args.prefill_tokens)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    key = api_key(args)
     server = Server(engine, tokenizer, base_name=args.base_name, adapters_dir=args.adapters_dir,
-                    max_tokens=args.max_tokens, context=context)
+                    max_tokens=args.max_tokens, context=context, api_key=key,
+                    max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     print(f"zinit serve: {type(model).__name__} with adapters {names or '(none)'} on http://{args.host}:{args.port}"
-          " (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models)", flush=True)
+          " (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models)"
+          + ("; /v1 routes need the API key" if key else ""), flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -13,14 +13,25 @@ One thread owns the model. Requests wait in a bounded queue; at every step the e
 
 So a request that arrives while a batch runs joins at the next step, never waiting for the batch to drain. Greedy
 rows compute what ``model.generate(do_sample=False)`` computes for that request alone with its adapter loaded alone
-(tested token for token). Adapters are added and removed on the engine thread between steps, so a load never races a
-forward; running requests of other adapters are untouched.
+(tested token for token).
+
+Isolation: a row whose own computation raises (its sampling, its log-probabilities) fails alone with ``"error: ..."``;
+the other rows of the batch go on. Only a failure of the shared forward fails the rows of that forward. Sampling never
+touches torch's global random generator (each sampled request has a generator of its own, seeded from its ``seed`` or
+from the OS).
+
+Adapters: an adapter is read, validated and built on the caller's thread (:meth:`Engine.add_adapter`; the server calls
+it from a worker thread), and only swapped in on the engine thread between steps, so a slow or refused load never
+stalls decoding. A removal is atomic with :meth:`Engine.submit`: a request is either queued before the removal (which
+is then refused: "in use") or refused after it (KeyError); a row whose adapter is gone anyway (removed behind the
+engine's back) fails with an error naming it, never silently falls back to the base model.
 """
 
 from __future__ import annotations
 
 import itertools
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -52,17 +63,27 @@ class Request:
     ``on_token(token, finish_reason)`` is called on the engine thread: once per new token (``finish_reason`` None),
     then once with ``token`` None and the reason (``"stop"``: an end-of-sequence token, ``"length"``: max_tokens,
     ``"cancelled"``, or ``"error: ..."``). It must return quickly (hand the token to another thread).
+
+    Log-probabilities (of the model's distribution, before temperature and top_p) are computed only when asked:
+    ``logprobs=k`` appends ``(logprob of the token, [(id, logprob)] of the k most likely)`` to ``token_logprobs`` for
+    every generated token (before its ``on_token``); ``prompt_logprobs=k`` fills ``prompt_token_logprobs`` at the
+    prefill, one entry per prompt token (None for the first, which nothing predicts). ``max_tokens=0`` is allowed
+    with ``prompt_logprobs`` (score the prompt, generate nothing: finishes ``"length"`` after the prefill).
     """
 
     prompt: list[int]
     adapter: str | None
     max_tokens: int
     on_token: Callable[[int | None, str | None], None]
-    temperature: float = 0.0  #: 0: greedy
+    temperature: float = 0.0  #: below GREEDY_BELOW (or top_p 0): greedy
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None  #: top log-probabilities per generated token (None: none computed)
+    prompt_logprobs: int | None = None  #: top log-probabilities per prompt token (None: none computed)
     id: int = field(default_factory=lambda: next(_IDS))
     generated: list[int] = field(default_factory=list)
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_token_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
     _generator: torch.Generator | None = None
@@ -135,10 +156,21 @@ def _keep(batch: _Batch, keep: list[int]) -> _Batch:
                   batch.last[index], batch.positions[index])
 
 
+#: Temperatures below this are greedy (as vLLM's ``_SAMPLING_EPS``): dividing logits by a smaller one overflows.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float, top_p: float) -> bool:
+    """Whether a row with these values decodes greedily: a temperature below :data:`GREEDY_BELOW`, or ``top_p`` 0
+    (the smallest nucleus: the most likely token)."""
+    return temperature < GREEDY_BELOW or top_p <= 0
+
+
 def sample(logits: Tensor, request: Request) -> int:
-    """The next token for one row: argmax when ``temperature`` is 0, else nucleus sampling (``top_p``) from the
-    softmax at ``temperature``, with the request's own seeded generator (so a seeded request is reproducible)."""
-    if request.temperature <= 0:
+    """The next token for one row: argmax when greedy (:func:`is_greedy`), else nucleus sampling (``top_p``) from
+    the softmax at ``temperature``, with the request's own generator (seeded from ``seed``, so a seeded request is
+    reproducible, or else from the OS; torch's global generator is never used nor reseeded)."""
+    if is_greedy(request.temperature, request.top_p):
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / request.temperature, dim=-1)
     if request.top_p < 1.0:
@@ -147,8 +179,33 @@ def sample(logits: Tensor, request: Request) -> int:
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     if request._generator is None:
         request._generator = torch.Generator(device=probs.device)
-        request._generator.manual_seed(request.seed if request.seed is not None else torch.seed())
+        request._generator.manual_seed(request.seed if request.seed is not None else secrets.randbits(63))
     return int(torch.multinomial(probs, 1, generator=request._generator))
+
+
+def token_logprobs(logits: Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under ``logits`` (one row, the model's distribution) and the ``top`` most
+    likely tokens with theirs."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
+        best = list(zip(ids.tolist(), values.tolist()))
+    return float(logprobs[token]), best
+
+
+def _prompt_logprobs(logits: Tensor, prompt: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """One entry per prompt token from the prefill's logits of that row's prompt positions ``[n, V]``: None for the
+    first token, then the log-probability of each token given the ones before it (and the ``top`` most likely)."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # position t predicts token t + 1
+    targets = torch.tensor(prompt[1:], device=logits.device)
+    chosen = logprobs.gather(-1, targets[:, None])[:, 0].tolist()
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [None] + list(zip(chosen, tops))
 
 
 class Engine:
@@ -185,7 +242,8 @@ class Engine:
         self.eos = set(eos_token_ids)
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self._waiting: deque[Request] = deque()
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()  #: guards the queue, and makes submit atomic with adapter removal
+        self._retired: set[str] = set()  #: adapters being removed: no request may name them any more
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._batch: _Batch | None = None
         self._route = ExitStack()
@@ -202,35 +260,54 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request; :class:`QueueFull` when ``max_queue`` requests already wait, :class:`ShuttingDown`
-        once :meth:`stop` was called, KeyError for an adapter the model does not carry."""
-        if request.adapter is not None and request.adapter not in self.adapters():
-            raise KeyError(f"no adapter named {request.adapter!r}; loaded: {self.adapters()}")
+        once :meth:`stop` was called, KeyError for an adapter the model does not carry (checked atomically with
+        :meth:`remove_adapter`: a request this accepts keeps its adapter until it finishes)."""
         if not request.prompt:
             raise ValueError("the prompt is empty")
+        if request.max_tokens < (0 if request.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be >= 1 (0 only with prompt_logprobs), got {request.max_tokens}")
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
+            if request.adapter is not None and request.adapter not in self.adapters():
+                raise KeyError(f"no adapter named {request.adapter!r}; loaded: {self.adapters()}")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit is {self.max_queue})")
             self._waiting.append(request)
             self._lock.notify()
 
     def adapters(self) -> list[str]:
-        """The names of the adapters the model carries."""
-        return _bank.adapter_names(self.model)
+        """The names of the adapters requests may use: the model's, but not one being removed."""
+        retired = self._retired
+        return [name for name in _bank.adapter_names(self.model) if name not in retired]
 
     def add_adapter(self, name: str, folder: str) -> None:
-        """Add a named adapter from a ``save_adapter`` folder, on the engine thread between steps (blocks until
-        done; errors are raised here)."""
-        self._run_between_steps(lambda: _bank.add_adapter(self.model, name, folder))
+        """Add a named adapter from a ``save_adapter`` folder (blocks until done; errors are raised here).
+
+        The files are read, validated and the adapter's modules built on the calling thread
+        (:func:`zinit.bank.prepare_adapter`); only attaching them runs on the engine thread, between steps, so
+        running requests never wait for a file."""
+        prepared = _bank.prepare_adapter(self.model, name, folder)
+        self._run_between_steps(lambda: _bank.install_adapter(self.model, prepared))
 
     def remove_adapter(self, name: str) -> None:
-        """Remove a named adapter between steps; refused while a queued or running request uses it."""
+        """Remove a named adapter between steps; refused (RuntimeError) while a queued or running request uses it,
+        KeyError when there is none of that name."""
         def remove() -> None:
-            busy = [r for r in list(self._waiting) + (self._batch.rows if self._batch else []) if r.adapter == name]
-            if busy:
-                raise RuntimeError(f"adapter {name!r} is in use by {len(busy)} request(s); retry when they finish")
-            _bank.remove_adapter(self.model, name)
+            with self._lock:  # atomic with submit: no request can be queued for it once this decides
+                busy = [r for r in list(self._waiting) + (self._batch.rows if self._batch else [])
+                        if r.adapter == name]
+                if busy:
+                    raise RuntimeError(f"adapter {name!r} is in use by {len(busy)} request(s); retry when they "
+                                       "finish")
+                if name not in self.adapters():
+                    raise KeyError(f"no adapter named {name!r}; loaded: {self.adapters()}")
+                self._retired.add(name)
+            try:
+                _bank.remove_adapter(self.model, name)
+            finally:
+                with self._lock:
+                    self._retired.discard(name)
         self._run_between_steps(remove)
 
     def running(self) -> int:
@@ -282,15 +359,14 @@ class Engine:
                     break
             try:
                 self.step()
-            except Exception as exc:  # noqa: BLE001 - every request in flight gets the error, the engine goes on
+            except Exception as exc:  # noqa: BLE001 - a shared forward failed: its rows get the error
                 self._fail_all(f"error: {type(exc).__name__}: {exc}")
         self._run_commands()
         self._route.close()
 
-    def _run_between_steps(self, fn: Callable[[], Any]) -> None:
+    def _run_between_steps(self, fn: Callable[[], Any]) -> Any:
         if self._thread is None or not self._thread.is_alive() or threading.current_thread() is self._thread:
-            fn()
-            return
+            return fn()
         done: queue.SimpleQueue = queue.SimpleQueue()
         self._commands.put((fn, done))
         with self._lock:
@@ -298,6 +374,7 @@ class Engine:
         error = done.get()
         if error is not None:
             raise error
+        return None
 
     def _run_commands(self) -> None:
         while True:
@@ -319,10 +396,33 @@ class Engine:
             r.on_token(None, reason)
 
     def _routing(self, rows: list[Request]):
-        if not self.adapters():
-            return nullcontext()
-        names = [r.adapter if r.adapter in self.adapters() else None for r in rows]
-        return _bank.use_adapters(self.model, names)
+        if all(r.adapter is None for r in rows):
+            return nullcontext() if not _bank.adapter_names(self.model) else _bank.use_adapters(self.model, None)
+        return _bank.use_adapters(self.model, [r.adapter for r in rows])  # every name checked by _gone
+
+    def _gone(self, rows: list[Request]) -> dict[int, str]:
+        """``{row: error}`` for the rows whose adapter the model no longer carries (removed behind the engine's
+        back): they fail with a clear error rather than decode through the base model."""
+        names = _bank.adapter_names(self.model)
+        return {i: f"error: the adapter {r.adapter!r} of this request was unloaded; loaded now: {names}"
+                for i, r in enumerate(rows) if r.adapter is not None and r.adapter not in names}
+
+    def _next_tokens(self, logits: Tensor, rows: list[Request]) -> tuple[list[int], dict[int, str], list[Any]]:
+        """Each row's next token from its logits ``[B, V]``, its log-probabilities when it asked for them, and
+        ``{row: error}`` for the rows whose own sampling raised (the others are not affected)."""
+        tokens: list[int] = []
+        failed: dict[int, str] = {}
+        extras: list[Any] = []
+        for i, r in enumerate(rows):
+            try:
+                token = sample(logits[i], r)
+                extras.append(token_logprobs(logits[i], token, r.logprobs) if r.logprobs is not None else None)
+            except Exception as exc:  # noqa: BLE001 - this row's own failure is this row's alone
+                failed[i] = f"error: {type(exc).__name__}: {exc}"
+                token = 0
+                extras.append(None)
+            tokens.append(token)
+        return tokens, failed, extras
 
     # ------------------------------------------------------------------ admission and prefill
 
@@ -341,6 +441,10 @@ class Engine:
                     break
                 budget -= len(request.prompt)
                 new.append(self._waiting.popleft())
+        gone = self._gone(new)
+        for i in gone:
+            new[i].on_token(None, gone[i])
+        new = [r for i, r in enumerate(new) if i not in gone]
         if not new:
             return
         from transformers import DynamicCache
@@ -356,13 +460,21 @@ class Engine:
             with torch.no_grad(), self._routing(new):
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                  **{self._cache_kwarg: DynamicCache()})
-            logits = out.logits[:, -1]
-            first = torch.tensor([sample(logits[i], r) for i, r in enumerate(new)], device=self.device)
         except Exception as exc:  # noqa: BLE001 - these requests fail with the reason; the running batch goes on
             for r in new:
                 r.on_token(None, f"error: {type(exc).__name__}: {exc}")
             return
-        prefilled = self._emit(_Batch(new, _returned_cache(out), mask, first, positions[:, -1] + 1))
+        tokens, failed, extras = self._next_tokens(out.logits[:, -1], new)
+        for i, r in enumerate(new):
+            if r.prompt_logprobs is not None and i not in failed:
+                try:
+                    r.prompt_token_logprobs = _prompt_logprobs(out.logits[i, length - len(r.prompt):], r.prompt,
+                                                               r.prompt_logprobs)
+                except Exception as exc:  # noqa: BLE001 - this row's own failure
+                    failed[i] = f"error: {type(exc).__name__}: {exc}"
+        first = torch.tensor(tokens, device=self.device)
+        prefilled = self._emit(_Batch(new, _returned_cache(out), mask, first, positions[:, -1] + 1), failed, extras,
+                               prefill=True)
         if prefilled is not None:
             self._batch = prefilled if self._batch is None else _merge(self._batch, prefilled)
             self._reroute()
@@ -378,31 +490,49 @@ class Engine:
 
     def _decode(self) -> None:
         batch = self._batch
+        gone = self._gone(batch.rows)
+        if gone:
+            for i, reason in gone.items():
+                batch.rows[i].on_token(None, reason)
+            keep = [i for i in range(len(batch.rows)) if i not in gone]
+            self._batch = batch = _keep(batch, keep) if keep else None
+            self._reroute()
+            if batch is None:
+                return
         mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
         with torch.no_grad():
             out = self.model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
                              use_cache=True, **{self._cache_kwarg: batch.cache})
         self.steps += 1
-        logits = out.logits[:, -1]
-        nxt = torch.tensor([sample(logits[i], r) for i, r in enumerate(batch.rows)], device=self.device)
+        tokens, failed, extras = self._next_tokens(out.logits[:, -1], batch.rows)
+        nxt = torch.tensor(tokens, device=self.device)
         batch.cache, batch.mask, batch.last, batch.positions = _returned_cache(out), mask, nxt, batch.positions + 1
-        kept = self._emit(batch)
+        kept = self._emit(batch, failed, extras)
         if kept is not batch:
             self._batch = kept
             self._reroute()
 
-    def _emit(self, batch: _Batch) -> _Batch | None:
-        """Hand each row of ``batch`` its new token (``batch.last``, the one it feeds next); returns the batch of
-        the rows that go on (``batch`` itself when all do, None when none does)."""
+    def _emit(self, batch: _Batch, failed: dict[int, str], extras: list[Any], prefill: bool = False) -> _Batch | None:
+        """Hand each row of ``batch`` its new token (``batch.last``, the one it feeds next) and its
+        log-probabilities (``extras``), or its error (``failed``); returns the batch of the rows that go on
+        (``batch`` itself when all do, None when none does)."""
         keep = []
         for i, (request, token) in enumerate(zip(batch.rows, batch.last.tolist())):
+            if i in failed:
+                request.on_token(None, failed[i])
+                continue
             if request.cancelled:
                 request.on_token(None, "cancelled")
+                continue
+            if prefill and request.max_tokens == 0:  # only the prompt's log-probabilities were asked for
+                request.on_token(None, "length")
                 continue
             if token in self.eos:
                 request.on_token(None, "stop")
                 continue
             request.generated.append(token)
+            if extras[i] is not None:
+                request.token_logprobs.append(extras[i])
             request.on_token(token, None)
             if len(request.generated) >= request.max_tokens:
                 request.on_token(None, "length")
