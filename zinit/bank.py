@@ -33,6 +33,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import quant
 from .attention import prompt_attention
 from .config import AdapterConfig
 from .prompts import BANK_ATTR, LayerAdapter, PromptStore
@@ -358,6 +359,7 @@ def install_adapter(model: nn.Module, prepared: PreparedAdapter) -> nn.Module:
             attention._modules[BANK_ATTR].adapters[name] = prepared.layers[n]
             added.append(attention)
         spec.install(model, [modules[n] for n in new_layers])
+        quant.keep_autograd(model)  # a 4-bit base repacked for inference would train nothing (zinit.quant)
     except BaseException:
         for attention in added:
             del attention._modules[BANK_ATTR].adapters[name]

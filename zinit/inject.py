@@ -14,7 +14,7 @@ from .attention import GATE_FUNCTIONS
 from .config import GATE_INITS, GATE_KINDS, AdapterConfig
 from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
 from .registry import Backbone, find_backbone, get_backbone
-from . import v2
+from . import quant, v2
 
 #: Attribute of an injected model that holds its :class:`Injection`.
 STATE_ATTR = "_zinit"
@@ -205,6 +205,7 @@ def inject(
         v2.install_bias_scale(linears)
         v2.train_norms_in_float32(model, norms)
         spec.install(model, targets)
+        quant.keep_autograd(model)  # a 4-bit base repacked for inference would train nothing (zinit.quant)
     except BaseException:  # leave the model exactly as it was given
         v2.uninstall_bias_scale(model, [n for n, _ in linears])
         v2.restore_norms(model, [n for n, _ in norms])

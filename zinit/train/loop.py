@@ -5,7 +5,8 @@ compute the loss); the loop does the rest the same way for every task: data-para
 bf16 autocast on GPU, gradient accumulation, the official schedule and optimizer, atomic resumable checkpoints,
 a progress bar, ``metrics.jsonl`` and the plots. One run at a time writes an output folder (an exclusive lock,
 :mod:`zinit.train.lock`), and Ctrl-C or SIGTERM stops after the current step with a checkpoint
-(:mod:`zinit.train.stop`).
+(:mod:`zinit.train.stop`). A step in which no trainable parameter received a gradient stops the run with
+:class:`NoGradient` instead of updating nothing in silence.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import quant
 from ..inject import is_injected, layer_adapters
 from ..files import atomic_write, write_json
 from . import dist as D
@@ -105,6 +107,57 @@ class TrainResult:
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class NoGradient(RuntimeError):
+    """After an optimizer step's backward passes, no trainable parameter had a gradient (every ``.grad`` None, on
+    at least one process; every process raises it), or a loss did not require grad at all (raised at once, by the
+    process that computed it): the step would change nothing. Raised before the update; the last checkpoint is
+    kept. The message names the likely causes."""
+
+
+def _no_gradient_message(model: nn.Module, what: str) -> str:
+    """``what`` went wrong, and the likely causes, the layers at fault first when they can be named."""
+    packed = quant.packed_for_cpu(model)
+    kernel = (f"{len(packed)} bitsandbytes 4-bit layer(s) of this model (e.g. {packed[0]}) are in bitsandbytes' CPU "
+              "inference layout, read by gemv_4bit, which has no autograd" if packed else
+              "a kernel without autograd, such as a quantized weight repacked for inference (bitsandbytes 4-bit on a "
+              "CPU with AVX512-BF16, after an eval-mode forward without grad)")
+    return (f"{what}, so the optimizer step would change nothing. Likely causes: (1) {kernel}: call "
+            "zinit.quant.keep_autograd(model) before training (zinit's trainer does at its start; a model changed "
+            "after that needs it again); (2) a frozen path: the loss computed under torch.no_grad() or "
+            "torch.inference_mode(), or from .detach()ed outputs; (3) a detached prompt: prompt keys/values computed "
+            "once without grad (or .detach()ed) and reused. Fix: task.loss(model, batch) must return a loss computed "
+            "with grad enabled whose graph reaches the trainable parameters.")
+
+
+def _reduce_gradients(model: nn.Module, params: list[nn.Parameter], stats: Tensor, step: int, env: D.Dist) -> None:
+    """Check that some trainable parameter received a gradient (raise :class:`NoGradient` otherwise), then, with
+    several processes, average ``stats`` and the gradients across them in place.
+
+    With N > 1 every process raises together (a lone raise would leave the others waiting in a collective), and a
+    parameter that has a gradient on some processes only gets zeros for it on the others (as DDP does for unused
+    parameters) so that every process reduces the same tensors; one with no gradient anywhere keeps ``None`` (the
+    optimizer skips it, as with one process). One small collective more than the gradients' own.
+    """
+    world, present = env.world_size, [p.grad is not None for p in params]
+    missing = [env.rank] if not any(present) else []
+    if world > 1:
+        flags = torch.zeros(world + len(params), device=env.device)
+        flags[env.rank] = float(not any(present))
+        flags[world:] = torch.tensor(present, dtype=flags.dtype, device=env.device)
+        D.all_reduce_mean_([flags])
+        missing = [r for r in range(world) if flags[r] > 0]
+        present = [bool(v > 0) for v in flags[world:].tolist()]
+    if missing:
+        where = f" on rank(s) {', '.join(map(str, missing))} of {world}" if world > 1 else ""
+        raise NoGradient(_no_gradient_message(
+            model, f"step {step}: none of the {len(params)} trainable parameters received a gradient{where}"))
+    if world > 1:
+        for p, anywhere in zip(params, present):
+            if anywhere and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        D.all_reduce_mean_([stats] + [p.grad for p in params if p.grad is not None])
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -212,6 +265,7 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
     named = _trainable(model)
     params = [p for _, p in named]
     model.to(env.device)
+    quant.keep_autograd(model)  # a 4-bit base that an evaluation packed for inference would give no gradients
     if config.fsdp:
         if env.world_size == 1:
             raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N>1")
@@ -316,12 +370,21 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
                 batch = {k: v.to(env.device) for k, v in task.collate([task.examples[i] for i in indices]).items()}
                 with autocast:
                     loss, count = task.loss(model, batch)
+                if not loss.requires_grad:  # torch's own error ("element 0 of tensors does not require grad") says less
+                    if progress is not None:
+                        progress.close()
+                    raise NoGradient(_no_gradient_message(
+                        model, f"step {step + 1}: the loss does not require grad (it has no grad_fn)"))
                 (loss / config.grad_accum).backward()
                 total_loss += loss.detach().float() / config.grad_accum
                 tokens += count
             stats = torch.stack([total_loss, tokens.float()])
-            if world > 1:
-                D.all_reduce_mean_([stats] + [p.grad for p in params if p.grad is not None])
+            try:
+                _reduce_gradients(model, params, stats, step + 1, env)
+            except NoGradient:
+                if progress is not None:
+                    progress.close()
+                raise
             loss_value = stats[0].item()
             if not math.isfinite(loss_value):
                 if progress is not None:
