@@ -4,7 +4,8 @@
 :func:`zinit.register_recipe`; ``zinit train``, ``zinit eval`` and ``zinit compare`` list whatever the registry holds
 (these, then any recipe a ``zinit.recipes`` entry point names). The package's other modules are shared by the recipes
 and never import one: ``common`` (options and the run skeleton), ``methods`` (fine-tuning methods for ``zinit
-compare``), ``instructions`` (Alpaca-format data), ``vision`` (timm ViT loading) and ``compare`` itself.
+compare``), ``instructions`` (Alpaca-format data), ``published`` (datasets as the Hub publishes them, converted once into
+each recipe's official layout), ``vision`` (timm ViT loading) and ``compare`` itself.
 """
 
 import importlib

