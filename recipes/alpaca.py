@@ -25,6 +25,7 @@ from torch import nn
 import zinit
 from zinit.lm import EMBEDDED_NAME, load_model
 from zinit.cliargs import option_value, without_options
+from zinit.files import atomic_write, write_json
 from zinit.train import Task, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
@@ -194,6 +195,12 @@ def run_train(args: argparse.Namespace) -> int:
                 before_path.write_text(json.dumps(before, indent=2) + "\n")
             D.barrier()
             result = train(model, task, config)
+            report_path = out / "report.json"
+            if result.finished_earlier and report_path.exists():  # written last: the whole run is complete
+                if run.is_main:
+                    print(f"this run finished earlier ({result.steps} steps): its report is {report_path} and its "
+                          f"adapter {out / 'adapter'}; nothing was changed. Use another --output to train again.")
+                return run.status
             # a sharded (FSDP) model needs every process in each forward, so then all of them evaluate (identically)
             after = (evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=run.progress)
                      if heldout and (run.is_main or args.fsdp) else None)
@@ -203,18 +210,26 @@ def run_train(args: argparse.Namespace) -> int:
                 if after is not None:
                     before = json.loads(before_path.read_text()) if before_path.exists() else None
                     report.update(heldout=str(eval_path), before=before, after=after)
-                    with open(result.metrics_path, "a") as f:
-                        if before is not None:
-                            f.write(json.dumps({"step": 0, "eval_loss": before["loss"]}) + "\n")
-                        f.write(json.dumps({"step": result.steps, "eval_loss": after["loss"]}) + "\n")
+                    evals = ([{"step": 0, "eval_loss": before["loss"]}] if before is not None else []) + [
+                        {"step": result.steps, "eval_loss": after["loss"]}]
+                    write_eval_records(result.metrics_path, evals)
                     plot_run(result.metrics_path, out)
                     print(format_report(before, after))
-                (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
                 scores = {"exact_match": 100 * after["exact_match"], "eval_loss": after["loss"]} if after else {}
                 run.finish(model, scores)
+                write_json(report_path, report)  # last: its presence says the run is complete
                 print(f"adapter: {out / 'adapter'}   metrics: {result.metrics_path}   plots: {out}/loss_lr.png, "
                       "gates.png")
     return run.status
+
+
+def write_eval_records(metrics_path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Put the held-out evaluation ``records`` into ``metrics.jsonl`` in place of any written before (a run killed
+    during its final evaluation and run again evaluates again: its records appear once), atomically."""
+    kept = [r for r in map(json.loads, metrics_path.read_text().splitlines()) if "eval_loss" not in r] \
+        if metrics_path.exists() else []
+    text = "".join(json.dumps(r) + "\n" for r in [*kept, *records])
+    atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(text))
 
 
 def format_report(before: dict[str, Any] | None, after: dict[str, Any]) -> str:

@@ -56,3 +56,33 @@ def test_length_grouping_is_an_option_off_under_pad_to_max(tmp_path, tiny_model_
              "cpu", *flags])
     assert seen["config"].group_by_length is grouped
     assert seen["config"].pad_to == (256 if "--pad-to-max" in flags else None)
+
+
+def test_running_a_finished_run_again_changes_nothing(tmp_path, tiny_model_dir, alpaca_file, capsys):
+    """A run killed during its final evaluation (its report not yet written) and run again reports the last step's
+    real loss (stored in the checkpoint, not NaN) and writes each evaluation record once; once the report exists, the
+    same command says the run is finished and changes no file."""
+    import json
+
+    from zinit.cli import main as cli
+
+    out = tmp_path / "out"
+    command = ["train", "alpaca", "--model", str(tiny_model_dir), "--data", str(alpaca_file), "--eval-data",
+               str(alpaca_file), "--output", str(out), "--layers", "1", "--K", "2", "--epochs", "1", "--batch-size",
+               "8", "--max-seq-len", "256", "--no-progress", "--device", "cpu"]
+    assert cli(command) == 0
+    first = json.loads((out / "report.json").read_text())
+    assert first["final_train_loss"] == first["final_train_loss"]  # not NaN
+
+    (out / "report.json").unlink()  # as if killed during the final evaluation
+    assert cli(command) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["final_train_loss"] == first["final_train_loss"] and again["steps"] == first["steps"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, first["steps"]]  # once each
+
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    assert cli(command) == 0
+    assert "this run finished earlier" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files

@@ -97,12 +97,17 @@ class Task:
 
 @dataclass
 class TrainResult:
+    """What :func:`train` did. ``final_loss`` is the last optimizer step's loss, also when that step ran in an earlier
+    process (it is stored in the checkpoint); ``finished_earlier``: the checkpoint was already at the last step, so
+    this call trained nothing (a re-run of a finished run)."""
+
     output: Path
     steps: int
     final_loss: float
     resumed_from: int | None
     metrics_path: Path
     plots: list[Path]
+    finished_earlier: bool = False
 
 
 class TrainingDiverged(FloatingPointError):
@@ -293,7 +298,7 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
 
     fingerprint = {**task.fingerprint, **config.fingerprint(), "world_size": world}
     fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes once stored
-    start, resumed_from = 0, None
+    start, resumed_from, saved_loss = 0, None, None
     saved = load_checkpoint(out)
     if saved is not None:
         check_same_run(json.loads(saved["fingerprint"]), fingerprint, out)
@@ -304,6 +309,7 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"])
         start = resumed_from = int(saved["step"])
+        saved_loss = saved.get("loss")  # checkpoints written before the loss was stored have none
 
     metrics_path = out / METRICS_NAME
     if env.is_main:
@@ -333,6 +339,7 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
                 "step": step, "epoch": step // steps_per_epoch, "position": step % steps_per_epoch,
                 "trainable": {n: p.detach().cpu().clone() for n, p in named},
                 "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "loss": loss_value,  # the step's loss: a re-run of a finished run reports it
                 "schedule": {"total_steps": total, "warmup_steps": warmup, "peak_lr": peak},  # lr = lr_at(step, ...)
                 "fingerprint": json.dumps(fingerprint, sort_keys=True),
             })
@@ -349,7 +356,7 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
 
     model.train()
     epoch_cache: dict[int, list] = {}
-    loss_value = float("nan")
+    loss_value = float("nan") if saved_loss is None else float(saved_loss)
     step = start
     window_start, window_tokens = time.perf_counter(), 0.0
     with StopSignals(announce=env.is_main) as signals:
@@ -432,4 +439,5 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
     model.eval()
     plots = plot_run(metrics_path, out) if env.is_main else []
     D.barrier()
-    return TrainResult(out, step, loss_value, resumed_from, metrics_path, plots)
+    return TrainResult(out, step, loss_value, resumed_from, metrics_path, plots,
+                       finished_earlier=resumed_from is not None and resumed_from >= total)
