@@ -8,18 +8,10 @@ import os
 
 import pytest
 
-from test_serve_http import Running, setup  # noqa: F401 - setup is a fixture
+from test_serve_http import Running, openai_error as _error, setup  # noqa: F401 - setup is a fixture
 
 httpx = pytest.importorskip("httpx")
 
-
-def _error(r, status, *words):
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for word in words:
-        assert word in error["message"], error
-    return error
 
 
 def test_without_an_adapters_folder_unloading_is_off_like_loading(setup):  # noqa: F811

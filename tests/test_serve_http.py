@@ -223,3 +223,13 @@ def test_the_load_benchmark_runs_end_to_end_without_failures(tmp_path):
     assert [level["concurrency"] for level in out["levels"]] == [1, 4]
     assert all(level["failed"] == 0 and level["requests"] == 4 for level in out["levels"])
     assert json.loads((tmp_path / "serve.json").read_text())["adapters"] == 3
+
+
+def openai_error(r, status: int, *words: str) -> dict:
+    """The error body of response ``r``: its status, OpenAI's four fields, and every word in its message."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in error["message"], error
+    return error

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from test_serve_http import Running, _ids, _solo, setup  # noqa: F401 - setup is a fixture
+from test_serve_http import Running, _ids, _solo, openai_error as _error, setup  # noqa: F401 - setup is a fixture
 
 httpx = pytest.importorskip("httpx")
 
@@ -23,14 +23,6 @@ def running(setup):  # noqa: F811 - the fixture imported above
     yield server
     server.stop()
 
-
-def _error(r, status, *words):
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for word in words:
-        assert word in error["message"], error
-    return error
 
 
 def test_values_that_overflow_mean_greedy_and_bad_seeds_are_refused(running, setup):  # noqa: F811

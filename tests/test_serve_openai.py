@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zinit
-from test_serve_http import Running, _ids, _solo, setup  # noqa: F401 - setup is a fixture
+from test_serve_http import Running, _ids, _solo, openai_error, setup  # noqa: F401 - setup is a fixture
 
 httpx = pytest.importorskip("httpx")
 
@@ -38,11 +38,8 @@ def reference(setup):  # noqa: F811
 
 
 def _error(r, status, param, *words):
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
-    for word in words:
-        assert word in error["message"], error
+    error = openai_error(r, status, *words)
+    assert error["param"] == param, error
     return error
 
 
