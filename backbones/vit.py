@@ -73,7 +73,7 @@ def _token_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, attn_mask
 
 
 def _zinit_forward(self: nn.Module, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    """timm ``Attention.forward`` plus the gated prompt term (DESIGN.md §1)."""
+    """timm ``Attention.forward`` plus the gated prompt term (docs/design.md §1)."""
     B, N, _ = x.shape
     out_gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
     qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)

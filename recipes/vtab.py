@@ -1,6 +1,6 @@
 """VTAB-1k image classification with zero-init prompts on a timm ViT (the paper's vision result).
 
-Data: the VPT / NOAH folder layout (DESIGN.md §4), ``<root>/<task>/{train800,val200,train800val200,test}.txt`` with
+Data: the VPT / NOAH folder layout (docs/design.md §4), ``<root>/<task>/{train800,val200,train800val200,test}.txt`` with
 lines ``images/<split>/<n>.jpg <label>`` (paths relative to the task folder). The 19 tasks are registered with their
 group and class count; folder names that differ between public preparations (``cifar`` / ``cifar100``,
 ``oxford_iiit_pet`` / ``oxford_pet`` ...) are accepted. Any other folder in that layout is a custom task when
@@ -76,12 +76,12 @@ TASKS: dict[str, VtabTask] = {t.name: t for t in (
     VtabTask("smallnorb_ele", "Structured", 9, ("smallnorb_elevation", "smallnorb_label_elevation")),
 )}
 
-#: VPT-deep, ViT-B/16 IN-21k, test top-1 % per task (VPT paper, Table 1); its group means are DESIGN.md §3's.
+#: VPT-deep, ViT-B/16 IN-21k, test top-1 % per task (VPT paper, Table 1); its group means are docs/design.md §3's.
 VPT_DEEP = {"cifar": 78.8, "caltech101": 90.8, "dtd": 65.8, "oxford_flowers102": 98.0, "oxford_iiit_pet": 88.3,
             "svhn": 78.1, "sun397": 49.6, "patch_camelyon": 81.8, "eurosat": 96.1, "resisc45": 83.4,
             "diabetic_retinopathy": 68.4, "clevr_count": 68.5, "clevr_dist": 60.0, "dmlab": 46.5, "kitti": 72.8,
             "dsprites_loc": 73.6, "dsprites_ori": 47.9, "smallnorb_azi": 32.9, "smallnorb_ele": 37.8}
-#: Group means (test top-1 %) from the paper (DESIGN.md §3): zero-init attention, VPT-deep, full fine-tuning.
+#: Group means (test top-1 %) from the paper (docs/design.md §3): zero-init attention, VPT-deep, full fine-tuning.
 PAPER_GROUPS = {
     "zero-init (paper)": {"Natural": 81.74, "Specialized": 84.43, "Structured": 56.75},
     "VPT-deep": {"Natural": 78.48, "Specialized": 82.43, "Structured": 54.98},

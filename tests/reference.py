@@ -1,4 +1,4 @@
-"""A naive implementation of the method, written straight from DESIGN.md §1 and sharing no code with zinit.
+"""A naive implementation of the method, written straight from docs/design.md §1 and sharing no code with zinit.
 
 For one adapted layer, in float64, with explicit matmuls, one loop over heads and two separate softmaxes:
 

@@ -1,4 +1,4 @@
-"""The real pretrained models that PyPI packages ship (DESIGN.md §5), loaded offline: SmolLM2-135M-Instruct (a real
+"""The real pretrained models that PyPI packages ship (docs/design.md §5), loaded offline: SmolLM2-135M-Instruct (a real
 LLaMA with grouped-query attention, 9 heads / 3 KV heads) and all-MiniLM-L6-v2 (a real BERT).
 
 Marked slow (SmolLM2 takes ~20 s to dequantise on 2 cores); skipped cleanly where `bash setup.sh` has not installed

@@ -1,4 +1,4 @@
-"""The multimodal path: an image token added to every adapted layer's prompt, per example (DESIGN.md §1)."""
+"""The multimodal path: an image token added to every adapted layer's prompt, per example (docs/design.md §1)."""
 
 from __future__ import annotations
 

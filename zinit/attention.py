@@ -1,6 +1,6 @@
 """Gated prompt attention as plain functions on tensors (no module state).
 
-The method (DESIGN.md §1): every token query of an adapted layer also attends to K learnable prompt keys,
+The method (docs/design.md §1): every token query of an adapted layer also attends to K learnable prompt keys,
 through a softmax of its own, and the result is scaled per head by a gate that starts at exactly zero::
 
     out = softmax(q·Kwᵀ·s + mask)·Vw  +  gate ⊙ softmax(q·Kpᵀ·s)·Vp

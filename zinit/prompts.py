@@ -1,5 +1,5 @@
 """The learnable parameters of one adapted layer (its prompt and its gate), and the optional visual projection that
-adds a per-example image token to every layer's prompt (DESIGN.md §1, multimodal).
+adds a per-example image token to every layer's prompt (docs/design.md §1, multimodal).
 
 Two calls reach an adapter from a backbone's attention: :func:`prompt_term` (the gated prompt term, added to the
 layer's attention output: ``gate="head"`` / ``"layer"``) and :func:`joint_prompt_kv` (the prompt keys and values a
@@ -73,7 +73,7 @@ class VisualInput:
 class LayerAdapter(nn.Module):
     """Prompt ``[K, C]`` (initialised N(0, 1)) and gate (``[H]`` or ``[1]``, initialised to exactly 0) of one layer.
 
-    Gate variants (the paper's ablations, DESIGN.md §1):
+    Gate variants (the paper's ablations, docs/design.md §1):
 
     - ``gate_init="random"``: the gate is drawn from N(0, 1), one value per gate element, right after the prompt and
       from the same generator (torch's global one: ``torch.manual_seed`` makes both reproducible). N(0, 1) because

@@ -39,7 +39,7 @@ METRICS_NAME = "metrics.jsonl"
 
 @dataclass
 class TrainConfig:
-    """Trainer settings; the defaults are the official LLaMA-Adapter Alpaca recipe (DESIGN.md §4).
+    """Trainer settings; the defaults are the official LLaMA-Adapter Alpaca recipe (docs/design.md §4).
 
     ``epochs`` and ``warmup_epochs`` may be fractional. With ``max_steps`` the run stops there and the schedule is
     compressed to fit (warmup is still ``warmup_epochs / epochs`` of the run). ``pad_to`` pads every batch to that

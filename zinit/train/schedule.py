@@ -10,7 +10,7 @@ from torch import nn
 
 
 def scaled_lr(blr: float, global_batch: int) -> float:
-    """``lr = blr · global_batch / 256`` (DESIGN.md §4).
+    """``lr = blr · global_batch / 256`` (docs/design.md §4).
 
     >>> scaled_lr(9e-3, 32)  # 8 GPUs × batch 4
     0.001125
