@@ -4,6 +4,7 @@ shape)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -54,6 +55,26 @@ def test_files_linked_from_outside_the_adapters_folder_are_refused(setup):  # no
         for name in ("zinit.json", "adapter.safetensors"):
             os.symlink(adapters / "poems" / name, inside / name)
         assert server.client.post("/v1/adapters", json={"name": "inside", "path": "linked-inside"}).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_unusable_paths_and_lone_surrogates_are_400s_not_500s(setup):  # noqa: F811
+    """Found by the fault benchmark's probing: a NUL byte or an over-long name in 'path' raised out of the folder check
+    (500), and a lone UTF-16 surrogate (valid JSON, not valid Unicode) reached the tokenizer (500)."""
+    server = Running(setup)
+    try:
+        for path in ("a\u0000b", "x" * 5000, "/".join(["y" * 300] * 2)):
+            r = server.client.post("/v1/adapters", json={"name": "bad", "path": path})
+            assert _error(r, 400, "is not a usable folder name")["param"] == "path"
+        for route, body in (("/v1/completions", {"model": "base", "prompt": "\ud800 hi", "max_tokens": 2}),
+                            ("/v1/completions", {"model": "base", "prompt": ["ok", "\udfff"], "max_tokens": 2}),
+                            ("/v1/chat/completions", {"model": "base", "max_tokens": 2,
+                                                      "messages": [{"role": "user", "content": "\ud800"}]})):
+            r = server.client.post(route, content=json.dumps(body).encode(), headers={"content-type":
+                                                                                      "application/json"})
+            _error(r, 400, "lone UTF-16 surrogate", "\\ud8" if "ud8" in json.dumps(body) else "\\udf")
+        assert server.client.get("/health").status_code == 200
     finally:
         server.stop()
 

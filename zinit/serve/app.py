@@ -276,6 +276,12 @@ class Server:
             raise APIError(400, f"the request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        try:  # JSON may escape a lone UTF-16 surrogate ("\\ud800"), which no tokenizer or file name takes
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start:exc.end].encode("unicode_escape").decode("ascii")
+            raise APIError(400, f"the request holds a lone UTF-16 surrogate ({bad}) in a string, which is not valid "
+                                "Unicode text: send the character it was meant to pair into, or drop it") from None
         return body
 
     def _chat_prompt(self, body: dict[str, Any]) -> list[int]:
@@ -566,17 +572,21 @@ class Server:
         if not isinstance(name, str) or not isinstance(path, str):
             raise APIError(400, "give 'name' (the model id to serve it as) and 'path' (a folder inside the adapters "
                                 "folder)", param="name")
-        folder = (root / path).resolve()
-        if folder != root and root not in folder.parents:
-            raise APIError(403, f"'path' {path!r} is outside the adapters folder", kind="permission_error",
-                           param="path")
-        if folder.is_dir():  # every file there is read by nobody but zinit: each must be inside the folder too
-            for entry in sorted(folder.iterdir()):
-                real = entry.resolve()
-                if real != root and root not in real.parents:
-                    raise APIError(403, f"'path' {path!r}: {entry.name} is a link to a file outside the adapters "
-                                        "folder; copy the file into the folder instead", kind="permission_error",
-                                   param="path")
+        try:  # a NUL byte or an over-long name is the client's mistake (400), not the server's
+            folder = (root / path).resolve()
+            if folder != root and root not in folder.parents:
+                raise APIError(403, f"'path' {path!r} is outside the adapters folder", kind="permission_error",
+                               param="path")
+            if folder.is_dir():  # every file there is read by nobody but zinit: each must be inside the folder too
+                for entry in sorted(folder.iterdir()):
+                    real = entry.resolve()
+                    if real != root and root not in real.parents:
+                        raise APIError(403, f"'path' {path!r}: {entry.name} is a link to a file outside the adapters "
+                                            "folder; copy the file into the folder instead", kind="permission_error",
+                                       param="path")
+        except (OSError, ValueError) as exc:
+            raise APIError(400, f"'path' {_shown(path)} is not a usable folder name: {exc}; give the name of a "
+                                "folder inside the adapters folder", param="path") from None
         if name == self.base_name or name in self.engine.adapters():
             raise APIError(400, f"a model named {name!r} is already served; unload it first", param="name")
         try:
