@@ -4,6 +4,7 @@ and bad input."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from tiny import tiny_vit
 from zinit.cli import main as cli
 
 SIZES = {"train800": 12, "val200": 6, "test": 8}
+#: where Debian's dataset-fashion-mnist puts the real files (only the skip-if-missing test reads them)
+REAL_FASHION = "/usr/share/datasets/fashion-mnist"
 
 
 def write_task(root, folder="cifar100", classes=3, sizes=SIZES):
@@ -168,3 +171,167 @@ def test_default_lr_grid_uses_the_same_multiples_for_every_method(tmp_path, monk
              "--method", method, "--device", "cpu", "--no-progress"])
     blr = base_lr("vtab", method)
     assert [round(b / blr, 6) for b in seen["grid"]] == list(vtab.LR_MULTIPLES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the demo tasks from real images (recipes/make_vtab_demo.py): digits, Fashion-MNIST, Fashion-MNIST rotation
+
+
+def write_idx(path, array, gz=True):
+    """``array`` (uint8) as an idx file, the format of the original MNIST / Fashion-MNIST files (gzipped as they ship,
+    or not)."""
+    import gzip
+
+    import numpy as np
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes() + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def fake_fashion(folder, n_train=1000, n_test=40):
+    """A Fashion-MNIST folder in the original layout whose images can still be checked after JPEG: image i has class
+    i % 10, its bottom half at grey level 20 + 10·class and a white 10×10 block in its top-left corner (which way it
+    was turned). The test labels are not gzipped: the writer reads both."""
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = np.zeros((n, 28, 28), np.uint8)
+        images[:, 14:, :] = (20 + 10 * labels)[:, None, None]
+        images[:, :10, :10] = 255
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        if prefix == "train":
+            write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        else:
+            write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz=False)
+    return folder
+
+
+def read_lines(task, split):
+    return [(line.split()[0], int(line.split()[1])) for line in (task / f"{split}.txt").read_text().splitlines()]
+
+
+def test_fashion_tasks_are_written_in_the_vtab_layout(tmp_path):
+    import numpy as np
+
+    from zinit.recipes import make_vtab_demo as demo
+
+    source = fake_fashion(tmp_path / "fashion")
+    written = demo.make_tasks(tmp_path / "data", ["fashion_mnist", "fashion_rotation"], source, test_size=40)
+    for name, folder in written.items():
+        assert folder == tmp_path / "data" / name
+        lines = {s: read_lines(folder, s) for s in vtab.SPLITS}
+        assert [len(lines[s]) for s in vtab.SPLITS] == [800, 200, 1000, 40]
+        assert lines["train800val200"] == lines["train800"] + lines["val200"]
+        for split in ("train800", "val200", "test"):
+            assert [p for p, _ in lines[split]] == [f"images/{split}/{n}.jpg" for n in range(len(lines[split]))]
+        data = vtab.VtabData(tmp_path / "data", name, num_classes=demo.CLASSES[name])  # the recipe's own loader
+        images, labels = vtab.load_images(data.split("val200"), 28, "val", progress=False)
+        assert images.shape == (200, 3, 28, 28)
+        grey = images.float().mean(1)  # [N, 28, 28]
+        if name == "fashion_mnist":  # the class of each line is the class its image encodes
+            assert sorted(set(labels.tolist())) == list(range(10))
+            quadrant = grey[:, 16:, 14:].mean((1, 2))  # the class-coded bottom half, away from the corner block
+            assert torch.allclose(quadrant, 20 + 10 * labels.float(), atol=3)
+        else:  # label k: k counter-clockwise quarter turns, so the bright corner moves TL -> BL -> BR -> TR
+            corners = torch.stack([grey[:, :8, :8], grey[:, -8:, :8], grey[:, -8:, -8:], grey[:, :8, -8:]], 1)
+            assert corners.mean((2, 3)).argmax(1).tolist() == labels.tolist()
+            for split in ("train800", "val200", "test"):  # balanced in every split
+                counts = np.bincount([label for _, label in lines[split]], minlength=4)
+                assert counts.tolist() == [len(lines[split]) // 4] * 4
+
+
+def test_fashion_draw_is_disjoint_seeded_and_per_task():
+    from zinit.recipes import make_vtab_demo as demo
+
+    draw = demo.fashion_draw("fashion_mnist", 60000, 10000, seed=0, test_size=1000)
+    assert [len(draw[s]) for s in ("train800", "val200", "test")] == [800, 200, 1000]
+    assert not set(draw["train800"]) & set(draw["val200"]) and len(set(draw["test"])) == 1000
+    assert draw == demo.fashion_draw("fashion_mnist", 60000, 10000, seed=0, test_size=1000)
+    assert draw != demo.fashion_draw("fashion_mnist", 60000, 10000, seed=1, test_size=1000)
+    assert draw != demo.fashion_draw("fashion_rotation", 60000, 10000, seed=0, test_size=1000)
+    with pytest.raises(ValueError, match="holds 999 images; VTAB-1k needs 1000"):
+        demo.fashion_draw("fashion_mnist", 999, 10000, seed=0, test_size=10)
+    with pytest.raises(ValueError, match="--test-size 20 asks for more"):
+        demo.fashion_draw("fashion_mnist", 1000, 10, seed=0, test_size=20)
+
+
+def test_demo_writer_is_deterministic_and_keeps_the_digits_cli(tmp_path, capsys):
+    from zinit.recipes import make_vtab_demo as demo
+
+    source = fake_fashion(tmp_path / "fashion", n_test=12)
+    args = ["--task", "all", "--fashion-source", str(source), "--test-size", "12"]
+    demo.main([str(tmp_path / "a"), *args])
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [str(tmp_path / "a" / t) for t in ("digits", "fashion_mnist", "fashion_rotation")]
+    assert "--task fashion_rotation --num-classes 4" in out.err
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 3 * 4 + 1797 + 2 * (1000 + 12)
+    demo.main([str(tmp_path / "b"), "--task", "fashion_rotation", *args[2:]])  # the same seed, the same bytes
+    again = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
+    assert again == [f for f in files if f.parts[0] == "fashion_rotation"]
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in again)
+    assert [len(read_lines(tmp_path / "a" / "digits", s)) for s in vtab.SPLITS] == [800, 200, 1000, 797]
+    with Image.open(tmp_path / "a" / "digits" / "images" / "test" / "0.jpg") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"  # digits as before: 32 px; Fashion-MNIST its own 28
+    with Image.open(tmp_path / "a" / "fashion_mnist" / "images" / "test" / "0.jpg") as im:
+        assert im.size == (28, 28)
+    demo.main([str(tmp_path / "c"), "--task", "fashion", "--seed", "1", "--fashion-source", str(source),
+               "--test-size", "12", "--size", "16"])
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["fashion_mnist"]
+    assert read_lines(tmp_path / "c" / "fashion_mnist", "train800") != read_lines(tmp_path / "a" / "fashion_mnist",
+                                                                                  "train800")
+    with Image.open(tmp_path / "c" / "fashion_mnist" / "images" / "val200" / "0.jpg") as im:
+        assert im.size == (16, 16)
+
+
+def test_missing_fashion_source_skips_or_stops_with_a_message(tmp_path, capsys):
+    from zinit.recipes import make_vtab_demo as demo
+
+    missing = str(tmp_path / "no-fashion")
+    demo.main([str(tmp_path / "out"), "--task", "all", "--fashion-source", missing])  # digits, and says what it skipped
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [str(tmp_path / "out" / "digits")]
+    assert "skipping fashion_mnist, fashion_rotation: no Fashion-MNIST idx files in" in out.err
+    assert "apt-get install dataset-fashion-mnist" in out.err
+    with pytest.raises(SystemExit) as stop:  # asked for by name: an error before anything is written
+        demo.main([str(tmp_path / "out2"), "--task", "fashion_rotation", "--fashion-source", missing])
+    assert stop.value.code == 2 and "argument --fashion-source: no Fashion-MNIST idx files" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(FileNotFoundError, match="no-fashion does not exist .*apt-get install dataset-fashion-mnist"):
+        demo.make_fashion(tmp_path / "out3", "fashion_mnist", missing)
+
+
+def test_idx_reader_refuses_what_is_not_an_idx_file(tmp_path):
+    import gzip
+
+    import numpy as np
+
+    from zinit.recipes import make_vtab_demo as demo
+
+    write_idx(tmp_path / "ok.gz", np.arange(24).reshape(2, 3, 4))
+    assert demo.read_idx(tmp_path / "ok.gz").tolist() == np.arange(24).reshape(2, 3, 4).tolist()
+    (tmp_path / "raw").write_bytes(gzip.decompress((tmp_path / "ok.gz").read_bytes()))  # not gzipped: read as well
+    assert demo.read_idx(tmp_path / "raw").shape == (2, 3, 4)
+    (tmp_path / "png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match=r"png is not an idx file \(it starts 89504e47"):
+        demo.read_idx(tmp_path / "png")
+    (tmp_path / "short").write_bytes((tmp_path / "raw").read_bytes()[:-1])
+    with pytest.raises(ValueError, match=r"short: its idx header says 2×3×4 values of 1 byte\(s\) \(24 bytes\) but 23"):
+        demo.read_idx(tmp_path / "short")
+    source = fake_fashion(tmp_path / "fashion", n_train=20, n_test=10)
+    write_idx(source / "t10k-labels-idx1-ubyte", np.arange(9), gz=False)  # 9 labels for 10 images
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte: expected 10 labels"):
+        demo.load_fashion(source)
+
+
+@pytest.mark.skipif(not Path(REAL_FASHION).is_dir(),
+                    reason=f"Fashion-MNIST not installed in {REAL_FASHION} (apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_files_read():
+    from zinit.recipes import make_vtab_demo as demo
+
+    data = demo.load_fashion(REAL_FASHION)
+    assert data["train"][0].shape == (60000, 28, 28) and data["test"][0].shape == (10000, 28, 28)
+    assert sorted(set(data["test"][1].tolist())) == list(range(10))
