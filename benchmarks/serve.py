@@ -46,19 +46,19 @@ from typing import Any
 import torch
 
 import zinit
+from zinit import lm
 from zinit.files import write_json
+from zinit.serve import Engine
+
+from .speed import SHAPES
 
 
 def _model(args: argparse.Namespace) -> tuple[Any, Any]:
-    from zinit import lm
-
     if args.model == "embedded":
         return lm.load_model(None, torch.device("cpu"))
     if args.model:
         return lm.load_model(args.model, torch.device("cpu"))
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .speed import SHAPES
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{**SHAPES, **EXTRA_SHAPES}[args.shape], max_position_embeddings=4096,
@@ -451,8 +451,7 @@ def _faults(args: argparse.Namespace, model: Any, tokenizer: Any, names: list[st
     import httpx
     import uvicorn
 
-    from zinit.serve import Engine
-    from zinit.serve.app import Server, create_app
+    from zinit.serve.app import Server, create_app  # fastapi: the optional serve extra
 
     started_all = time.monotonic()
     depth = zinit.find_backbone(model).dims(model).num_layers
@@ -736,8 +735,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error("--cut-fraction and --bad-fraction must be >= 0 and add up to at most 1")
     import uvicorn
 
-    from zinit.serve import Engine
-    from zinit.serve.app import Server, create_app
+    from zinit.serve.app import Server, create_app  # fastapi: the optional serve extra
 
     model, tokenizer = _model(args)
     if args.faults and isinstance(tokenizer, _IdTokenizer):

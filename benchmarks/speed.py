@@ -45,6 +45,8 @@ import torch
 from torch import nn
 
 import zinit
+from zinit import quant
+from zinit.recipes import methods
 
 SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -128,8 +130,6 @@ def apply_method(name: str, model: nn.Module, L: int, K: int, task: str = "causa
         return apply_floor(model, L)
     if name == "zinit_generic":  # the same adapter through the generic hf backbone (prompt K/V by the layer's forward)
         return zinit.inject(model, L, K, backbone="hf")
-    from zinit.recipes import methods
-
     return methods.prepare(name, model, methods.MethodContext(recipe="bench", layers=L, K=K, task=task))
 
 
@@ -416,8 +416,6 @@ def load_base(folder: str, base: str, device: str) -> nn.Module:
     :mod:`zinit.quant` scheme through ``from_pretrained(quantization_config=...)``, as ``--quantize`` loads it."""
     from transformers import AutoModelForCausalLM
 
-    from zinit import quant
-
     if base in ("float32", "bfloat16"):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, base)).to(device).eval()
     kwargs = quant.load_kwargs(base, torch.device(device))
@@ -428,8 +426,6 @@ def suite_quantized(args, shape: str) -> dict:
     """zinit's training step and memory on one checkpoint loaded as each of ``--bases`` (a random-weight ``shape``
     saved to a temporary folder, or ``--model``)."""
     import tempfile
-
-    from zinit import quant
 
     unknown = [b for b in args.bases if b not in BASES]
     if unknown:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 import zinit
-from zinit.lm import EMBEDDED_NAME, load_model
+from zinit.embedded import EMBEDDED_NAME
+from zinit.lm import load_model
 from zinit.cliargs import option_value, without_options
 from zinit.files import atomic_write, write_json
 from zinit.train import Task, causal_lm_loss, train

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import zinit
+from zinit.cli import build_parser
 from zinit.cliargs import float_list, option_value, positive_int
 from zinit.files import atomic_write, write_json
 
@@ -107,8 +108,6 @@ def _memory_cells(peak: float | Mapping[str, float | None]) -> list[str]:
 def recipe_namespace(recipe: str, recipe_args: Sequence[str], output: str = "-") -> argparse.Namespace:
     """``recipe_args`` parsed by ``zinit train RECIPE``'s own parser (its defaults filled in); a bad option stops
     with the recipe's own error (exit 2)."""
-    from zinit.cli import build_parser
-
     return build_parser().parse_args(["train", recipe, *recipe_args, "--output", str(output)])
 
 

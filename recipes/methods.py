@@ -32,6 +32,7 @@ from torch import nn
 
 import zinit
 from zinit.files import atomic_write, write_json
+from zinit.errors import ZinitKeyError
 
 SUMMARY_NAME = "summary.json"
 NOT_APPLICABLE_NAME = "not_applicable.json"
@@ -572,7 +573,7 @@ def load_trained(model: nn.Module, folder: str | Path) -> nn.Module:
         raise ValueError(f"{path} cannot be read as safetensors: {exc}; train again") from None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if saved.keys() != params.keys():
-        raise KeyError(f"{folder / 'trainable.safetensors'} does not fit this model: missing "
+        raise ZinitKeyError(f"{folder / 'trainable.safetensors'} does not fit this model: missing "
                        f"{sorted(params.keys() - saved.keys())[:5]}, unexpected {sorted(saved.keys() - params.keys())[:5]}")
     with torch.no_grad():
         for name, p in params.items():

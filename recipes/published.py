@@ -51,6 +51,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterator, Sequence
 
+from zinit.errors import ZinitImportError
 from zinit.hub import split_repo_id
 
 #: Environment variable naming zinit's cache folder (converted data go to ``$ZINIT_CACHE/data``).
@@ -65,7 +66,7 @@ BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 FORMAT_VERSION = "1"
 
 
-class MissingDataExtra(ImportError, RuntimeError):
+class MissingDataExtra(ZinitImportError, RuntimeError):
     """``datasets`` / ``pyarrow`` are not installed (also a RuntimeError, as the earlier parquet reader raised)."""
 
 

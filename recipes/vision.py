@@ -8,6 +8,9 @@ from pathlib import Path
 
 from torch import nn
 
+from zinit.convert import load_state_file
+from zinit.weights import read_metadata
+
 #: The VTAB-1k backbone of the paper (ViT-B/16 pretrained on ImageNet-21k).
 DEFAULT_VIT = "vit_base_patch16_224.orig_in21k"
 
@@ -16,9 +19,6 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """Load ViT weights from a local safetensors file or a timm/PyTorch checkpoint (``weights_only=True``, no code
     is unpickled); the classifier head is left to the task. Any other missing or unexpected key is an error."""
     from timm.models.vision_transformer import checkpoint_filter_fn
-
-    from zinit.convert import load_state_file
-    from zinit.weights import read_metadata
 
     path = Path(path)
     if not path.is_file():

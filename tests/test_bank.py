@@ -319,17 +319,17 @@ def test_zinit_json_is_checked_against_the_weights_before_anything_is_allocated(
 def test_prepare_then_install_is_add_adapter(tmp_path):
     """prepare_adapter reads and builds without touching the model; install_adapter attaches the result, re-checking
     the name (another adapter of that name may have come in between)."""
-    from zinit import bank
+    from zinit import bank, io
 
     folders = _saved(tiny_llama, tmp_path)
     model, ref = tiny_llama(), _bank(tiny_llama, {"a": folders["a"]})
-    prepared = bank.prepare_adapter(model, "a", folders["a"])
+    prepared = io.prepare_adapter(model, "a", folders["a"])
     assert zinit.adapter_names(model) == [] and all(p.requires_grad for p in model.parameters())  # not frozen yet
     assert list(model.state_dict()) == list(tiny_llama().state_dict())  # nothing attached yet
     bank.install_adapter(model, prepared)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), zinit.use_adapters(model, "a"), zinit.use_adapters(ref, "a"):
         assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
-    again = bank.prepare_adapter(tiny_llama(), "a", folders["b"])
+    again = io.prepare_adapter(tiny_llama(), "a", folders["b"])
     with pytest.raises(ValueError, match="already on this model"):
         bank.install_adapter(model, again)

@@ -378,17 +378,17 @@ def test_push_adapter_rewrites_only_a_card_nobody_edited(tmp_path, cache, monkey
     fake = FakeHub(monkeypatch)
     _, folder = saved(tmp_path / "a", seed=1)
     assert 'zinit.load_adapter(model, "ORG/NAME")' in (folder / "README.md").read_text()
-    info = hub.push_adapter(folder, "org/first")
+    info = zinit.push_adapter(folder, "org/first")
     assert info.oid == fake.uploads[0]["oid"] and "org/first" in info.commit_url
     assert 'zinit.load_adapter(model, "org/first")' in (folder / "README.md").read_text()
-    hub.push_adapter(folder, "org/second")  # zinit's card for another repo: rewritten again
+    zinit.push_adapter(folder, "org/second")  # zinit's card for another repo: rewritten again
     assert 'zinit.load_adapter(model, "org/second")' in fake.uploads[1]["files"]["README.md"].decode()
     edited = (folder / "README.md").read_text() + "\nMy own notes.\n"
     (folder / "README.md").write_text(edited)
-    hub.push_adapter(folder, "org/third")
+    zinit.push_adapter(folder, "org/third")
     assert (folder / "README.md").read_text() == edited == fake.uploads[2]["files"]["README.md"].decode()
     (folder / "README.md").unlink()  # a folder of an older zinit, without a card, gets one
-    hub.push_adapter(folder, "org/fourth")
+    zinit.push_adapter(folder, "org/fourth")
     assert 'zinit.load_adapter(model, "org/fourth")' in fake.uploads[3]["files"]["README.md"].decode()
 
 
@@ -397,7 +397,7 @@ def test_nothing_is_sent_for_a_broken_folder_or_a_bad_repo_id(tmp_path, cache, m
     model, folder = saved(tmp_path / "a", seed=1)
     (folder / "adapter.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot be read as safetensors"):
-        hub.push_adapter(folder, "org/name")
+        zinit.push_adapter(folder, "org/name")
     with pytest.raises(ValueError, match=r"push_to_hub: 'not a repo' is not a Hub repo id .*pass push_to_hub='org/name'"):
         zinit.save_adapter(model, tmp_path / "b", push_to_hub="not a repo")
     assert not (tmp_path / "b").exists() and fake.calls == []
@@ -408,7 +408,7 @@ def test_pushing_offline_keeps_the_saved_folder_and_says_how_to_push_it(tmp_path
     folder = tmp_path / "a"
     with pytest.raises(OSError, match=rf"the adapter is saved in {re.escape(str(folder))}, but pushing it to org/name "
                                       r"failed: cannot push .* \(HF_HUB_OFFLINE=1\); unset HF_HUB_OFFLINE and push it "
-                                      rf"with zinit.hub.push_adapter\('{re.escape(str(folder))}', 'org/name'\)"):
+                                      rf"with zinit.push_adapter\('{re.escape(str(folder))}', 'org/name'\)"):
         saved(folder, seed=1, push_to_hub="org/name")
     zinit.load_adapter(tiny_llama(), folder)
 
@@ -423,7 +423,7 @@ def test_a_refused_token_is_a_permission_error(tmp_path, cache, monkeypatch):
     _, folder = saved(tmp_path / "a", seed=1)
     with pytest.raises(PermissionError, match=r"not allowed to write to Hub repo org/name \(HTTP 403\): log in with a "
                                               r"write token \(hf auth login\) or pass token="):
-        hub.push_adapter(folder, "org/name")
+        zinit.push_adapter(folder, "org/name")
 
 
 # ---------------------------------------------------------------------------------------------------------------

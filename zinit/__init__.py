@@ -7,7 +7,7 @@
 """
 
 from . import convert, hub, quant
-from .bank import adapter_names, adapter_parameters, add_adapter, remove_adapter, use_adapters
+from .bank import adapter_names, adapter_parameters, remove_adapter, use_adapters
 from ._version import __version__
 from .inject import (
     Injection,
@@ -21,7 +21,7 @@ from .inject import (
     trainable_parameters,
     visual_features,
 )
-from .io import load_adapter, read_adapter_config, save_adapter
+from .io import add_adapter, load_adapter, push_adapter, read_adapter_config, save_adapter
 from .config import AdapterConfig
 from .prompts import LayerAdapter, VisualProjection, joint_prompt_kv, prompt_term
 from .recipe import Recipe, get_recipe, recipe_names, register_recipe
@@ -56,6 +56,7 @@ __all__ = [
     "load_adapter",
     "load_adapter_state_dict",
     "prompt_term",
+    "push_adapter",
     "read_adapter_config",
     "recipe_names",
     "register_backbone",

@@ -105,31 +105,6 @@ def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: f
     return torch.matmul(probs.transpose(-1, -2), gated_value)
 
 
-def gated_prompt_attention(
-    query: Tensor, prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, scaling: float, softcap: float | None = None
-) -> Tensor:
-    """The prompt term ``gate ⊙ softmax(q·Kpᵀ·scaling)·Vp`` for every query, in the query's layout ``[B, H, T, d]``.
-
-    Args:
-        query: ``[B, H, T, d]``, the layer's own query (already rotated by RoPE where the model uses it).
-        prompt_key, prompt_value: ``[Hkv, K, d]`` (one prompt for the batch) or ``[B, Hkv, K, d]`` (one per example).
-            No positional encoding: prompt keys carry none. With grouped-query attention ``Hkv < H``.
-        gate: ``[H]``, the already-applied gate function (see :func:`gate_values`).
-        scaling: the layer's own score scale, usually ``d ** -0.5``.
-        softcap: the layer's logit soft-capping, if it has one (Gemma 2).
-
-    There is no mask: every query sees every prompt key. The softmax runs in float32 (as HF eager attention),
-    the rest in the query's dtype. The gate is folded into ``Vp`` (``[H, K, d]``, tiny) rather than applied to the
-    ``[B, H, T, d]`` output; with a zero gate the result is exactly zero.
-
-    >>> q = torch.randn(2, 4, 5, 8); k = v = torch.randn(2, 3, 8)
-    >>> gated_prompt_attention(q, k, v, torch.zeros(4), 8 ** -0.5).abs().max().item()
-    0.0
-    """
-    key, value = prepare_prompt_kv(prompt_key, prompt_value, gate, query.shape[1], query.dtype)
-    return prompt_attention(query, key, value, scaling, softcap)
-
-
 def joint_mask(mask: Tensor | None, prompt_len: int, q_len: int, kv_len: int, causal: bool,
                device: torch.device | str | None = None) -> Tensor | None:
     """The attention mask over ``[K prompt keys; S token keys]`` for a ``gate="none"`` layer: the token columns as

@@ -23,11 +23,9 @@ Adapters are added and removed between forwards, not during one (the server does
 
 from __future__ import annotations
 
-import itertools
 import os
 from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
 import torch
@@ -35,62 +33,12 @@ from torch import Tensor, nn
 
 from . import quant
 from .attention import prompt_attention
-from .config import AdapterConfig
+from .config import AdapterConfig, check_options, layer_shapes, resolve_layers
+from .errors import ZinitKeyError, ZinitStateError, ZinitValueError
 from .prompts import BANK_ATTR, LayerAdapter, PromptStore
-from .registry import Backbone, Dims, find_backbone, get_backbone
-
-#: Attribute of a model that holds its :class:`Bank`.
-BANK_STATE_ATTR = "_zinit_bank"
-
-
-class Routing:
-    """Which adapter each row uses while a :func:`use_adapters` block runs: a ContextVar, so threads and asyncio
-    tasks running forwards of the same model each see their own choice. Copies and pickles get a fresh one."""
-
-    def __init__(self) -> None:
-        self.var: ContextVar[Route | None] = ContextVar(f"zinit_route_{id(self)}", default=None)
-
-    def __reduce__(self) -> tuple:
-        return (Routing, ())
-
-    def __deepcopy__(self, memo: dict) -> "Routing":
-        return Routing()
-
-    def current(self) -> "Route | None":
-        return self.var.get()
-
-
-@dataclass(frozen=True)
-class Route:
-    """The choice of one :func:`use_adapters` block: one name (or None) per row, or one for every row."""
-
-    serial: int  #: unique per block, so prompt keys/values kept for a decoding loop never serve another choice
-    names: tuple[str | None, ...] | None  #: per row (None: ``every`` for all rows)
-    every: str | None = None
-
-    def rows(self, batch: int) -> tuple[str | None, ...]:
-        """The name of each of ``batch`` rows (``generate()`` with beams repeats each row's choice)."""
-        if self.names is None:
-            return (self.every,) * batch
-        if batch == len(self.names):
-            return self.names
-        if batch % len(self.names):
-            raise ValueError(f"use_adapters names {len(self.names)} rows, but the forward has a batch of {batch}; "
-                             "give one name (or None) per row")
-        repeat = batch // len(self.names)
-        return tuple(name for name in self.names for _ in range(repeat))
-
-
-@dataclass
-class Bank:
-    """The named adapters of a model; kept on it as ``model._zinit_bank``."""
-
-    backbone: Backbone
-    dims: Dims
-    requires_grad: dict[str, bool]  #: each base parameter's flag before the first adapter froze it
-    routing: Routing = field(default_factory=Routing)
-    configs: dict[str, AdapterConfig] = field(default_factory=dict)  #: by name, in the order they were added
-    installed: set[int] = field(default_factory=set)  #: layers whose attention routes through the bank
+from .registry import Backbone, find_backbone, get_backbone
+from .state import (AdapterState, Route, Routing, abandon, adapter_state, attach, canonical_state,
+                    copy_adapter_state, freeze, release)
 
 
 class BankLayer(nn.Module):
@@ -151,17 +99,11 @@ class BankLayer(nn.Module):
         return result
 
 
-_SERIAL = itertools.count(1)
-_NO_GATE = ("{what}: its prompt keys join each layer's token softmax, which cannot differ per row of a mixed batch, "
-            "so named adapters are gated (gate='head' or 'layer'); load a gate='none' adapter alone with "
-            "zinit.load_adapter (or zinit.inject)")
-
-
-def bank(model: nn.Module) -> Bank:
-    """The :class:`Bank` of a model that has named adapters; a clear error otherwise."""
-    state = getattr(model, BANK_STATE_ATTR, None)
-    if not isinstance(state, Bank):
-        raise ValueError("this model has no named adapters: add one with zinit.add_adapter(model, name, folder)")
+def named_state(model: nn.Module) -> AdapterState:
+    """The :class:`~zinit.state.AdapterState` of a model that has named adapters; a clear error otherwise."""
+    state = adapter_state(model)
+    if state is None or not state.named:
+        raise ZinitValueError("this model has no named adapters: add one with zinit.add_adapter(model, name, folder)")
     return state
 
 
@@ -173,8 +115,8 @@ def adapter_names(model: nn.Module) -> list[str]:
     >>> zinit.adapter_names(zinit.add_adapter(vit, "a", layers=2, K=4))
     ['a']
     """
-    state = getattr(model, BANK_STATE_ATTR, None)
-    return list(state.configs) if isinstance(state, Bank) else []
+    state = adapter_state(model)
+    return state.named if state is not None else []
 
 
 def _check_name(name: object) -> str:
@@ -196,158 +138,119 @@ class PreparedAdapter:
     layers: dict[int, LayerAdapter]  #: the adapter of each adapted layer, bottom to top
 
 
-def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
-                layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
-                gate_fn: str = "tanh", backbone: str | None = None, gate_init: str = "zero") -> nn.Module:
-    """Add a named adapter to ``model`` (frozen on the first one) and return the model.
-
-    ``source`` is an adapter folder written by :func:`zinit.save_adapter` (its ``zinit.json`` says the layers, K
-    and gate; the model's sizes must match). Without a source, a new zero-init adapter is made from ``layers`` and
-    ``K`` (and the gate options), for training several adapters on one model (multi-task batches).
-
-    Adapters of different K, layers and gate options mix freely (``gate_init="random"`` too: a new adapter's gate
-    then starts drawn from N(0, 1), as :func:`zinit.inject` draws it). Adapters with image features, a trained task
-    head, no gate or LLaMA-Adapter V2's additions (``visual_dim``, ``train_modules``, ``gate="none"``, whose prompt
-    keys join the tokens' softmax and so cannot be mixed per row, ``bias_scale``/``train_norms``, which change shared
-    layers) are single-adapter only: load those with :func:`zinit.load_adapter`.
-
-    The same as :func:`install_adapter` of :func:`prepare_adapter`: a server reads and builds an adapter off its
-    decoding thread with the first and attaches it between forwards with the second.
-
-    >>> import torch, timm, zinit
-    >>> vit = timm.create_model("vit_tiny_patch16_224")
-    >>> _ = zinit.add_adapter(vit, "birds", layers=2, K=4)
-    >>> _ = zinit.add_adapter(vit, "cars", layers=[5, 11], K=8, gate="layer")
-    >>> with torch.no_grad(), zinit.use_adapters(vit, ["birds", "cars", None]):
-    ...     out = vit(torch.randn(3, 3, 224, 224))
-    >>> zinit.adapter_names(vit), tuple(out.shape)
-    (['birds', 'cars'], (3, 1000))
-    """
-    prepared = prepare_adapter(model, name, source, layers=layers, K=K, gate=gate, gate_fn=gate_fn,
-                               backbone=backbone, gate_init=gate_init)
-    return install_adapter(model, prepared)
+#: Why an adapter cannot be one of several named adapters, by the option that makes it single-adapter only.
+SINGLE_ONLY = {
+    "gate": "gate='none' (its prompt keys join each layer's token softmax, which cannot differ per row of a mixed "
+            "batch, so named adapters are gated: gate='head' or 'layer')",
+    "features": "image features or a task head (visual_dim / train_modules; named adapters are prompts and gates "
+                "only)",
+    "v2": "LLaMA-Adapter V2's bias/scale or trained norms (bias_scale / train_norms), which change the shared base "
+          "model's layers for every row",
+}
 
 
-def _check_free(model: nn.Module, name: str) -> Bank | None:
-    """The model's bank (None when it has none yet), after checking that ``name`` can be added to it."""
-    from .inject import is_injected
+def single_only(config: AdapterConfig) -> str | None:
+    """Why the adapter ``config`` describes can only be alone on its model (:data:`SINGLE_ONLY`), or None."""
+    if config.gate == "none":
+        return SINGLE_ONLY["gate"]
+    if config.visual_dim is not None or config.train_modules:
+        return SINGLE_ONLY["features"]
+    if config.bias_scale is not None or config.train_norms:
+        return SINGLE_ONLY["v2"]
+    return None
 
+
+def new_adapter_config(model: nn.Module, layers: int | Sequence[int], K: int, *, gate: str = "head",
+                       gate_fn: str = "tanh", backbone: str | None = None, gate_init: str = "zero") -> AdapterConfig:
+    """The configuration of a new zero-init named adapter on ``model`` (its backbone: the one its adapters already use,
+    else ``backbone`` or the detected one), after checking every option."""
+    state = adapter_state(model)
+    spec = state.backbone if state is not None and backbone is None else (
+        get_backbone(backbone) if backbone is not None else find_backbone(model))
+    check_options(K, gate, gate_fn, gate_init)
+    dims = spec.dims(model)
+    config = AdapterConfig.for_model(spec.name, dims, resolve_layers(layers, dims.num_layers), K, gate=gate,
+                                     gate_fn=gate_fn, gate_init=gate_init)
+    why = single_only(config)
+    if why is not None:
+        raise ZinitValueError(f"a named adapter cannot have {why}: inject it alone with zinit.inject")
+    return config
+
+
+def _check_free(model: nn.Module, name: str) -> AdapterState | None:
+    """The model's adapter state (None when it has none yet), after checking that ``name`` can be added to it."""
     _check_name(name)
-    if is_injected(model):
-        raise ValueError("this model is injected with one adapter (zinit.inject / load_adapter); named adapters go "
-                         "on a model without one: zinit.eject(model) first, or save that adapter and add it by name")
-    state = getattr(model, BANK_STATE_ATTR, None)
-    if isinstance(state, Bank) and name in state.configs:
-        raise ValueError(f"an adapter named {name!r} is already on this model; remove it first "
-                         "(zinit.remove_adapter) or pick another name")
-    return state if isinstance(state, Bank) else None
+    state = adapter_state(model)
+    if state is not None and state.active is not None:
+        raise ZinitValueError("this model is injected with one adapter (zinit.inject / load_adapter); named adapters "
+                              "go on a model without one: zinit.eject(model) first, or save that adapter and add it "
+                              "by name")
+    if state is not None and name in state.configs:
+        raise ZinitValueError(f"an adapter named {name!r} is already on this model; remove it first "
+                              "(zinit.remove_adapter) or pick another name")
+    return state
 
 
-def _check_tensors(config: AdapterConfig, tensors: Mapping[str, Tensor], source: str | os.PathLike[str]) -> None:
-    """The tensors of an adapter file against the shapes its ``zinit.json`` implies (``layers.{n}.prompt``
-    ``[K, hidden_size]``, ``layers.{n}.gate`` ``[H]`` or ``[1]``), before anything of those sizes is allocated: K and
-    the gate are untrusted until the weights agree with them (a K of 2**40 must be an error, not an allocation)."""
-    expected: dict[str, tuple[int, ...]] = {}
-    for n in config.layers:
-        expected[f"layers.{n}.prompt"] = (config.K, config.hidden_size)
-        expected[f"layers.{n}.gate"] = (config.num_heads if config.gate == "head" else 1,)
+def _check_shapes(config: AdapterConfig, tensors: Mapping[str, Tensor], source: str) -> None:
+    """The tensors of an adapter against the shapes its configuration implies, before anything of those sizes is
+    allocated: K and the gate of an adapter file are untrusted until its weights agree with them (a K of 2**40 must
+    be an error, not an allocation), even if the file reader's own check (:func:`zinit.io.check_weights`) let them
+    through."""
+    expected = layer_shapes(config)
     missing = [k for k in expected if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in expected)
     if missing or unexpected:
-        raise KeyError(f"adapter weights in {source} do not fit its zinit.json (layers {list(config.layers)}, "
-                       f"K={config.K}, gate={config.gate!r}): missing keys {missing}, unexpected keys {unexpected}; "
-                       "make the two agree or save the adapter again")
+        raise ZinitKeyError(f"adapter weights in {source} do not fit its zinit.json (layers {list(config.layers)}, "
+                            f"K={config.K}, gate={config.gate!r}): missing keys {missing}, unexpected keys "
+                            f"{unexpected}; make the two agree or save the adapter again")
     for key, shape in expected.items():
         value = tensors[key]
         if not isinstance(value, Tensor) or not value.is_floating_point():
-            raise ValueError(f"adapter weights in {source}: {key!r} is not a floating-point tensor; save the adapter "
-                             "again (zinit writes float32)")
+            raise ZinitValueError(f"adapter weights in {source}: {key!r} is not a floating-point tensor; save the "
+                                  "adapter again (zinit writes float32)")
         if tuple(value.shape) != shape:
             field_ = "K" if key.endswith(".prompt") else "gate"
-            raise ValueError(f"adapter weights in {source}: {key!r} has shape {list(value.shape)}, but zinit.json "
-                             f"(K={config.K}, hidden_size={config.hidden_size}, gate={config.gate!r}) says "
-                             f"{list(shape)}; correct {field_} in zinit.json or save the adapter again")
+            raise ZinitValueError(f"adapter weights in {source}: {key!r} has shape {list(value.shape)}, but zinit.json "
+                                  f"(K={config.K}, hidden_size={config.hidden_size}, gate={config.gate!r}) says "
+                                  f"{list(shape)}; correct {field_} in zinit.json or save the adapter again")
 
 
-def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
-                    layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
-                    gate_fn: str = "tanh", backbone: str | None = None,
-                    gate_init: str = "zero") -> PreparedAdapter:
-    """Read, check and build the named adapter :func:`add_adapter` would add (same arguments), without touching
-    ``model``: the files are read and every untrusted field of ``zinit.json`` is checked against the model and
-    against the weights' shapes before any tensor of those sizes is allocated. Safe to call from another thread
-    while the model runs forwards; :func:`install_adapter` attaches the result.
-
-    >>> import timm, zinit
-    >>> vit = timm.create_model("vit_tiny_patch16_224")
-    >>> prepared = prepare_adapter(vit, "a", layers=2, K=4)
-    >>> zinit.adapter_names(vit), zinit.adapter_names(install_adapter(vit, prepared))
-    ([], ['a'])
-    """
-    from .inject import _check_layers
-
+def build_adapter(model: nn.Module, name: str, config: AdapterConfig, tensors: Mapping[str, Tensor] | None = None,
+                  source: str | os.PathLike[str] = "the given state") -> PreparedAdapter:
+    """Build the named adapter ``config`` describes for ``model`` (with ``tensors``' values, checked strictly against
+    ``config`` before anything is allocated, or zero-init), without touching the model; :func:`install_adapter`
+    attaches it. The model's sizes must be the configuration's (:func:`zinit.io.check_fits` checks that for a file);
+    ``source`` names the tensors' origin in errors."""
     state = _check_free(model, name)
-    if source is not None:
-        if layers is not None or K is not None:
-            raise ValueError("add_adapter takes either an adapter folder or layers= and K= for a new adapter, not both")
-        from .io import check_fits, read_adapter
-
-        config, tensors = read_adapter(source)
-        if config.visual_dim is not None or config.train_modules:
-            raise ValueError(f"the adapter in {source} has image features or a task head (visual_dim / "
-                             "train_modules): load it alone with zinit.load_adapter; named adapters are prompts and "
-                             "gates only")
-        if config.gate == "none":
-            raise ValueError(_NO_GATE.format(what=f"the adapter in {source} has gate='none'"))
-        if config.bias_scale is not None or config.train_norms:
-            raise ValueError(f"the adapter in {source} has LLaMA-Adapter V2's bias/scale or trained norms "
-                             "(bias_scale / train_norms), which change the shared base model's layers for every row: "
-                             "load it alone with zinit.load_adapter; named adapters are prompts and gates only")
-        spec = check_fits(config, model, source, "add it to the model it was trained on")
-        _check_tensors(config, tensors, source)
-    else:
-        if layers is None or K is None:
-            raise ValueError("add_adapter needs an adapter folder, or layers= and K= for a new zero-init adapter")
-        spec = state.backbone if state is not None and backbone is None else (
-            get_backbone(backbone) if backbone is not None else find_backbone(model))
-        from .inject import _check_options
-
-        _check_options(K, gate, gate_fn, gate_init)
-        if gate == "none":
-            raise ValueError(_NO_GATE.format(what="gate='none'"))
-        dims = spec.dims(model)
-        config = AdapterConfig.for_model(spec.name, dims, _check_layers(layers, dims.num_layers), K, gate=gate,
-                                         gate_fn=gate_fn, gate_init=gate_init)
-        tensors = None
+    why = single_only(config)
+    if why is not None:
+        raise ZinitValueError(f"adapter {name!r} has {why}: load it alone with zinit.load_adapter")
+    spec = get_backbone(config.backbone)
     if state is not None and spec.name != state.backbone.name:
-        raise ValueError(f"this model's adapters use backbone {state.backbone.name!r}; the adapter {name!r} uses "
-                         f"{spec.name!r}: add adapters of one backbone to a model")
-    dims = state.dims if state is not None else spec.dims(model)
+        raise ZinitValueError(f"this model's adapters use backbone {state.backbone.name!r}; the adapter {name!r} uses "
+                              f"{spec.name!r}: add adapters of one backbone to a model")
+    if tensors is not None:
+        _check_shapes(config, tensors, str(source))
     modules = spec.attention_modules(model)
     built: dict[int, LayerAdapter] = {}
     for n in config.layers:
         device = next(modules[n].parameters()).device
-        built[n] = LayerAdapter(config.K, dims.hidden_size, dims.num_heads, gate=config.gate, gate_fn=config.gate_fn,
-                                project=spec.project, device=device, gate_init=config.gate_init)
+        built[n] = LayerAdapter(config.K, config.hidden_size, config.num_heads, gate=config.gate,
+                                gate_fn=config.gate_fn, project=spec.project, device=device,
+                                gate_init=config.gate_init)
     if tensors is not None:
-        _load_named(built, config, tensors)
+        copy_adapter_state(canonical_state(built), tensors, config.layers)
     return PreparedAdapter(name, spec, config, built)
 
 
 def install_adapter(model: nn.Module, prepared: PreparedAdapter) -> nn.Module:
-    """Attach an adapter :func:`prepare_adapter` built for ``model`` (frozen on the first one); returns the model.
-    Quick (no file, no allocation of the adapter's tensors): what a server runs between forwards. The name and
-    backbone are checked again (another adapter may have been added since it was prepared)."""
+    """Attach an adapter built for ``model`` (:func:`build_adapter`, :func:`zinit.io.prepare_adapter`; the model is
+    frozen on the first one); returns the model. Quick (no file, no allocation of the adapter's tensors): what a
+    server runs between forwards. The name and backbone are checked again (another adapter may have been added since
+    it was prepared)."""
     name, spec, config = prepared.name, prepared.spec, prepared.config
-    state = _check_free(model, name)
-    if state is not None and spec.name != state.backbone.name:
-        raise ValueError(f"this model's adapters use backbone {state.backbone.name!r}; the adapter {name!r} uses "
-                         f"{spec.name!r}: add adapters of one backbone to a model")
-    created = state is None
-    if state is None:
-        state = Bank(spec, spec.dims(model), {n: p.requires_grad for n, p in model.named_parameters()})
-        for p in model.parameters():
-            p.requires_grad_(False)
+    _check_free(model, name)
+    state, created = freeze(model, spec)
     modules = spec.attention_modules(model)
     added: list[nn.Module] = []
     new_layers = [n for n in config.layers if n not in state.installed]
@@ -365,31 +268,18 @@ def install_adapter(model: nn.Module, prepared: PreparedAdapter) -> nn.Module:
             del attention._modules[BANK_ATTR].adapters[name]
             if not len(attention._modules[BANK_ATTR].adapters):
                 delattr(attention, BANK_ATTR)
-        if created:
-            for pname, p in model.named_parameters():
-                p.requires_grad_(state.requires_grad.get(pname, p.requires_grad))
+        abandon(model, state, created)
         raise
     state.installed.update(new_layers)
-    state.configs[name] = config
-    if created:
-        setattr(model, BANK_STATE_ATTR, state)
+    attach(model, state, name, config)
     return model
-
-
-def _load_named(built: Mapping[int, LayerAdapter], config: AdapterConfig, tensors: Mapping[str, Tensor]) -> None:
-    from .inject import copy_adapter_state
-
-    expected = {}
-    for n, adapter in built.items():
-        expected[f"layers.{n}.prompt"], expected[f"layers.{n}.gate"] = adapter.prompt.detach(), adapter.gate.detach()
-    copy_adapter_state(expected, tensors, config.layers)
 
 
 def named_adapter_layers(model: nn.Module, name: str) -> dict[int, LayerAdapter]:
     """``{layer index: LayerAdapter}`` of the named adapter ``name``, bottom to top."""
-    state = bank(model)
-    if name not in state.configs:
-        raise KeyError(f"no adapter named {name!r} on this model; it has {list(state.configs)}")
+    state = named_state(model)
+    if name not in state.named:
+        raise ZinitKeyError(f"no adapter named {name!r} on this model; it has {state.named}")
     modules = state.backbone.attention_modules(model)
     return {n: modules[n]._modules[BANK_ATTR].adapters[name] for n in state.configs[name].layers}
 
@@ -397,7 +287,7 @@ def named_adapter_layers(model: nn.Module, name: str) -> dict[int, LayerAdapter]
 def named_adapter_config(model: nn.Module, name: str) -> AdapterConfig:
     """The :class:`~zinit.AdapterConfig` of the named adapter ``name``."""
     named_adapter_layers(model, name)  # the error names the adapters there are
-    return bank(model).configs[name]
+    return named_state(model).configs[name]
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
@@ -415,15 +305,12 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
 def named_adapter_state_dict(model: nn.Module, name: str) -> dict[str, Tensor]:
     """The canonical state (``layers.{n}.prompt`` / ``layers.{n}.gate``) of the named adapter ``name``: the keys
     :func:`zinit.adapter_state_dict` gives for the same adapter injected alone."""
-    out: dict[str, Tensor] = {}
-    for n, adapter in named_adapter_layers(model, name).items():
-        out[f"layers.{n}.prompt"], out[f"layers.{n}.gate"] = adapter.prompt.detach(), adapter.gate.detach()
-    return out
+    return canonical_state(named_adapter_layers(model, name))
 
 
 def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove the named adapter ``name`` (the others are untouched); after the last one the model is exactly as it
-    was before the first :func:`add_adapter` (hooks removed, ``requires_grad`` restored). Returns the model.
+    was before the first :func:`zinit.add_adapter` (hooks removed, ``requires_grad`` restored). Returns the model.
 
     >>> import zinit, timm
     >>> vit = timm.create_model("vit_tiny_patch16_224")
@@ -432,11 +319,10 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
     >>> list(zinit.remove_adapter(vit, "a").state_dict()) == keys
     True
     """
-    state = bank(model)
+    state = named_state(model)
     layers = named_adapter_layers(model, name)
     modules = state.backbone.attention_modules(model)
-    del state.configs[name]
-    still = {n for config in state.configs.values() for n in config.layers}
+    still = {n for other, config in state.configs.items() if other != name for n in config.layers}
     unused = [n for n in layers if n not in still]
     state.backbone.uninstall(model, [modules[n] for n in unused])
     for n in layers:
@@ -445,10 +331,7 @@ def remove_adapter(model: nn.Module, name: str) -> nn.Module:
         if not len(holder.adapters):
             delattr(modules[n], BANK_ATTR)
     state.installed.difference_update(unused)
-    if not state.configs:
-        for pname, p in model.named_parameters():
-            p.requires_grad_(state.requires_grad.get(pname, p.requires_grad))
-        delattr(model, BANK_STATE_ATTR)
+    release(model, state, name)
     return model
 
 
@@ -470,7 +353,7 @@ def use_adapters(model: nn.Module, names: str | None | Sequence[str | None]) -> 
     >>> torch.equal(base, mixed)
     True
     """
-    state = bank(model)
+    state = named_state(model)
     if names is None or isinstance(names, str):
         chosen: tuple[str | None, ...] | None = None
         every = names
@@ -481,14 +364,14 @@ def use_adapters(model: nn.Module, names: str | None | Sequence[str | None]) -> 
         check = list(chosen)
         if not chosen:
             raise ValueError("use_adapters got an empty list: give one adapter name (or None) per row")
-    unknown = sorted({n for n in check if n is not None and n not in state.configs}, key=str)
+    unknown = sorted({n for n in check if n is not None and n not in state.named}, key=str)
     bad = [n for n in check if n is not None and not isinstance(n, str)]
     if bad:
         raise TypeError(f"use_adapters: adapter names are strings or None, got {bad[0]!r}")
     if unknown:
-        raise KeyError(f"no adapter named {', '.join(map(repr, unknown))} on this model; it has "
-                       f"{list(state.configs)} (add one with zinit.add_adapter)")
-    token = state.routing.var.set(Route(next(_SERIAL), chosen, every))
+        raise ZinitKeyError(f"no adapter named {', '.join(map(repr, unknown))} on this model; it has "
+                       f"{state.named} (add one with zinit.add_adapter)")
+    token = state.routing.var.set(Route.new(chosen, every))
     try:
         yield
     finally:

@@ -22,15 +22,19 @@ Ctrl-C ends it with ``zinit: interrupted`` and status 130. Anything else is a bu
 from __future__ import annotations
 
 import argparse
-import linecache
 import os
 import sys
 import tempfile
-from pathlib import Path
-from types import TracebackType
 from typing import Sequence
 
+import torch
+
+import zinit
+
+from . import lm, weights
 from .cliargs import layer_count, positive_float, positive_int, prompt_length
+from .errors import ZinitError
+from .recipe import get_recipe, recipe_names
 
 #: Set to 1 to get the traceback of every error instead of one line.
 DEBUG_ENV = "ZINIT_DEBUG"
@@ -38,12 +42,9 @@ DEBUG_ENV = "ZINIT_DEBUG"
 ERROR_EXIT = 2
 #: Exit status after Ctrl-C (128 + SIGINT), as a shell reports for a process the signal ended.
 INTERRUPT_EXIT = 130
-#: Errors that mean "the input is wrong", from zinit or the libraries it calls (files, values, the disk).
-INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, FloatingPointError)
-#: Errors that mean the same only when zinit's own code raises them on purpose (a ``raise`` in zinit or recipes);
-#: from anywhere else (a dict lookup, torch) they are bugs and keep their traceback.
-OWN_ERRORS: tuple[type[BaseException], ...] = (KeyError, RuntimeError, ImportError, LookupError)
-_PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "recipes")
+#: Errors that mean "the input is wrong": zinit's own (raised on purpose, whatever built-in type they also are) and
+#: the libraries' bad values, files and disks. Any other error is a bug and keeps its traceback.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (ZinitError, ValueError, OSError, FloatingPointError)
 #: Commands whose code lives outside zinit's core, as ``module:function`` taking the command's own argument list.
 OUTER_COMMANDS = {"compare": "zinit.recipes.compare:main", "ablate": "zinit.recipes.ablate:main",
                   "bench": "zinit.benchmarks.speed:main",
@@ -51,10 +52,8 @@ OUTER_COMMANDS = {"compare": "zinit.recipes.compare:main", "ablate": "zinit.reci
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    """``zinit demo``: the method end to end on a small random-weight LLaMA (see the module docstring)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    import zinit
 
     torch.manual_seed(args.seed)
     cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
@@ -101,16 +100,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _backbones(args: argparse.Namespace) -> int:
-    import zinit
-
+    """``zinit backbones``: the registered backbones, one per line."""
     for name in zinit.backbones():
         print(f"{name:10s} {zinit.get_backbone(name).description}")
     return 0
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from . import weights
-
+    """``zinit weights dinov2-small``: convert the real DINOv2 ViT-S/14 and print the file's path."""
     result = weights.convert_dinov2_small(args.onnx, args.cache_dir, verify=args.verify, force=args.force)
     check = ("not verified" if result.max_abs_diff is None else
              f"max |timm - onnxruntime| = {result.max_abs_diff:.2e} (relative {result.max_rel_diff:.2e})")
@@ -129,42 +126,29 @@ def _outer(command: str, argv: list[str]) -> int:
     return status if isinstance(status, int) else 0
 
 
-def _raised_on_purpose(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from a ``raise`` statement in zinit's or the recipes' own code."""
-    tb: TracebackType | None = exc.__traceback__
-    last = None
-    while tb is not None:
-        last, tb = tb, tb.tb_next
-    if last is None:
-        return False
-    filename = Path(last.tb_frame.f_code.co_filename).resolve()
-    if not any(folder in filename.parents for folder in _PACKAGES):
-        return False
-    return linecache.getline(str(filename), last.tb_lineno).lstrip().startswith("raise")
-
-
 def is_input_error(exc: BaseException) -> bool:
-    """Whether ``exc`` reports bad input (shown as one line) rather than a bug (shown with its traceback)."""
-    if isinstance(exc, INPUT_ERRORS):
-        return True
-    return isinstance(exc, OWN_ERRORS) and _raised_on_purpose(exc)
+    """Whether ``exc`` reports bad input (shown as one line) rather than a bug (shown with its traceback): a
+    :class:`~zinit.errors.ZinitError`, which zinit raises on purpose, or a ``ValueError``/``OSError``/
+    ``FloatingPointError`` from any library (a bad value, a missing or unreadable file, a full disk, a diverged run).
+    A ``KeyError``, ``RuntimeError`` or ``ImportError`` that is not a ZinitError is a bug."""
+    return isinstance(exc, INPUT_ERRORS)
 
 
 def error_message(exc: BaseException) -> str:
     """The text of an error without its type: a KeyError's message unquoted, an OSError's reason and file name.
 
-    A library's message spread over several lines is joined into one; zinit's own (a list of bad records, one per
-    line) is kept as written.
+    A library's message spread over several lines is joined into one; zinit's own (:class:`~zinit.errors.ZinitError`,
+    e.g. a list of bad records, one per line) is kept as written.
     """
+    if isinstance(exc, ZinitError):
+        return str(exc) or type(exc).__name__
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         text = exc.args[0]
     elif isinstance(exc, OSError) and exc.strerror:
         text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     else:
         text = str(exc) or type(exc).__name__
-    if not _raised_on_purpose(exc):
-        text = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    return text
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,9 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip the forward check against onnxruntime")
     p.set_defaults(func=_weights)
-
-    from . import lm
-    from .recipe import get_recipe, recipe_names
 
     train = sub.add_parser("train", help="train an adapter with a recipe").add_subparsers(dest="recipe", required=True)
     evaluate = sub.add_parser("eval", help="score a trained adapter with a recipe's metric").add_subparsers(

@@ -82,11 +82,6 @@ def positive_int(text: str) -> int:
     return int_at_least(1)(text)
 
 
-def nonneg_int(text: str) -> int:
-    """An int >= 0."""
-    return int_at_least(0)(text)
-
-
 def positive_float(text: str) -> float:
     """A finite float > 0 (a learning rate, a number of epochs)."""
     return _float(text, "a number > 0", lambda v: v > 0)

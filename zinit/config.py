@@ -19,11 +19,17 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from ._version import __version__
 from .attention import GATE_FUNCTIONS
 from .registry import Dims
 
+#: The files of an adapter folder: the weights, the description (this configuration, as JSON) and the card.
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "zinit.json"
+#: The adapter card written beside them (the Hub shows it as the repo's model card; see :mod:`zinit.hub`).
+CARD_NAME = "README.md"
 #: What ``zinit.json`` says it is.
 FORMAT = "zinit-adapter"
 #: The newest schema version this zinit reads (a file is written with the lowest version its features need).
@@ -38,10 +44,6 @@ GATE_INITS = ("zero", "random")
 BIAS_SCALES = (None, "blocks", "all")
 #: The fields that describe the model an adapter fits (the :class:`~zinit.registry.Dims` of its backbone).
 DIM_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_layers")
-#: The fields that an adapter folder records about its weights file, beside the configuration: the save id (also in
-#: the weights' safetensors metadata; two files of different saves are a torn pair), and the size and sha256 of the
-#: file as saved (what older zinit versions compare; an edited file no longer matches them and still loads).
-FILE_FIELDS = ("save_id", "weights_bytes", "weights_sha256")
 
 _AGAIN = "save the adapter again (zinit.save_adapter) or restore the folder from a copy"
 
@@ -146,8 +148,6 @@ class AdapterConfig:
             raise _field_error(source, "format_version", f"an int (this zinit reads versions up to {FORMAT_VERSION})",
                                version)
         if version > FORMAT_VERSION:
-            from ._version import __version__
-
             raise ValueError(f"{source} has format_version {version}, newer than this zinit ({__version__}) reads "
                              f"({FORMAT_VERSION}); upgrade zinit")
         required = ["backbone", "layers", "K", "gate", "gate_fn", *DIM_FIELDS]
@@ -222,3 +222,62 @@ def _check(data: Mapping[str, Any], source: str) -> None:
     sha = data.get("weights_sha256")
     if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
         raise _field_error(source, "weights_sha256", "the sha256 of adapter.safetensors (64 hex digits)", sha)
+
+
+def resolve_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """The adapted layer indices, ascending, from an int L (the top L layers) or explicit indices; errors name the
+    bad value and the model's layer range."""
+    if isinstance(layers, (bool, str)):
+        raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices")
+    if isinstance(layers, int):
+        if not 1 <= layers <= num_layers:
+            raise ValueError(
+                f"layers={layers} is out of range: this model has {num_layers} layers, so L must be in 1..{num_layers}"
+            )
+        return tuple(range(num_layers - layers, num_layers))
+    try:
+        chosen = list(layers)
+    except TypeError:
+        raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices") from None
+    if not chosen:
+        raise ValueError("layers=[] is empty: pass at least one layer index, or an int L for the top L layers")
+    for n in chosen:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"layer index {n!r} is not an int")
+        if not 0 <= n < num_layers:
+            raise ValueError(f"layer index {n} is out of range: this model has layers 0..{num_layers - 1}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers={chosen} names a layer twice")
+    return tuple(sorted(chosen))
+
+
+def check_options(K: int, gate: str, gate_fn: str, gate_init: str = "zero") -> None:
+    """Check the prompt length and the gate options; errors name the bad value and the choices."""
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"K={K!r} must be an int >= 1 (the prompt length; the paper uses 10)")
+    if gate not in GATE_KINDS:
+        raise ValueError(f"gate={gate!r} is not one of {GATE_KINDS}")
+    if gate_fn not in GATE_FUNCTIONS:
+        raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
+    if gate_init not in GATE_INITS:
+        raise ValueError(f"gate_init={gate_init!r} is not one of {GATE_INITS}")
+    if gate == "none" and (gate_init != "zero" or gate_fn != "tanh"):
+        bad = f"gate_init={gate_init!r}" if gate_init != "zero" else f"gate_fn={gate_fn!r}"
+        raise ValueError(f"gate='none' has no gate, so {bad} does not apply: drop it, or use gate='head' or 'layer'")
+
+
+def layer_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    """The per-layer tensors an adapter described by ``config`` has, with their shapes: ``layers.{n}.prompt``
+    ``[K, hidden_size]`` and, unless ``gate="none"``, ``layers.{n}.gate`` ``[num_heads]`` (``gate="head"``) or
+    ``[1]`` (``gate="layer"``), for each adapted layer n.
+
+    >>> import zinit
+    >>> layer_shapes(zinit.AdapterConfig("llama", 64, 4, 2, 16, 4, (3,), K=10, gate="layer"))
+    {'layers.3.prompt': (10, 64), 'layers.3.gate': (1,)}
+    """
+    out: dict[str, tuple[int, ...]] = {}
+    for n in config.layers:
+        out[f"layers.{n}.prompt"] = (config.K, config.hidden_size)
+        if config.gate != "none":
+            out[f"layers.{n}.gate"] = (config.num_heads if config.gate == "head" else 1,)
+    return out

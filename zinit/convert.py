@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import AdapterConfig
+from .errors import ZinitKeyError
 
 _V1_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.attention\.gate$")
 _V1_QUERY = re.compile(r"(?:^|\.)adapter_query\.weight$")
@@ -182,7 +183,7 @@ def to_peft(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[st
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
-        raise KeyError(f"the state dict does not fit its config (layers {list(config.layers)}, K={config.K}): missing "
+        raise ZinitKeyError(f"the state dict does not fit its config (layers {list(config.layers)}, K={config.K}): missing "
                        f"keys {missing}, unexpected keys {unexpected}; pass zinit.adapter_state_dict(model) and "
                        "zinit.injection(model).config of the same model")
     out: dict[str, Tensor] = {}
@@ -300,7 +301,7 @@ def to_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[
     expected = {ours for ours, _ in pairs} | {f"linears.{b}.{n}.{p}.{w}" for n, w in qkv for p in _QKV}
     missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
     if missing or unexpected:
-        raise KeyError(f"the state dict does not fit its config: missing keys {missing[:5]}, unexpected keys "
+        raise ZinitKeyError(f"the state dict does not fit its config: missing keys {missing[:5]}, unexpected keys "
                        f"{unexpected[:5]}; pass zinit.adapter_state_dict(model) and zinit.injection(model).config of "
                        "the same model")
     out: dict[str, Tensor] = {}
@@ -340,7 +341,7 @@ def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mappin
         wanted += [f"transformer.h.{n}.attn.qkv.adapter_{w}" for n in range(config.num_layers) for w in ("bias", "scale")]
     missing = [k for k in wanted if k not in found]
     if missing:
-        raise KeyError(f"the litgpt state lacks {missing[:5]} ({len(missing)} keys) for this config (layers "
+        raise ZinitKeyError(f"the litgpt state lacks {missing[:5]} ({len(missing)} keys) for this config (layers "
                        f"{list(config.layers)}, bias_scale={config.bias_scale!r}); {_LITGPT_FORM}")
     for ours, theirs in pairs:
         out[ours] = found[theirs].reshape(-1).clone() if theirs.endswith("gating_factor") else found[theirs].clone()
@@ -358,6 +359,6 @@ def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mappin
                 used.add(key)
     extra = sorted(set(found) - used)
     if extra:
-        raise KeyError(f"litgpt keys this config has no place for: {extra[:5]} ({len(extra)} keys); {_LITGPT_FORM} "
+        raise ZinitKeyError(f"litgpt keys this config has no place for: {extra[:5]} ({len(extra)} keys); {_LITGPT_FORM} "
                        f"with the layers the keys name")
     return out

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .attention import joint_mask
 from .prompts import ADAPTER_ATTR, joint_prompt_kv, prompt_term
 from .v2 import remove_hook
+from .errors import ZinitStateError
 
 PREFIX = "zinit_"
 #: Keyword under which the pre-hook hands the layer's KV cache (the prompt K/V scope) to the wrapper.
@@ -112,7 +113,7 @@ def _eager_for(cls: type) -> Callable[..., Any]:
     Looked up once per attention class: the wrapper runs in every attention call of the model."""
     fn = getattr(sys.modules[cls.__module__], "eager_attention_forward", None)
     if fn is None:
-        raise RuntimeError(f"{cls.__qualname__}'s module has no eager_attention_forward to delegate to")
+        raise ZinitStateError(f"{cls.__qualname__}'s module has no eager_attention_forward to delegate to")
     return fn
 
 
@@ -177,7 +178,7 @@ def _check_joint(module: nn.Module, implementation: str) -> None:
 def attention_name(original: str) -> str:
     """Register (once) and return the zinit wrapper's name for the attention implementation ``original``."""
     if original.startswith(PREFIX):
-        raise RuntimeError(f"attention implementation {original!r} is already zinit's: eject the model first")
+        raise ZinitStateError(f"attention implementation {original!r} is already zinit's: eject the model first")
     name = PREFIX + original
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -213,7 +214,7 @@ def install(model: nn.Module, modules: Sequence[nn.Module]) -> None:
     for m in modules:
         config = base_config(getattr(m, "config", None))
         if not hasattr(config, "_attn_implementation"):
-            raise RuntimeError(
+            raise ZinitStateError(
                 f"{type(m).__qualname__} has no config with an _attn_implementation; zinit's attention hook cannot "
                 "reach it"
             )

@@ -43,6 +43,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import ZinitValueError
+from . import hf
 from .hf import base_config
 from .registry import Backbone, Dims
 
@@ -54,7 +56,7 @@ _RECORDS: contextvars.ContextVar[list | None] = contextvars.ContextVar("zinit_ca
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-class Unsupported(ValueError):
+class Unsupported(ZinitValueError):
     """zinit cannot adapt this model exactly; the message names what is missing."""
 
 
@@ -449,8 +451,6 @@ def project(attention: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
 
 def install(model: nn.Module, modules: list[nn.Module]) -> None:
     """:func:`zinit.hf.install`, after recording on each module its own layer's position embeddings at position 0."""
-    from . import hf
-
     layout = analyse(model)
     stack = model.get_submodule(layout.layers)
     own = {id(stack[i].get_submodule(layout.attention)): p0
@@ -464,8 +464,7 @@ def install(model: nn.Module, modules: list[nn.Module]) -> None:
 
 
 def uninstall(model: nn.Module, modules: list[nn.Module]) -> None:
-    from . import hf
-
+    """:func:`zinit.hf.uninstall`, then forget each module's recorded position embeddings."""
     hf.uninstall(model, modules)
     for m in modules:
         m.__dict__.pop("_zinit_position0", None)

@@ -12,7 +12,8 @@ snapshot folder then goes through exactly the checks a local folder does (fields
 How a value is read: an existing local path always wins; otherwise a string shaped like a repo id goes to the Hub;
 anything else is a local folder that does not exist, and gets that error. A :class:`~pathlib.Path` is always local.
 
-Pushing (:func:`push_adapter`, or ``zinit.save_adapter(..., push_to_hub="org/name")``) is
+Pushing (:func:`zinit.push_adapter`, or ``zinit.save_adapter(..., push_to_hub="org/name")``, which check the folder
+and call :func:`upload_adapter`) is
 :meth:`huggingface_hub.HfApi.create_repo` (``exist_ok=True``) and :meth:`~huggingface_hub.HfApi.upload_folder` of the
 adapter's files, after the folder passed the checks a load makes: a broken adapter is never uploaded.
 
@@ -31,16 +32,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ._version import __version__
+from .config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+from .embedded import EMBEDDED_BASE, EMBEDDED_GGUF, EMBEDDED_NAME, embedded_locations
 from .files import atomic_write
-from .io import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo, HfApi
 
 #: The files of an adapter folder: what is downloaded and uploaded.
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
-#: The Hub id of the embedded default model (``zinit.lm.EMBEDDED_NAME``, a Q4_1 GGUF of it).
-EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: Tags every card carries.
 TAGS = ("zinit", "llama-adapter", "peft-style")
 #: Stands for the repo id in a card written before the adapter has one.
@@ -200,7 +200,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike[s
             raise FileNotFoundError(f"Hub repo {label} has no {CONFIG_NAME}: it is not a zinit adapter (zinit."
                                     "save_adapter(model, folder, push_to_hub='org/name') pushes one)")
         raise FileNotFoundError(f"Hub repo {label} lacks {missing}: push the adapter folder again "
-                                "(zinit.hub.push_adapter)")
+                                "(zinit.push_adapter)")
     return folder
 
 
@@ -210,7 +210,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | os.PathLike[s
 
 def base_model_of(model: Any) -> str | None:
     """The Hub id of the model an adapter is trained on, when the model knows it: a transformers model's
-    ``name_or_path`` when it is a repo id (not a local folder), ``zinit.lm.EMBEDDED_NAME`` for the embedded
+    ``name_or_path`` when it is a repo id (not a local folder), ``zinit.embedded.EMBEDDED_NAME`` for the embedded
     SmolLM2; else None (pass ``base_model=`` to :func:`zinit.save_adapter`).
 
     >>> from types import SimpleNamespace as Stub  # stands for a transformers model and its config
@@ -224,13 +224,7 @@ def base_model_of(model: Any) -> str | None:
     if not isinstance(name, str) or not name.strip():
         return None
     if os.path.isdir(name):
-        import importlib.util
-
-        from .lm import EMBEDDED_NAME, EMBEDDED_PACKAGE
-
-        spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-        locations = list(spec.submodule_search_locations or []) if spec is not None else []
-        if any(Path(name).resolve() == Path(loc).resolve() for loc in locations):
+        if any(Path(name).resolve() == Path(loc).resolve() for loc in embedded_locations()):
             return EMBEDDED_NAME
         return None
     if "@" not in name and name.count("/") <= 1 and not os.path.exists(name) and _valid_repo_id(name):
@@ -297,8 +291,6 @@ def adapter_card(config: Mapping[str, Any], parameters: int, repo_id: str | None
     recorded = text("base_model")
     embedded = False
     if recorded is not None and recorded.startswith("embedded:"):
-        from .lm import EMBEDDED_GGUF, EMBEDDED_NAME
-
         embedded = recorded == EMBEDDED_NAME
     base = EMBEDDED_BASE if embedded else recorded
     on_hub = base is not None and base.count("/") <= 1 and "@" not in base and _valid_repo_id(base)
@@ -370,36 +362,14 @@ def adapter_card(config: Mapping[str, Any], parameters: int, repo_id: str | None
     return f"---\n{yaml}\n---\n\n" + "\n".join(lines) + "\n"
 
 
-def write_card(folder: str | os.PathLike[str], repo_id: str | None = None) -> Path:
-    """(Re)write the ``README.md`` card of an adapter folder from its ``zinit.json`` and weights (both checked
-    first, as a load checks them), atomically; returns its path.
-
-    >>> import tempfile, timm, zinit
-    >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224", depth=2), 2, 4)
-    >>> folder = zinit.save_adapter(vit, tempfile.mkdtemp())
-    >>> "| prompt length K | 4 |" in write_card(folder, "me/vit-adapter").read_text()
-    True
-    """
-    config, parameters = _read_checked(Path(folder))
-    return _write_card(Path(folder), adapter_card(config, parameters, repo_id))
-
-
-def _write_card(folder: Path, text: str) -> Path:
+def write_card_text(folder: Path, text: str) -> Path:
+    """Write ``text`` as the folder's card, atomically; returns its path."""
     path = folder / CARD_NAME
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
 
 
-def _read_checked(folder: Path) -> tuple[dict[str, Any], int]:
-    """``zinit.json``'s content and the adapter's parameter count, after every check a load makes."""
-    from .files import read_json
-    from .io import read_adapter
-
-    _, tensors = read_adapter(folder)
-    return read_json(folder / CONFIG_NAME, "adapter description"), sum(t.numel() for t in tensors.values())
-
-
-def _card_is_ours(folder: Path, config: Mapping[str, Any], parameters: int) -> bool:
+def card_is_ours(folder: Path, config: Mapping[str, Any], parameters: int) -> bool:
     """Whether the folder's card is what zinit wrote (not edited since): equal to the card zinit renders now for
     the repo id it names."""
     try:
@@ -440,26 +410,20 @@ def _hub_api(token: str | bool | None) -> "HfApi":
     return HfApi(token=token, library_name="zinit", library_version=__version__)
 
 
-def push_adapter(folder: str | os.PathLike[str], repo_id: str, *, revision: str | None = None,
-                 private: bool | None = None, token: str | bool | None = None, commit_message: str | None = None,
-                 extra_files: Sequence[str] = ()) -> "CommitInfo":
-    """Upload an adapter folder (``zinit.json``, ``adapter.safetensors``, ``README.md``, and ``extra_files``) to
-    the Hub repo ``repo_id`` and return the commit (:class:`huggingface_hub.CommitInfo`).
+def upload_adapter(folder: str | os.PathLike[str], repo_id: str, config: Mapping[str, Any], parameters: int, *,
+                   revision: str | None = None, private: bool | None = None, token: str | bool | None = None,
+                   commit_message: str | None = None, extra_files: Sequence[str] = ()) -> "CommitInfo":
+    """Upload an adapter folder that :func:`zinit.push_adapter` checked (``config``: its ``zinit.json``, ``parameters``:
+    its tensors' element count) with ``zinit.json``, ``adapter.safetensors``, ``README.md`` and ``extra_files`` to the
+    Hub repo ``repo_id``; returns the commit (:class:`huggingface_hub.CommitInfo`).
 
-    The folder is checked first as a load checks it (a broken adapter is never uploaded). Then
     :meth:`~huggingface_hub.HfApi.create_repo` (``exist_ok=True``; ``private`` applies to a new repo),
     :meth:`~huggingface_hub.HfApi.create_branch` when ``revision`` names a branch, and
     :meth:`~huggingface_hub.HfApi.upload_folder`. A folder without a card gets one; a card zinit wrote and nobody
     edited is rewritten to name ``repo_id``; an edited card is uploaded as it is. ``token``: as everywhere in
     ``huggingface_hub`` (default: the login of ``hf auth login`` or ``HF_TOKEN``).
-
-    >>> import tempfile
-    >>> push_adapter(tempfile.mkdtemp(), "my-org/nothing")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    FileNotFoundError: adapter description ... does not exist ...
     """
     folder = Path(folder)
-    config, parameters = _read_checked(folder)  # the folder is checked before anything is sent
     if repo_id.count("/") > 1 or not _valid_repo_id(repo_id):
         raise ValueError(f"push_adapter: {repo_id!r} is not a Hub repo id (org/name)")
     missing = [name for name in extra_files if not (folder / name).is_file()]
@@ -468,8 +432,8 @@ def push_adapter(folder: str | os.PathLike[str], repo_id: str, *, revision: str 
     api = _hub_api(token)
     try:
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
-        if not (folder / CARD_NAME).exists() or _card_is_ours(folder, config, parameters):
-            _write_card(folder, adapter_card(config, parameters, repo_id))  # an edited card stays as it is
+        if not (folder / CARD_NAME).exists() or card_is_ours(folder, config, parameters):
+            write_card_text(folder, adapter_card(config, parameters, repo_id))  # an edited card stays as it is
         if revision is not None and not revision.startswith("refs/pr/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         message = commit_message or (f"Upload zinit adapter ({config['backbone']}, K={config['K']}, "
@@ -486,7 +450,7 @@ def push_adapter(folder: str | os.PathLike[str], repo_id: str, *, revision: str 
 def _push_error(exc: Exception, folder: Path, repo_id: str) -> Exception | None:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    again = f"push it with zinit.hub.push_adapter({str(folder)!r}, {repo_id!r})"
+    again = f"push it with zinit.push_adapter({str(folder)!r}, {repo_id!r})"
     if isinstance(exc, OfflineModeIsEnabled):
         return OSError(f"cannot push the adapter in {folder} to {repo_id}: downloads and uploads are off "
                        f"(HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE and {again}")

@@ -4,71 +4,25 @@ from __future__ import annotations
 
 import itertools
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .attention import GATE_FUNCTIONS
-from .config import GATE_INITS, GATE_KINDS, AdapterConfig
-from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
-from .registry import Backbone, find_backbone, get_backbone
 from . import quant, v2
+from .bank import remove_adapter as remove_named
+from .config import AdapterConfig, check_options, resolve_layers
+from .errors import ZinitStateError, ZinitValueError
+from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
+from .registry import find_backbone, get_backbone
+from .state import (DEFAULT_ADAPTER, STATE_ATTR, AdapterState, abandon, adapter_state, attach, canonical_state,
+                    copy_adapter_state, freeze, release)
 
-#: Attribute of an injected model that holds its :class:`Injection`.
-STATE_ATTR = "_zinit"
+#: The record :func:`inject` leaves on a model: its :class:`~zinit.state.AdapterState` (one record for every adapter).
+Injection = AdapterState
 
-
-@dataclass
-class Injection:
-    """What :func:`inject` did to a model; kept on the model as ``model._zinit``.
-
-    ``config`` is the adapter's :class:`~zinit.config.AdapterConfig` (what ``zinit.json`` stores); its fields read
-    through this record too (``injection(model).layers``, ``.K``, ``.dims`` ...).
-    """
-
-    backbone: Backbone
-    config: AdapterConfig
-    requires_grad: dict[str, bool]  #: each base parameter's flag before inject froze it, restored by eject
-    visual: VisualInput | None = None  #: where zinit.visual_features puts the current image tokens
-    #: qualified names of the linear layers with a learnable bias/scale (``bias_scale``), in model order
-    linears: tuple[str, ...] = ()
-    #: qualified names of the normalisation layers trained in place (``train_norms``), in model order
-    norms: tuple[str, ...] = ()
-    #: the values those norms' parameters had before inject, put back by eject (``{name.param: tensor}``)
-    norm_originals: dict[str, Tensor] | None = None
-
-    def __getattr__(self, name: str) -> Any:  # only for names this record does not hold itself
-        config = self.__dict__.get("config")
-        if config is None or name.startswith("_") or not hasattr(config, name):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(config, name)
-
-
-def _check_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
-    if isinstance(layers, (bool, str)):
-        raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices")
-    if isinstance(layers, int):
-        if not 1 <= layers <= num_layers:
-            raise ValueError(
-                f"layers={layers} is out of range: this model has {num_layers} layers, so L must be in 1..{num_layers}"
-            )
-        return tuple(range(num_layers - layers, num_layers))
-    try:
-        chosen = list(layers)
-    except TypeError:
-        raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices") from None
-    if not chosen:
-        raise ValueError("layers=[] is empty: pass at least one layer index, or an int L for the top L layers")
-    for n in chosen:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"layer index {n!r} is not an int")
-        if not 0 <= n < num_layers:
-            raise ValueError(f"layer index {n} is out of range: this model has layers 0..{num_layers - 1}")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"layers={chosen} names a layer twice")
-    return tuple(sorted(chosen))
+__all__ = ["Injection", "STATE_ATTR", "adapter_state_dict", "copy_adapter_state", "eject", "inject", "injection",
+           "is_injected", "layer_adapters", "load_adapter_state_dict", "trainable_parameters", "visual_features"]
 
 
 def inject(
@@ -148,18 +102,18 @@ def inject(
         5960
     """
     if is_injected(model):
-        raise RuntimeError("this model is already injected with zinit; call zinit.eject(model) first to re-inject")
-    if hasattr(model, "_zinit_bank"):
-        raise RuntimeError("this model carries named adapters (zinit.add_adapter); inject one into a model without "
+        raise ZinitStateError("this model is already injected with zinit; call zinit.eject(model) first to re-inject")
+    if adapter_state(model) is not None:
+        raise ZinitStateError("this model carries named adapters (zinit.add_adapter); inject one into a model without "
                            "them, or add this one by name: zinit.add_adapter(model, name, layers=..., K=...)")
-    _check_options(K, gate, gate_fn, gate_init)
+    check_options(K, gate, gate_fn, gate_init)
     scope = _check_v2(bias_scale, train_norms)
     spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
     if gate == "none" and not spec.joint_softmax:
         raise ValueError(f"gate='none' joins the prompt keys into the layer's own softmax, which backbone "
                          f"{spec.name!r} does not do (Backbone.joint_softmax is False); use gate='head' or 'layer'")
     dims = spec.dims(model)
-    chosen = _check_layers(layers, dims.num_layers)
+    chosen = resolve_layers(layers, dims.num_layers)
     extra = _check_train_modules(model, train_modules)
     if visual_dim is not None and (isinstance(visual_dim, bool) or not isinstance(visual_dim, int) or visual_dim < 1):
         raise ValueError(f"visual_dim={visual_dim!r} must be an int >= 1 (the width of the image features)")
@@ -181,14 +135,12 @@ def inject(
                          "class name ends in 'Norm' with parameters); drop train_norms")
     originals = {f"{n}.{pn}": p.detach().clone() for n, m in norms for pn, p in m.named_parameters(recurse=False)}
     if any(v2.BIAS_SCALE_ATTR in m._modules for _, m in linears):
-        raise RuntimeError("a linear layer of this model already has a zinit bias/scale (a submodule injected on its "
+        raise ZinitStateError("a linear layer of this model already has a zinit bias/scale (a submodule injected on its "
                            "own?): eject that first")
 
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     targets = [modules[n] for n in chosen]
+    state, created = freeze(model, spec)
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
         for attention in targets:
             device = next(attention.parameters()).device
             adapter = LayerAdapter(
@@ -214,11 +166,12 @@ def inject(
                 delattr(attention, ADAPTER_ATTR)
         if visual is not None and VISUAL_ATTR in model._modules:
             delattr(model, VISUAL_ATTR)
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name])
+        abandon(model, state, created)
         raise
-    setattr(model, STATE_ATTR, Injection(spec, config, flags, visual, tuple(n for n, _ in linears),
-                                         tuple(n for n, _ in norms), originals))
+    state.active, state.installed = DEFAULT_ADAPTER, set(chosen)
+    state.visual, state.norm_originals = visual, originals
+    state.linears, state.norms = tuple(n for n, _ in linears), tuple(n for n, _ in norms)
+    attach(model, state, DEFAULT_ADAPTER, config)
     return model
 
 
@@ -234,20 +187,6 @@ def _check_v2(bias_scale: bool | str, train_norms: bool) -> str | None:
         raise ValueError(f"bias_scale={bias_scale!r} must be False, True (= 'blocks': the linear layers of the "
                          "transformer blocks) or 'all' (every linear layer, the LM head too)")
     return bias_scale
-
-
-def _check_options(K: int, gate: str, gate_fn: str, gate_init: str = "zero") -> None:
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise ValueError(f"K={K!r} must be an int >= 1 (the prompt length; the paper uses 10)")
-    if gate not in GATE_KINDS:
-        raise ValueError(f"gate={gate!r} is not one of {GATE_KINDS}")
-    if gate_fn not in GATE_FUNCTIONS:
-        raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
-    if gate_init not in GATE_INITS:
-        raise ValueError(f"gate_init={gate_init!r} is not one of {GATE_INITS}")
-    if gate == "none" and (gate_init != "zero" or gate_fn != "tanh"):
-        bad = f"gate_init={gate_init!r}" if gate_init != "zero" else f"gate_fn={gate_fn!r}"
-        raise ValueError(f"gate='none' has no gate, so {bad} does not apply: drop it, or use gate='head' or 'layer'")
 
 
 _SERIAL = itertools.count(1)
@@ -344,15 +283,18 @@ def _extra_parameters(model: nn.Module, state: Injection) -> dict[str, nn.Parame
 
 
 def is_injected(model: nn.Module) -> bool:
-    """Whether :func:`inject` has been applied to ``model`` (and not undone by :func:`eject`)."""
-    return isinstance(getattr(model, STATE_ATTR, None), Injection)
+    """Whether :func:`inject` (or :func:`zinit.load_adapter`) has given ``model`` its one adapter (and :func:`eject`
+    has not removed it). A model with named adapters only (:func:`zinit.add_adapter`) is not injected."""
+    state = adapter_state(model)
+    return state is not None and state.active is not None
 
 
 def injection(model: nn.Module) -> Injection:
-    """The :class:`Injection` record of an injected model; a clear error otherwise."""
-    state = getattr(model, STATE_ATTR, None)
-    if not isinstance(state, Injection):
-        raise ValueError("this model has no zinit adapter: call zinit.inject(model, layers, K) first")
+    """The adapter state of an injected model (its :class:`~zinit.state.AdapterState`; ``.config`` is the adapter's
+    configuration); a clear error otherwise."""
+    state = adapter_state(model)
+    if state is None or state.active is None:
+        raise ZinitValueError("this model has no zinit adapter: call zinit.inject(model, layers, K) first")
     return state
 
 
@@ -396,13 +338,19 @@ def eject(model: nn.Module) -> nn.Module:
     >>> list(zinit.eject(zinit.inject(vit, 2, 4)).state_dict()) == keys
     True
     """
-    if not is_injected(model) and hasattr(model, "_zinit_bank"):
-        from .bank import adapter_names, remove_adapter
+    state = adapter_state(model)
+    if state is None:
+        raise ZinitValueError("this model has no zinit adapter: call zinit.inject(model, layers, K) first")
+    for name in state.named:
+        remove_named(model, name)
+    if state.active is not None:
+        _remove_injected(model, state)
+    return model
 
-        for name in adapter_names(model):
-            remove_adapter(model, name)
-        return model
-    state = injection(model)
+
+def _remove_injected(model: nn.Module, state: AdapterState) -> None:
+    """Take out what :func:`inject` added: the layers' adapters, the visual projection, V2's changes (trained norms
+    get their values back), then the state's record of the adapter."""
     modules = state.backbone.attention_modules(model)
     targets = [modules[n] for n in state.layers]
     state.backbone.uninstall(model, targets)
@@ -416,10 +364,9 @@ def eject(model: nn.Module) -> nn.Module:
         for key, value in (state.norm_originals or {}).items():
             if not value.is_meta:
                 model.get_parameter(key).copy_(value)
-    for name, p in model.named_parameters():
-        p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
-    delattr(model, STATE_ATTR)
-    return model
+    state.installed.clear()
+    state.visual, state.linears, state.norms, state.norm_originals = None, (), (), None
+    release(model, state, state.active)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -429,11 +376,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
     ``n`` is the backbone's own layer index. Tensors are detached views of the parameters (as ``state_dict``).
     """
-    out: dict[str, Tensor] = {}
-    for n, adapter in layer_adapters(model).items():
-        out[f"layers.{n}.prompt"] = adapter.prompt.detach()
-        if adapter.gate is not None:
-            out[f"layers.{n}.gate"] = adapter.gate.detach()
+    out = canonical_state(layer_adapters(model))
     for key, p in _extra_parameters(model, injection(model)).items():
         out[key] = p.detach()
     return out
@@ -447,36 +390,3 @@ def load_adapter_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
         ValueError: a wrong shape (naming the key, the given shape and the expected one).
     """
     copy_adapter_state(adapter_state_dict(model), state, injection(model).layers)
-
-
-def copy_adapter_state(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], layers: Sequence[int]) -> None:
-    """Copy ``state`` into the tensors ``expected`` (canonical keys -> views of the adapter's parameters), strictly:
-    the same keys, floating-point tensors, the same shapes; nothing is copied unless everything fits. Shared by
-    :func:`load_adapter_state_dict` and the named adapters of :mod:`zinit.bank`."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
-        raise KeyError(
-            f"adapter state does not fit this model: {'; '.join(parts)}. The model's adapter has layers "
-            f"{list(layers)} (keys layers.N.prompt / layers.N.gate)"
-        )
-    for key, target in expected.items():
-        value = state[key]
-        if not isinstance(value, Tensor):
-            raise ValueError(f"adapter state key {key!r} is a {type(value).__name__}, not a tensor")
-        if not value.is_floating_point():
-            dtype = str(value.dtype).replace("torch.", "")
-            raise ValueError(f"adapter state key {key!r} has dtype {dtype}; expected a floating-point tensor "
-                             "(zinit stores float32)")
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(
-                f"adapter state key {key!r} has shape {tuple(value.shape)}, but this model expects {tuple(target.shape)}"
-            )
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(state[key])

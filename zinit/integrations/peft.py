@@ -56,13 +56,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from zinit.errors import ZinitImportError, ZinitKeyError, ZinitStateError
+
 try:
     import peft as _peft
     from peft import PeftConfig, PeftType
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
     from peft.utils import register_peft_method
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("zinit.integrations.peft needs peft >= 0.21: pip install 'peft>=0.21'") from exc
+    raise ZinitImportError("zinit.integrations.peft needs peft >= 0.21: pip install 'peft>=0.21'") from exc
 
 import zinit
 from zinit.prompts import ADAPTER_ATTR
@@ -72,7 +74,7 @@ from zinit.v2 import remove_hook
 # friends); older versions select keys by prefix and insert the adapter name into them on load, which would silently
 # load nothing into zinit's parameters (their names carry no adapter name).
 if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # pragma: no cover - depends on the environment
-    raise ImportError(f"zinit.integrations.peft needs peft >= 0.21 (found {_peft.__version__}): pip install -U peft")
+    raise ZinitImportError(f"zinit.integrations.peft needs peft >= 0.21 (found {_peft.__version__}): pip install -U peft")
 
 __all__ = ["CARD_LINE", "NAME", "PREFIX", "STATUS_ATTR", "ZinitConfig", "ZinitLayerStatus", "ZinitModel", "register",
            "write_card_line"]
@@ -409,7 +411,7 @@ class ZinitModel(BaseTuner):
                     "folder_or_layers) and zinit.use_adapters(model, names) (a different adapter per row of a batch)"
                 )
             if hasattr(model, STATUS_ATTR) and not _ours(model):
-                raise RuntimeError(f"the model already has an attribute {STATUS_ATTR!r}; zinit's peft method needs "
+                raise ZinitStateError(f"the model already has an attribute {STATUS_ATTR!r}; zinit's peft method needs "
                                    "that name")
             zinit.inject(model, config.layers, config.K, gate=config.gate, gate_fn=config.gate_fn,
                          gate_init=config.gate_init, backbone=config.backbone)
@@ -537,7 +539,7 @@ class ZinitModel(BaseTuner):
         missing = [k for k in expected if k not in given]
         unexpected = [k for k in given if k not in expected]
         if missing or unexpected:
-            raise KeyError(
+            raise ZinitKeyError(
                 f"the checkpoint's zinit adapter does not fit this model's (layers={config.layers!r}, K={config.K}): "
                 f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}; load it into the kind of base "
                 "model it was trained on"
@@ -632,7 +634,7 @@ def register() -> None:
     if config_cls is not None or tuner_cls is not None:
         if {getattr(c, "__module__", None) for c in (config_cls, tuner_cls) if c is not None} != {__name__}:
             owner = (config_cls or tuner_cls).__module__
-            raise RuntimeError(f"peft already has a method named {NAME!r} (registered by {owner}); zinit cannot "
+            raise ZinitStateError(f"peft already has a method named {NAME!r} (registered by {owner}); zinit cannot "
                                "register under that name")
         for mapping in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
                         PEFT_TYPE_TO_PREFIX_MAPPING):

@@ -16,8 +16,13 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .. import io, lm
 from ..cliargs import positive_int
+from ..hub import resolve_adapter
+from ..io import read_adapter_config
 from ..quant import QUANTIZE_FLAG
+from ..train import dist as D
+from .engine import Engine
 
 #: The environment variable the API key is read from when ``--api-key`` is not given (as vLLM's VLLM_API_KEY).
 API_KEY_ENV = "ZINIT_API_KEY"
@@ -74,12 +79,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .. import bank, lm
-    from ..hub import resolve_adapter
-    from ..io import read_adapter_config
-    from ..train import dist as D
-    from .app import DEFAULT_MAX_BODY_BYTES, Server, create_app
-    from .engine import Engine
+    from .app import DEFAULT_MAX_BODY_BYTES, Server, create_app  # fastapi and uvicorn: the optional serve extra
 
     names = [name for name, _ in args.adapters]
     if len(set(names)) != len(names) or args.base_name in names:
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = D.setup(args.device)
     model, tokenizer = lm.load_model(args.model, env.device, args.quantize)
     for name, folder in folders.items():
-        bank.add_adapter(model, name, folder)
+        io.add_adapter(model, name, folder)
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
     engine = Engine(model, eos_token_ids={t for t in eos if t is not None}, max_batch=args.max_batch,
                     max_queue=args.max_queue, prefill_tokens=args.prefill_tokens)

@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import bank as _bank
+from .. import io as _io
+from ..errors import ZinitKeyError, ZinitStateError
 
 
 class QueueFull(RuntimeError):
@@ -105,12 +107,12 @@ class _Batch:
 def _layers(cache: Any) -> list[Any]:
     layers = getattr(cache, "layers", None)
     if layers is None:
-        raise RuntimeError("zinit serve needs transformers' DynamicCache (transformers >= 5)")
+        raise ZinitStateError("zinit serve needs transformers' DynamicCache (transformers >= 5)")
     from transformers.cache_utils import DynamicLayer
 
     for layer in layers:
         if type(layer) is not DynamicLayer:
-            raise RuntimeError(f"zinit serve batches models whose KV cache layers are full-attention DynamicLayer; "
+            raise ZinitStateError(f"zinit serve batches models whose KV cache layers are full-attention DynamicLayer; "
                                f"this model's cache has {type(layer).__name__} (sliding-window or hybrid layers)")
     return layers
 
@@ -270,7 +272,7 @@ class Engine:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
             if request.adapter is not None and request.adapter not in self.adapters():
-                raise KeyError(f"no adapter named {request.adapter!r}; loaded: {self.adapters()}")
+                raise ZinitKeyError(f"no adapter named {request.adapter!r}; loaded: {self.adapters()}")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (the limit is {self.max_queue})")
             self._waiting.append(request)
@@ -285,9 +287,9 @@ class Engine:
         """Add a named adapter from a ``save_adapter`` folder (blocks until done; errors are raised here).
 
         The files are read, validated and the adapter's modules built on the calling thread
-        (:func:`zinit.bank.prepare_adapter`); only attaching them runs on the engine thread, between steps, so
+        (:func:`zinit.io.prepare_adapter`); only attaching them runs on the engine thread, between steps, so
         running requests never wait for a file."""
-        prepared = _bank.prepare_adapter(self.model, name, folder)
+        prepared = _io.prepare_adapter(self.model, name, folder)
         self._run_between_steps(lambda: _bank.install_adapter(self.model, prepared))
 
     def remove_adapter(self, name: str) -> None:
@@ -298,10 +300,10 @@ class Engine:
                 busy = [r for r in list(self._waiting) + (self._batch.rows if self._batch else [])
                         if r.adapter == name]
                 if busy:
-                    raise RuntimeError(f"adapter {name!r} is in use by {len(busy)} request(s); retry when they "
+                    raise ZinitStateError(f"adapter {name!r} is in use by {len(busy)} request(s); retry when they "
                                        "finish")
                 if name not in self.adapters():
-                    raise KeyError(f"no adapter named {name!r}; loaded: {self.adapters()}")
+                    raise ZinitKeyError(f"no adapter named {name!r}; loaded: {self.adapters()}")
                 self._retired.add(name)
             try:
                 _bank.remove_adapter(self.model, name)

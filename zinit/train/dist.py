@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import ZinitStateError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -46,7 +48,7 @@ def setup(device: str | None = None) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} was asked for, but CUDA is not available here; use --device cpu")
+        raise ZinitStateError(f"device={device!r} was asked for, but CUDA is not available here; use --device cpu")
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..errors import ZinitStateError
 from . import dist as D
 
 try:
@@ -32,7 +33,7 @@ LOCK_NAME = ".zinit.lock"
 _held: set[str] = set()  # folders this process holds through hold_output (on every rank)
 
 
-class OutputInUse(RuntimeError):
+class OutputInUse(ZinitStateError):
     """Another training run holds the output folder's lock. ``holder`` is what it wrote into the lock file (``pid``,
     ``host``, ``started``, ``argv``), or None if that could not be read."""
 
@@ -154,7 +155,7 @@ def hold_output(folder: str | Path, env: D.Dist) -> Iterator[OutputLock | None]:
         if status == 1:
             holder = lock.holder()
             raise OutputInUse(describe_refusal(folder, holder), holder)
-        raise RuntimeError(f"rank 0 could not prepare the output folder {folder}; its error says why")
+        raise ZinitStateError(f"rank 0 could not prepare the output folder {folder}; its error says why")
     _held.add(key)
     try:
         yield lock

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
+from ..errors import ZinitError, ZinitStateError
 from ..inject import is_injected, layer_adapters
 from ..files import atomic_write, write_json
 from . import dist as D
@@ -110,11 +111,11 @@ class TrainResult:
     finished_earlier: bool = False
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(ZinitError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-class NoGradient(RuntimeError):
+class NoGradient(ZinitStateError):
     """After an optimizer step's backward passes, no trainable parameter had a gradient (every ``.grad`` None, on
     at least one process; every process raises it), or a loss did not require grad at all (raised at once, by the
     process that computed it): the step would change nothing. Raised before the update; the last checkpoint is
