@@ -121,6 +121,59 @@ _REPRESENTABLE = ('inject with gate="layer", gate_fn="identity" and layers=L (an
                   'ZinitConfig(layers=L, K=K, gate="layer", gate_fn="identity")')
 
 
+def _peft_config(config: AdapterConfig | Mapping[str, Any], prefix: str) -> AdapterConfig:
+    """``config`` as an :class:`AdapterConfig`; an error unless it and ``prefix`` fit an adapter stock peft computes."""
+    if isinstance(config, Mapping):
+        config = AdapterConfig.from_json(config, "to_peft's config")
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be the adapter's AdapterConfig (zinit.injection(model).config) or its zinit.json "
+                        f"fields (zinit.read_adapter_config(folder)), not {type(config).__name__}")
+    if not isinstance(prefix, str) or (prefix and not prefix.endswith(".")):
+        raise ValueError(f"prefix={prefix!r} must be a key prefix ending in '.' (peft's around a causal LM: "
+                         f"{PEFT_CAUSAL_LM_PREFIX!r}) or ''")
+    if config.gate != "layer" or config.gate_fn != "identity":
+        raise ValueError(f"this adapter has gate={config.gate!r}, gate_fn={config.gate_fn!r}, but peft's adaption "
+                         "prompt multiplies each layer's prompt term by one raw gate, so it has no equivalent in peft. "
+                         f"An adapter is peft-representable when trained that way: {_REPRESENTABLE}")
+    top = tuple(range(config.num_layers - len(config.layers), config.num_layers))
+    if tuple(config.layers) != top:
+        raise ValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but peft's "
+                         f"adapter_layers=L always adapts the top L layers ({list(top)} for L={len(config.layers)}); "
+                         f"{_REPRESENTABLE}")
+    if config.visual_dim is not None or config.train_modules or config.bias_scale or config.train_norms:
+        extra = ("a visual projection" if config.visual_dim is not None
+                 else f"train_modules {list(config.train_modules)}" if config.train_modules
+                 else "LLaMA-Adapter V2's bias/scale or trained norms (bias_scale / train_norms)")
+        raise ValueError(f"this adapter has {extra}, which peft's adaption prompt cannot hold: convert an adapter "
+                         "of prompts and gates only")
+    if config.backbone != "llama":
+        raise ValueError(f"this adapter is for the {config.backbone!r} backbone; peft's adaption prompt computes the "
+                         "LLaMA/Mistral attention only (zinit's 'llama' backbone)")
+    return config
+
+
+def _peft_tensors(state_dict: Mapping[str, Tensor], config: AdapterConfig, prefix: str) -> dict[str, Tensor]:
+    """The peft keys and tensors of ``state_dict``, checked against what ``config`` says it holds."""
+    expected = {f"layers.{n}.{w}": shape for n in config.layers
+                for w, shape in (("prompt", (config.K, config.hidden_size)), ("gate", (1,)))}
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ZinitKeyError(f"the state dict does not fit its config (layers {list(config.layers)}, K={config.K}): missing "
+                       f"keys {missing}, unexpected keys {unexpected}; pass zinit.adapter_state_dict(model) and "
+                       "zinit.injection(model).config of the same model")
+    out: dict[str, Tensor] = {}
+    for n in config.layers:
+        prompt, gate = state_dict[f"layers.{n}.prompt"], state_dict[f"layers.{n}.gate"]
+        for key, value in ((f"layers.{n}.prompt", prompt), (f"layers.{n}.gate", gate)):
+            if not isinstance(value, Tensor) or tuple(value.shape) != expected[key]:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{key} has shape {shape}, but its config says {expected[key]}")
+        out[f"{prefix}layers.{n}.self_attn.adaption_prompt"] = prompt.detach()[None].clone()
+        out[f"{prefix}layers.{n}.self_attn.adaption_gate"] = gate.detach().reshape(1).clone()
+    return out
+
+
 def to_peft(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any], *,
             prefix: str = PEFT_CAUSAL_LM_PREFIX) -> dict[str, Tensor]:
     """Canonical → peft adaption-prompt layout, for an adapter stock peft can compute.
@@ -152,50 +205,8 @@ def to_peft(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[st
     {'layers.1.self_attn.adaption_prompt': (1, 5, 32), 'layers.1.self_attn.adaption_gate': (1,),
      'layers.2.self_attn.adaption_prompt': (1, 5, 32), 'layers.2.self_attn.adaption_gate': (1,)}
     """
-    if isinstance(config, Mapping):
-        config = AdapterConfig.from_json(config, "to_peft's config")
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be the adapter's AdapterConfig (zinit.injection(model).config) or its zinit.json "
-                        f"fields (zinit.read_adapter_config(folder)), not {type(config).__name__}")
-    if not isinstance(prefix, str) or (prefix and not prefix.endswith(".")):
-        raise ValueError(f"prefix={prefix!r} must be a key prefix ending in '.' (peft's around a causal LM: "
-                         f"{PEFT_CAUSAL_LM_PREFIX!r}) or ''")
-    if config.gate != "layer" or config.gate_fn != "identity":
-        raise ValueError(f"this adapter has gate={config.gate!r}, gate_fn={config.gate_fn!r}, but peft's adaption "
-                         "prompt multiplies each layer's prompt term by one raw gate, so it has no equivalent in peft. "
-                         f"An adapter is peft-representable when trained that way: {_REPRESENTABLE}")
-    top = tuple(range(config.num_layers - len(config.layers), config.num_layers))
-    if tuple(config.layers) != top:
-        raise ValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but peft's "
-                         f"adapter_layers=L always adapts the top L layers ({list(top)} for L={len(config.layers)}); "
-                         f"{_REPRESENTABLE}")
-    if config.visual_dim is not None or config.train_modules or config.bias_scale or config.train_norms:
-        extra = ("a visual projection" if config.visual_dim is not None
-                 else f"train_modules {list(config.train_modules)}" if config.train_modules
-                 else "LLaMA-Adapter V2's bias/scale or trained norms (bias_scale / train_norms)")
-        raise ValueError(f"this adapter has {extra}, which peft's adaption prompt cannot hold: convert an adapter "
-                         "of prompts and gates only")
-    if config.backbone != "llama":
-        raise ValueError(f"this adapter is for the {config.backbone!r} backbone; peft's adaption prompt computes the "
-                         "LLaMA/Mistral attention only (zinit's 'llama' backbone)")
-    expected = {f"layers.{n}.{w}": shape for n in config.layers
-                for w, shape in (("prompt", (config.K, config.hidden_size)), ("gate", (1,)))}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing or unexpected:
-        raise ZinitKeyError(f"the state dict does not fit its config (layers {list(config.layers)}, K={config.K}): missing "
-                       f"keys {missing}, unexpected keys {unexpected}; pass zinit.adapter_state_dict(model) and "
-                       "zinit.injection(model).config of the same model")
-    out: dict[str, Tensor] = {}
-    for n in config.layers:
-        prompt, gate = state_dict[f"layers.{n}.prompt"], state_dict[f"layers.{n}.gate"]
-        for key, value in ((f"layers.{n}.prompt", prompt), (f"layers.{n}.gate", gate)):
-            if not isinstance(value, Tensor) or tuple(value.shape) != expected[key]:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"{key} has shape {shape}, but its config says {expected[key]}")
-        out[f"{prefix}layers.{n}.self_attn.adaption_prompt"] = prompt.detach()[None].clone()
-        out[f"{prefix}layers.{n}.self_attn.adaption_gate"] = gate.detach().reshape(1).clone()
-    return out
+    config = _peft_config(config, prefix)
+    return _peft_tensors(state_dict, config, prefix)
 
 
 # ---------------------------------------------------------------------------------------------------------------

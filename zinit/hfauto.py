@@ -290,17 +290,9 @@ def _legacy_stacks(model: nn.Module, chosen: str) -> list[str]:
     return out
 
 
-def analyse(model: nn.Module, layers: str | None = None, attention: str | None = None) -> Layout:
-    """Find (once per model) the layer stack, each layer's self-attention module and the sizes; raises
-    :class:`Unsupported` naming the reason when zinit cannot adapt the model exactly.
-
-    ``layers`` / ``attention``: declared paths (the stack in the model, the attention module in a layer) instead of
-    the ones introspection finds (see :func:`family`)."""
-    layout = _LAYOUTS.get(model)
-    if layout is not None:
-        return layout
-    cls = type(model).__qualname__
-    layers_declared, attention_declared = layers, attention
+def _find_stack(model: nn.Module, cls: str, layers: str | None) -> tuple[str, nn.ModuleList]:
+    """The layer stack (its path and modules): the one at the declared path ``layers``, else the one found."""
+    layers_declared = layers
     if layers is not None:
         try:
             stack = model.get_submodule(layers)
@@ -320,7 +312,7 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
             f"zinit cannot adapt {cls} as one model: it has {len(stacks)} layer stacks "
             f"({', '.join(name for name, _ in stacks)}); inject into the tower you want (e.g. model.{stacks[0][0]} "
             "belongs to one submodule: pass that submodule)")
-    path, layers = stacks[0]
+    path, found = stacks[0]
     if layers_declared is None:
         others = _legacy_stacks(model, path)
         if others:
@@ -328,7 +320,14 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
                 f"zinit cannot adapt {cls} as one model: besides {path}, it has layers whose attention does not "
                 f"dispatch through transformers' AttentionInterface ({', '.join(others)}); inject into a tower whose "
                 "attention all goes through it")
-    width = getattr(_text_config(model), "hidden_size", None)
+    return path, found
+
+
+def _find_attention(cls: str, path: str, layers: nn.ModuleList, attention: str | None
+                    ) -> tuple[list[tuple[str, nn.Module]], tuple[int, ...]]:
+    """Each attention layer's (name, self-attention module), and the positions of those layers in the stack: the
+    module at the declared path ``attention`` in every layer, else each layer's one self-attention module (a hybrid
+    model's layers without attention carry no adapter)."""
     if attention is not None:
         try:
             modules = [(attention, layer.get_submodule(attention)) for layer in layers]
@@ -337,18 +336,17 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
         if not _dispatches(type(modules[0][1])):
             raise Unsupported(f"zinit cannot adapt {cls}: {type(modules[0][1]).__qualname__} at {attention!r} does not "
                               "dispatch through transformers' AttentionInterface")
-    else:  # a hybrid model's layers without attention carry no adapter: layer n is the n-th attention layer
-        found = [(i, _self_attention(layer)) for i, layer in enumerate(layers)]
-        positions = tuple(i for i, f in found if f)
-        modules = [f[0] for _, f in found if f]
-    names = {name for name, _ in modules}
-    if len(names) != 1:
-        raise Unsupported(f"zinit cannot adapt {cls}: its layers keep their attention under different names "
-                          f"({', '.join(sorted(names))})")
-    first = modules[0][1]
-    if not isinstance(width, int):
-        raise Unsupported(f"zinit cannot adapt {cls}: its config has no integer hidden_size")
-    stack_positions = tuple(range(len(layers))) if attention_declared is not None else positions
+        return modules, tuple(range(len(layers)))
+    # layer n is the n-th attention layer
+    found = [(i, _self_attention(layer)) for i, layer in enumerate(layers)]
+    positions = tuple(i for i, f in found if f)
+    modules = [f[0] for _, f in found if f]
+    return modules, positions
+
+
+def _positions0(model: nn.Module, layers: nn.ModuleList, modules: list[tuple[str, nn.Module]],
+                stack_positions: tuple[int, ...], width: int) -> list[tuple[Tensor, Tensor] | None]:
+    """Each attention layer's (cos, sin) at position 0: its own layer type's rotary, computed once per type."""
     by_type: dict[str | None, tuple[Tensor, Tensor] | None] = {}
     positions0 = []
     for i, (_, module) in zip(stack_positions, modules):  # each layer its own layer type's rotary at position 0
@@ -356,6 +354,13 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
         if layer_type not in by_type:
             by_type[layer_type] = _position0(model, module, width, layer_type)
         positions0.append(by_type[layer_type])
+    return positions0
+
+
+def _head_shapes(cls: str, modules: list[tuple[str, nn.Module]], positions0: list[tuple[Tensor, Tensor] | None],
+                 width: int) -> tuple[int, int, int, int, int, int]:
+    """Capture every layer (refusing one that mixes rows) and return the one (query heads, key heads, key size,
+    value heads, value size, query size) they all share."""
     shapes = set()
     for (_, module), position0 in zip(modules, positions0):
         try:
@@ -371,14 +376,43 @@ def analyse(model: nn.Module, layers: str | None = None, attention: str | None =
         shapes.add((query.shape[1], key.shape[1], key.shape[-1], value.shape[1], value.shape[-1], query.shape[-1]))
     if len(shapes) != 1:
         raise Unsupported(f"zinit cannot adapt {cls}: its layers differ in head counts or sizes {sorted(shapes)}")
-    heads, kv_heads, key_dim, value_heads, value_dim, query_dim = shapes.pop()
+    return shapes.pop()
+
+
+def _dims(cls: str, width: int, shape: tuple[int, int, int, int, int, int], num_layers: int) -> Dims:
+    """The model's :class:`Dims` from the layers' shared head shape; refused when zinit's prompt cannot fit it."""
+    heads, kv_heads, key_dim, value_heads, value_dim, query_dim = shape
     if value_heads != kv_heads or value_dim != key_dim or query_dim != key_dim:
         raise Unsupported(f"zinit cannot adapt {cls}: queries, keys and values differ in shape (query head size "
                           f"{query_dim}, key {kv_heads}×{key_dim}, value {value_heads}×{value_dim}); zinit's prompt "
                           "values need the keys' head layout")
     if heads % kv_heads:
         raise Unsupported(f"zinit cannot adapt {cls}: {heads} query heads are not a multiple of {kv_heads} key heads")
-    dims = Dims(hidden_size=width, num_heads=heads, num_kv_heads=kv_heads, head_dim=key_dim, num_layers=len(modules))
+    return Dims(hidden_size=width, num_heads=heads, num_kv_heads=kv_heads, head_dim=key_dim, num_layers=num_layers)
+
+
+def analyse(model: nn.Module, layers: str | None = None, attention: str | None = None) -> Layout:
+    """Find (once per model) the layer stack, each layer's self-attention module and the sizes; raises
+    :class:`Unsupported` naming the reason when zinit cannot adapt the model exactly.
+
+    ``layers`` / ``attention``: declared paths (the stack in the model, the attention module in a layer) instead of
+    the ones introspection finds (see :func:`family`)."""
+    layout = _LAYOUTS.get(model)
+    if layout is not None:
+        return layout
+    cls = type(model).__qualname__
+    path, stack = _find_stack(model, cls, layers)
+    width = getattr(_text_config(model), "hidden_size", None)
+    modules, stack_positions = _find_attention(cls, path, stack, attention)
+    names = {name for name, _ in modules}
+    if len(names) != 1:
+        raise Unsupported(f"zinit cannot adapt {cls}: its layers keep their attention under different names "
+                          f"({', '.join(sorted(names))})")
+    first = modules[0][1]
+    if not isinstance(width, int):
+        raise Unsupported(f"zinit cannot adapt {cls}: its config has no integer hidden_size")
+    positions0 = _positions0(model, stack, modules, stack_positions, width)
+    dims = _dims(cls, width, _head_shapes(cls, modules, positions0, width), len(modules))
     layout = Layout(path, next(iter(names)), positions0[0], dims, type(first).__qualname__, stack_positions,
                     tuple(positions0))
     _LAYOUTS[model] = layout

@@ -101,6 +101,52 @@ def _stops(body: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
+def _streaming(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """The request's ``stream`` flag and its ``stream_options`` (checked: only ``include_usage``, only with a
+    stream)."""
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"} or
+                                not isinstance(options.get("include_usage", False), bool)):
+        raise APIError(400, f"'stream_options' must be {{\"include_usage\": true|false}} or null, got "
+                            f"{_shown(options)}", param="stream_options")
+    if options is not None and not stream:
+        raise APIError(400, "'stream_options' is only allowed with \"stream\": true", param="stream_options")
+    return stream, options
+
+
+def _sampling(body: dict[str, Any]) -> tuple[float, float, int | None]:
+    """The request's ``temperature``, ``top_p`` and ``seed`` (checked, with ``n``: one completion per prompt)."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
+        raise APIError(400, f"'n' must be 1 or null (one completion per prompt), got {_shown(n)}", param="n")
+    temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
+    top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
+    if temperature < GREEDY_BELOW or top_p == 0:  # as vLLM: such values mean greedy (dividing overflows)
+        temperature, top_p = 0.0, 1.0
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED):
+        raise APIError(400, f"'seed' must be an integer in [0, 2**63-1] or null, got {_shown(seed)}", param="seed")
+    return temperature, top_p, seed
+
+
+def _echo_and_logprobs(body: dict[str, Any], chat: bool) -> tuple[bool, int | None]:
+    """Whether a completions request echoes its prompt, and how many top log-probabilities per token it wants
+    (None: none; chat's ``logprobs`` / ``top_logprobs``, completions' ``logprobs``)."""
+    echo = False if chat else _flag(body, "echo")
+    if chat:
+        want = _flag(body, "logprobs")
+        top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True) if body.get(
+            "top_logprobs") is not None else None
+        if top is not None and not want:
+            raise APIError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
+        logprobs = (top or 0) if want else None
+    else:
+        logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True) if body.get(
+            "logprobs") is not None else None
+    return echo, logprobs
+
+
 def _held(text: str, stops: list[str]) -> int:
     """How many characters at the end of ``text`` could be the start of a stop sequence (held back until the next
     tokens rule the stop out)."""
@@ -362,42 +408,9 @@ class Server:
                 raise APIError(400, f"{shape}; one of them is {_shown(item)}", param="prompt")
         return ids, texts
 
-    def prepare(self, data: bytes, chat: bool) -> Job:
-        """Parse, check and tokenize a request body into a :class:`Job` (run on a worker thread: tokenizing a long
-        prompt takes a while). Raises :class:`APIError` naming the bad parameter."""
-        body = self.parse(data)
-        _check_fields(body, chat)
-        adapter = self.adapter_of(body)
-        stream = _flag(body, "stream")
-        options = body.get("stream_options")
-        if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"} or
-                                    not isinstance(options.get("include_usage", False), bool)):
-            raise APIError(400, f"'stream_options' must be {{\"include_usage\": true|false}} or null, got "
-                                f"{_shown(options)}", param="stream_options")
-        if options is not None and not stream:
-            raise APIError(400, "'stream_options' is only allowed with \"stream\": true", param="stream_options")
-        n = body.get("n")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
-            raise APIError(400, f"'n' must be 1 or null (one completion per prompt), got {_shown(n)}", param="n")
-        temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
-        top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
-        if temperature < GREEDY_BELOW or top_p == 0:  # as vLLM: such values mean greedy (dividing overflows)
-            temperature, top_p = 0.0, 1.0
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED):
-            raise APIError(400, f"'seed' must be an integer in [0, 2**63-1] or null, got {_shown(seed)}", param="seed")
-        echo = False if chat else _flag(body, "echo")
-        if chat:
-            want = _flag(body, "logprobs")
-            top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True) if body.get(
-                "top_logprobs") is not None else None
-            if top is not None and not want:
-                raise APIError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs")
-            logprobs = (top or 0) if want else None
-        else:
-            logprobs = _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True) if body.get(
-                "logprobs") is not None else None
-        stops = _stops(body)
+    def _prompts(self, body: dict[str, Any], chat: bool, stream: bool
+                 ) -> tuple[list[list[int]], list[str | None]]:
+        """Each prompt's token ids and its text when given as text (a chat request: its one templated prompt)."""
         if chat:
             prompts, texts = [self._chat_prompt(body)], [None]
         else:
@@ -405,6 +418,10 @@ class Server:
             if stream and len(prompts) > 1:
                 raise APIError(400, "streaming answers one prompt at a time: give 'prompt' as one string or one list "
                                     "of token ids, or set \"stream\": false", param="prompt")
+        return prompts, texts
+
+    def _max_tokens_of(self, body: dict[str, Any], chat: bool, echo: bool, prompts: list[list[int]]) -> int:
+        """The request's ``max_tokens`` (or ``max_completion_tokens``), checked against the limit and the context."""
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         longest = max(len(p) for p in prompts)
         room = max(1, self.context - longest)
@@ -414,6 +431,20 @@ class Server:
             raise APIError(400, f"the prompt has {longest} tokens; with {key}={max_tokens} that is more than "
                                 f"the model's context of {self.context} tokens: shorten the prompt or ask for fewer "
                                 "tokens", param="messages" if chat else "prompt", code="context_length_exceeded")
+        return max_tokens
+
+    def prepare(self, data: bytes, chat: bool) -> Job:
+        """Parse, check and tokenize a request body into a :class:`Job` (run on a worker thread: tokenizing a long
+        prompt takes a while). Raises :class:`APIError` naming the bad parameter."""
+        body = self.parse(data)
+        _check_fields(body, chat)
+        adapter = self.adapter_of(body)
+        stream, options = _streaming(body)
+        temperature, top_p, seed = _sampling(body)
+        echo, logprobs = _echo_and_logprobs(body, chat)
+        stops = _stops(body)
+        prompts, texts = self._prompts(body, chat, stream)
+        max_tokens = self._max_tokens_of(body, chat, echo, prompts)
         requests = [Request(prompt, adapter, max_tokens, on_token=lambda t, r: None, temperature=temperature,
                             top_p=top_p, seed=seed, logprobs=logprobs,
                             prompt_logprobs=(logprobs if logprobs is not None else 0) if echo and (
@@ -667,8 +698,8 @@ def _guarded(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
     return guarded
 
 
-def create_app(server: Server) -> Any:
-    """The FastAPI application over ``server`` (run it with uvicorn; :func:`zinit.serve.cli.main` does)."""
+def _lifespan(server: Server) -> Callable[[Any], Any]:
+    """The app's lifespan: start the engine, and on shutdown finish the running requests before stopping it."""
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         server.engine.start()
@@ -677,10 +708,11 @@ def create_app(server: Server) -> Any:
         finally:  # uvicorn has stopped taking requests: finish the running ones, then stop
             await asyncio.get_running_loop().run_in_executor(None, server.engine.stop)
 
-    app = FastAPI(title="zinit serve", lifespan=lifespan)
-    if server.api_key is not None:
-        app.add_middleware(_APIKey, key=server.api_key)
+    return lifespan
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every error in OpenAI's body: an :class:`APIError`, Starlette's HTTP errors, and anything else (500)."""
     @app.exception_handler(APIError)
     async def api_error(_: HTTPRequest, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -695,140 +727,139 @@ def create_app(server: Server) -> Any:
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body(),
                             status_code=500)
 
-    async def read_body(http: HTTPRequest) -> bytes:
-        limit = server.max_body_bytes
-        declared = http.headers.get("content-length")
-        too_big = APIError(413, f"the request body is larger than {limit} bytes, this server's limit "
-                                "(zinit serve --max-body-bytes)", code="request_too_large")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+
+async def _read_body(server: Server, http: HTTPRequest) -> bytes:
+    """The request body, refused with a 413 as soon as it is larger than ``server.max_body_bytes``."""
+    limit = server.max_body_bytes
+    declared = http.headers.get("content-length")
+    too_big = APIError(413, f"the request body is larger than {limit} bytes, this server's limit "
+                            "(zinit serve --max-body-bytes)", code="request_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
             raise too_big
-        chunks, size = [], 0
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-        return b"".join(chunks)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    async def body_of(http: HTTPRequest) -> dict[str, Any]:
-        data = await read_body(http)
-        return await asyncio.to_thread(server.parse, data)
 
-    @app.get("/health")
-    @_guarded
-    async def health() -> dict[str, Any]:
-        engine = server.engine
-        return {"status": "ok", "running": engine.running(), "waiting": engine.waiting(),
-                "adapters": engine.adapters()}
+async def _body_of(server: Server, http: HTTPRequest) -> dict[str, Any]:
+    """The request body's JSON object, parsed on a worker thread."""
+    data = await _read_body(server, http)
+    return await asyncio.to_thread(server.parse, data)
 
-    @app.get("/v1/models")
-    @_guarded
-    async def models() -> dict[str, Any]:
-        ids = [server.base_name] + server.engine.adapters()
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "zinit"}
-                                           for i in ids]}
 
-    @app.post("/v1/adapters")
-    @_guarded
-    async def load(http: HTTPRequest) -> dict[str, Any]:
-        server._managed("loading")
-        body = await body_of(http)
-        return await asyncio.to_thread(server.load, body)
+async def _until_disconnected(http: HTTPRequest, job: Job) -> None:
+    """Cancel the job's requests when its client goes away (a non-streaming one: nothing is sent to notice)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            for request in job.requests:
+                request.cancel()
+            return
 
-    @app.delete("/v1/adapters/{name}")
-    @_guarded
-    async def unload(name: str) -> dict[str, Any]:
-        return await asyncio.to_thread(server.unload, name)
 
-    async def until_disconnected(http: HTTPRequest, job: Job) -> None:
-        """Cancel the job's requests when its client goes away (a non-streaming one: nothing is sent to notice)."""
-        while True:
-            message = await http.receive()
-            if message["type"] == "http.disconnect":
-                for request in job.requests:
-                    request.cancel()
-                return
+@dataclass
+class _Answer:
+    """The answer to one submitted completion request: its OpenAI objects, streamed or whole, and its log line."""
 
-    async def complete(http: HTTPRequest, chat: bool) -> Any:
-        started = time.monotonic()
-        data = await read_body(http)
-        job = await asyncio.to_thread(server.prepare, data, chat)
-        server.submit(job)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
+    server: Server
+    http: HTTPRequest
+    job: Job
+    chat: bool
+    started: float
+    rid: str
+    created: int
 
-        def choice(index: int, text: str, reason: str | None, delta: bool, logprobs: Any) -> dict[str, Any]:
-            if chat:
-                key = "delta" if delta else "message"
-                return {"index": index, key: {"role": "assistant", "content": text}, "logprobs": logprobs,
-                        "finish_reason": reason}
-            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+    @property
+    def kind(self) -> str:
+        """The ``object`` of the answer."""
+        return "chat.completion" if self.chat else "text_completion"
 
-        def usage(completion: int) -> dict[str, int]:
-            return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion,
-                    "total_tokens": job.prompt_tokens + completion}
+    def choice(self, index: int, text: str, reason: str | None, delta: bool, logprobs: Any) -> dict[str, Any]:
+        """One choice of the answer (a chunk's ``delta`` or a whole ``message`` for chat)."""
+        if self.chat:
+            key = "delta" if delta else "message"
+            return {"index": index, key: {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
-        def logged(status: int, completion: int) -> None:
-            log.info("%s model=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f status=%d",
-                     http.url.path, job.model, job.prompt_tokens, completion, time.monotonic() - started, status)
+    def usage(self, completion: int) -> dict[str, int]:
+        """The ``usage`` object for ``completion`` generated tokens."""
+        return {"prompt_tokens": self.job.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.job.prompt_tokens + completion}
 
-        if job.stream:
-            request, events = job.requests[0], job.queues[0]
-            pieces = server.pieces(request, events, job.stops)
+    def logged(self, status: int, completion: int) -> None:
+        """Log the request: endpoint, model, tokens in and out, seconds, status."""
+        log.info("%s model=%s prompt_tokens=%d completion_tokens=%d seconds=%.3f status=%d",
+                 self.http.url.path, self.job.model, self.job.prompt_tokens, completion,
+                 time.monotonic() - self.started, status)
 
-            def chunk(text: str, reason: str | None, logprobs: Any) -> str:
-                return _sse({"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                             "model": job.model, "choices": [choice(0, text, reason, True, logprobs)]})
+    def chunk(self, text: str, reason: str | None, logprobs: Any) -> str:
+        """One server-sent event of a stream, carrying ``text``."""
+        return _sse({"id": self.rid, "object": f"{self.kind}.chunk" if self.chat else self.kind,
+                     "created": self.created, "model": self.job.model,
+                     "choices": [self.choice(0, text, reason, True, logprobs)]})
 
-            async def stream() -> AsyncIterator[str]:
-                covered = 0
-                offset = 0
-                try:
-                    if job.echo is not None:
-                        # the prompt's log-probabilities come once the prefill has run: with the first piece
-                        first = await pieces.__anext__()
-                        yield chunk(job.echo[0], None, server.logprobs_of(job, 0, 0, 0, 0, with_prompt=True))
-                        offset = len(job.echo[0])
-                        rest: Any = _chain(first, pieces)
-                    else:
-                        rest = pieces
-                    async for piece in rest:
-                        logprobs = server.logprobs_of(job, 0, covered, piece.tokens, offset)
-                        offset += len(piece.text) if not chat else 0
-                        covered = piece.tokens
-                        yield chunk(piece.text, piece.reason, logprobs)
-                    if job.include_usage:
-                        yield _sse({"id": rid, "object": f"{kind}.chunk" if chat else kind, "created": created,
-                                    "model": job.model, "choices": [], "usage": usage(covered)})
-                    yield _sse("[DONE]")
-                    logged(200, covered)
-                except APIError as exc:  # the stream has started: the error is its last event
-                    yield _sse(exc.body())
-                    yield _sse("[DONE]")
-                    logged(exc.status, covered)
-                except Exception as exc:  # noqa: BLE001 - same, for a failure of the server itself
-                    log.exception("%s failed while streaming", http.url.path)
-                    yield _sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                        kind="server_error").body())
-                    yield _sse("[DONE]")
-                    logged(500, covered)
-                finally:
-                    await pieces.aclose()
+    def streamed(self) -> _Stream:
+        """The answer as a stream of server-sent events."""
+        request, events = self.job.requests[0], self.job.queues[0]
+        pieces = self.server.pieces(request, events, self.job.stops)
+        return _Stream(self.stream(pieces), self.job, media_type="text/event-stream")
 
-            return _Stream(stream(), job, media_type="text/event-stream")
-
-        watcher = asyncio.ensure_future(until_disconnected(http, job))
-
-        async def collect(index: int) -> tuple[str, str | None, int]:
-            parts, reason, covered = [], None, 0
-            async for piece in server.pieces(job.requests[index], job.queues[index], job.stops):
-                parts.append(piece.text)
-                reason = piece.reason or reason
+    async def stream(self, pieces: AsyncIterator[Piece]) -> AsyncIterator[str]:
+        """The events of a stream: its pieces, the usage when asked for, then ``[DONE]`` (an error: its last event)."""
+        job, server, chat = self.job, self.server, self.chat
+        covered = 0
+        offset = 0
+        try:
+            if job.echo is not None:
+                # the prompt's log-probabilities come once the prefill has run: with the first piece
+                first = await pieces.__anext__()
+                yield self.chunk(job.echo[0], None, server.logprobs_of(job, 0, 0, 0, 0, with_prompt=True))
+                offset = len(job.echo[0])
+                rest: Any = _chain(first, pieces)
+            else:
+                rest = pieces
+            async for piece in rest:
+                logprobs = server.logprobs_of(job, 0, covered, piece.tokens, offset)
+                offset += len(piece.text) if not chat else 0
                 covered = piece.tokens
-            return "".join(parts), reason, covered
+                yield self.chunk(piece.text, piece.reason, logprobs)
+            if job.include_usage:
+                yield _sse({"id": self.rid, "object": f"{self.kind}.chunk" if chat else self.kind,
+                            "created": self.created, "model": job.model, "choices": [], "usage": self.usage(covered)})
+            yield _sse("[DONE]")
+            self.logged(200, covered)
+        except APIError as exc:  # the stream has started: the error is its last event
+            yield _sse(exc.body())
+            yield _sse("[DONE]")
+            self.logged(exc.status, covered)
+        except Exception as exc:  # noqa: BLE001 - same, for a failure of the server itself
+            log.exception("%s failed while streaming", self.http.url.path)
+            yield _sse(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                kind="server_error").body())
+            yield _sse("[DONE]")
+            self.logged(500, covered)
+        finally:
+            await pieces.aclose()
 
-        tasks = [asyncio.ensure_future(collect(i)) for i in range(len(job.requests))]
+    async def collect(self, index: int) -> tuple[str, str | None, int]:
+        """Choice ``index``'s whole text, finish reason and number of generated tokens."""
+        parts, reason, covered = [], None, 0
+        async for piece in self.server.pieces(self.job.requests[index], self.job.queues[index], self.job.stops):
+            parts.append(piece.text)
+            reason = piece.reason or reason
+            covered = piece.tokens
+        return "".join(parts), reason, covered
+
+    async def whole(self) -> dict[str, Any]:
+        """The answer as one JSON object, once every choice has finished (a client that goes away cancels them)."""
+        job = self.job
+        watcher = asyncio.ensure_future(_until_disconnected(self.http, job))
+        tasks = [asyncio.ensure_future(self.collect(i)) for i in range(len(job.requests))]
         try:
             results = await asyncio.gather(*tasks)
         except BaseException:
@@ -836,30 +867,96 @@ def create_app(server: Server) -> Any:
                 task.cancel()
             for request in job.requests:
                 request.cancel()
-            logged(500, 0)
+            self.logged(500, 0)
             raise
         finally:
             watcher.cancel()
         choices = []
         for i, (text, reason, covered) in enumerate(results):
             prefix = job.echo[i] if job.echo is not None else ""
-            logprobs = server.logprobs_of(job, i, 0, covered, len(prefix), with_prompt=True)
-            choices.append(choice(i, prefix + text, reason, False, logprobs))
+            logprobs = self.server.logprobs_of(job, i, 0, covered, len(prefix), with_prompt=True)
+            choices.append(self.choice(i, prefix + text, reason, False, logprobs))
         completion = sum(covered for _, _, covered in results)
-        logged(200, completion)
-        return {"id": rid, "object": kind, "created": created, "model": job.model, "choices": choices,
-                "usage": usage(completion)}
+        self.logged(200, completion)
+        return {"id": self.rid, "object": self.kind, "created": self.created, "model": job.model,
+                "choices": choices, "usage": self.usage(completion)}
 
+
+async def _complete(server: Server, http: HTTPRequest, chat: bool) -> Any:
+    """Answer a completions (``chat`` False) or chat completions request: a stream, or one JSON object."""
+    started = time.monotonic()
+    data = await _read_body(server, http)
+    job = await asyncio.to_thread(server.prepare, data, chat)
+    server.submit(job)
+    answer = _Answer(server, http, job, chat, started, rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                     created=int(time.time()))
+    if job.stream:
+        return answer.streamed()
+    return await answer.whole()
+
+
+def _add_health(app: FastAPI, server: Server) -> None:
+    """``GET /health``: the engine's state (open without an API key, for probes)."""
+    @app.get("/health")
+    @_guarded
+    async def health() -> dict[str, Any]:
+        engine = server.engine
+        return {"status": "ok", "running": engine.running(), "waiting": engine.waiting(),
+                "adapters": engine.adapters()}
+
+
+def _add_models(app: FastAPI, server: Server) -> None:
+    """``GET /v1/models``: the base model and every adapter served."""
+    @app.get("/v1/models")
+    @_guarded
+    async def models() -> dict[str, Any]:
+        ids = [server.base_name] + server.engine.adapters()
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "zinit"}
+                                           for i in ids]}
+
+
+def _add_load(app: FastAPI, server: Server) -> None:
+    """``POST /v1/adapters``: load an adapter from the adapters folder while serving."""
+    @app.post("/v1/adapters")
+    @_guarded
+    async def load(http: HTTPRequest) -> dict[str, Any]:
+        server._managed("loading")
+        body = await _body_of(server, http)
+        return await asyncio.to_thread(server.load, body)
+
+
+def _add_unload(app: FastAPI, server: Server) -> None:
+    """``DELETE /v1/adapters/{name}``: unload an adapter while serving."""
+    @app.delete("/v1/adapters/{name}")
+    @_guarded
+    async def unload(name: str) -> dict[str, Any]:
+        return await asyncio.to_thread(server.unload, name)
+
+
+def _add_completions(app: FastAPI, server: Server) -> None:
+    """``POST /v1/completions``: complete prompts."""
     @app.post("/v1/completions")
     @_guarded
     async def completions(http: HTTPRequest) -> Any:
-        return await complete(http, chat=False)
+        return await _complete(server, http, chat=False)
 
+
+def _add_chat_completions(app: FastAPI, server: Server) -> None:
+    """``POST /v1/chat/completions``: answer messages through the tokenizer's chat template."""
     @app.post("/v1/chat/completions")
     @_guarded
     async def chat_completions(http: HTTPRequest) -> Any:
-        return await complete(http, chat=True)
+        return await _complete(server, http, chat=True)
 
+
+def create_app(server: Server) -> Any:
+    """The FastAPI application over ``server`` (run it with uvicorn; :func:`zinit.serve.cli.main` does)."""
+    app = FastAPI(title="zinit serve", lifespan=_lifespan(server))
+    if server.api_key is not None:
+        app.add_middleware(_APIKey, key=server.api_key)
+    _add_error_handlers(app)
+    for add_route in (_add_health, _add_models, _add_load, _add_unload, _add_completions, _add_chat_completions):
+        add_route(app, server)
     return app
 
 

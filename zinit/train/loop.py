@@ -266,8 +266,8 @@ def train(model: nn.Module, task: Task, config: TrainConfig,
         return _train_locked(model, task, config, callbacks, env, out)
 
 
-def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
-                  callbacks: Sequence[Callable[[int, dict[str, Any]], None]], env: D.Dist, out: Path) -> TrainResult:
+def _prepare_model(model: nn.Module, config: TrainConfig, env: D.Dist) -> list[tuple[str, nn.Parameter]]:
+    """Put ``model`` on the device ready to train (autograd kept, sharded with ``--fsdp``); its trainable parameters."""
     named = _trainable(model)
     params = [p for _, p in named]
     model.to(env.device)
@@ -277,9 +277,22 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
             raise ValueError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N>1")
         _apply_fsdp(model, params)
     D.broadcast_([p.data for p in params])  # identical replicas, whatever each process drew at inject
+    return named
 
-    world = env.world_size
-    lengths = task.lengths if task.lengths is not None else [1] * len(task.examples)
+
+@dataclass
+class _Plan:
+    """The run's length and learning-rate schedule."""
+
+    steps_per_epoch: int
+    total: int
+    warmup: float
+    global_batch: int
+    peak: float
+
+
+def _plan(task: Task, config: TrainConfig, world: int) -> _Plan:
+    """How many steps the run has and its schedule; a ValueError when the data or ``max_steps`` allow no step."""
     per_step = config.batch_size * world
     micro_per_epoch = len(task.examples) // per_step
     steps_per_epoch = micro_per_epoch // config.grad_accum
@@ -295,10 +308,13 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
     warmup = total * config.warmup_epochs / config.epochs if config.epochs > 0 else 0.0
     global_batch = per_step * config.grad_accum
     peak = scaled_lr(config.blr, global_batch)
-    optimizer = torch.optim.AdamW(param_groups(named, config.weight_decay), lr=0.0, betas=config.betas)
+    return _Plan(steps_per_epoch, total, warmup, global_batch, peak)
 
-    fingerprint = {**task.fingerprint, **config.fingerprint(), "world_size": world}
-    fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes once stored
+
+def _resume(out: Path, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer,
+            fingerprint: dict[str, Any]) -> tuple[int, int | None, Any]:
+    """Load ``out``'s checkpoint, if any, into the parameters, the optimizer and the RNG: (first step, the step
+    resumed from or None, that step's stored loss or None)."""
     start, resumed_from, saved_loss = 0, None, None
     saved = load_checkpoint(out)
     if saved is not None:
@@ -311,7 +327,12 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
         set_rng_state(saved["rng"])
         start = resumed_from = int(saved["step"])
         saved_loss = saved.get("loss")  # checkpoints written before the loss was stored have none
+    return start, resumed_from, saved_loss
 
+
+def _start_files(out: Path, env: D.Dist, resumed_from: int | None, fingerprint: dict[str, Any], plan: _Plan) -> Path:
+    """On the main process, clear stale temporaries, cut the metrics back to the resumed step and write
+    ``train_config.json``; the metrics file's path."""
     metrics_path = out / METRICS_NAME
     if env.is_main:
         _clean_stale_temporaries(out)
@@ -321,124 +342,193 @@ def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
         text = "".join(json.dumps(r) + "\n" for r in kept)
         atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(text))
         write_json(out / "train_config.json",
-                   {**fingerprint, "steps_per_epoch": steps_per_epoch, "total_steps": total, "peak_lr": peak,
-                    "global_batch": global_batch, "warmup_steps": warmup})
+                   {**fingerprint, "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total,
+                    "peak_lr": plan.peak, "global_batch": plan.global_batch, "warmup_steps": plan.warmup})
+    return metrics_path
+
+
+@dataclass
+class _Run:
+    """One training run in progress: what its steps, logs and checkpoints share."""
+
+    model: nn.Module
+    task: Task
+    config: TrainConfig
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]]
+    env: D.Dist
+    out: Path
+    named: list[tuple[str, nn.Parameter]]
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    plan: _Plan
+    fingerprint: dict[str, Any]
+    metrics_path: Path
+    autocast: Any
+    progress: Any
+    resumed_from: int | None
+    loss_value: float = float("nan")
+    window_start: float = 0.0
+    window_tokens: float = 0.0
+    last_save: dict[str, Any] = field(default_factory=dict)
+
+    def close_progress(self) -> None:
+        """Close the progress bar, if there is one."""
+        if self.progress is not None:
+            self.progress.close()
+
+    def checkpoint(self, step: int) -> None:
+        """Save a checkpoint after ``step`` (main process), wait for every process, and restart the save clock."""
+        if self.env.is_main:
+            plan = self.plan
+            save_checkpoint(self.out, {
+                "step": step, "epoch": step // plan.steps_per_epoch, "position": step % plan.steps_per_epoch,
+                "trainable": {n: p.detach().cpu().clone() for n, p in self.named},
+                "optimizer": self.optimizer.state_dict(), "rng": rng_state(),
+                "loss": self.loss_value,  # the step's loss: a re-run of a finished run reports it
+                "schedule": {"total_steps": plan.total, "warmup_steps": plan.warmup,
+                             "peak_lr": plan.peak},  # lr = lr_at(step, ...)
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            })
+        D.barrier()
+        self.last_save.update(step=step, time=time.monotonic())
+
+    def interrupted(self, signum: int, step: int) -> TrainingInterrupted:
+        """The exception that stops the run after a signal at ``step`` (its message printed by the main process)."""
+        self.close_progress()
+        stop = TrainingInterrupted(signum, step, self.plan.total, self.out)
+        if self.env.is_main:
+            print(stop.message, file=sys.stderr, flush=True)
+        return stop
+
+    def accumulate(self, step: int, batches: list, position: int) -> Tensor:
+        """Run the forward and backward passes of step ``step + 1``'s micro-batches; its ``[mean loss, count]``."""
+        config, env, task = self.config, self.env, self.task
+        seed = _step_seed(config.seed, env.rank, step)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        total_loss = torch.zeros((), device=env.device)
+        tokens = torch.zeros((), device=env.device)
+        for micro in range(config.grad_accum):
+            indices = batches[position * config.grad_accum + micro][env.rank]
+            batch = {k: v.to(env.device) for k, v in task.collate([task.examples[i] for i in indices]).items()}
+            with self.autocast:
+                loss, count = task.loss(self.model, batch)
+            if not loss.requires_grad:  # torch's own error ("element 0 of tensors does not require grad") says less
+                self.close_progress()
+                raise NoGradient(_no_gradient_message(
+                    self.model, f"step {step + 1}: the loss does not require grad (it has no grad_fn)"))
+            (loss / config.grad_accum).backward()
+            total_loss += loss.detach().float() / config.grad_accum
+            tokens += count
+        return torch.stack([total_loss, tokens.float()])
+
+    def update(self, step: int, stats: Tensor) -> float:
+        """Reduce the gradients and ``stats`` across processes, check the loss and take the optimizer step; its lr."""
+        try:
+            _reduce_gradients(self.model, self.params, stats, step + 1, self.env)
+        except NoGradient:
+            self.close_progress()
+            raise
+        self.loss_value = stats[0].item()
+        if not math.isfinite(self.loss_value):
+            self.close_progress()
+            raise TrainingDiverged(
+                f"loss is {self.loss_value} at step {step + 1}; stopped without updating. The last good checkpoint "
+                f"(if any) is kept in {self.out}. Lower --blr or check the data."
+            )
+        lr = lr_at(step, self.plan.total, self.plan.warmup, self.plan.peak, self.config.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def log(self, step: int, lr: float) -> dict[str, Any]:
+        """The record of ``step``; on logging steps with its speed and gates, appended to the metrics file."""
+        record = {"step": step, "epoch": round(step / self.plan.steps_per_epoch, 4), "loss": self.loss_value, "lr": lr}
+        if step % self.config.log_every == 0 or step == self.plan.total:
+            elapsed = time.perf_counter() - self.window_start
+            record.update(tokens_per_s=self.window_tokens / max(elapsed, 1e-9), gates=_gate_summary(self.model))
+            self.window_start, self.window_tokens = time.perf_counter(), 0.0
+            if self.env.is_main:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if self.progress is not None:
+                    self.progress.set_postfix(loss=f"{self.loss_value:.4f}", lr=f"{lr:.2e}",
+                                              tok_s=f"{record['tokens_per_s']:.0f}")
+        return record
+
+    def after_step(self, step: int, record: dict[str, Any], signals: StopSignals, interval: float) -> None:
+        """Advance the bar, checkpoint when due (by steps or by time), call the callbacks, stop on a signal."""
+        if self.progress is not None:
+            self.progress.update(1)
+        if step % self.config.save_every == 0 or step == self.plan.total:
+            self.checkpoint(step)
+        if self.env.is_main:
+            for callback in self.callbacks:
+                callback(step, record)
+        # every process stops (and saves on time) at the same step: one tiny collective, only with N > 1
+        due = interval > 0 and time.monotonic() - self.last_save["time"] >= interval
+        signum, due = D.all_reduce_max([signals.signum or 0, int(due)], self.env.device)
+        if (signum or due) and self.last_save["step"] != step:
+            self.checkpoint(step)
+        if signum:
+            raise self.interrupted(signum, step)
+
+    def fit(self, start: int, saved_loss: Any, lengths: Sequence[int]) -> int:
+        """Train from step ``start`` (whose stored loss is ``saved_loss``, or None) to the last one, or until a
+        signal; the step reached."""
+        config, world = self.config, self.env.world_size
+        interval = 60.0 * (config.save_every_minutes or 0.0)
+        self.last_save.update(step=self.resumed_from, time=time.monotonic())
+        self.model.train()
+        epoch_cache: dict[int, list] = {}
+        self.loss_value = float("nan") if saved_loss is None else float(saved_loss)
+        step = start
+        self.window_start, self.window_tokens = time.perf_counter(), 0.0
+        with StopSignals(announce=self.env.is_main) as signals:
+            while step < self.plan.total:
+                epoch, position = divmod(step, self.plan.steps_per_epoch)
+                if epoch not in epoch_cache:
+                    epoch_cache.clear()
+                    epoch_cache[epoch] = epoch_batches(lengths, config.batch_size, world, epoch, config.seed,
+                                                       config.group_by_length)
+                stats = self.accumulate(step, epoch_cache[epoch], position)
+                lr = self.update(step, stats)
+                step += 1
+                self.window_tokens += stats[1].item() * world
+                self.after_step(step, self.log(step, lr), signals, interval)
+        # a signal after the last step's check is ignored: the run is complete and its final checkpoint is on disk
+        return step
+
+
+def _train_locked(model: nn.Module, task: Task, config: TrainConfig,
+                  callbacks: Sequence[Callable[[int, dict[str, Any]], None]], env: D.Dist, out: Path) -> TrainResult:
+    """:func:`train` once the output folder is locked: prepare, resume, fit, then plot."""
+    named = _prepare_model(model, config, env)
+    world = env.world_size
+    lengths = task.lengths if task.lengths is not None else [1] * len(task.examples)
+    plan = _plan(task, config, world)
+    optimizer = torch.optim.AdamW(param_groups(named, config.weight_decay), lr=0.0, betas=config.betas)
+
+    fingerprint = {**task.fingerprint, **config.fingerprint(), "world_size": world}
+    fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes once stored
+    start, resumed_from, saved_loss = _resume(out, named, optimizer, fingerprint)
+    metrics_path = _start_files(out, env, resumed_from, fingerprint, plan)
 
     autocast = D.autocast(env.device)
     progress = None
     if env.is_main and config.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total, initial=start, desc="zinit train", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=plan.total, initial=start, desc="zinit train", unit="step", dynamic_ncols=True)
 
-    interval = 60.0 * (config.save_every_minutes or 0.0)
-    last_save = {"step": resumed_from, "time": time.monotonic()}
-
-    def checkpoint(step: int) -> None:
-        if env.is_main:
-            save_checkpoint(out, {
-                "step": step, "epoch": step // steps_per_epoch, "position": step % steps_per_epoch,
-                "trainable": {n: p.detach().cpu().clone() for n, p in named},
-                "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                "loss": loss_value,  # the step's loss: a re-run of a finished run reports it
-                "schedule": {"total_steps": total, "warmup_steps": warmup, "peak_lr": peak},  # lr = lr_at(step, ...)
-                "fingerprint": json.dumps(fingerprint, sort_keys=True),
-            })
-        D.barrier()
-        last_save.update(step=step, time=time.monotonic())
-
-    def interrupted(signum: int, step: int) -> TrainingInterrupted:
-        if progress is not None:
-            progress.close()
-        stop = TrainingInterrupted(signum, step, total, out)
-        if env.is_main:
-            print(stop.message, file=sys.stderr, flush=True)
-        return stop
-
-    model.train()
-    epoch_cache: dict[int, list] = {}
-    loss_value = float("nan") if saved_loss is None else float(saved_loss)
-    step = start
-    window_start, window_tokens = time.perf_counter(), 0.0
-    with StopSignals(announce=env.is_main) as signals:
-        while step < total:
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache.clear()
-                epoch_cache[epoch] = epoch_batches(lengths, config.batch_size, world, epoch, config.seed,
-                                                   config.group_by_length)
-            batches = epoch_cache[epoch]
-            seed = _step_seed(config.seed, env.rank, step)
-            torch.manual_seed(seed)
-            random.seed(seed)
-            total_loss = torch.zeros((), device=env.device)
-            tokens = torch.zeros((), device=env.device)
-            for micro in range(config.grad_accum):
-                indices = batches[position * config.grad_accum + micro][env.rank]
-                batch = {k: v.to(env.device) for k, v in task.collate([task.examples[i] for i in indices]).items()}
-                with autocast:
-                    loss, count = task.loss(model, batch)
-                if not loss.requires_grad:  # torch's own error ("element 0 of tensors does not require grad") says less
-                    if progress is not None:
-                        progress.close()
-                    raise NoGradient(_no_gradient_message(
-                        model, f"step {step + 1}: the loss does not require grad (it has no grad_fn)"))
-                (loss / config.grad_accum).backward()
-                total_loss += loss.detach().float() / config.grad_accum
-                tokens += count
-            stats = torch.stack([total_loss, tokens.float()])
-            try:
-                _reduce_gradients(model, params, stats, step + 1, env)
-            except NoGradient:
-                if progress is not None:
-                    progress.close()
-                raise
-            loss_value = stats[0].item()
-            if not math.isfinite(loss_value):
-                if progress is not None:
-                    progress.close()
-                raise TrainingDiverged(
-                    f"loss is {loss_value} at step {step + 1}; stopped without updating. The last good checkpoint "
-                    f"(if any) is kept in {out}. Lower --blr or check the data."
-                )
-            lr = lr_at(step, total, warmup, peak, config.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window_tokens += stats[1].item() * world
-
-            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value, "lr": lr}
-            if step % config.log_every == 0 or step == total:
-                elapsed = time.perf_counter() - window_start
-                record.update(tokens_per_s=window_tokens / max(elapsed, 1e-9), gates=_gate_summary(model))
-                window_start, window_tokens = time.perf_counter(), 0.0
-                if env.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                                             tok_s=f"{record['tokens_per_s']:.0f}")
-            if progress is not None:
-                progress.update(1)
-            if step % config.save_every == 0 or step == total:
-                checkpoint(step)
-            if env.is_main:
-                for callback in callbacks:
-                    callback(step, record)
-            # every process stops (and saves on time) at the same step: one tiny collective, only with N > 1
-            due = interval > 0 and time.monotonic() - last_save["time"] >= interval
-            signum, due = D.all_reduce_max([signals.signum or 0, int(due)], env.device)
-            if (signum or due) and last_save["step"] != step:
-                checkpoint(step)
-            if signum:
-                raise interrupted(signum, step)
-    # a signal after the last step's check is ignored: the run is complete and its final checkpoint is on disk
-    if progress is not None:
-        progress.close()
+    run = _Run(model, task, config, callbacks, env, out, named, [p for _, p in named], optimizer, plan, fingerprint,
+               metrics_path, autocast, progress, resumed_from)
+    step = run.fit(start, saved_loss, lengths)
+    run.close_progress()
     model.eval()
     plots = plot_run(metrics_path, out) if env.is_main else []
     D.barrier()
-    return TrainResult(out, step, loss_value, resumed_from, metrics_path, plots,
-                       finished_earlier=resumed_from is not None and resumed_from >= total)
+    return TrainResult(out, step, run.loss_value, resumed_from, metrics_path, plots,
+                       finished_earlier=resumed_from is not None and resumed_from >= plan.total)
