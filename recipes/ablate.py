@@ -540,7 +540,7 @@ def main(argv: Sequence[str]) -> int:
         prog="zinit ablate", allow_abbrev=False, description="The paper's ablations (gate variant, layers L, prompt length K, epochs) "
         "through one recipe, over seeds: a table, JSON and plots. Options not listed here go to the recipe "
         "(zinit train RECIPE -h).")
-    parser.add_argument("recipe", help=f"one of {', '.join(zinit.recipe_names())}")
+    parser.add_argument("recipe", help=f"one of {', '.join(zinit.list_recipes())}")
     parser.add_argument("--output", required=True, help="folder for every run and the report (re-run to resume)")
     parser.add_argument("--gates", type=_list(_gate, "--gates"), default=["zero", "random"],
                         help="gate variants: zero (zinit), random (N(0,1) init), none (joint softmax) "
@@ -563,8 +563,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: report the runs that finished so far (the others are listed as missing)")
     args, recipe_args = parser.parse_known_args(argv)
-    if args.recipe not in zinit.recipe_names():
-        parser.error(f"recipe {args.recipe!r}: zinit ablate runs {', '.join(zinit.recipe_names())}")
+    if args.recipe not in zinit.list_recipes():
+        parser.error(f"recipe {args.recipe!r}: zinit ablate runs {', '.join(zinit.list_recipes())}")
     for flag in ("--method", "--seed"):
         if any(a == flag or a.startswith(flag + "=") for a in recipe_args):
             parser.error(f"{flag} is set by zinit ablate for each run (--gates, --seeds); drop it")

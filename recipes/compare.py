@@ -7,7 +7,7 @@ first runs each method at those multiples of its default on the recipe's validat
 (:attr:`zinit.Recipe.validation_args`: carved from the training data for alpaca and squad, the release's val split
 for scienceqa) or passes the grid to a recipe that selects the lr itself (:attr:`zinit.Recipe.lr_grid_flag`: vtab's
 train800→val200 grid), keeps the best, and only then trains on the full training data and scores the evaluation
-set: the test/eval data never selects anything. Every recipe in the registry (:func:`zinit.recipe_names`) can be
+set: the test/eval data never selects anything. Every recipe in the registry (:func:`zinit.list_recipes`) can be
 compared; this module knows none of them by name.
 
 Outputs in OUT: ``compare.md`` (the table), ``compare.json`` and ``compare.png`` (the recipe's metric against
@@ -267,26 +267,26 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="zinit compare", description="Run several fine-tuning methods through one recipe and tabulate them. "
         "Options not listed here go to the recipe (zinit train RECIPE -h).")
-    parser.add_argument("recipe", help=f"one of {', '.join(zinit.recipe_names())}")
+    parser.add_argument("recipe", help=f"one of {', '.join(zinit.list_recipes())}")
     parser.add_argument("--methods", default="zinit,lora",
-                        help=f"comma-separated, from: {', '.join(M.methods())} (default zinit,lora)")
+                        help=f"comma-separated, from: {', '.join(M.list_methods())} (default zinit,lora)")
     parser.add_argument("--output", required=True, help="folder for every run and the report")
     parser.add_argument("--lr-grid", default=None,
                         help="multiples of each method's default base lr to try on a validation split, e.g. 0.3,1,3")
     parser.add_argument("--nproc", type=positive_int, default=1, help="processes per run (torchrun) (default 1)")
     args, recipe_args = parser.parse_known_args(argv)
-    if args.recipe not in zinit.recipe_names():
-        parser.error(f"recipe {args.recipe!r}: zinit compare runs {', '.join(zinit.recipe_names())}")
+    if args.recipe not in zinit.list_recipes():
+        parser.error(f"recipe {args.recipe!r}: zinit compare runs {', '.join(zinit.list_recipes())}")
     try:
         grid = list(float_list(args.lr_grid, "--lr-grid", lambda v: v > 0, "multiples > 0")) if args.lr_grid else None
     except ValueError as exc:
         parser.error(str(exc))
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
-        parser.error(f"--methods {args.methods!r} names no method; choose from {', '.join(M.methods())}")
+        parser.error(f"--methods {args.methods!r} names no method; choose from {', '.join(M.list_methods())}")
     for name in names:
-        if name not in M.methods():
-            parser.error(f"--methods: unknown method {name!r}; choose from {', '.join(M.methods())}")
+        if name not in M.list_methods():
+            parser.error(f"--methods: unknown method {name!r}; choose from {', '.join(M.list_methods())}")
     check_recipe_args(args.recipe, recipe_args, args.output)
     compare(args.recipe, names, args.output, recipe_args, grid, args.nproc)
     return 0

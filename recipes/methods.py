@@ -19,6 +19,7 @@ the model type, or from the backbone (:attr:`zinit.Backbone.peft_targets`) where
 
 from __future__ import annotations
 
+import argparse
 import math
 import resource
 import sys
@@ -33,6 +34,7 @@ from torch import nn
 import zinit
 from zinit.files import atomic_write, write_json
 from zinit.errors import ZinitKeyError
+from zinit.registry import Registry
 
 SUMMARY_NAME = "summary.json"
 NOT_APPLICABLE_NAME = "not_applicable.json"
@@ -75,24 +77,25 @@ class Method:
     inject_options: dict[str, Any] | None = None
 
 
-_METHODS: dict[str, Method] = {}
+#: The methods registry (the one registry type, :class:`zinit.Registry`): the built-in methods register below, a
+#: user's own with :func:`register_method` from their file.
+METHODS: Registry[Method] = Registry("method", Method, how_to_add="add one with register_method: README, 'Adding a "
+                                     "method'")
 
 
-def register_method(method: Method) -> Method:
-    """Add (or replace) a method; returns it."""
-    _METHODS[method.name] = method
-    return method
+def register_method(method: Method, *, override: bool = False) -> Method:
+    """Add a method (``override=True`` replaces one of the same name); returns it."""
+    return METHODS.register(method, override=override)
 
 
-def methods() -> list[str]:
-    """Names of the registered methods."""
-    return list(_METHODS)
+def list_methods() -> list[str]:
+    """Names of the registered methods, in the order they were registered."""
+    return METHODS.names()
 
 
 def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; registered: {', '.join(_METHODS)}")
-    return _METHODS[name]
+    """The method registered as ``name``; a ValueError lists the registered names otherwise."""
+    return METHODS.get(name)
 
 
 def prepare(name: str, model: nn.Module, ctx: MethodContext) -> nn.Module:
@@ -615,14 +618,12 @@ def write_not_applicable(out: str | Path, method: str, reason: str) -> int:
 
 def method_name(text: str) -> str:
     """argparse ``type=`` for ``--method``: a registered method's name."""
-    if text not in _METHODS:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(_METHODS)}")
+    if text not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {text!r}; choose from {', '.join(METHODS)}")
     return text
 
 
 def add_method_arg(p: Any) -> None:
     """Add ``--method`` (checked against the registered methods) to a recipe's parser."""
     p.add_argument("--method", default="zinit", type=method_name,
-                   help="fine-tuning method (default zinit): " + ", ".join(methods()) + " (see zinit compare)")
+                   help="fine-tuning method (default zinit): " + ", ".join(list_methods()) + " (see zinit compare)")

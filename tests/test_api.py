@@ -13,7 +13,7 @@ from tiny import tiny_encoder, tiny_llama, tiny_vit
 
 
 def test_registered_backbones_and_detection():
-    assert {"llama", "roberta", "vit"} <= set(zinit.backbones())
+    assert {"llama", "roberta", "vit"} <= set(zinit.list_backbones())
     assert zinit.find_backbone(tiny_llama("qwen2")).name == "llama"
     assert zinit.find_backbone(tiny_llama(base_only=True)).name == "llama"
     assert zinit.find_backbone(tiny_vit(distilled=True)).name == "vit"
@@ -138,7 +138,7 @@ def test_a_user_backbone_is_one_registration():
         install=_toy_install,
         uninstall=_toy_uninstall,
     ))
-    assert "toy" in zinit.backbones()
+    assert "toy" in zinit.list_backbones()
     with pytest.raises(ValueError, match="already registered"):
         zinit.register_backbone(zinit.Backbone(**{**spec.__dict__, "description": "another"}))
     x = torch.randn(2, 5, 16)
@@ -164,7 +164,7 @@ def test_a_users_own_backbones_and_recipes_packages_change_nothing(tmp_path):
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
     script = (
         "import timm, zinit\n"
-        "assert zinit.backbones() == ['hf', 'llama', 'roberta', 'vit'], zinit.backbones()\n"
+        "assert zinit.list_backbones() == ['hf', 'llama', 'roberta', 'vit'], zinit.list_backbones()\n"
         "vit = zinit.inject(timm.create_model('vit_tiny_patch16_224', pretrained=False), 2, K=4)\n"
         "from zinit.recipes import alpaca, compare, scienceqa, squad, vtab\n"
         "from zinit.benchmarks import speed\n"

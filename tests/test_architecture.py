@@ -26,9 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"zinit": "zinit", "backbones": "zinit.backbones", "recipes": "zinit.recipes",
             "benchmarks": "zinit.benchmarks"}
 #: Imports of zinit modules that stay inside a function, each for a reason: fastapi/uvicorn are the optional serve
-#: extra; ``zinit.backbones()`` lists the registry from the backbones package (issue 27 item 4 replaces that).
-ALLOWED_INNER = {("zinit.serve.cli", "zinit.serve.app"), ("zinit.benchmarks.serve", "zinit.serve.app"),
-                 ("zinit.backbones", "zinit.registry")}
+#: extra.
+ALLOWED_INNER = {("zinit.serve.cli", "zinit.serve.app"), ("zinit.benchmarks.serve", "zinit.serve.app")}
 
 
 def modules_of(root: Path, packages: dict[str, str]) -> dict[str, Path]:
@@ -230,3 +229,91 @@ def test_every_error_class_of_zinit_is_a_zinit_error():
         assert issubclass(cls, ZinitError), cls
     assert sys.modules["zinit.errors"].__all__ == sorted(sys.modules["zinit.errors"].__all__)
     assert torch.equal(torch.zeros(1), torch.zeros(1))
+
+
+PLUGINS = {
+    # a backbone: GPT-2 declared through the generic hf backbone's paths (README, "Adding a backbone")
+    "my_backbone.py": (
+        "import zinit\n"
+        "from zinit.hfauto import family\n"
+        "zinit.register_backbone(family('my-gpt2', ['gpt2'], layers='transformer.h', attention='attn'))\n"),
+    # a recipe: a task that trains an adapter on a random-weight LLaMA and writes summary.json
+    "my_recipe.py": (
+        "import json, pathlib, torch, zinit\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "def add_args(p):\n"
+        "    p.add_argument('--output', required=True); p.add_argument('--method', default='zinit')\n"
+        "def run(args):\n"
+        "    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,\n"
+        "                                         num_hidden_layers=2, num_attention_heads=2))\n"
+        "    zinit.inject(model, 1, 2)\n"
+        "    n = sum(p.numel() for p in zinit.trainable_parameters(model))\n"
+        "    out = pathlib.Path(args.output); out.mkdir(parents=True, exist_ok=True)\n"
+        "    (out / 'summary.json').write_text(json.dumps({'score': 1.0, 'trainable_params': n}))\n"
+        "    return 0\n"
+        "zinit.register_recipe(zinit.Recipe('my-task', 'a toy task', 'causal_lm', add_args, run,\n"
+        "                                   metrics=('score',)))\n"),
+    # a PEFT method: train the LM head only
+    "my_method.py": (
+        "from zinit.recipes.methods import Method, register_method\n"
+        "def prepare(model, ctx):\n"
+        "    for p in model.parameters():\n"
+        "        p.requires_grad_(False)\n"
+        "    for p in model.lm_head.parameters():\n"
+        "        p.requires_grad_(True)\n"
+        "    return model\n"
+        "register_method(Method('head-only', prepare, {'causal_lm': 1e-3}, 'the LM head alone'))\n"),
+}
+
+
+def test_a_backbone_a_recipe_and_a_method_are_one_file_each(tmp_path):
+    """Each extension is one file in the user's own folder, found through the one registry type: nothing in zinit
+    changes. Run in a fresh process, as a user's script would."""
+    for name, text in PLUGINS.items():
+        (tmp_path / name).write_text(text)
+    script = (
+        "import json, sys, torch, zinit\n"
+        "import my_backbone, my_recipe, my_method\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM\n"
+        "from zinit import cli\n"
+        "from zinit.recipes import methods as M\n"
+        "gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16)).eval()\n"
+        "assert zinit.find_backbone(gpt2).name == 'my-gpt2' and 'my-gpt2' in zinit.list_backbones()\n"
+        "ids = torch.randint(0, 32, (1, 5))\n"
+        "with torch.no_grad():\n"
+        "    base = gpt2(input_ids=ids).logits\n"
+        "    assert torch.equal(zinit.inject(gpt2, 1, 3)(input_ids=ids).logits, base)\n"
+        "assert zinit.list_recipes()[-1] == 'my-task'\n"
+        "assert cli.main(['train', 'my-task', '--output', sys.argv[1]]) == 0\n"
+        "assert json.load(open(sys.argv[1] + '/summary.json'))['trainable_params'] == 2 * 16 + 2\n"
+        "llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,\n"
+        "                                     num_hidden_layers=2, num_attention_heads=2))\n"
+        "ctx = M.MethodContext(recipe='my-task', layers=1, K=2)\n"
+        "trained = [n for n, p in M.prepare('head-only', llama, ctx).named_parameters() if p.requires_grad]\n"
+        "assert trained == ['lm_head.weight'] and M.list_methods()[-1] == 'head-only', trained\n"
+        "print('ok')\n")
+    import subprocess
+
+    from tiny import subprocess_env
+
+    env = subprocess_env()
+    env["PYTHONPATH"] = str(tmp_path) + ":" + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_one_registry_type_for_backbones_recipes_methods_and_schemes():
+    """timm's style for all four: register / list / get, the same errors; zinit.backbones is only the package."""
+    from zinit import quant, recipe, registry
+    from zinit.recipes import methods
+
+    for reg, known in ((registry.BACKBONES, "llama"), (recipe.RECIPES, "alpaca"), (methods.METHODS, "lora"),
+                       (quant.SCHEMES, "nf4")):
+        assert isinstance(reg, zinit.Registry) and known in reg and reg.get(known).name == known
+        with pytest.raises(ValueError, match=f"unknown {reg.kind} 'nope'; registered {reg.kind}s: "):
+            reg.get("nope")
+        with pytest.raises(ValueError, match=f"a {reg.kind} named '{known}' is already registered"):
+            reg.register(type(reg.get(known))(**{**reg.get(known).__dict__}))
+    assert zinit.list_backbones() == sorted(zinit.list_backbones())
+    assert not callable(sys.modules["zinit.backbones"])

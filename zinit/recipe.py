@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .registry import load_plugins
+from .registry import Registry
 
 ENTRY_POINT_GROUP = "zinit.recipes"
 BUILTIN_PACKAGE = "zinit.recipes"
@@ -123,9 +123,10 @@ class Recipe:
         return self.default_blr
 
 
-_REGISTRY: dict[str, Recipe] = {}
-_BUILTIN_ORDER: tuple[str, ...] = ()  #: the built-in package's ``BUILTIN`` list
-_discovered = False
+#: The recipe registry: the ``zinit.recipes`` package (its ``BUILTIN`` list gives their order) and ``zinit.recipes``
+#: entry points.
+RECIPES: Registry[Recipe] = Registry("recipe", Recipe, package=BUILTIN_PACKAGE, group=ENTRY_POINT_GROUP,
+                                     how_to_add="add one: README, 'Adding a recipe'")
 
 
 def register_recipe(recipe: Recipe, *, override: bool = False) -> Recipe:
@@ -135,37 +136,20 @@ def register_recipe(recipe: Recipe, *, override: bool = False) -> Recipe:
 
     >>> import zinit
     >>> toy = zinit.Recipe("toy-doc", "a recipe that trains nothing", "causal_lm", lambda p: None, lambda a: 0)
-    >>> zinit.register_recipe(toy).name in zinit.recipe_names()
+    >>> zinit.register_recipe(toy).name in zinit.list_recipes()
     True
     """
-    if not isinstance(recipe, Recipe):
-        raise TypeError(f"register_recipe takes a zinit.Recipe, got {type(recipe).__name__}")
-    if recipe.name in _REGISTRY and not override and _REGISTRY[recipe.name] is not recipe:
-        raise ValueError(f"a recipe named {recipe.name!r} is already registered; pick another name or pass "
-                         "override=True")
-    _REGISTRY[recipe.name] = recipe
-    return recipe
+    return RECIPES.register(recipe, override=override)
 
 
-def _discover() -> None:
-    """Import the built-in recipes package and every ``zinit.recipes`` entry point, once."""
-    global _discovered, _BUILTIN_ORDER
-    if _discovered:
-        return
-    _discovered = True
-    _BUILTIN_ORDER = tuple(getattr(load_plugins(BUILTIN_PACKAGE, ENTRY_POINT_GROUP), "BUILTIN", ()))
-
-
-def recipe_names() -> list[str]:
+def list_recipes() -> list[str]:
     """Names of the registered recipes: the built-in ones in their listed order, then the others as registered.
 
     >>> import zinit
-    >>> zinit.recipe_names()[:4]
+    >>> zinit.list_recipes()[:4]
     ['alpaca', 'scienceqa', 'vtab', 'squad']
     """
-    _discover()
-    builtin = [name for name in _BUILTIN_ORDER if name in _REGISTRY]
-    return builtin + [name for name in _REGISTRY if name not in builtin]
+    return RECIPES.names()
 
 
 def get_recipe(name: str) -> Recipe:
@@ -175,8 +159,4 @@ def get_recipe(name: str) -> Recipe:
     >>> zinit.get_recipe("squad").metrics
     ('f1', 'exact')
     """
-    _discover()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown recipe {name!r}; registered recipes: {', '.join(recipe_names())} (add one: README, "
-                         "'Adding a recipe')")
-    return _REGISTRY[name]
+    return RECIPES.get(name)

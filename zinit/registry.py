@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Callable, Sequence
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 from torch import Tensor, nn
+
+from .errors import ZinitValueError
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,125 @@ class Backbone:
         return None if found is None else list(found)
 
 
-_REGISTRY: dict[str, Backbone] = {}
-_discovered = False
+def load_plugins(package: str, group: str) -> object:
+    """Import the built-in ``package`` and every module named by an entry point of ``group``; returns the package.
+
+    A plug-in that fails to import is logged and skipped: it must not take the built-in ones down with it."""
+    module = importlib.import_module(package)
+    for ep in entry_points(group=group):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - logged, named
+            log.warning("zinit: could not load the %s entry point %r (%s): %s", group, ep.name, ep.value, exc)
+    return module
+
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Named things of one kind, registered by the files that define them (timm's ``register_model`` /
+    ``list_models`` style): the one registry type behind backbones, recipes, methods and quantization schemes.
+
+    A registry with a ``package`` imports it (and every module named by an entry point of ``group``) the first time it
+    is consulted, so its built-ins and a user's plug-ins are there without an import; the package's ``BUILTIN`` list,
+    if it has one, gives the built-ins' order in :meth:`names`. Items are anything with a ``name`` attribute, of the
+    registry's type.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Colour:
+    ...     name: str
+    >>> colours = Registry("colour", Colour)
+    >>> colours.register(Colour("red")).name, colours.names(), "red" in colours
+    ('red', ['red'], True)
+    >>> colours.get("blue")
+    Traceback (most recent call last):
+    ValueError: unknown colour 'blue'; registered colours: red
+    """
+
+    def __init__(self, kind: str, item_type: type, *, package: str | None = None, group: str | None = None,
+                 sort: bool = False, how_to_add: str = "") -> None:
+        self.kind, self.item_type, self.package, self.group = kind, item_type, package, group
+        self.sort, self.how_to_add = sort, how_to_add
+        self._items: dict[str, T] = {}
+        self._builtin: tuple[str, ...] = ()
+        self._discovered = package is None
+
+    def _type_name(self) -> str:
+        """How the item type is reached: ``zinit.Backbone`` when zinit exports it, else its module path."""
+        name = self.item_type.__qualname__
+        exported = getattr(sys.modules.get("zinit"), name, None) is self.item_type
+        return f"zinit.{name}" if exported else f"{self.item_type.__module__}.{name}"
+
+    def _discover(self) -> None:
+        """Import the built-in package and the entry points, once."""
+        if self._discovered:
+            return
+        self._discovered = True
+        module = load_plugins(self.package, self.group) if self.group else importlib.import_module(self.package)
+        self._builtin = tuple(getattr(module, "BUILTIN", ()))
+
+    def register(self, item: T, *, override: bool = False) -> T:
+        """Add ``item`` under its name and return it; a name registered twice raises unless ``override=True``
+        (which replaces the earlier item)."""
+        if not isinstance(item, self.item_type):
+            raise TypeError(f"the {self.kind} registry takes a {self._type_name()}, got {type(item).__name__}")
+        name = item.name  # type: ignore[attr-defined]
+        if name in self._items and not override and self._items[name] is not item:
+            raise ZinitValueError(f"a {self.kind} named {name!r} is already registered; pick another name or pass "
+                                  "override=True")
+        self._items[name] = item
+        return item
+
+    def unregister(self, name: str) -> T:
+        """Remove the item registered as ``name`` and return it."""
+        item = self.get(name)
+        del self._items[name]
+        return item
+
+    def get(self, name: str) -> T:
+        """The item registered as ``name``; a ValueError lists the registered names otherwise."""
+        self._discover()
+        if name not in self._items:
+            raise ZinitValueError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names())}"
+                                  + (f" ({self.how_to_add})" if self.how_to_add else ""))
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        """The registered names: sorted for a sorted registry, else the built-ins in their listed order and then the
+        others in the order they were registered."""
+        self._discover()
+        if self.sort:
+            return sorted(self._items)
+        builtin = [name for name in self._builtin if name in self._items]
+        return builtin + [name for name in self._items if name not in builtin]
+
+    def values(self) -> list[T]:
+        """The registered items, in :meth:`names` order."""
+        return [self._items[name] for name in self.names()]
+
+    def __contains__(self, name: object) -> bool:
+        self._discover()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        self._discover()
+        return len(self._items)
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self.names())})"
+
+
+#: The backbone registry: the ``zinit.backbones`` package and ``zinit.backbones`` entry points, sorted by name.
+BACKBONES: Registry[Backbone] = Registry("backbone", Backbone, package=BUILTIN_PACKAGE, group=ENTRY_POINT_GROUP,
+                                         sort=True, how_to_add="add one: README, 'Adding a backbone'")
 
 
 def register_backbone(backbone: Backbone, *, override: bool = False) -> Backbone:
@@ -96,14 +216,7 @@ def register_backbone(backbone: Backbone, *, override: bool = False) -> Backbone
     >>> zinit.register_backbone(spec, override=True).name
     'llama'
     """
-    if not isinstance(backbone, Backbone):
-        raise TypeError(f"register_backbone takes a zinit.Backbone, got {type(backbone).__name__}")
-    if backbone.name in _REGISTRY and not override and _REGISTRY[backbone.name] is not backbone:
-        raise ValueError(
-            f"a backbone named {backbone.name!r} is already registered; pick another name or pass override=True"
-        )
-    _REGISTRY[backbone.name] = backbone
-    return backbone
+    return BACKBONES.register(backbone, override=override)
 
 
 def unregister_backbone(name: str) -> Backbone:
@@ -111,56 +224,27 @@ def unregister_backbone(name: str) -> Backbone:
 
     >>> import zinit
     >>> spec = zinit.register_backbone(zinit.get_backbone("llama"), override=True)
-    >>> unregister_backbone("llama") is spec and "llama" not in zinit.backbones()
+    >>> unregister_backbone("llama") is spec and "llama" not in zinit.list_backbones()
     True
     >>> zinit.register_backbone(spec).name
     'llama'
     """
-    backbone = get_backbone(name)
-    del _REGISTRY[name]
-    return backbone
+    return BACKBONES.unregister(name)
 
 
-def load_plugins(package: str, group: str) -> object:
-    """Import the built-in ``package`` and every module named by an entry point of ``group``; returns the package.
-
-    A plug-in that fails to import is logged and skipped: it must not take the built-in ones down with it. Shared by
-    the backbone and the recipe registries."""
-    module = importlib.import_module(package)
-    for ep in entry_points(group=group):
-        try:
-            ep.load()
-        except Exception as exc:  # noqa: BLE001 - logged, named
-            log.warning("zinit: could not load the %s entry point %r (%s): %s", group, ep.name, ep.value, exc)
-    return module
-
-
-def _discover() -> None:
-    """Import the built-in backbones package and every ``zinit.backbones`` entry point, once."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    load_plugins(BUILTIN_PACKAGE, ENTRY_POINT_GROUP)
-
-
-def backbones() -> list[str]:
+def list_backbones() -> list[str]:
     """Names of the registered backbones, sorted.
 
     >>> import zinit
-    >>> [n for n in ("llama", "roberta", "vit") if n in zinit.backbones()]
+    >>> [n for n in ("llama", "roberta", "vit") if n in zinit.list_backbones()]
     ['llama', 'roberta', 'vit']
     """
-    _discover()
-    return sorted(_REGISTRY)
+    return BACKBONES.names()
 
 
 def get_backbone(name: str) -> Backbone:
     """The backbone registered as ``name``; a ValueError lists the registered names otherwise."""
-    _discover()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; registered backbones: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return BACKBONES.get(name)
 
 
 def find_backbone(model: nn.Module) -> Backbone:
@@ -168,17 +252,17 @@ def find_backbone(model: nn.Module) -> Backbone:
 
     Raises ValueError naming the model's class, the registered backbones, and how to register a new one.
     """
-    _discover()
-    found = [b for b in _REGISTRY.values() if not b.generic and b.matches(model)]
+    registered = BACKBONES.values()
+    found = [b for b in registered if not b.generic and b.matches(model)]
     if not found:
-        found = [b for b in _REGISTRY.values() if b.generic and b.matches(model)]
+        found = [b for b in registered if b.generic and b.matches(model)]
     if len(found) == 1:
         return found[0]
     cls = type(model)
     if not found:
         raise ValueError(
             f"zinit has no backbone for {cls.__module__}.{cls.__qualname__}; registered backbones: "
-            f"{', '.join(sorted(_REGISTRY))}. Pass backbone=NAME to force one, or add a backbone: one file calling "
+            f"{', '.join(BACKBONES.names())}. Pass backbone=NAME to force one, or add a backbone: one file calling "
             f"zinit.register_backbone(zinit.Backbone(...)) (README: 'Adding a backbone')."
         )
     raise ValueError(

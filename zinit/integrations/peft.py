@@ -145,7 +145,7 @@ class ZinitConfig(PeftConfig):
             int ``layers`` is the variant :func:`zinit.convert.to_peft` converts to stock peft's adaption prompt.
         gate_init: ``"zero"`` (the method: the adapted model starts as the base model) or ``"random"`` (the paper's
             random-init ablation; the drawn gate is saved with the prompts, so a loaded model computes what was saved).
-        backbone: a zinit backbone name (``zinit.backbones()``) instead of detecting it from the model.
+        backbone: a zinit backbone name (``zinit.list_backbones()``) instead of detecting it from the model.
 
     >>> config = ZinitConfig(layers=2, K=10, task_type="CAUSAL_LM")
     >>> config.peft_type.value, config.gate, config.gate_fn, config.gate_init
