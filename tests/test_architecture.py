@@ -317,3 +317,33 @@ def test_one_registry_type_for_backbones_recipes_methods_and_schemes():
             reg.register(type(reg.get(known))(**{**reg.get(known).__dict__}))
     assert zinit.list_backbones() == sorted(zinit.list_backbones())
     assert not callable(sys.modules["zinit.backbones"])
+
+
+def test_one_config_checked_once_and_taken_as_input(tmp_path):
+    """AdapterConfig checks itself when made (the one place its rules live: keyword arguments, zinit.json and a
+    hand-made config meet the same rule); inject and add_adapter take one as input."""
+    base = dict(backbone="llama", hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=4,
+                layers=(2, 3), K=3)
+    with pytest.raises(ZinitValueError, match=r"K=0 must be an int >= 1 \(the prompt length\)"):
+        zinit.AdapterConfig(**{**base, "K": 0})
+    with pytest.raises(ZinitValueError, match=r"layers=\(2, 9\) must be a non-empty list of distinct layer indices in "
+                                              r"0\.\.3"):
+        zinit.AdapterConfig(**{**base, "layers": (2, 9)})
+    with pytest.raises(ZinitValueError, match="gate='none' has no gate, so gate_init='random' does not apply"):
+        zinit.AdapterConfig(**{**base, "gate": "none", "gate_init": "random"})
+    with pytest.raises(ZinitValueError, match=r"K=0 must be an int >= 1 \(the prompt length\)"):  # the same rule
+        zinit.inject(tiny_llama(), 2, K=0)
+    config = zinit.AdapterConfig(**{**base, "layers": [2, 3]})
+    assert config.layers == (2, 3)  # a list is kept as a tuple: the config stays hashable and comparable
+    model = zinit.inject(tiny_llama(), config)
+    assert zinit.injection(model).config == config
+    folder = zinit.save_adapter(model, tmp_path / "a")
+    saved = zinit.AdapterConfig.from_json(zinit.read_adapter_config(folder))
+    assert saved == config and zinit.injection(zinit.inject(tiny_llama(), saved)).config == config
+    with pytest.raises(ZinitValueError, match=r"takes every option from the AdapterConfig; drop \['K', 'gate'\]"):
+        zinit.inject(tiny_llama(), config, K=4, gate="layer")
+    with pytest.raises(ZinitValueError, match="mismatch on hidden_size: the adapter in the given AdapterConfig has "
+                                              "hidden_size=32, the model has hidden_size=64"):
+        zinit.inject(tiny_llama(hidden=64), config)
+    named = zinit.add_adapter(tiny_llama(), "a", config)
+    assert zinit.bank.named_adapter_config(named, "a") == config

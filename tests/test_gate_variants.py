@@ -290,7 +290,7 @@ def test_no_gate_is_refused_where_it_cannot_be_exact(tmp_path):
         zinit.inject(tiny_llama(), 2, K=4, gate="none", gate_init="random")
     with pytest.raises(ValueError, match="gate_fn='identity' does not apply"):
         zinit.inject(tiny_llama(), 2, K=4, gate="none", gate_fn="identity")
-    with pytest.raises(ValueError, match=r"gate_init='uniform' is not one of \('zero', 'random'\)"):
+    with pytest.raises(ValueError, match=r"gate_init='uniform' must be one of \['zero', 'random'\]"):
         zinit.inject(tiny_llama(), 2, K=4, gate_init="uniform")
     # an attention implementation whose masks are not tensors: refused at inject time, the model left as it was
     flash = tiny_llama()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import quant
 from .attention import prompt_attention
-from .config import AdapterConfig, check_options, layer_shapes, resolve_layers
+from .config import AdapterConfig, layer_shapes, resolve_layers
 from .errors import ZinitKeyError, ZinitStateError, ZinitValueError
 from .prompts import BANK_ATTR, LayerAdapter, PromptStore
 from .registry import Backbone, find_backbone, get_backbone
@@ -167,7 +167,6 @@ def new_adapter_config(model: nn.Module, layers: int | Sequence[int], K: int, *,
     state = adapter_state(model)
     spec = state.backbone if state is not None and backbone is None else (
         get_backbone(backbone) if backbone is not None else find_backbone(model))
-    check_options(K, gate, gate_fn, gate_init)
     dims = spec.dims(model)
     config = AdapterConfig.for_model(spec.name, dims, resolve_layers(layers, dims.num_layers), K, gate=gate,
                                      gate_fn=gate_fn, gate_init=gate_init)

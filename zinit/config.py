@@ -18,12 +18,16 @@ older zinit reads every adapter it can compute correctly and refuses, with "upgr
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from torch import nn
 
 from ._version import __version__
 from .attention import GATE_FUNCTIONS
-from .registry import Dims
+from .errors import ZinitValueError
+from .registry import Backbone, Dims, get_backbone
 
 #: The files of an adapter folder: the weights, the description (this configuration, as JSON) and the card.
 WEIGHTS_NAME = "adapter.safetensors"
@@ -86,6 +90,12 @@ class AdapterConfig:
     bias_scale: str | None = None
     train_norms: bool = False  #: LLaMA-Adapter V2: the normalisation layers are trained
 
+    def __post_init__(self) -> None:
+        """Check every field (:func:`check_fields`: the one place the rules live); lists become tuples."""
+        check_fields({f.name: getattr(self, f.name) for f in fields(self)})
+        for key in ("layers", "train_modules"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+
     @classmethod
     def for_model(cls, backbone: str, dims: Dims, layers: tuple[int, ...], K: int, **options: Any) -> "AdapterConfig":
         """The configuration of an adapter on a model of sizes ``dims`` (``options``: the other fields)."""
@@ -96,13 +106,6 @@ class AdapterConfig:
     def dims(self) -> Dims:
         """The model sizes this adapter fits."""
         return Dims(**{f: getattr(self, f) for f in DIM_FIELDS})
-
-    def inject_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`zinit.inject` (after ``layers`` and ``K``) that build this adapter."""
-        return {"gate": self.gate, "gate_fn": self.gate_fn, "gate_init": self.gate_init, "backbone": self.backbone,
-                "train_modules": list(self.train_modules), "visual_dim": self.visual_dim,
-                "visual_hidden": self.visual_hidden if self.visual_hidden is not None else 128,
-                "bias_scale": self.bias_scale or False, "train_norms": self.train_norms}
 
     def differences(self, other: "AdapterConfig") -> dict[str, tuple[Any, Any]]:
         """``{field: (this value, other value)}`` for every field where the two differ (empty: equal)."""
@@ -154,65 +157,92 @@ class AdapterConfig:
         missing = [key for key in required if key not in data]
         if missing:
             raise ValueError(f"{source} lacks the fields {missing}; {_AGAIN}")
-        _check(data, source)
+        _check_file_fields(data, source)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["layers"] = tuple(values["layers"])
-        values["train_modules"] = tuple(values.get("train_modules", ()))
         if values.get("visual_dim") is None:
             values["visual_dim"] = values["visual_hidden"] = None
+        try:
+            config = cls(**values)
+        except FieldError as exc:
+            raise exc.at(source) from None
         if values["gate"] == "none" and version < 2:  # hand-edited: the version says a reader may ignore it
             raise _field_error(source, "format_version", "2 for gate \"none\" (which older zinit cannot compute)",
                                version)
         if (values.get("bias_scale") is not None or values.get("train_norms")) and version < 3:
             raise _field_error(source, "format_version", "3 for bias_scale / train_norms (which older zinit would "
                                "drop)", version)
-        return cls(**values)
+        return config
 
     def replace(self, **changes: Any) -> "AdapterConfig":
         """A copy with ``changes`` applied."""
         return replace(self, **changes)
 
 
-def _field_error(source: str, key: str, want: str, value: Any) -> ValueError:
-    return ValueError(f"{source}: field {key!r} must be {want}, got {json.dumps(value)} ({type(value).__name__}); "
+def _field_error(source: str, key: str, want: str, value: Any) -> ZinitValueError:
+    return ZinitValueError(f"{source}: field {key!r} must be {want}, got {json.dumps(value)} ({type(value).__name__}); "
                       f"correct it or {_AGAIN}")
 
 
-def _check(data: Mapping[str, Any], source: str) -> None:
-    """Types and ranges of every field; errors name the field, the value and the fix."""
-    if not isinstance(data["backbone"], str):
-        raise _field_error(source, "backbone", "a backbone name such as \"llama\"", data["backbone"])
-    for key in DIM_FIELDS:
-        if not _is_int(data[key]) or data[key] < 1:
-            raise _field_error(source, key, "an int >= 1", data[key])
-    layers, depth = data["layers"], data["num_layers"]
-    if (not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(n) and 0 <= n < depth for n in layers)
-            or len(set(layers)) != len(layers)):
-        raise _field_error(source, "layers", f"a non-empty list of distinct layer indices in 0..{depth - 1}", layers)
-    if not _is_int(data["K"]) or data["K"] < 1:
-        raise _field_error(source, "K", "an int >= 1 (the prompt length)", data["K"])
-    if data["gate"] not in GATE_KINDS:
-        raise _field_error(source, "gate", f"one of {list(GATE_KINDS)}", data["gate"])
-    if data["gate_fn"] not in GATE_FUNCTIONS:
-        raise _field_error(source, "gate_fn", f"one of {list(GATE_FUNCTIONS)}", data["gate_fn"])
-    gate_init = data.get("gate_init", "zero")
-    if gate_init not in GATE_INITS:
-        raise _field_error(source, "gate_init", f"one of {list(GATE_INITS)}", gate_init)
-    if gate_init != "zero" and data["gate"] == "none":
-        raise _field_error(source, "gate_init", "\"zero\" with gate \"none\" (there is no gate to initialise)",
-                           gate_init)
-    if data.get("bias_scale") not in BIAS_SCALES:
-        raise _field_error(source, "bias_scale", "null, \"blocks\" or \"all\"", data.get("bias_scale"))
-    if not isinstance(data.get("train_norms", False), bool):
-        raise _field_error(source, "train_norms", "true or false", data.get("train_norms"))
-    modules = data.get("train_modules", [])
-    if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) for m in modules):
-        raise _field_error(source, "train_modules", "a list of submodule names", modules)
-    for key in ("visual_dim", "visual_hidden"):
-        value = data.get(key)
-        if value is not None and (not _is_int(value) or value < 1):
-            raise _field_error(source, key, "an int >= 1 or null", value)
+class FieldError(ZinitValueError):
+    """A field of an :class:`AdapterConfig` breaks its rule: ``key=value must be want`` (or the ``why`` of a rule
+    between fields); :meth:`at` gives the message for a field read from a file."""
+
+    def __init__(self, key: str, want: str, value: Any, why: str | None = None) -> None:
+        super().__init__(why or f"{key}={value!r} must be {want}")
+        self.key, self.want, self.value = key, want, value
+
+    def at(self, source: str) -> ZinitValueError:
+        """The same error for a field of the file ``source``, naming the fix."""
+        return _field_error(source, self.key, self.want, self.value)
+
+
+def _int_at_least_1(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _rules(values: Mapping[str, Any]) -> list[tuple[str, Callable[[Any], bool], str]]:
+    """``(field, test, what it must be)`` for every field, in the order they are checked."""
+    depth = values.get("num_layers")
+    span = f"0..{depth - 1}" if _is_int(depth) else "0..num_layers-1"
+    return [
+        ("backbone", lambda v: isinstance(v, str) and bool(v), "a backbone name such as \"llama\""),
+        *[(key, _int_at_least_1, "an int >= 1") for key in DIM_FIELDS],
+        ("layers", lambda v: (isinstance(v, (list, tuple)) and bool(v) and len(set(v)) == len(v)
+                              and all(_is_int(n) and 0 <= n < depth for n in v)),
+         f"a non-empty list of distinct layer indices in {span}"),
+        ("K", _int_at_least_1, "an int >= 1 (the prompt length)"),
+        ("gate", lambda v: v in GATE_KINDS, f"one of {list(GATE_KINDS)}"),
+        ("gate_fn", lambda v: v in GATE_FUNCTIONS, f"one of {list(GATE_FUNCTIONS)}"),
+        ("gate_init", lambda v: v in GATE_INITS, f"one of {list(GATE_INITS)}"),
+        ("bias_scale", lambda v: v in BIAS_SCALES, "null, \"blocks\" or \"all\""),
+        ("train_norms", lambda v: isinstance(v, bool), "True or False"),
+        ("train_modules", lambda v: isinstance(v, (list, tuple)) and all(isinstance(m, str) for m in v),
+         "a list of submodule names"),
+        ("visual_dim", lambda v: v is None or _int_at_least_1(v), "an int >= 1 (the width of the image features) or "
+                                                                    "null"),
+        ("visual_hidden", lambda v: v is None or _int_at_least_1(v), "an int >= 1 (the projection MLP's hidden "
+                                                                       "width) or null"),
+    ]
+
+
+def check_fields(values: Mapping[str, Any]) -> None:
+    """Check an adapter configuration's fields (``{field: value}``), each against its one rule, then the rules
+    between fields; a :class:`FieldError` names the field, the value and what it must be. Shared by
+    :class:`AdapterConfig` (which runs it on construction) and ``zinit.json`` (through it)."""
+    for key, test, want in _rules(values):
+        if key in values and not test(values[key]):
+            raise FieldError(key, want, values[key])
+    if values.get("gate") == "none":
+        for key, default in (("gate_init", "zero"), ("gate_fn", "tanh")):
+            if values.get(key, default) != default:
+                raise FieldError(key, f"{default!r} with gate 'none' (there is no gate)", values[key],
+                                 f"gate='none' has no gate, so {key}={values[key]!r} does not apply: drop it, or use "
+                                 "gate='head' or 'layer'")
+
+
+def _check_file_fields(data: Mapping[str, Any], source: str) -> None:
+    """The fields ``zinit.json`` records about its weights file beside the configuration."""
     if "weights_bytes" in data and (not _is_int(data["weights_bytes"]) or data["weights_bytes"] < 0):
         raise _field_error(source, "weights_bytes", "the size of adapter.safetensors in bytes", data["weights_bytes"])
     save_id = data.get("save_id")
@@ -251,21 +281,6 @@ def resolve_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, .
     return tuple(sorted(chosen))
 
 
-def check_options(K: int, gate: str, gate_fn: str, gate_init: str = "zero") -> None:
-    """Check the prompt length and the gate options; errors name the bad value and the choices."""
-    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-        raise ValueError(f"K={K!r} must be an int >= 1 (the prompt length; the paper uses 10)")
-    if gate not in GATE_KINDS:
-        raise ValueError(f"gate={gate!r} is not one of {GATE_KINDS}")
-    if gate_fn not in GATE_FUNCTIONS:
-        raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
-    if gate_init not in GATE_INITS:
-        raise ValueError(f"gate_init={gate_init!r} is not one of {GATE_INITS}")
-    if gate == "none" and (gate_init != "zero" or gate_fn != "tanh"):
-        bad = f"gate_init={gate_init!r}" if gate_init != "zero" else f"gate_fn={gate_fn!r}"
-        raise ValueError(f"gate='none' has no gate, so {bad} does not apply: drop it, or use gate='head' or 'layer'")
-
-
 def layer_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
     """The per-layer tensors an adapter described by ``config`` has, with their shapes: ``layers.{n}.prompt``
     ``[K, hidden_size]`` and, unless ``gate="none"``, ``layers.{n}.gate`` ``[num_heads]`` (``gate="head"``) or
@@ -281,3 +296,20 @@ def layer_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
         if config.gate != "none":
             out[f"layers.{n}.gate"] = (config.num_heads if config.gate == "head" else 1,)
     return out
+
+
+def check_fits(config: AdapterConfig, model: nn.Module, source: str | os.PathLike[str],
+               fix: str = "load it into the model it was trained on") -> "Backbone":
+    """The backbone of the adapter ``config`` (read from ``source``), after checking that it accepts ``model`` and
+    that the model's sizes are the adapter's; each error names the field, both values and ``fix``. Shared by
+    :func:`zinit.inject` (given a config), :func:`zinit.load_adapter` and :func:`zinit.add_adapter`."""
+    spec = get_backbone(config.backbone)
+    if not spec.matches(model):
+        raise ZinitValueError(f"the adapter in {source} was saved for backbone {config.backbone!r}, "
+                         f"which does not accept a {type(model).__qualname__}: {fix}")
+    dims = spec.dims(model)
+    for key in DIM_FIELDS:
+        if getattr(config, key) != getattr(dims, key):
+            raise ZinitValueError(f"adapter/model mismatch on {key}: the adapter in {source} has {key}="
+                             f"{getattr(config, key)}, the model has {key}={getattr(dims, key)}; {fix}")
+    return spec

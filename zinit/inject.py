@@ -1,4 +1,21 @@
-"""inject / eject, and access to what was injected (adapters, trainable parameters, canonical state dicts)."""
+"""inject / eject, and access to what was injected (adapters, trainable parameters, canonical state dicts).
+
+Gate variants (the paper's ablations; the defaults are the method):
+
+- ``gate_init="random"``: the gate starts drawn from N(0, 1) instead of 0 (see :class:`zinit.LayerAdapter` for
+  why that distribution); the adapted model then differs from the base model from the first step.
+- ``gate="none"``: no gate at all; each adapted layer's prompt keys/values (the same projections, no positional
+  encoding) join its token keys/values in one softmax: plain prefix attention, every query seeing the K prompt
+  keys and the tokens its mask allows. ``L·K·C`` parameters. The token attention stays on the layer's own kernel,
+  run on the K + S keys: on Hugging Face models the ``"sdpa"`` and ``"eager"`` implementations (others are
+  refused here, naming the fix), on timm ViTs fused or not. Not for named adapters (:func:`zinit.add_adapter`).
+
+LLaMA-Adapter V2's additions (:mod:`zinit.v2`), both starting as the identity, so the model still starts as the
+base model: ``bias_scale=True`` gives every linear layer of the transformer blocks a learnable bias and scale,
+``y = s ⊙ (W x + b)`` with ``b = 0``, ``s = 1`` (``"all"``: every linear layer of the model, the LM head too, as
+litgpt's ``adapter_v2``); ``train_norms=True`` trains the normalisation layers' own weights (put back by
+:func:`eject`). Not for named adapters.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +28,10 @@ from torch import Tensor, nn
 
 from . import quant, v2
 from .bank import remove_adapter as remove_named
-from .config import AdapterConfig, check_options, resolve_layers
+from .config import AdapterConfig, check_fits, resolve_layers
 from .errors import ZinitStateError, ZinitValueError
 from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
-from .registry import find_backbone, get_backbone
+from .registry import Backbone, find_backbone, get_backbone
 from .state import (DEFAULT_ADAPTER, STATE_ATTR, AdapterState, abandon, adapter_state, attach, canonical_state,
                     copy_adapter_state, freeze, release)
 
@@ -25,10 +42,15 @@ __all__ = ["Injection", "STATE_ATTR", "adapter_state_dict", "copy_adapter_state"
            "is_injected", "layer_adapters", "load_adapter_state_dict", "trainable_parameters", "visual_features"]
 
 
+#: inject's keyword defaults (an AdapterConfig given to inject comes with none of them changed).
+_DEFAULTS = {"K": None, "backbone": None, "gate": "head", "gate_fn": "tanh", "train_modules": (), "visual_dim": None,
+             "visual_hidden": 128, "gate_init": "zero", "bias_scale": False, "train_norms": False}
+
+
 def inject(
     model: nn.Module,
-    layers: int | Sequence[int],
-    K: int,
+    layers: int | Sequence[int] | AdapterConfig,
+    K: int | None = None,
     *,
     gate: str = "head",
     gate_fn: str = "tanh",
@@ -45,25 +67,16 @@ def inject(
     Every base parameter is frozen; each adapted layer gets a learnable prompt ``[K, C]`` (N(0, 1)) and a gate that
     starts at exactly 0, so until training moves the gates the model computes what it computed before.
 
-    Gate variants (the paper's ablations; the defaults are the method):
-
-    - ``gate_init="random"``: the gate starts drawn from N(0, 1) instead of 0 (see :class:`zinit.LayerAdapter` for
-      why that distribution); the adapted model then differs from the base model from the first step.
-    - ``gate="none"``: no gate at all; each adapted layer's prompt keys/values (the same projections, no positional
-      encoding) join its token keys/values in one softmax: plain prefix attention, every query seeing the K prompt
-      keys and the tokens its mask allows. ``L·K·C`` parameters. The token attention stays on the layer's own kernel,
-      run on the K + S keys: on Hugging Face models the ``"sdpa"`` and ``"eager"`` implementations (others are
-      refused here, naming the fix), on timm ViTs fused or not. Not for named adapters (:func:`zinit.add_adapter`).
-
-    LLaMA-Adapter V2's additions (:mod:`zinit.v2`), both starting as the identity, so the model still starts as the
-    base model: ``bias_scale=True`` gives every linear layer of the transformer blocks a learnable bias and scale,
-    ``y = s ⊙ (W x + b)`` with ``b = 0``, ``s = 1`` (``"all"``: every linear layer of the model, the LM head too, as
-    litgpt's ``adapter_v2``); ``train_norms=True`` trains the normalisation layers' own weights (put back by
-    :func:`eject`). Not for named adapters.
+    The paper's gate ablations (``gate_init="random"``, ``gate="none"``) and LLaMA-Adapter V2's additions
+    (``bias_scale``, ``train_norms``) are options; the module docstring says what each computes.
 
     Args:
-        model: a Hugging Face LLaMA/Mistral/Qwen2, RoBERTa/BERT model or a timm ViT/DeiT (see :func:`zinit.backbones`).
-        layers: an int L (the top L layers, the paper's choice) or explicit layer indices (0 = bottom layer).
+        model: a Hugging Face LLaMA/Mistral/Qwen2, RoBERTa/BERT model or a timm ViT/DeiT (see
+            :func:`zinit.list_backbones`).
+        layers: an int L (the top L layers, the paper's choice) or explicit layer indices (0 = bottom layer); or an
+            :class:`~zinit.AdapterConfig` (``zinit.injection(other).config``, or ``AdapterConfig.from_json`` of
+            ``zinit.read_adapter_config(folder)``), which says everything else, so no other option is given (its
+            model sizes must be ``model``'s).
         K: prompt length (the paper uses 10).
         gate: ``"head"`` (one gate per query head), ``"layer"`` (one per layer, as peft) or ``"none"`` (no gate,
             one joint softmax).
@@ -100,60 +113,64 @@ def inject(
         >>> # 1288 + bias/scale on 7 linears of each of the 4 layers: 4·2·(64+32+32+64+128+128+64), + 9 norms of 64
         >>> sum(p.numel() for p in zinit.trainable_parameters(v2))
         5960
+        >>> again = zinit.inject(LlamaForCausalLM(cfg), zinit.injection(v2).config)  # the same adapter, as a config
+        >>> zinit.injection(again).config == zinit.injection(v2).config
+        True
     """
+    options = {"gate": gate, "gate_fn": gate_fn, "train_modules": train_modules, "visual_dim": visual_dim,
+               "visual_hidden": visual_hidden, "gate_init": gate_init, "bias_scale": bias_scale,
+               "train_norms": train_norms}
+    if isinstance(layers, AdapterConfig):
+        given = {**options, "K": K, "backbone": backbone, "train_modules": tuple(train_modules)}
+        extra = sorted(k for k, v in given.items() if v != _DEFAULTS[k])
+        if extra:
+            raise ZinitValueError(f"inject(model, config) takes every option from the AdapterConfig; drop {extra} "
+                                  "(or change them with config.replace(...))")
+        config = layers
+    elif K is None:
+        raise ZinitValueError("inject needs K (the prompt length, e.g. inject(model, layers=2, K=10)) or an "
+                              "AdapterConfig as its second argument")
+    else:
+        config = _config_of(model, layers, K, backbone, **options)
+    return _inject(model, config)
+
+
+def _config_of(model: nn.Module, layers: int | Sequence[int], K: int, backbone: str | None, *,
+               train_modules: Sequence[str], visual_dim: int | None, visual_hidden: int, bias_scale: bool | str,
+               **options: Any) -> AdapterConfig:
+    """The :class:`AdapterConfig` :func:`inject`'s keyword arguments describe for ``model``: the backbone and sizes
+    found, the layer count resolved against the model, the task head's names against its submodules; every field is
+    then checked by the config itself."""
+    spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
+    dims = spec.dims(model)
+    return AdapterConfig.for_model(
+        spec.name, dims, resolve_layers(layers, dims.num_layers), K, train_modules=_check_train_modules(model,
+                                                                                                        train_modules),
+        visual_dim=visual_dim, visual_hidden=visual_hidden if visual_dim is not None else None,
+        bias_scale=_check_v2(bias_scale), **options)
+
+
+def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Give ``model`` the adapter ``config`` describes (the body of :func:`inject`)."""
     if is_injected(model):
         raise ZinitStateError("this model is already injected with zinit; call zinit.eject(model) first to re-inject")
     if adapter_state(model) is not None:
         raise ZinitStateError("this model carries named adapters (zinit.add_adapter); inject one into a model without "
-                           "them, or add this one by name: zinit.add_adapter(model, name, layers=..., K=...)")
-    check_options(K, gate, gate_fn, gate_init)
-    scope = _check_v2(bias_scale, train_norms)
-    spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
-    if gate == "none" and not spec.joint_softmax:
-        raise ValueError(f"gate='none' joins the prompt keys into the layer's own softmax, which backbone "
-                         f"{spec.name!r} does not do (Backbone.joint_softmax is False); use gate='head' or 'layer'")
-    dims = spec.dims(model)
-    chosen = resolve_layers(layers, dims.num_layers)
-    extra = _check_train_modules(model, train_modules)
-    if visual_dim is not None and (isinstance(visual_dim, bool) or not isinstance(visual_dim, int) or visual_dim < 1):
-        raise ValueError(f"visual_dim={visual_dim!r} must be an int >= 1 (the width of the image features)")
-    if visual_dim is not None and (isinstance(visual_hidden, bool) or not isinstance(visual_hidden, int)
-                                   or visual_hidden < 1):
-        raise ValueError(f"visual_hidden={visual_hidden!r} must be an int >= 1 (the projection MLP's hidden width)")
-    if visual_dim is not None and hasattr(model, VISUAL_ATTR):
-        raise ValueError(f"the model already has an attribute {VISUAL_ATTR!r}; zinit needs that name")
-    config = AdapterConfig.for_model(spec.name, dims, chosen, K, gate=gate, gate_fn=gate_fn, train_modules=extra,
-                                     visual_dim=visual_dim, visual_hidden=visual_hidden if visual_dim else None,
-                                     gate_init=gate_init, bias_scale=scope, train_norms=bool(train_norms))
-    visual = VisualInput() if visual_dim is not None else None
+                              "them, or add this one by name: zinit.add_adapter(model, name, layers=..., K=...)")
+    spec = check_fits(config, model, "the given AdapterConfig", "inject it into a model of its sizes")
+    if config.gate == "none" and not spec.joint_softmax:
+        raise ZinitValueError(f"gate='none' joins the prompt keys into the layer's own softmax, which backbone "
+                              f"{spec.name!r} does not do (Backbone.joint_softmax is False); use gate='head' or 'layer'")
+    if config.visual_dim is not None and hasattr(model, VISUAL_ATTR):
+        raise ZinitValueError(f"the model already has an attribute {VISUAL_ATTR!r}; zinit needs that name")
     modules = list(spec.attention_modules(model))
-    linears = (list(v2.select_linears(model, scope, v2.block_names(model, modules), extra)) if scope is not None
-               else [])
-    norms = list(v2.select_norms(model, extra)) if train_norms else []
-    if train_norms and not norms:
-        raise ValueError(f"train_norms=True, but {type(model).__name__} has no normalisation layer (a module whose "
-                         "class name ends in 'Norm' with parameters); drop train_norms")
+    linears, norms = _v2_targets(model, config, modules)
     originals = {f"{n}.{pn}": p.detach().clone() for n, m in norms for pn, p in m.named_parameters(recurse=False)}
-    if any(v2.BIAS_SCALE_ATTR in m._modules for _, m in linears):
-        raise ZinitStateError("a linear layer of this model already has a zinit bias/scale (a submodule injected on its "
-                           "own?): eject that first")
-
-    targets = [modules[n] for n in chosen]
+    targets = [modules[n] for n in config.layers]
+    visual = VisualInput() if config.visual_dim is not None else None
     state, created = freeze(model, spec)
     try:
-        for attention in targets:
-            device = next(attention.parameters()).device
-            adapter = LayerAdapter(
-                K, dims.hidden_size, dims.num_heads, gate=gate, gate_fn=gate_fn, project=spec.project, device=device,
-                visual=visual, gate_init=gate_init,
-            )
-            attention.add_module(ADAPTER_ATTR, adapter)
-        if visual is not None:
-            device = next(targets[0].parameters()).device
-            model.add_module(VISUAL_ATTR, VisualProjection(visual_dim, dims.hidden_size, visual_hidden, device))
-        for name in extra:
-            for p in model.get_submodule(name).parameters():
-                p.requires_grad_(True)
+        _attach(model, spec, config, targets, visual)
         v2.install_bias_scale(linears)
         v2.train_norms_in_float32(model, norms)
         spec.install(model, targets)
@@ -168,23 +185,55 @@ def inject(
             delattr(model, VISUAL_ATTR)
         abandon(model, state, created)
         raise
-    state.active, state.installed = DEFAULT_ADAPTER, set(chosen)
+    state.active, state.installed = DEFAULT_ADAPTER, set(config.layers)
     state.visual, state.norm_originals = visual, originals
     state.linears, state.norms = tuple(n for n, _ in linears), tuple(n for n, _ in norms)
     attach(model, state, DEFAULT_ADAPTER, config)
     return model
 
 
-def _check_v2(bias_scale: bool | str, train_norms: bool) -> str | None:
-    """The ``bias_scale`` scope (None: off) after checking both V2 options."""
-    if not isinstance(train_norms, bool):
-        raise ValueError(f"train_norms={train_norms!r} must be True or False")
+def _v2_targets(model: nn.Module, config: AdapterConfig, modules: list[nn.Module]
+                ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """The linear layers that get V2's bias/scale and the norms V2 trains (both empty without V2)."""
+    extra = config.train_modules
+    linears = (list(v2.select_linears(model, config.bias_scale, v2.block_names(model, modules), extra))
+               if config.bias_scale is not None else [])
+    norms = list(v2.select_norms(model, extra)) if config.train_norms else []
+    if config.train_norms and not norms:
+        raise ZinitValueError(f"train_norms=True, but {type(model).__name__} has no normalisation layer (a module "
+                              "whose class name ends in 'Norm' with parameters); drop train_norms")
+    if any(v2.BIAS_SCALE_ATTR in m._modules for _, m in linears):
+        raise ZinitStateError("a linear layer of this model already has a zinit bias/scale (a submodule injected on "
+                              "its own?): eject that first")
+    return linears, norms
+
+
+def _attach(model: nn.Module, spec: Backbone, config: AdapterConfig, targets: list[nn.Module],
+            visual: VisualInput | None) -> None:
+    """Hang each adapted layer's adapter on its attention, the visual projection on the model, and make the task
+    head trainable."""
+    for attention in targets:
+        device = next(attention.parameters()).device
+        attention.add_module(ADAPTER_ATTR, LayerAdapter(
+            config.K, config.hidden_size, config.num_heads, gate=config.gate, gate_fn=config.gate_fn,
+            project=spec.project, device=device, visual=visual, gate_init=config.gate_init))
+    if visual is not None:
+        device = next(targets[0].parameters()).device
+        model.add_module(VISUAL_ATTR, VisualProjection(config.visual_dim, config.hidden_size, config.visual_hidden,
+                                                       device))
+    for name in config.train_modules:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+
+
+def _check_v2(bias_scale: bool | str) -> str | None:
+    """The ``bias_scale`` scope inject's keyword means (None: off; True: ``"blocks"``)."""
     if bias_scale is True:
         return "blocks"
     if bias_scale is False or bias_scale is None:
         return None
     if bias_scale not in v2.BIAS_SCALE_SCOPES:
-        raise ValueError(f"bias_scale={bias_scale!r} must be False, True (= 'blocks': the linear layers of the "
+        raise ZinitValueError(f"bias_scale={bias_scale!r} must be False, True (= 'blocks': the linear layers of the "
                          "transformer blocks) or 'all' (every linear layer, the LM head too)")
     return bias_scale
 

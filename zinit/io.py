@@ -34,7 +34,7 @@ from safetensors.torch import load as _load_safetensors, save_file
 from torch import Tensor, nn
 
 from ._version import __version__
-from .config import _AGAIN, CARD_NAME, CONFIG_NAME, DIM_FIELDS, FORMAT, WEIGHTS_NAME, AdapterConfig, layer_shapes
+from .config import _AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterConfig, check_fits, layer_shapes
 from .files import DISK_FULL, discard, fsync_dir, read_json, stage
 from . import hub
 from .bank import (PreparedAdapter, build_adapter, install_adapter, named_adapter_config, named_adapter_state_dict,
@@ -464,23 +464,6 @@ def read_adapter(directory: str | os.PathLike[str], *, revision: str | None = No
     return adapter, _read_weights(weights, config, adapter)
 
 
-def check_fits(config: AdapterConfig, model: nn.Module, source: str | os.PathLike[str],
-               fix: str = "load it into the model it was trained on") -> Backbone:
-    """The backbone of the adapter ``config`` (read from ``source``), after checking that it accepts ``model`` and
-    that the model's sizes are the adapter's; each error names the field, both values and ``fix``. Shared by
-    :func:`load_adapter` and :func:`zinit.add_adapter`."""
-    spec = get_backbone(config.backbone)
-    if not spec.matches(model):
-        raise ValueError(f"the adapter in {source} was saved for backbone {config.backbone!r}, "
-                         f"which does not accept a {type(model).__qualname__}: {fix}")
-    dims = spec.dims(model)
-    for key in DIM_FIELDS:
-        if getattr(config, key) != getattr(dims, key):
-            raise ValueError(f"adapter/model mismatch on {key}: the adapter in {source} has {key}="
-                             f"{getattr(config, key)}, the model has {key}={getattr(dims, key)}; {fix}")
-    return spec
-
-
 def _shown(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -516,7 +499,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, revisio
     check_fits(wanted, model, directory)
     injected_here = not is_injected(model)
     if injected_here:
-        inject(model, list(wanted.layers), wanted.K, **wanted.inject_options())
+        inject(model, wanted)
     else:
         differ = injection(model).config.differences(wanted)
         if differ:
@@ -539,7 +522,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, revisio
     return model
 
 
-def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
+def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | AdapterConfig | None = None, *,
                     layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
                     gate_fn: str = "tanh", backbone: str | None = None,
                     gate_init: str = "zero") -> PreparedAdapter:
@@ -563,6 +546,9 @@ def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] 
         return build_adapter(model, name, config)
     if layers is not None or K is not None:
         raise ZinitValueError("add_adapter takes either an adapter folder or layers= and K= for a new adapter, not both")
+    if isinstance(source, AdapterConfig):  # a new zero-init adapter of that configuration
+        check_fits(source, model, "the given AdapterConfig", "add it to a model of its sizes")
+        return build_adapter(model, name, source)
     config, tensors = read_adapter(source)  # check_weights: the tensors fit zinit.json before anything is built
     why = single_only(config)
     if why is not None:
@@ -571,14 +557,15 @@ def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] 
     return build_adapter(model, name, config, tensors, source)
 
 
-def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | None = None, *,
+def add_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] | AdapterConfig | None = None, *,
                 layers: int | Sequence[int] | None = None, K: int | None = None, gate: str = "head",
                 gate_fn: str = "tanh", backbone: str | None = None, gate_init: str = "zero") -> nn.Module:
     """Add a named adapter to ``model`` (frozen on the first one) and return the model.
 
     ``source`` is an adapter folder written by :func:`zinit.save_adapter` or a Hub repo id (its ``zinit.json`` says
-    the layers, K and gate; the model's sizes must match). Without a source, a new zero-init adapter is made from
-    ``layers`` and ``K`` (and the gate options), for training several adapters on one model (multi-task batches).
+    the layers, K and gate; the model's sizes must match), or an :class:`~zinit.AdapterConfig` for a new zero-init
+    adapter of that configuration. Without a source, a new zero-init adapter is made from ``layers`` and ``K`` (and
+    the gate options), for training several adapters on one model (multi-task batches).
 
     Adapters of different K, layers and gate options mix freely (``gate_init="random"`` too: a new adapter's gate
     then starts drawn from N(0, 1), as :func:`zinit.inject` draws it). Adapters with image features, a trained task
