@@ -447,23 +447,27 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def _faults(args: argparse.Namespace, model: Any, tokenizer: Any, names: list[str]) -> dict[str, Any]:
-    import httpx
-    import uvicorn
+def _serve_in_thread(http: Any, timeout: float | None) -> tuple[threading.Thread, str]:
+    """Run the uvicorn server ``http`` in a daemon thread and wait until it listens (at most ``timeout`` s if given)."""
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout if timeout is not None else None
+    while not http.started:
+        if deadline is not None and (time.monotonic() > deadline or not thread.is_alive()):
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    return thread, f"http://127.0.0.1:{http.servers[0].sockets[0].getsockname()[1]}"
 
-    from zinit.serve.app import Server, create_app  # fastapi: the optional serve extra
 
-    started_all = time.monotonic()
-    depth = zinit.find_backbone(model).dims(model).num_layers
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompts = _fault_prompts(tokenizer, args)
-    plan = _plan(args, names)
-    folder = tempfile.TemporaryDirectory(prefix="zinit-serve-faults-")
+def _fault_references(args: argparse.Namespace, model: Any, tokenizer: Any, names: list[str],
+                      plan: list[dict[str, Any]], prompts: list[str], eos: list[int], depth: int, folder: Path
+                      ) -> tuple[dict[tuple[str, int], str], float, list[tuple[str, int, bool]], float]:
+    """The churned adapter saved into ``folder``, then every reference: refs, their seconds, preflight, distinct."""
     # the churned adapter: written to the server's adapters folder, its references computed, then taken off the
     # model (the server loads it from the folder while serving)
     zinit.add_adapter(model, CHURN, layers=min(args.L, depth), K=max(1, args.K // 2))
     _open_gates(model, CHURN, args.gate)
-    zinit.save_adapter(model, Path(folder.name) / "churn", name=CHURN)
+    zinit.save_adapter(model, folder / "churn", name=CHURN)
     pairs = sorted({(item["model"], item["prompt"], item["chat"]) for item in plan if item["kind"] == "ok"})
     preflight = [(name, prompt, prompt % 2 == 1) for name in [BASE] + names[:3] for prompt in range(2)]
     pairs = sorted(set(pairs) | set(preflight))
@@ -478,6 +482,76 @@ def _faults(args: argparse.Namespace, model: Any, tokenizer: Any, names: list[st
     # how many different answers the models give one prompt (1: the adapters change nothing, identity proves little)
     distinct = statistics.mean([len({refs[(n, p)] for n in [BASE] + names + [CHURN] if (n, p) in refs})
                                 for p in range(args.prompts)] or [0])
+    return refs, refs_s, preflight, distinct
+
+
+def _fault_load(http_client: Any, url: str, args: argparse.Namespace, plan: list[dict[str, Any]], prompts: list[str],
+                stop: threading.Event, churn: dict[str, Any]) -> tuple[list[dict[str, Any]], list[float], float]:
+    """The plan sent by ``--concurrency`` clients while the churn thread runs: the records, RSS after each, wall s."""
+    records: list[dict[str, Any]] = []
+    rss: list[float] = []
+    todo = list(reversed(plan))
+    lock = threading.Lock()
+    end = time.monotonic() + args.max_seconds
+
+    def client() -> None:
+        with http_client(base_url=url, timeout=args.request_timeout) as c:
+            while time.monotonic() < end:
+                with lock:
+                    if not todo:
+                        return
+                    item = todo.pop()
+                start = time.monotonic()
+                try:
+                    got = _send_bad(c, item, prompts, args) if item["kind"] == "bad" else \
+                        _send_ok(c, item, prompts, args)
+                except Exception as exc:  # noqa: BLE001 - a hang, a reset, a body that is not JSON: counted
+                    got = {"status": None, "error": {"message": f"{type(exc).__name__}: {exc}"[:200]}}
+                got.update(item=item, seconds=time.monotonic() - start)
+                with lock:
+                    records.append(got)
+                    rss.append(_rss_mb())
+
+    churner = threading.Thread(target=_churn, args=(url, args, stop, churn), daemon=True)
+    start = time.monotonic()
+    churner.start()
+    clients = [threading.Thread(target=client) for _ in range(args.concurrency)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    wall = time.monotonic() - start
+    stop.set()
+    churner.join(args.request_timeout + 30)
+    return records, rss, wall
+
+
+def _drained(http_client: Any, url: str) -> dict[str, Any]:
+    """``/health`` once no row is running or waiting in the engine, or after 10 s of waiting for that."""
+    with http_client(base_url=url, timeout=30) as c:  # every cut or finished row has left the engine
+        until = time.monotonic() + 10
+        while True:
+            health = c.get("/health").json()
+            if (health["running"] == 0 and health["waiting"] == 0) or time.monotonic() > until:
+                break
+            time.sleep(0.1)
+    return health
+
+
+def _faults(args: argparse.Namespace, model: Any, tokenizer: Any, names: list[str]) -> dict[str, Any]:
+    import httpx
+    import uvicorn
+
+    from zinit.serve.app import Server, create_app  # fastapi: the optional serve extra
+
+    started_all = time.monotonic()
+    depth = zinit.find_backbone(model).dims(model).num_layers
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompts = _fault_prompts(tokenizer, args)
+    plan = _plan(args, names)
+    folder = tempfile.TemporaryDirectory(prefix="zinit-serve-faults-")
+    refs, refs_s, preflight, distinct = _fault_references(args, model, tokenizer, names, plan, prompts, eos, depth,
+                                                          Path(folder.name))
 
     engine = Engine(model, eos_token_ids=eos, max_batch=args.max_batch, max_queue=1024)
     server = Server(engine, tokenizer, base_name=BASE, adapters_dir=folder.name, max_tokens=args.max_tokens,
@@ -488,16 +562,7 @@ def _faults(args: argparse.Namespace, model: Any, tokenizer: Any, names: list[st
     for logger in watched:
         logger.addHandler(errors)
     http = uvicorn.Server(config)
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not http.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{http.servers[0].sockets[0].getsockname()[1]}"
-    records: list[dict[str, Any]] = []
-    rss: list[float] = []
+    thread, url = _serve_in_thread(http, 60)
     churn = {"loads": 0, "unloads": 0, "conflicts_409": 0, "unload_waits": [], "errors": []}
     stop = threading.Event()
     try:
@@ -509,46 +574,8 @@ def _faults(args: argparse.Namespace, model: Any, tokenizer: Any, names: list[st
               f"adapters + {BASE} + 1 churned every {args.churn_seconds:g} s, {args.max_tokens} tokens, seed "
               f"{args.seed}, {torch.get_num_threads()} threads; {len(refs)} references in {refs_s:.1f} s; "
               f"preflight {sum(same)}/{len(same)} identical", flush=True)
-        todo = list(reversed(plan))
-        lock = threading.Lock()
-        end = time.monotonic() + args.max_seconds
-
-        def client() -> None:
-            with httpx.Client(base_url=url, timeout=args.request_timeout) as c:
-                while time.monotonic() < end:
-                    with lock:
-                        if not todo:
-                            return
-                        item = todo.pop()
-                    start = time.monotonic()
-                    try:
-                        got = _send_bad(c, item, prompts, args) if item["kind"] == "bad" else \
-                            _send_ok(c, item, prompts, args)
-                    except Exception as exc:  # noqa: BLE001 - a hang, a reset, a body that is not JSON: counted
-                        got = {"status": None, "error": {"message": f"{type(exc).__name__}: {exc}"[:200]}}
-                    got.update(item=item, seconds=time.monotonic() - start)
-                    with lock:
-                        records.append(got)
-                        rss.append(_rss_mb())
-
-        churner = threading.Thread(target=_churn, args=(url, args, stop, churn), daemon=True)
-        start = time.monotonic()
-        churner.start()
-        clients = [threading.Thread(target=client) for _ in range(args.concurrency)]
-        for t in clients:
-            t.start()
-        for t in clients:
-            t.join()
-        wall = time.monotonic() - start
-        stop.set()
-        churner.join(args.request_timeout + 30)
-        with httpx.Client(base_url=url, timeout=30) as c:  # every cut or finished row has left the engine
-            until = time.monotonic() + 10
-            while True:
-                health = c.get("/health").json()
-                if (health["running"] == 0 and health["waiting"] == 0) or time.monotonic() > until:
-                    break
-                time.sleep(0.1)
+        records, rss, wall = _fault_load(httpx.Client, url, args, plan, prompts, stop, churn)
+        health = _drained(httpx.Client, url)
     finally:
         stop.set()
         http.should_exit = True
@@ -562,10 +589,64 @@ def _faults(args: argparse.Namespace, model: Any, tokenizer: Any, names: list[st
     return out
 
 
-def _fault_report(args: argparse.Namespace, names: list[str], plan: list[dict[str, Any]],
-                  records: list[dict[str, Any]], rss: list[float], refs: dict[tuple[str, int], str],
-                  churn: dict[str, Any], wall: float, errors: list[str], health: dict[str, Any], same: list[bool],
-                  distinct: float) -> dict[str, Any]:
+def _count_bad(bad: dict[str, dict[str, Any]], r: dict[str, Any]) -> None:
+    """Add a bad request's answer to its kind's counts: the status got, as documented, 4xx, OpenAI's error shape."""
+    b = bad[r["item"]["bad"]]
+    b["sent"] += 1
+    key = str(r["status"]) if r["status"] is not None else r["error"]["message"][:60]
+    b["got"][key] = b["got"].get(key, 0) + 1
+    b["as_expected"] += r["status"] == b["expected"] and r["shape"]
+    b["4xx"] += r["status"] is not None and 400 <= r["status"] < 500
+    b["openai_shape"] += bool(r.get("shape"))
+
+
+def _failure(r: dict[str, Any]) -> str | None:
+    """Why a well-formed request or a cut stream failed (a status other than 200, an error event), or None."""
+    why = None
+    if r["status"] != 200:
+        why = f"status {r['status']}: {str((r.get('error') or {}).get('message'))[:160]}"
+    elif r.get("error") is not None:
+        why = f"error event: {str(r['error'].get('message'))[:160]}"
+    return why
+
+
+def _count_cut(cut: dict[str, Any], item: dict[str, Any], r: dict[str, Any], why: str | None) -> None:
+    """Add a stream the client was to cut: failed, cut mid-way, or finished before the cut."""
+    if why is not None:
+        cut["failed"] += 1
+        cut["failures"].append(f"#{item['i']} {item['model']}: {why}")
+    elif r.get("cut"):
+        cut["cut"] += 1
+    else:
+        cut["finished_before_cut"] += 1
+
+
+def _count_well(well: dict[str, Any], identical: dict[str, Any], refs: dict[tuple[str, int], str],
+                item: dict[str, Any], r: dict[str, Any], why: str | None) -> bool:
+    """Add a well-formed request (and compare its answer with the reference); whether it completed."""
+    if item["model"] == CHURN and r["status"] == 404 and (r.get("error") or {}).get("code") == "model_not_found":
+        well["churned_404"] += 1  # expected while it is unloaded
+        return False
+    if why is not None:
+        well["failed"] += 1
+        well["failures"].append(f"#{item['i']} {item['model']} {'chat' if item['chat'] else 'completion'}"
+                                f"{' stream' if item['stream'] else ''}: {why}")
+        return False
+    well["completed"] += 1
+    well["churned_admitted"] += item["model"] == CHURN
+    identical["compared"] += 1
+    want = refs[(item["model"], item["prompt"])]
+    if r["text"] == want:
+        identical["identical"] += 1
+    else:
+        identical["mismatches"].append(f"#{item['i']} {item['model']} prompt {item['prompt']}: got "
+                                       f"{r['text'][:60]!r}, alone {want[:60]!r}")
+    return True
+
+
+def _tally(plan: list[dict[str, Any]], records: list[dict[str, Any]], refs: dict[tuple[str, int], str]
+           ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, dict[str, Any]], list[float], int]:
+    """The counts of the records: well-formed, identical, cut and bad, and the completed requests' latencies, tokens."""
     well = {"planned": 0, "completed": 0, "failed": 0, "churned_admitted": 0, "churned_404": 0, "failures": []}
     identical = {"compared": 0, "identical": 0, "mismatches": []}
     cut = {"planned": 0, "cut": 0, "finished_before_cut": 0, "failed": 0, "failures": []}
@@ -581,50 +662,33 @@ def _fault_report(args: argparse.Namespace, names: list[str], plan: list[dict[st
     for r in records:
         item = r["item"]
         if item["kind"] == "bad":
-            b = bad[item["bad"]]
-            b["sent"] += 1
-            key = str(r["status"]) if r["status"] is not None else r["error"]["message"][:60]
-            b["got"][key] = b["got"].get(key, 0) + 1
-            b["as_expected"] += r["status"] == b["expected"] and r["shape"]
-            b["4xx"] += r["status"] is not None and 400 <= r["status"] < 500
-            b["openai_shape"] += bool(r.get("shape"))
+            _count_bad(bad, r)
             continue
-        why = None
-        if r["status"] != 200:
-            why = f"status {r['status']}: {str((r.get('error') or {}).get('message'))[:160]}"
-        elif r.get("error") is not None:
-            why = f"error event: {str(r['error'].get('message'))[:160]}"
+        why = _failure(r)
         if item["kind"] == "cut":
-            if why is not None:
-                cut["failed"] += 1
-                cut["failures"].append(f"#{item['i']} {item['model']}: {why}")
-            elif r.get("cut"):
-                cut["cut"] += 1
-            else:
-                cut["finished_before_cut"] += 1
+            _count_cut(cut, item, r, why)
             continue
-        if item["model"] == CHURN and r["status"] == 404 and (r.get("error") or {}).get("code") == "model_not_found":
-            well["churned_404"] += 1  # expected while it is unloaded
-            continue
-        if why is not None:
-            well["failed"] += 1
-            well["failures"].append(f"#{item['i']} {item['model']} {'chat' if item['chat'] else 'completion'}"
-                                    f"{' stream' if item['stream'] else ''}: {why}")
-            continue
-        well["completed"] += 1
-        well["churned_admitted"] += item["model"] == CHURN
-        latencies.append(r["seconds"])
-        tokens += r["tokens"]
-        identical["compared"] += 1
-        want = refs[(item["model"], item["prompt"])]
-        if r["text"] == want:
-            identical["identical"] += 1
-        else:
-            identical["mismatches"].append(f"#{item['i']} {item['model']} prompt {item['prompt']}: got "
-                                           f"{r['text'][:60]!r}, alone {want[:60]!r}")
+        if _count_well(well, identical, refs, item, r, why):
+            latencies.append(r["seconds"])
+            tokens += r["tokens"]
+    return well, identical, cut, bad, latencies, tokens
+
+
+def _rss_summary(rss: list[float]) -> dict[str, Any]:
+    """The resident memory over the first and the last requests (median of each window), its growth and a trace."""
     window = min(200, max(1, len(rss) // 5))
     first = statistics.median(rss[:window]) if rss else float("nan")
     last = statistics.median(rss[-window:]) if rss else float("nan")
+    return {"window": window, "first": first, "last": last,
+            "growth_pct": 100 * (last - first) / first if first and not math.isnan(first) else float("nan"),
+            "trace": [rss[round(k * (len(rss) - 1) / 9)] for k in range(10)] if rss else []}
+
+
+def _fault_report(args: argparse.Namespace, names: list[str], plan: list[dict[str, Any]],
+                  records: list[dict[str, Any]], rss: list[float], refs: dict[tuple[str, int], str],
+                  churn: dict[str, Any], wall: float, errors: list[str], health: dict[str, Any], same: list[bool],
+                  distinct: float) -> dict[str, Any]:
+    well, identical, cut, bad, latencies, tokens = _tally(plan, records, refs)
     waits = churn.pop("unload_waits")
     churn["longest_unload_wait_s"] = max(waits, default=0.0)
     for part in (well, cut, identical):
@@ -643,9 +707,7 @@ def _fault_report(args: argparse.Namespace, names: list[str], plan: list[dict[st
         "churn": churn, "preflight_identical": f"{sum(same)}/{len(same)}", "distinct_answers_per_prompt": distinct,
         "p50_s": statistics.median(latencies) if latencies else float("nan"), "p95_s": _percentile(latencies, 0.95),
         "tokens_per_s": tokens / wall if wall else 0.0, "wall_s": wall,
-        "rss_mb": {"window": window, "first": first, "last": last,
-                   "growth_pct": 100 * (last - first) / first if first and not math.isnan(first) else float("nan"),
-                   "trace": [rss[round(k * (len(rss) - 1) / 9)] for k in range(10)] if rss else []},
+        "rss_mb": _rss_summary(rss),
         "rows_left": health["running"] + health["waiting"], "server_errors_logged": len(errors),
         "server_errors": errors[:10],
     }
@@ -687,7 +749,8 @@ def _print_faults(out: dict[str, Any]) -> None:
     print(flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m zinit.benchmarks.serve``: the load test's options and the fault mode's."""
     p = argparse.ArgumentParser(prog="python -m zinit.benchmarks.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="'embedded', a model folder, or none: a random-weight --shape")
@@ -719,7 +782,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f.add_argument("--gate", type=float, default=0.5, help="the adapters' gate values in fault mode")
     f.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds a client waits for an answer (longer counts as a hang: failed)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _settle_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set torch's threads, fill the defaults that depend on ``--faults``, and refuse what fault mode cannot run."""
     if args.threads:
         torch.set_num_threads(args.threads)
     args.concurrency = args.concurrency or ("16" if args.faults else "1,4,16")
@@ -733,6 +800,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error("--prompts must be at least 2 (even ones are completions, odd ones chats)")
         if not (0 <= args.cut_fraction and 0 <= args.bad_fraction and args.cut_fraction + args.bad_fraction <= 1):
             p.error("--cut-fraction and --bad-fraction must be >= 0 and add up to at most 1")
+
+
+def _levels(args: argparse.Namespace, url: str, tokenizer: Any, names: list[str], http: Any,
+            thread: threading.Thread) -> list[dict[str, Any]]:
+    """Each concurrency level run against the server at ``url`` and printed; the server is stopped at the end."""
+    rng = random.Random(0)
+    if isinstance(tokenizer, _IdTokenizer):
+        prompts = [" ".join(str(rng.randrange(tokenizer.vocab)) for _ in range(args.prompt_tokens)) for _ in range(8)]
+    else:
+        prompts = [f"Question {i}: write a short sentence about the number {i}." for i in range(8)]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print(f"zinit serve load test: {args.adapters} adapters, {args.max_tokens} tokens per request, "
+          f"{torch.get_num_threads()} threads, requests per level {args.requests}", flush=True)
+    print(f"  {'concurrency':>11s} {'requests':>8s} {'failed':>6s} {'tokens/s':>9s} {'p50 s':>7s} {'p95 s':>7s}")
+    results = []
+    try:
+        for c in levels:
+            r = _level(url, c, max(args.requests, c), names, args, prompts)
+            results.append(r)
+            print(f"  {c:11d} {r['requests']:8d} {r['failed']:6d} {r['tokens_per_s']:9.1f} {r['p50_s']:7.2f} "
+                  f"{r['p95_s']:7.2f}", flush=True)
+            for f in r["failures"]:
+                print(f"    failed: {f}")
+    finally:
+        http.should_exit = True
+        thread.join(60)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = _parser()
+    args = p.parse_args(argv)
+    _settle_args(p, args)
     import uvicorn
 
     from zinit.serve.app import Server, create_app  # fastapi: the optional serve extra
@@ -755,32 +855,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     server = Server(engine, tokenizer, max_tokens=args.max_tokens, context=4096)
     config = uvicorn.Config(create_app(server), host="127.0.0.1", port=0, log_level="warning")
     http = uvicorn.Server(config)
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{http.servers[0].sockets[0].getsockname()[1]}"
-    rng = random.Random(0)
-    if isinstance(tokenizer, _IdTokenizer):
-        prompts = [" ".join(str(rng.randrange(tokenizer.vocab)) for _ in range(args.prompt_tokens)) for _ in range(8)]
-    else:
-        prompts = [f"Question {i}: write a short sentence about the number {i}." for i in range(8)]
-    levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"zinit serve load test: {args.adapters} adapters, {args.max_tokens} tokens per request, "
-          f"{torch.get_num_threads()} threads, requests per level {args.requests}", flush=True)
-    print(f"  {'concurrency':>11s} {'requests':>8s} {'failed':>6s} {'tokens/s':>9s} {'p50 s':>7s} {'p95 s':>7s}")
-    results = []
-    try:
-        for c in levels:
-            r = _level(url, c, max(args.requests, c), names, args, prompts)
-            results.append(r)
-            print(f"  {c:11d} {r['requests']:8d} {r['failed']:6d} {r['tokens_per_s']:9.1f} {r['p50_s']:7.2f} "
-                  f"{r['p95_s']:7.2f}", flush=True)
-            for f in r["failures"]:
-                print(f"    failed: {f}")
-    finally:
-        http.should_exit = True
-        thread.join(60)
+    thread, url = _serve_in_thread(http, None)
+    results = _levels(args, url, tokenizer, names, http, thread)
     out = {"adapters": args.adapters, "max_tokens": args.max_tokens, "levels": results}
     if args.json:
         write_json(args.json, out)

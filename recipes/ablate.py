@@ -418,16 +418,9 @@ def plot_gate_opening(rows: Sequence[dict[str, Any]], base: dict[str, Any], path
 # the command
 
 
-def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dict[str, list[Any]],
-           seeds: Sequence[int], base: dict[str, Any] | None = None, full: bool = False, jobs: int = 1,
-           nproc: int = 1, report_only: bool = False) -> dict[str, Any]:
-    """Run the grid and write ``ablate.md``, ``ablate.json`` and the plots into ``out``; returns the report's data.
-
-    ``values``: axis -> its values (``gate``: names of :data:`GATES`; missing axes are not swept); ``base``: axis ->
-    base value (default: :func:`default_base`); ``jobs``: runs at a time, the CPU threads shared among them. Runs go
-    seed by seed (every point with the first seed, then the next). ``report_only``: run nothing, report the runs
-    that finished (the others are "missing"), e.g. while the grid is still running or after it was cut short.
-    """
+def _checked_grid(recipe: str, recipe_args: Sequence[str], values: dict[str, list[Any]], seeds: Sequence[int],
+                  base: dict[str, Any] | None) -> tuple[zinit.Recipe, dict[str, list[Any]], dict[str, Any]]:
+    """The recipe, every axis's values and the base point, checked (metrics, gate names, base among values, seeds)."""
     spec = zinit.get_recipe(recipe)
     if not spec.metrics:
         raise ValueError(f"recipe {recipe!r} declares no metrics (zinit.Recipe.metrics): nothing to ablate")
@@ -441,14 +434,12 @@ def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dic
             raise ValueError(f"the base {a}={base[a]} is not among the {a} values {values[a]}; add it or change --base")
     if not seeds:
         raise ValueError("no seeds: give --seeds, e.g. 0,1")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    points = grid_points(values, base, full)
-    runs = [(p, s) for s in seeds for p in points]  # seed by seed: a grid cut short has every point once first
-    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if jobs > 1 else None  # per process
-    print(f"zinit ablate {recipe}: {len(points)} points x {len(seeds)} seeds = {len(runs)} runs, "
-          + ("reporting the finished ones" if report_only else f"{jobs} at a time") + f", in {out / 'runs'}",
-          flush=True)
+    return spec, values, base
+
+
+def _run_all(recipe: str, out: Path, recipe_args: Sequence[str], runs: Sequence[tuple[Point, int]], jobs: int,
+             nproc: int, threads: int | None, report_only: bool) -> list[dict[str, Any]]:
+    """Every run's row, ``jobs`` at a time (or only read back with ``report_only``), each printed as it ends."""
     if not report_only:  # every folder checked before the first run starts, not when the grid reaches it
         for p, s in runs:
             check_folder(recipe, p, s, out, recipe_args)
@@ -468,8 +459,14 @@ def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dic
         return row
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        rows = list(pool.map(one, runs))
-    aggregated = aggregate(rows, spec.metrics)
+        return list(pool.map(one, runs))
+
+
+def _write_outputs(recipe: str, out: Path, recipe_args: Sequence[str], values: dict[str, list[Any]],
+                   base: dict[str, Any], seeds: Sequence[int], full: bool, rows: list[dict[str, Any]],
+                   metrics: Sequence[str]) -> dict[str, Any]:
+    """Aggregate the rows, write ``ablate.json``, ``ablate.md`` and the plots, print the table; the report's data."""
+    aggregated = aggregate(rows, metrics)
     report = format_report(recipe, aggregated, values, base, full)
     data = {"recipe": recipe, "recipe_args": list(recipe_args), "values": values, "base": base, "seeds": list(seeds),
             "grid": "full" if full else "oat", "points": aggregated, "runs": rows, "paper": PAPER.get(recipe, {}),
@@ -483,6 +480,29 @@ def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dic
     print(report)
     print(f"table: {out / 'ablate.md'}   json: {out / 'ablate.json'}   plots: " + ", ".join(p.name for p in plots))
     return data
+
+
+def ablate(recipe: str, out: str | Path, recipe_args: Sequence[str], values: dict[str, list[Any]],
+           seeds: Sequence[int], base: dict[str, Any] | None = None, full: bool = False, jobs: int = 1,
+           nproc: int = 1, report_only: bool = False) -> dict[str, Any]:
+    """Run the grid and write ``ablate.md``, ``ablate.json`` and the plots into ``out``; returns the report's data.
+
+    ``values``: axis -> its values (``gate``: names of :data:`GATES`; missing axes are not swept); ``base``: axis ->
+    base value (default: :func:`default_base`); ``jobs``: runs at a time, the CPU threads shared among them. Runs go
+    seed by seed (every point with the first seed, then the next). ``report_only``: run nothing, report the runs
+    that finished (the others are "missing"), e.g. while the grid is still running or after it was cut short.
+    """
+    spec, values, base = _checked_grid(recipe, recipe_args, values, seeds, base)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = grid_points(values, base, full)
+    runs = [(p, s) for s in seeds for p in points]  # seed by seed: a grid cut short has every point once first
+    threads = max(1, (os.cpu_count() or 1) // (jobs * nproc)) if jobs > 1 else None  # per process
+    print(f"zinit ablate {recipe}: {len(points)} points x {len(seeds)} seeds = {len(runs)} runs, "
+          + ("reporting the finished ones" if report_only else f"{jobs} at a time") + f", in {out / 'runs'}",
+          flush=True)
+    rows = _run_all(recipe, out, recipe_args, runs, jobs, nproc, threads, report_only)
+    return _write_outputs(recipe, out, recipe_args, values, base, seeds, full, rows, spec.metrics)
 
 
 def default_base(recipe: str, recipe_args: Sequence[str], values: dict[str, list[Any]]) -> dict[str, Any]:

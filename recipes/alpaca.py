@@ -27,7 +27,7 @@ from zinit.embedded import EMBEDDED_NAME
 from zinit.lm import load_model
 from zinit.cliargs import option_value, without_options
 from zinit.files import atomic_write, write_json
-from zinit.train import Task, causal_lm_loss, train
+from zinit.train import Task, TrainResult, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
 from zinit.train.plots import plot_run
@@ -161,6 +161,48 @@ def _settings(args: argparse.Namespace, run: TrainingRun) -> dict[str, Any]:
     return {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
 
 
+def _alpaca_task(args: argparse.Namespace, run: TrainingRun, s: dict[str, Any], data_path: Path,
+                 records: Sequence[dict[str, str]], tokenizer: Any, pad_to: int | None) -> Task:
+    """The training task: the records tokenized (an error when none keeps a target token), padded, fingerprinted."""
+    items = tokenize(records, tokenizer, s["max_seq_len"])
+    if not items:
+        raise ValueError(f"{data_path}: no example keeps a target token within --max-seq-len {s['max_seq_len']}")
+    pad_id = tokenizer.pad_token_id
+    return Task(
+        examples=items, lengths=[len(x["input_ids"]) for x in items],
+        collate=lambda batch: pad_collate(batch, pad_id, pad_to), loss=causal_lm_loss,
+        fingerprint={"recipe": "alpaca", "method": args.method, "model": args.model or EMBEDDED_NAME,
+                     "data": str(data_path), "examples": len(items), "layers": run.layers, "K": args.K,
+                     "max_seq_len": s["max_seq_len"]},
+    )
+
+
+def _score_and_report(args: argparse.Namespace, run: TrainingRun, model: nn.Module, tokenizer: Any,
+                      s: dict[str, Any], result: TrainResult, heldout: list[dict[str, str]] | None,
+                      eval_path: Path | None, before_path: Path, report_path: Path) -> None:
+    """After training: the held-out set scored, then on rank 0 the eval records, plots, adapter, summary and report."""
+    out = run.out
+    # a sharded (FSDP) model needs every process in each forward, so then all of them evaluate (identically)
+    after = (evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=run.progress)
+             if heldout and (run.is_main or args.fsdp) else None)
+    if run.is_main:
+        report: dict[str, Any] = {"steps": result.steps, "final_train_loss": result.final_loss,
+                                  "method": args.method, "trainable_parameters": trainable_count(model)}
+        if after is not None:
+            before = json.loads(before_path.read_text()) if before_path.exists() else None
+            report.update(heldout=str(eval_path), before=before, after=after)
+            evals = ([{"step": 0, "eval_loss": before["loss"]}] if before is not None else []) + [
+                {"step": result.steps, "eval_loss": after["loss"]}]
+            write_eval_records(result.metrics_path, evals)
+            plot_run(result.metrics_path, out)
+            print(format_report(before, after))
+        scores = {"exact_match": 100 * after["exact_match"], "eval_loss": after["loss"]} if after else {}
+        run.finish(model, scores)
+        write_json(report_path, report)  # last: its presence says the run is complete
+        print(f"adapter: {out / 'adapter'}   metrics: {result.metrics_path}   plots: {out}/loss_lr.png, "
+              "gates.png")
+
+
 def run_train(args: argparse.Namespace) -> int:
     """``zinit train alpaca``: tune, save ``OUTPUT/adapter``, and score the held-out set before and after."""
     with TrainingRun("alpaca", args) as run:
@@ -172,23 +214,14 @@ def run_train(args: argparse.Namespace) -> int:
         heldout = load_records(eval_path) if eval_path else None
         model, tokenizer = load_model(args.model, run.device, args.quantize)
         model = run.prepare(model)
-        items = tokenize(records, tokenizer, s["max_seq_len"])
-        if not items:
-            raise ValueError(f"{data_path}: no example keeps a target token within --max-seq-len {s['max_seq_len']}")
-        pad_id = tokenizer.pad_token_id
         pad_to = s["max_seq_len"] if args.pad_to_max else None
-        task = Task(
-            examples=items, lengths=[len(x["input_ids"]) for x in items],
-            collate=lambda batch: pad_collate(batch, pad_id, pad_to), loss=causal_lm_loss,
-            fingerprint={"recipe": "alpaca", "method": args.method, "model": args.model or EMBEDDED_NAME,
-                         "data": str(data_path), "examples": len(items), "layers": run.layers, "K": args.K,
-                         "max_seq_len": s["max_seq_len"]},
-        )
+        task = _alpaca_task(args, run, s, data_path, records, tokenizer, pad_to)
         config = run.config(epochs=s["epochs"], batch_size=s["batch_size"], blr=s["blr"],
                             warmup_epochs=s["warmup_epochs"], pad_to=pad_to, fsdp=args.fsdp,
                             group_by_length=group_by_length(args))
         out = run.out
-        run.describe(model, args.model or "embedded SmolLM2-135M-Instruct", f"{len(items)} examples from {data_path}")
+        run.describe(model, args.model or "embedded SmolLM2-135M-Instruct",
+                     f"{len(task.examples)} examples from {data_path}")
         with run.hold():  # one run at a time writes this folder, evaluations and adapter included
             before_path = out / "eval_before.json"
             if run.is_main and heldout is not None and not before_path.exists() and not args.skip_eval_before:
@@ -202,25 +235,7 @@ def run_train(args: argparse.Namespace) -> int:
                     print(f"this run finished earlier ({result.steps} steps): its report is {report_path} and its "
                           f"adapter {out / 'adapter'}; nothing was changed. Use another --output to train again.")
                 return run.status
-            # a sharded (FSDP) model needs every process in each forward, so then all of them evaluate (identically)
-            after = (evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=run.progress)
-                     if heldout and (run.is_main or args.fsdp) else None)
-            if run.is_main:
-                report: dict[str, Any] = {"steps": result.steps, "final_train_loss": result.final_loss,
-                                          "method": args.method, "trainable_parameters": trainable_count(model)}
-                if after is not None:
-                    before = json.loads(before_path.read_text()) if before_path.exists() else None
-                    report.update(heldout=str(eval_path), before=before, after=after)
-                    evals = ([{"step": 0, "eval_loss": before["loss"]}] if before is not None else []) + [
-                        {"step": result.steps, "eval_loss": after["loss"]}]
-                    write_eval_records(result.metrics_path, evals)
-                    plot_run(result.metrics_path, out)
-                    print(format_report(before, after))
-                scores = {"exact_match": 100 * after["exact_match"], "eval_loss": after["loss"]} if after else {}
-                run.finish(model, scores)
-                write_json(report_path, report)  # last: its presence says the run is complete
-                print(f"adapter: {out / 'adapter'}   metrics: {result.metrics_path}   plots: {out}/loss_lr.png, "
-                      "gates.png")
+            _score_and_report(args, run, model, tokenizer, s, result, heldout, eval_path, before_path, report_path)
     return run.status
 
 

@@ -34,7 +34,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -631,29 +631,29 @@ def run_train(args: argparse.Namespace) -> int:
     return run.status
 
 
-def _train(args: argparse.Namespace, run: TrainingRun) -> None:
+def _split_features(args: argparse.Namespace, run: TrainingRun, data: ScienceQA, splits: Sequence[tuple[str, list[str]]]
+                    ) -> tuple[ImageEncoder | None, dict[str, dict[str, Tensor]]]:
+    """The image encoder and each split's features (none with ``--no-image``), the main process filling the cache."""
     env = run.env
-    data = load_scienceqa(args.data)
-    train_pids = data.split(args.train_split, images=not args.no_image)[:args.max_train]
-    val_pids = data.split(args.val_split, images=not args.no_image)[:args.limit]
-    test_pids = data.split(args.test_split, images=not args.no_image)[:args.limit]
-    out = run.out
     cache = Path(args.feature_cache) if args.feature_cache else data.root / "zinit_features"
     encoder = None
     features: dict[str, dict[str, Tensor]] = {}
     if not args.no_image:
         encoder = ImageEncoder(args.visual_encoder, _parse_layers(args.visual_layers), args.visual_encoder_weights,
                                env.device)
-        for split, pids in ((args.train_split, train_pids), (args.val_split, val_pids), (args.test_split, test_pids)):
+        for split, pids in splits:
             if env.is_main:  # one process fills the cache, the others read it
                 features[split] = image_features(data, split, pids, encoder, cache, progress=not args.no_progress)
             D.barrier()
             if not env.is_main:
                 features[split] = image_features(data, split, pids, encoder, cache, progress=False)
         encoder.model.cpu()
-    dim = encoder.dim if encoder is not None else None
+    return encoder, features
 
-    model, tokenizer = load_model(args.model, env.device, args.quantize)
+
+def _train_model(args: argparse.Namespace, run: TrainingRun, dim: int | None) -> tuple[nn.Module, Any]:
+    """The model (zinit injected with the visual projection, or another ``--method`` applied) and its tokenizer."""
+    model, tokenizer = load_model(args.model, run.env.device, args.quantize)
     if methods.is_zinit(args.method):  # the image features enter through zinit's visual projection
         run.layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
         torch.manual_seed(args.seed)
@@ -662,33 +662,29 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> None:
         methods.train_in_float32(model)  # the precision policy every method's setup goes through (zinit: float32)
     else:
         model = run.prepare(model)
+    return model, tokenizer
+
+
+def _train_items(args: argparse.Namespace, data: ScienceQA, tokenizer: Any, pids: Sequence[str],
+                 features: dict[str, Tensor]) -> tuple[list[dict[str, Any]], int]:
+    """The tokenized training questions with their image features, and how many were too long to keep."""
     items, dropped = [], 0
-    train_features = features.get(args.train_split, {})
-    for pid in train_pids:
+    for pid in pids:
         item = tokenize_example(data.problems[pid], tokenizer, args.max_seq_len)
         if item is None:
             dropped += 1
             continue
-        item["features"] = train_features.get(pid)
+        item["features"] = features.get(pid)
         items.append(item)
     if not items:
         raise ValueError(f"no training question keeps a target token within --max-seq-len {args.max_seq_len}")
-    recipe_info = {"visual_encoder": None if args.no_image else args.visual_encoder,
-                   "visual_encoder_weights": args.visual_encoder_weights,
-                   "visual_layers": list(encoder.layers) if encoder else None, "max_seq_len": args.max_seq_len,
-                   "model": args.model or EMBEDDED_NAME}
-    task = Task(examples=items, lengths=[len(x["input_ids"]) for x in items],
-                collate=make_collate(tokenizer.pad_token_id, dim), loss=visual_loss,
-                fingerprint={"recipe": "scienceqa", "method": args.method, **recipe_info, "data": str(data.root),
-                             "examples": len(items),
-                             "layers": run.layers, "K": args.K, "visual_hidden": args.visual_hidden})
-    config = run.config()
-    per_epoch = len(items) // (args.batch_size * env.world_size) // args.grad_accum
-    history_file = out / "val_history.json"
-    history = json.loads(history_file.read_text()) if history_file.is_file() else []
-    val_args = (data, args.val_split, val_pids, features.get(args.val_split), args.mode, args.eval_batch_size,
-                args.max_seq_len)
+    return items, dropped
 
+
+def _select_on_val(model: nn.Module, tokenizer: Any, out: Path, per_epoch: int, history: list[dict[str, Any]],
+                   val_args: tuple[Any, ...], recipe_info: dict[str, Any]) -> Callable[[int, dict[str, Any]], None]:
+    """The training callback scoring val each epoch (and at the end), saving the adapter whenever val improves."""
+    history_file = out / "val_history.json"
     total_steps: list[int] = []  # read once: the trainer writes it before the first step
 
     def select_on_val(step: int, record: dict[str, Any]) -> None:
@@ -707,6 +703,59 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> None:
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, "val_avg": avg}) + "\n")
 
+    return select_on_val
+
+
+def _report_test(args: argparse.Namespace, run: TrainingRun, model: nn.Module, tokenizer: Any, data: ScienceQA,
+                 pids: Sequence[str], features: dict[str, Tensor] | None, history: list[dict[str, Any]], steps: int,
+                 recipe_info: dict[str, Any]) -> None:
+    """Rank 0 after training: the best val epoch's adapter scored on the test split, its files written and printed."""
+    out = run.out
+    best = max(history, key=lambda h: h["val_avg"])
+    methods.load_trained(model, out / "adapter")  # the best val epoch's adapter
+    test = evaluate_split(model, tokenizer, data, args.test_split, pids, features,
+                          args.mode, args.eval_batch_size, args.max_seq_len, progress=not args.no_progress)
+    write_json(out / "predictions_test.json", test.pop("predictions"))
+    report = {**test, "best_val": best, "steps": steps, **recipe_info,
+              "trainable_parameters": methods.trainable_count(model), "method": args.method,
+              "paper": PAPER}
+    write_json(out / "report.json", report)
+    run.finish(model, {c: test["table"][c] for c in METRICS if test["table"][c] is not None}, save=False)
+    print(f"best val Avg {best['val_avg']:.2f} at step {best['step']}; {args.test_split} ({args.mode}):")
+    print(format_table(test["table"]))
+    print(f"adapter: {out / 'adapter'}   report: {out / 'report.json'}")
+
+
+def _train(args: argparse.Namespace, run: TrainingRun) -> None:
+    env = run.env
+    data = load_scienceqa(args.data)
+    train_pids = data.split(args.train_split, images=not args.no_image)[:args.max_train]
+    val_pids = data.split(args.val_split, images=not args.no_image)[:args.limit]
+    test_pids = data.split(args.test_split, images=not args.no_image)[:args.limit]
+    out = run.out
+    encoder, features = _split_features(args, run, data, ((args.train_split, train_pids),
+                                                          (args.val_split, val_pids), (args.test_split, test_pids)))
+    dim = encoder.dim if encoder is not None else None
+
+    model, tokenizer = _train_model(args, run, dim)
+    items, dropped = _train_items(args, data, tokenizer, train_pids, features.get(args.train_split, {}))
+    recipe_info = {"visual_encoder": None if args.no_image else args.visual_encoder,
+                   "visual_encoder_weights": args.visual_encoder_weights,
+                   "visual_layers": list(encoder.layers) if encoder else None, "max_seq_len": args.max_seq_len,
+                   "model": args.model or EMBEDDED_NAME}
+    task = Task(examples=items, lengths=[len(x["input_ids"]) for x in items],
+                collate=make_collate(tokenizer.pad_token_id, dim), loss=visual_loss,
+                fingerprint={"recipe": "scienceqa", "method": args.method, **recipe_info, "data": str(data.root),
+                             "examples": len(items),
+                             "layers": run.layers, "K": args.K, "visual_hidden": args.visual_hidden})
+    config = run.config()
+    per_epoch = len(items) // (args.batch_size * env.world_size) // args.grad_accum
+    history_file = out / "val_history.json"
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    val_args = (data, args.val_split, val_pids, features.get(args.val_split), args.mode, args.eval_batch_size,
+                args.max_seq_len)
+    select_on_val = _select_on_val(model, tokenizer, out, per_epoch, history, val_args, recipe_info)
+
     run.describe(model, recipe_info["model"], ("text only" if dim is None else
                                                f"image features {dim} ({args.visual_encoder})")
                  + f"; {len(items)} training questions"
@@ -714,19 +763,8 @@ def _train(args: argparse.Namespace, run: TrainingRun) -> None:
     with run.hold():  # one run at a time writes this folder: training, saving, evaluation
         result = train(model, task, config, callbacks=[select_on_val])
         if env.is_main:
-            best = max(history, key=lambda h: h["val_avg"])
-            methods.load_trained(model, out / "adapter")  # the best val epoch's adapter
-            test = evaluate_split(model, tokenizer, data, args.test_split, test_pids, features.get(args.test_split),
-                                  args.mode, args.eval_batch_size, args.max_seq_len, progress=not args.no_progress)
-            write_json(out / "predictions_test.json", test.pop("predictions"))
-            report = {**test, "best_val": best, "steps": result.steps, **recipe_info,
-                      "trainable_parameters": methods.trainable_count(model), "method": args.method,
-                      "paper": PAPER}
-            write_json(out / "report.json", report)
-            run.finish(model, {c: test["table"][c] for c in METRICS if test["table"][c] is not None}, save=False)
-            print(f"best val Avg {best['val_avg']:.2f} at step {best['step']}; {args.test_split} ({args.mode}):")
-            print(format_table(test["table"]))
-            print(f"adapter: {out / 'adapter'}   report: {out / 'report.json'}")
+            _report_test(args, run, model, tokenizer, data, test_pids, features.get(args.test_split), history,
+                         result.steps, recipe_info)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -279,6 +279,56 @@ def _run_one(base: nn.Module, spec: VtabTask, settings: VtabSettings, train_set:
     return model
 
 
+def _search(base: nn.Module, spec: VtabTask, settings: VtabSettings, preprocess: Preprocess, size: int, out: Path,
+            env: D.Dist, decoded: Callable[[str], tuple[Tensor, Tensor]]
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Step 1: each (blr, weight decay) of the grid trained on train800, scored on val200; the records and the best."""
+    search: list[dict[str, Any]] = []
+    todo = [(b, w) for b in settings.blr_grid for w in settings.wd_grid]
+    seed0 = settings.seeds[0]
+    pending = [(b, w) for b, w in todo if not (out / "search" / f"blr{b:g}_wd{w:g}" / "val.json").is_file()]
+    if pending:
+        train800, val200 = decoded("train800"), decoded("val200")
+    for blr, wd in todo:
+        folder = out / "search" / f"blr{blr:g}_wd{wd:g}"
+        done = folder / "val.json"
+        if not done.is_file():
+            model = _run_one(base, spec, settings, train800, preprocess, blr, wd, seed0, folder, env)
+            if env.is_main:
+                write_json(done, {"blr": blr, "weight_decay": wd, "val_top1": top1(model, *val200, preprocess, size)})
+            D.barrier()
+            del model
+        search.append(json.loads(done.read_text()))
+    best = max(search, key=lambda r: (r["val_top1"], -r["blr"], -r["weight_decay"]))
+    return search, best
+
+
+def _finals(base: nn.Module, data: VtabData, settings: VtabSettings, preprocess: Preprocess, size: int, out: Path,
+            env: D.Dist, decoded: Callable[[str], tuple[Tensor, Tensor]], best: dict[str, Any]) -> list[dict[str, Any]]:
+    """Steps 2 and 3: the best retrained on train800val200 per seed, and only then test read and scored."""
+    spec = data.spec
+    finals = []
+    needed = [s for s in settings.seeds if not (out / f"final_seed{s}" / "test.json").is_file()]
+    if needed:
+        trainval = decoded("train800val200")
+    for seed in settings.seeds:
+        folder = out / f"final_seed{seed}"
+        done = folder / "test.json"
+        if not done.is_file():
+            model = _run_one(base, spec, settings, trainval, preprocess, best["blr"], best["weight_decay"], seed,
+                             folder, env)
+            if env.is_main:
+                methods.save_trained(model, folder / "adapter")
+                test = data.split("test")
+                acc = top1(model, test, None, preprocess, size, progress=settings.progress, desc=f"{spec.name}/test")
+                write_json(done, {"seed": seed, "test_top1": acc, "test_images": len(test), "trainable_parameters":
+                                   methods.trainable_count(model)})
+            D.barrier()
+            del model
+        finals.append(json.loads(done.read_text()))
+    return finals
+
+
 def run_task(root: str | Path, task: str, output: str | Path, settings: VtabSettings,
              base: nn.Module | None = None) -> dict[str, Any]:
     """The whole protocol for one task: grid on train800→val200, retrain the best on train800val200 per seed, then
@@ -303,44 +353,10 @@ def run_task(root: str | Path, task: str, output: str | Path, settings: VtabSett
         return load_images(data.split(split), size, f"{spec.name}/{split}", settings.progress and env.is_main)
 
     # 1. choose (blr, weight decay) on train800 -> val200
-    search: list[dict[str, Any]] = []
-    todo = [(b, w) for b in settings.blr_grid for w in settings.wd_grid]
-    seed0 = settings.seeds[0]
-    pending = [(b, w) for b, w in todo if not (out / "search" / f"blr{b:g}_wd{w:g}" / "val.json").is_file()]
-    if pending:
-        train800, val200 = decoded("train800"), decoded("val200")
-    for blr, wd in todo:
-        folder = out / "search" / f"blr{blr:g}_wd{wd:g}"
-        done = folder / "val.json"
-        if not done.is_file():
-            model = _run_one(base, spec, settings, train800, preprocess, blr, wd, seed0, folder, env)
-            if env.is_main:
-                write_json(done, {"blr": blr, "weight_decay": wd, "val_top1": top1(model, *val200, preprocess, size)})
-            D.barrier()
-            del model
-        search.append(json.loads(done.read_text()))
-    best = max(search, key=lambda r: (r["val_top1"], -r["blr"], -r["weight_decay"]))
+    search, best = _search(base, spec, settings, preprocess, size, out, env, decoded)
 
     # 2. retrain the best on train800val200 per seed; 3. only then read test
-    finals = []
-    needed = [s for s in settings.seeds if not (out / f"final_seed{s}" / "test.json").is_file()]
-    if needed:
-        trainval = decoded("train800val200")
-    for seed in settings.seeds:
-        folder = out / f"final_seed{seed}"
-        done = folder / "test.json"
-        if not done.is_file():
-            model = _run_one(base, spec, settings, trainval, preprocess, best["blr"], best["weight_decay"], seed,
-                             folder, env)
-            if env.is_main:
-                methods.save_trained(model, folder / "adapter")
-                test = data.split("test")
-                acc = top1(model, test, None, preprocess, size, progress=settings.progress, desc=f"{spec.name}/test")
-                write_json(done, {"seed": seed, "test_top1": acc, "test_images": len(test), "trainable_parameters":
-                                   methods.trainable_count(model)})
-            D.barrier()
-            del model
-        finals.append(json.loads(done.read_text()))
+    finals = _finals(base, data, settings, preprocess, size, out, env, decoded, best)
     accs = [f["test_top1"] for f in finals]
     result = {"task": spec.name, "group": spec.group, "num_classes": spec.num_classes, "folder": str(data.folder),
               "search": search, "best": {"blr": best["blr"], "weight_decay": best["weight_decay"],

