@@ -66,7 +66,9 @@ def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], 
     if proc.returncode != 0:
         tail = (folder / "compare.log").read_text()[-1500:]
         return {**row, "status": "failed", "reason": f"exit {proc.returncode}; end of {folder / 'compare.log'}:\n{tail}"}
-    summary = json.loads((folder / M.SUMMARY_NAME).read_text())
+    summary, problem = _read_summary(folder / M.SUMMARY_NAME)
+    if problem is not None:
+        return {**row, "status": "failed", "reason": problem}
     throughput = []
     for metrics_file in folder.rglob("metrics.jsonl"):
         throughput += [r["tokens_per_s"] for r in map(json.loads, metrics_file.read_text().splitlines())
@@ -75,6 +77,24 @@ def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], 
             summary["trainable_parameters"], "adapter_bytes": summary["adapter_bytes"],
             "peak_memory_mb": peak_memory(summary["peak_memory_mb"], usage.ru_maxrss / 1024),
             "throughput": statistics.median(throughput) if throughput else None, "blr": blr}
+
+
+#: What a recipe's run_train writes into ``summary.json`` for zinit compare (``zinit.recipes.common.TrainingRun``).
+SUMMARY_KEYS = ("metrics", "trainable_parameters", "adapter_bytes", "peak_memory_mb")
+
+
+def _read_summary(path: Path) -> tuple[dict[str, Any], str | None]:
+    """``summary.json`` of a finished run, or the reason it cannot be tabulated (a recipe that wrote none, or one
+    without :data:`SUMMARY_KEYS`): that method's row fails, the others go on."""
+    fix = "a recipe's run_train writes it with zinit.recipes.common.TrainingRun (README, 'Adding a recipe')"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {}, f"the run exited 0 but {path} cannot be read ({exc}); {fix}"
+    missing = [key for key in SUMMARY_KEYS if not isinstance(summary, dict) or key not in summary]
+    if missing or not isinstance(summary.get("metrics"), dict):
+        return {}, f"{path} lacks {missing or ['metrics as an object']}; {fix}"
+    return summary, None
 
 
 def peak_memory(summary: float | Mapping[str, float | None], child_rss_mb: float) -> dict[str, float | None]:

@@ -78,9 +78,10 @@ class Method:
 
 
 #: The methods registry (the one registry type, :class:`zinit.Registry`): the built-in methods register below, a
-#: user's own with :func:`register_method` from their file.
-METHODS: Registry[Method] = Registry("method", Method, how_to_add="add one with register_method: README, 'Adding a "
-                                     "method'")
+#: user's own with :func:`register_method` from their file, which a ``zinit.methods`` entry point names so that every
+#: process (``zinit compare`` runs each method in its own) imports it on first use of the registry.
+METHODS: Registry[Method] = Registry("method", Method, group="zinit.methods",
+                                     how_to_add="add one with register_method: README, 'Comparing methods'")
 
 
 def register_method(method: Method, *, override: bool = False) -> Method:

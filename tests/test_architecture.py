@@ -8,6 +8,7 @@ that break each rule, so a checker that stopped seeing a circle would fail too.
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -249,7 +250,11 @@ PLUGINS = {
         "    zinit.inject(model, 1, 2)\n"
         "    n = sum(p.numel() for p in zinit.trainable_parameters(model))\n"
         "    out = pathlib.Path(args.output); out.mkdir(parents=True, exist_ok=True)\n"
-        "    (out / 'summary.json').write_text(json.dumps({'score': 1.0, 'trainable_params': n}))\n"
+        "    summary = {'metrics': {'score': 1.0}, 'trainable_parameters': n, 'adapter_bytes': 0,\n"
+        "               'peak_memory_mb': 0.0}\n"
+        "    if args.method == 'head-only':  # a recipe that forgets a field: only this method's row fails\n"
+        "        del summary['adapter_bytes']\n"
+        "    (out / 'summary.json').write_text(json.dumps(summary))\n"
         "    return 0\n"
         "zinit.register_recipe(zinit.Recipe('my-task', 'a toy task', 'causal_lm', add_args, run,\n"
         "                                   metrics=('score',)))\n"),
@@ -267,13 +272,18 @@ PLUGINS = {
 
 
 def test_a_backbone_a_recipe_and_a_method_are_one_file_each(tmp_path):
-    """Each extension is one file in the user's own folder, found through the one registry type: nothing in zinit
-    changes. Run in a fresh process, as a user's script would."""
+    """Each extension is one file in the user's own package, found through the one registry type by its entry point
+    (the metadata pip writes): nothing in zinit changes and nothing imports them by hand. Run in fresh processes, as
+    the zinit command and a user's script do; zinit compare runs the new method on the new recipe."""
     for name, text in PLUGINS.items():
         (tmp_path / name).write_text(text)
+    info = tmp_path / "my_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[zinit.backbones]\nmine = my_backbone\n[zinit.recipes]\nmine = my_recipe\n"
+                                           "[zinit.methods]\nmine = my_method\n")
     script = (
         "import json, sys, torch, zinit\n"
-        "import my_backbone, my_recipe, my_method\n"
         "from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM\n"
         "from zinit import cli\n"
         "from zinit.recipes import methods as M\n"
@@ -285,7 +295,7 @@ def test_a_backbone_a_recipe_and_a_method_are_one_file_each(tmp_path):
         "    assert torch.equal(zinit.inject(gpt2, 1, 3)(input_ids=ids).logits, base)\n"
         "assert zinit.list_recipes()[-1] == 'my-task'\n"
         "assert cli.main(['train', 'my-task', '--output', sys.argv[1]]) == 0\n"
-        "assert json.load(open(sys.argv[1] + '/summary.json'))['trainable_params'] == 2 * 16 + 2\n"
+        "assert json.load(open(sys.argv[1] + '/summary.json'))['trainable_parameters'] == 2 * 16 + 2\n"
         "llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,\n"
         "                                     num_hidden_layers=2, num_attention_heads=2))\n"
         "ctx = M.MethodContext(recipe='my-task', layers=1, K=2)\n"
@@ -301,6 +311,13 @@ def test_a_backbone_a_recipe_and_a_method_are_one_file_each(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    compared = subprocess.run([sys.executable, "-m", "zinit", "compare", "my-task", "--methods", "zinit,head-only",
+                               "--output", str(tmp_path / "cmp")], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert compared.returncode == 0, compared.stderr[-3000:] + compared.stdout[-3000:]
+    rows = {r["method"]: r for r in json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]}
+    assert rows["zinit"]["status"] == "ok" and rows["zinit"]["metrics"] == {"score": 1.0}
+    assert rows["head-only"]["status"] == "failed" and "lacks ['adapter_bytes']" in rows["head-only"]["reason"]
 
 
 def test_one_registry_type_for_backbones_recipes_methods_and_schemes():
@@ -347,3 +364,29 @@ def test_one_config_checked_once_and_taken_as_input(tmp_path):
         zinit.inject(tiny_llama(hidden=64), config)
     named = zinit.add_adapter(tiny_llama(), "a", config)
     assert zinit.bank.named_adapter_config(named, "a") == config
+
+
+def long_functions(root: Path, packages: dict[str, str], limit: int = 60) -> list[tuple[str, str, int]]:
+    """``(module, function, lines)`` of every function whose code (its docstring not counted) is over ``limit``
+    lines, nested functions included."""
+    found = []
+    for module, path in modules_of(root, packages).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                first = node.body[0]
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                        and isinstance(first.value.value, str):
+                    lines -= first.end_lineno - first.lineno + 1
+                if lines > limit:
+                    found.append((module, node.name, lines))
+    return found
+
+
+def test_no_function_is_over_60_lines_of_code(tmp_path):
+    """Readable pieces: no function's code is over 60 lines (a public function's docstring, with its example, may
+    add to that). The measure is checked on a function it must flag."""
+    body = "".join(f"    x{i} = {i}\n" for i in range(61))
+    _write(tmp_path, {"pkg/__init__.py": "", "pkg/long.py": f'def f():\n    """Doc."""\n{body}'})
+    assert long_functions(tmp_path, {"pkg": "pkg"}) == [("pkg.long", "f", 62)]
+    assert long_functions(ROOT, PACKAGES) == []

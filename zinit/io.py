@@ -99,6 +99,27 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     """
     folder = Path(directory)
     push_id = hub.push_target(folder, push_to_hub) if push_to_hub else None  # a bad repo id fails before writing
+    config, tensors = _to_save(model, name, base_model, command)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"save_adapter: {folder} is a file; pass a folder (it receives {WEIGHTS_NAME} and "
+                                 f"{CONFIG_NAME})")
+    _write_folder(folder, config, tensors, push_id)
+    if push_id is not None:
+        try:
+            push_adapter(folder, push_id, revision=revision, private=private, token=token,
+                         commit_message=commit_message)
+        except Exception as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if "push_adapter(" not in reason:
+                reason += f"; push it again with zinit.push_adapter({str(folder)!r}, {push_id!r})"
+            raise OSError(f"the adapter is saved in {folder}, but pushing it to {push_id} failed: {reason}") from exc
+    return folder
+
+
+def _to_save(model: nn.Module, name: str | None, base_model: str | None, command: str | Sequence[str] | None
+             ) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``zinit.json``'s content (without the weights' fields) and the tensors (on the CPU) of the injected adapter, or
+    of the named adapter ``name``."""
     if name is None:
         config = adapter_config(model)
         state = adapter_state_dict(model)
@@ -110,17 +131,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
         config["base_model"] = base
     if command is not None:
         config["command"] = hub.command_text(command)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"save_adapter: {folder} is a file; pass a folder (it receives {WEIGHTS_NAME} and "
-                                 f"{CONFIG_NAME})")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return config, {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _write_folder(folder: Path, config: dict[str, Any], tensors: dict[str, Tensor], push_id: str | None) -> None:
+    """Write the weights, ``zinit.json`` (with the save id, size and digest) and the card into ``folder``: staged,
+    then the pair replaced together and the card after it; nothing changes in the folder if anything fails."""
     staged: list[str] = []
     card_tmp: str | None = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         save_id = new_save_id()
         weights_tmp = stage(folder / WEIGHTS_NAME,
-                             lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, SAVE_ID: save_id}))
+                            lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, SAVE_ID: save_id}))
         staged.append(weights_tmp)
         digest, size = _digest(Path(weights_tmp).read_bytes())
         config.update({SAVE_ID: save_id, "weights_bytes": size, "weights_sha256": digest})
@@ -140,16 +163,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
         for tmp in [*staged, *([card_tmp] if card_tmp else [])]:  # already renamed into place, unless something failed
             discard(tmp)
     fsync_dir(folder)
-    if push_id is not None:
-        try:
-            push_adapter(folder, push_id, revision=revision, private=private, token=token,
-                             commit_message=commit_message)
-        except Exception as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            if "push_adapter(" not in reason:
-                reason += f"; push it again with zinit.push_adapter({str(folder)!r}, {push_id!r})"
-            raise OSError(f"the adapter is saved in {folder}, but pushing it to {push_id} failed: {reason}") from exc
-    return folder
 
 
 def _digest(data: bytes) -> tuple[str, int]:

@@ -85,12 +85,13 @@ class Backbone:
         return None if found is None else list(found)
 
 
-def load_plugins(package: str, group: str) -> object:
-    """Import the built-in ``package`` and every module named by an entry point of ``group``; returns the package.
+def load_plugins(package: str | None, group: str | None) -> object:
+    """Import the built-in ``package`` (if any) and every module named by an entry point of ``group`` (if any);
+    returns the package (None without one).
 
     A plug-in that fails to import is logged and skipped: it must not take the built-in ones down with it."""
-    module = importlib.import_module(package)
-    for ep in entry_points(group=group):
+    module = importlib.import_module(package) if package is not None else None
+    for ep in entry_points(group=group) if group is not None else ():
         try:
             ep.load()
         except Exception as exc:  # noqa: BLE001 - logged, named
@@ -119,7 +120,7 @@ class Registry(Generic[T]):
     ('red', ['red'], True)
     >>> colours.get("blue")
     Traceback (most recent call last):
-    ValueError: unknown colour 'blue'; registered colours: red
+    zinit.errors.ZinitValueError: unknown colour 'blue'; registered colours: red
     """
 
     def __init__(self, kind: str, item_type: type, *, package: str | None = None, group: str | None = None,
@@ -128,7 +129,7 @@ class Registry(Generic[T]):
         self.sort, self.how_to_add = sort, how_to_add
         self._items: dict[str, T] = {}
         self._builtin: tuple[str, ...] = ()
-        self._discovered = package is None
+        self._discovered = package is None and group is None
 
     def _type_name(self) -> str:
         """How the item type is reached: ``zinit.Backbone`` when zinit exports it, else its module path."""
@@ -141,7 +142,7 @@ class Registry(Generic[T]):
         if self._discovered:
             return
         self._discovered = True
-        module = load_plugins(self.package, self.group) if self.group else importlib.import_module(self.package)
+        module = load_plugins(self.package, self.group)
         self._builtin = tuple(getattr(module, "BUILTIN", ()))
 
     def register(self, item: T, *, override: bool = False) -> T:
