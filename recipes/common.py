@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import zinit
-from zinit.cliargs import layer_count, nonneg_float, positive_float, positive_int, prompt_length
+from zinit.cliargs import layer_count, options_of, positive_int
 from zinit.quant import QUANTIZE_FLAG
 from zinit.train import TrainConfig
 from zinit.train import dist as D
@@ -40,39 +40,21 @@ from zinit.train.lock import hold_output
 
 from . import methods
 
-#: The options several recipes take, each declared here once: name -> (flag, argparse keywords). A recipe sets its
-#: own default with ``add_flags(p, "epochs", epochs=20.0)``; ``%(default)s`` in a help text shows it.
+#: The options several recipes take, each declared once: name -> (flag, argparse keywords). The trainer's settings
+#: come from :class:`zinit.train.TrainConfig`'s own fields (each declares its flag, type and help beside its default,
+#: :func:`zinit.cliargs.option`); the others are declared here. A recipe sets its own default with
+#: ``add_flags(p, "epochs", epochs=20.0)``; ``%(default)s`` in a help text shows it.
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "output": ("--output", {"required": True, "help": "output folder (re-running the command there resumes)"}),
     "method": ("--method", {}),  # methods.add_method_arg: checked against the registered methods
     "layers": ("--layers", {"type": layer_count, "default": 30,
                             "help": "adapt the top L layers, capped at the depth (default %(default)s)"}),
-    "K": ("--K", {"type": prompt_length, "default": 10, "help": "prompt length (default %(default)s)"}),
-    "epochs": ("--epochs", {"type": positive_float, "default": 5.0, "help": "epochs (default %(default)s)"}),
-    "max_steps": ("--max-steps", {"type": positive_int, "default": None,
-                                  "help": "stop after this many optimizer steps (the schedule is compressed to fit)"}),
-    "warmup_epochs": ("--warmup-epochs", {"type": nonneg_float, "default": 2.0,
-                                          "help": "linear warmup, in epochs (default %(default)s)"}),
-    "batch_size": ("--batch-size", {"type": positive_int, "default": 4,
-                                    "help": "examples per process per step (default %(default)s)"}),
-    "grad_accum": ("--grad-accum", {"type": positive_int, "default": 1,
-                                    "help": "micro-batches per optimizer step (default %(default)s)"}),
-    "blr": ("--blr", {"type": positive_float, "default": None,
-                      "help": "base lr; lr = blr·global_batch/256 (default: the method's default for this recipe, "
-                              "see zinit compare)"}),
-    "weight_decay": ("--weight-decay", {"type": nonneg_float, "default": 0.02,
-                                        "help": "on prompts, not on gates (default %(default)s)"}),
+    **options_of(zinit.AdapterConfig),  # --K
+    **options_of(TrainConfig),
     "max_seq_len": ("--max-seq-len", {"type": positive_int, "default": 512,
                                       "help": "truncate examples to this many tokens (default %(default)s)"}),
-    "save_every": ("--save-every", {"type": positive_int, "default": 100,
-                                    "help": "checkpoint every N optimizer steps (default %(default)s)"}),
-    "save_every_minutes": ("--save-every-minutes", {
-        "type": nonneg_float, "default": 10.0,
-        "help": "also checkpoint when this many minutes have passed since the last one (default %(default)s; 0: off)"}),
-    "seed": ("--seed", {"type": int, "default": 0, "help": "random seed (default %(default)s)"}),
     "eval_batch_size": ("--eval-batch-size", {"type": positive_int, "default": 16,
                                               "help": "examples per evaluation batch (default %(default)s)"}),
-    "device": ("--device", {"default": None, "help": "cpu or cuda (default: cuda when available)"}),
     "quantize": QUANTIZE_FLAG,
     "no_progress": ("--no-progress", {"action": "store_true", "help": "no progress bars"}),
 }
@@ -181,11 +163,8 @@ class TrainingRun:
     def config(self, **overrides: Any) -> TrainConfig:
         """The trainer settings from the shared options (and :meth:`blr`); ``overrides`` win."""
         a = self.args
-        settings: dict[str, Any] = dict(
-            output=str(self.out), epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
-            grad_accum=a.grad_accum, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
-            save_every=a.save_every, save_every_minutes=a.save_every_minutes, seed=a.seed, device=a.device,
-            progress=not a.no_progress)
+        settings: dict[str, Any] = {name: getattr(a, name) for name in options_of(TrainConfig) if name != "blr"}
+        settings.update(output=str(self.out), progress=not a.no_progress)
         settings.update(overrides)
         if "blr" not in settings:
             settings["blr"] = self.blr()

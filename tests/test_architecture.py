@@ -390,3 +390,33 @@ def test_no_function_is_over_60_lines_of_code(tmp_path):
     _write(tmp_path, {"pkg/__init__.py": "", "pkg/long.py": f'def f():\n    """Doc."""\n{body}'})
     assert long_functions(tmp_path, {"pkg": "pkg"}) == [("pkg.long", "f", 62)]
     assert long_functions(ROOT, PACKAGES) == []
+
+
+def test_trainer_and_adapter_options_come_from_their_dataclasses(tmp_path):
+    """litgpt's style: a setting declares its flag beside its default, once. Every option TrainConfig declares is a
+    flag of every recipe's train command, and what is given on the command line reaches the trainer's config."""
+    from dataclasses import fields as fields_of
+
+    from zinit.cliargs import options_of
+    from zinit.recipes import common
+    from zinit.train import TrainConfig
+
+    declared = options_of(TrainConfig)
+    assert {"epochs", "batch_size", "save_every_minutes", "seed"} <= set(declared)
+    assert common.FLAGS["K"] == options_of(zinit.AdapterConfig)["K"]
+    for name, (flag, keywords) in declared.items():
+        assert common.FLAGS[name] == (flag, keywords)
+        field_default = {f.name: f.default for f in fields_of(TrainConfig)}[name]
+        assert keywords["default"] == (None if name == "blr" else field_default), name  # blr: the method's default
+    given = {"epochs": "3", "max_steps": "7", "batch_size": "2", "grad_accum": "3", "weight_decay": "0.5",
+             "warmup_epochs": "0.25", "save_every": "9", "save_every_minutes": "0", "seed": "5", "device": "cpu",
+             "blr": "0.125"}
+    assert set(given) == set(declared)  # a new option declared on TrainConfig must be given here too
+    argv = ["train", "alpaca", "--output", str(tmp_path / "run")]
+    for name, value in given.items():
+        argv += [declared[name][0], value]
+    args = cli.build_parser().parse_args(argv)
+    config = common.TrainingRun("alpaca", args).config()
+    for name, value in given.items():
+        assert getattr(config, name) == (value if name == "device" else type(getattr(config, name) or 0.0)(value)), \
+            name

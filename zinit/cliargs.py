@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 #: The longest prompt the commands accept: the paper uses 10, and K × hidden size × layers float32 values must fit.
 MAX_K = 4096
@@ -75,6 +76,33 @@ def _float(text: str, rule: str, ok: Callable[[float], bool]) -> float:
     if not math.isfinite(value) or not ok(value):
         raise argparse.ArgumentTypeError(f"must be {rule}, got {_shown(text)}")
     return value
+
+
+def option(flag: str, type_: Callable[[str], Any] | None, help_: str, **argparse_keywords: Any) -> dict[str, Any]:
+    """The ``metadata`` of a dataclass field that is also a command-line option (litgpt's style: a setting declares
+    its flag once, beside its default): the flag, its argparse ``type`` and ``help``, and any other argparse keyword
+    (``default=`` when the command line's default differs from the field's). :func:`options_of` reads them back.
+
+    >>> from dataclasses import dataclass, field
+    >>> @dataclass
+    ... class Settings:
+    ...     epochs: float = field(default=5.0, metadata=option("--epochs", float, "epochs (default %(default)s)"))
+    >>> options_of(Settings)
+    {'epochs': ('--epochs', {'type': <class 'float'>, 'help': 'epochs (default %(default)s)', 'default': 5.0})}
+    """
+    keywords = {"type": type_, "help": help_, **argparse_keywords}
+    return {"cli": (flag, {k: v for k, v in keywords.items() if v is not None or k == "default"})}
+
+
+def options_of(cls: type) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{field: (flag, argparse keywords)}`` of the fields of the dataclass ``cls`` declared with :func:`option`,
+    each option's default the field's own unless the option names another."""
+    out = {}
+    for f in fields(cls):
+        if "cli" in f.metadata:
+            flag, keywords = f.metadata["cli"]
+            out[f.name] = (flag, {**keywords, "default": keywords.get("default", f.default)})
+    return out
 
 
 def positive_int(text: str) -> int:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
 from ._version import __version__
 from .attention import GATE_FUNCTIONS
+from .cliargs import option, prompt_length
 from .errors import ZinitValueError
 from .registry import Backbone, Dims, get_backbone
 
@@ -78,7 +79,8 @@ class AdapterConfig:
     head_dim: int  #: d
     num_layers: int  #: layers the model has
     layers: tuple[int, ...]  #: adapted layer indices, ascending
-    K: int  #: prompt length
+    #: prompt length (also the recipes' ``--K`` option, declared here)
+    K: int = field(metadata=option("--K", prompt_length, "prompt length (default %(default)s)", default=10))
     gate: str = "head"  #: ``"head"`` (one gate per query head), ``"layer"`` or ``"none"`` (no gate: one softmax)
     gate_fn: str = "tanh"  #: ``"tanh"`` or ``"identity"`` (unused by ``gate="none"``)
     train_modules: tuple[str, ...] = ()  #: submodules trained and saved with the adapter (a task head)

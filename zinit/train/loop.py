@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import quant
+from ..cliargs import nonneg_float, option, positive_float, positive_int
 from ..errors import ZinitError, ZinitStateError
 from ..inject import is_injected, layer_adapters
 from ..files import atomic_write, write_json
@@ -50,23 +51,38 @@ class TrainConfig:
     """
 
     output: str
-    epochs: float = 5.0
-    max_steps: int | None = None
-    batch_size: int = 4  #: per process
-    grad_accum: int = 1
-    blr: float = 9e-3  #: lr = blr · global batch / 256
-    weight_decay: float = 0.02
-    warmup_epochs: float = 2.0
+    epochs: float = field(default=5.0, metadata=option("--epochs", positive_float, "epochs (default %(default)s)"))
+    max_steps: int | None = field(default=None, metadata=option(
+        "--max-steps", positive_int, "stop after this many optimizer steps (the schedule is compressed to fit)"))
+    batch_size: int = field(default=4, metadata=option(  # per process
+        "--batch-size", positive_int, "examples per process per step (default %(default)s)"))
+    grad_accum: int = field(default=1, metadata=option(
+        "--grad-accum", positive_int, "micro-batches per optimizer step (default %(default)s)"))
+    #: lr = blr · global batch / 256; on the command line None means the method's default for the recipe
+    blr: float = field(default=9e-3, metadata=option(
+        "--blr", positive_float, "base lr; lr = blr·global_batch/256 (default: the method's default for this recipe, "
+        "see zinit compare)", default=None))
+    weight_decay: float = field(default=0.02, metadata=option(
+        "--weight-decay", nonneg_float, "on prompts, not on gates (default %(default)s)"))
+    warmup_epochs: float = field(default=2.0, metadata=option(
+        "--warmup-epochs", nonneg_float, "linear warmup, in epochs (default %(default)s)"))
     min_lr: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    save_every: int = 100  #: optimizer steps between checkpoints (and one at the end)
-    save_every_minutes: float | None = 10.0  #: also checkpoint once this much wall time has passed since the last
+    #: optimizer steps between checkpoints (and one at the end)
+    save_every: int = field(default=100, metadata=option(
+        "--save-every", positive_int, "checkpoint every N optimizer steps (default %(default)s)"))
+    #: also checkpoint once this much wall time has passed since the last
+    save_every_minutes: float | None = field(default=10.0, metadata=option(
+        "--save-every-minutes", nonneg_float, "also checkpoint when this many minutes have passed since the last one "
+        "(default %(default)s; 0: off)"))
     log_every: int = 1
-    seed: int = 0
+    seed: int = field(default=0, metadata=option("--seed", int, "random seed (default %(default)s)"))
     group_by_length: bool = True
     pad_to: int | None = None
     fsdp: bool = False  #: shard the frozen model with FSDP2 (fully_shard) instead of replicating it
-    device: str | None = None  #: "cpu", "cuda" or None (CUDA when available)
+    #: "cpu", "cuda" or None (CUDA when available)
+    device: str | None = field(default=None, metadata=option(
+        "--device", None, "cpu or cuda (default: cuda when available)"))
     progress: bool = True
 
     # settings that do not change the result, so a resumed run may change them
