@@ -159,8 +159,6 @@ register_backbone(
         install=_install,
         uninstall=_uninstall,
         description="timm VisionTransformer / DeiT (fused qkv, class token, bidirectional)",
-        # peft has no defaults for timm models: LoRA on the fused q/k/v projection, IA3 on it and the MLP output
-        peft_targets=(("lora", ("qkv",)), ("ia3", ("qkv", "fc2")), ("ia3_feedforward", ("fc2",))),
         joint_softmax=True,  # gate='none': the prompt keys join timm's own attention
     )
 )

@@ -46,7 +46,7 @@ from torch import nn
 
 import zinit
 from zinit import quant
-from zinit.recipes import methods
+from zinit.methods import registry as methods
 
 SHAPES = {
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -116,7 +116,7 @@ def apply_floor(model: nn.Module, L: int) -> nn.Module:
 
 
 #: What the benchmark's own names mean; every other name is a method of zinit compare's registry
-#: (zinit.recipes.methods), prepared exactly as a recipe prepares it.
+#: (zinit.methods), prepared exactly as a recipe prepares it.
 REFERENCES = ("base", "floor", "zinit_generic")
 
 

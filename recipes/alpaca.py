@@ -35,7 +35,7 @@ from zinit.train.plots import plot_run
 from . import instructions
 from .common import TrainingRun, add_flags, add_train_flags
 from .instructions import EMBEDDED_HELDOUT, EMBEDDED_TRAIN, load_records, prompt_of, tokenize
-from .methods import is_zinit, token_logits, trainable_count
+from zinit.methods.registry import is_zinit, token_logits, trainable_count
 
 #: The official recipe (LLaMA-7B on the 52K Alpaca set).
 OFFICIAL_DEFAULTS = {"blr": 9e-3, "epochs": 5.0, "warmup_epochs": 2.0, "batch_size": 4, "max_seq_len": 512}

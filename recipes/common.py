@@ -38,7 +38,7 @@ from zinit.train import TrainConfig
 from zinit.train import dist as D
 from zinit.train.lock import hold_output
 
-from . import methods
+from zinit.methods import registry as methods
 
 #: The options several recipes take, each declared once: name -> (flag, argparse keywords). The trainer's settings
 #: come from :class:`zinit.train.TrainConfig`'s own fields (each declares its flag, type and help beside its default,
@@ -145,7 +145,7 @@ class TrainingRun:
     def prepare(self, model: nn.Module, *, head: Sequence[str] = (), task: str = "causal_lm") -> nn.Module:
         """Apply ``--method`` to ``model`` with ``--layers`` (capped at the model's depth) and ``--K``, after seeding
         with ``--seed``; returns the prepared model. A method that cannot take the model raises
-        :class:`~zinit.recipes.methods.NotApplicable`, which ends the ``with`` block as "n/a"."""
+        :class:`~zinit.methods.NotApplicable`, which ends the ``with`` block as "n/a"."""
         self.layers = min(self.args.layers, zinit.find_backbone(model).dims(model).num_layers)
         torch.manual_seed(self.args.seed)
         return methods.prepare(self.method, model, methods.MethodContext(self.recipe, self.layers, self.args.K,

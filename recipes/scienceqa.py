@@ -49,7 +49,9 @@ from zinit.train import Task, causal_lm_loss, train
 from zinit.train import dist as D
 from zinit.train.data import pad_collate
 
-from . import methods, published
+from zinit.methods import registry as methods
+
+from . import published
 from .common import TrainingRun, add_flags, add_train_flags
 from .vision import load_pretrained
 

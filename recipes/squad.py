@@ -39,7 +39,9 @@ from zinit.files import read_json, write_json
 from zinit.train import Task, train
 from zinit.train import dist as D
 
-from . import methods, published
+from zinit.methods import registry as methods
+
+from . import published
 from .common import TrainingRun, add_flags, add_train_flags
 from zinit.errors import ZinitStateError, ZinitValueError
 

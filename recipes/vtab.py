@@ -35,7 +35,7 @@ from zinit.cliargs import float_list, int_at_least, positive_int
 from zinit.train import Task, TrainConfig, train
 from zinit.train import dist as D
 
-from . import methods
+from zinit.methods import registry as methods
 from .common import TrainingRun, add_flags, base_lr
 from .vision import DEFAULT_VIT, build_vit
 
@@ -247,7 +247,7 @@ class VtabSettings:
     num_classes: int | None = None
     device: str | None = None
     progress: bool = True
-    method: str = "zinit"  #: see recipes/methods.py (zinit compare)
+    method: str = "zinit"  #: see zinit.methods (zinit compare)
 
 
 def _run_one(base: nn.Module, spec: VtabTask, settings: VtabSettings, train_set: tuple[Tensor, Tensor],

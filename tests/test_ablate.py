@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tiny import run_cli
-from zinit.recipes import ablate as A
+from zinit.methods import ablate as A
 
 H, C = 4, 32  # save_tiny_causal_lm: 3 layers, hidden 32, 4 heads
 

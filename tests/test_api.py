@@ -154,19 +154,20 @@ def test_a_user_backbone_is_one_registration():
 
 
 def test_a_users_own_backbones_and_recipes_packages_change_nothing(tmp_path):
-    """zinit's folders install as zinit.backbones / zinit.recipes / zinit.benchmarks, so packages of the same generic
+    """zinit's folders install as zinit.backbones / zinit.recipes / zinit.methods / zinit.benchmarks, so packages of the same generic
     names in the working directory (first on sys.path) are never picked up instead."""
     import subprocess
     import sys
 
-    for name in ("backbones", "recipes", "benchmarks"):
+    for name in ("backbones", "recipes", "methods", "benchmarks"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
     script = (
         "import timm, zinit\n"
         "assert zinit.list_backbones() == ['hf', 'llama', 'roberta', 'vit'], zinit.list_backbones()\n"
         "vit = zinit.inject(timm.create_model('vit_tiny_patch16_224', pretrained=False), 2, K=4)\n"
-        "from zinit.recipes import alpaca, compare, scienceqa, squad, vtab\n"
+        "from zinit.recipes import alpaca, scienceqa, squad, vtab\n"
+        "from zinit.methods import ablate, compare\n"
         "from zinit.benchmarks import speed\n"
         "from zinit.cli import build_parser\n"
         "build_parser()\n"

@@ -24,7 +24,7 @@ from tiny import tiny_llama, tiny_vit
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The repository folders and the package names they install as (pyproject.toml's package-dir).
-PACKAGES = {"zinit": "zinit", "backbones": "zinit.backbones", "recipes": "zinit.recipes",
+PACKAGES = {"zinit": "zinit", "backbones": "zinit.backbones", "recipes": "zinit.recipes", "methods": "zinit.methods",
             "benchmarks": "zinit.benchmarks"}
 #: Imports of zinit modules that stay inside a function, each for a reason: fastapi/uvicorn are the optional serve
 #: extra.
@@ -153,6 +153,17 @@ def test_zinit_imports_form_no_circle():
     assert cycles(edges) == []
 
 
+def test_the_layers_import_downward_only():
+    """core <- backbones; core <- methods <- recipes; benchmarks on top: the methods package knows no recipe, and
+    no backbone knows the methods or recipes."""
+    edges, _ = import_graph(ROOT, PACKAGES)
+    for module, targets in edges.items():
+        if module.startswith("zinit.methods"):
+            assert not [t for t in targets if t.startswith("zinit.recipes")], module
+        if module.startswith("zinit.backbones"):
+            assert not [t for t in targets if t.startswith(("zinit.recipes", "zinit.methods"))], module
+
+
 def test_no_zinit_import_hides_inside_a_function():
     """Imports inside functions dodged circles; with none left, only optional dependencies stay inside one."""
     _, inner = import_graph(ROOT, PACKAGES)
@@ -260,7 +271,7 @@ PLUGINS = {
         "                                   metrics=('score',)))\n"),
     # a PEFT method: train the LM head only
     "my_method.py": (
-        "from zinit.recipes.methods import Method, register_method\n"
+        "from zinit.methods import Method, register_method\n"
         "def prepare(model, ctx):\n"
         "    for p in model.parameters():\n"
         "        p.requires_grad_(False)\n"
@@ -286,7 +297,7 @@ def test_a_backbone_a_recipe_and_a_method_are_one_file_each(tmp_path):
         "import json, sys, torch, zinit\n"
         "from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM\n"
         "from zinit import cli\n"
-        "from zinit.recipes import methods as M\n"
+        "from zinit.methods import registry as M\n"
         "gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16)).eval()\n"
         "assert zinit.find_backbone(gpt2).name == 'my-gpt2' and 'my-gpt2' in zinit.list_backbones()\n"
         "ids = torch.randint(0, 32, (1, 5))\n"
@@ -323,7 +334,7 @@ def test_a_backbone_a_recipe_and_a_method_are_one_file_each(tmp_path):
 def test_one_registry_type_for_backbones_recipes_methods_and_schemes():
     """timm's style for all four: register / list / get, the same errors; zinit.backbones is only the package."""
     from zinit import quant, recipe, registry
-    from zinit.recipes import methods
+    from zinit.methods import registry as methods
 
     for reg, known in ((registry.BACKBONES, "llama"), (recipe.RECIPES, "alpaca"), (methods.METHODS, "lora"),
                        (quant.SCHEMES, "nf4")):

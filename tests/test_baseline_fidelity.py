@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zinit.recipes import methods as M
+from zinit.methods import registry as M
 from zinit.train import Task, TrainConfig, causal_lm_loss, train
 from zinit.train.data import pad_collate
 from tiny import tiny_llama, tokens

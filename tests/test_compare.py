@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zinit.recipes import methods as M
+from zinit.methods import registry as M
 from tiny import tiny_encoder, tiny_llama, tiny_vit
 from zinit.cli import main as cli
 
@@ -153,7 +153,7 @@ def test_compare_two_methods_and_one_not_applicable(tmp_path, tiny_model_dir, al
 
 
 def test_lr_grid_selects_on_a_validation_split(tmp_path, tiny_model_dir, alpaca_file):
-    from zinit.recipes import compare
+    from zinit.methods import compare
 
     out = tmp_path / "grid"
     rows = compare.compare("alpaca", ["zinit"], out, ["--model", str(tiny_model_dir), "--data", str(alpaca_file),
@@ -176,7 +176,7 @@ def test_lr_grid_selects_on_a_validation_split(tmp_path, tiny_model_dir, alpaca_
 
 def test_the_papers_numbers_sit_below_the_measured_rows():
     """VTAB: the group means of zero-init, VPT-deep and full fine-tuning; SQuAD: the run's --version; none for alpaca."""
-    from zinit.recipes import compare
+    from zinit.methods import compare
 
     rows = [{"method": "zinit", "status": "ok", "metrics": {"top1": 80.0, "Natural": 81.0}, "trainable_parameters": 9,
              "adapter_bytes": 10, "peak_memory_mb": {"gpu": None, "host": 1.0}, "throughput": None, "wall_s": 60.0}]
@@ -196,8 +196,8 @@ def test_the_papers_numbers_sit_below_the_measured_rows():
 def test_gpu_and_host_memory_are_reported_apart(monkeypatch):
     """On GPU the footprint of a small method is its CUDA peak; the host RSS (libraries, data) must not stand in for it
     (the column was max(CUDA peak, host RSS)). Both are recorded and shown, labelled."""
-    from zinit.recipes import compare
-    from zinit.recipes import methods as M
+    from zinit.methods import compare
+    from zinit.methods import registry as M
 
     monkeypatch.setattr(M.torch.cuda, "max_memory_allocated", lambda device=None: 300 * 2**20)
     peak = M.peak_memory_mb(M.torch.device("cuda", 0))
@@ -216,7 +216,7 @@ def test_ia3_scales_keys_values_and_the_ffn_inner_activation_only():
     """The IA3 paper scales keys, values and the FFN's inner activation. peft's BERT default ``output.dense`` also
     matches every ``attention.output.dense`` (scaling the attention's context): the method leaves that one out."""
     from tiny import tiny_encoder
-    from zinit.recipes import methods as M
+    from zinit.methods import registry as M
 
     model = M.prepare("ia3", tiny_encoder("bert", head="qa"), M.MethodContext("squad", 32, 3, head=("qa_outputs",),
                                                                                    task="question_answering"))

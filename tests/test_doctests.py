@@ -1,5 +1,5 @@
-"""The docstring examples of zinit.backbones, zinit.recipes and zinit.benchmarks (the repository's backbones/,
-recipes/ and benchmarks/ folders, installed under the zinit namespace).
+"""The docstring examples of zinit.backbones, zinit.recipes, zinit.methods and zinit.benchmarks (the repository's
+backbones/, recipes/, methods/ and benchmarks/ folders, installed under the zinit namespace).
 
 pytest's own --doctest-modules collects files by path, which would import these folders a second time under their
 folder names (and register every built-in backbone twice); here each module is imported by its installed name.
@@ -15,17 +15,17 @@ import pytest
 
 import zinit.backbones
 import zinit.benchmarks
+import zinit.methods
 import zinit.recipes
 
-MODULES = sorted(
-    info.name
-    for package in (zinit.backbones, zinit.recipes, zinit.benchmarks)
-    for info in pkgutil.iter_modules(package.__path__, package.__name__ + ".")
-)
+PACKAGES = (zinit.backbones, zinit.recipes, zinit.methods, zinit.benchmarks)
+MODULES = sorted([package.__name__ for package in PACKAGES] + [
+    info.name for package in PACKAGES for info in pkgutil.iter_modules(package.__path__, package.__name__ + ".")])
 
 
 def test_every_package_is_listed():
-    assert {"zinit.backbones.vit", "zinit.recipes.alpaca", "zinit.benchmarks.speed"} <= set(MODULES)
+    assert {"zinit.backbones.vit", "zinit.recipes.alpaca", "zinit.methods", "zinit.methods.compare",
+            "zinit.benchmarks.speed"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

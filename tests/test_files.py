@@ -43,7 +43,7 @@ def test_saved_files_get_the_umask_mode(tmp_path, set_umask, mask, mode):
 
 
 def test_other_methods_weights_get_the_umask_mode(tmp_path, set_umask):
-    from zinit.recipes import methods
+    from zinit.methods import registry as methods
 
     set_umask(0o022)
     model = tiny_llama(layers=2)

@@ -17,7 +17,7 @@ import zinit
 from reference import encoder_layer, install_reference, llama_layer, timm_attention_layer, vit_layer
 from tiny import DELETE, clone, edit_adapter_config, padded_batch, tiny_encoder, tiny_llama, tiny_vit, tokens
 from zinit.benchmarks import coverage
-from zinit.recipes import methods as M
+from zinit.methods import registry as M
 
 VARIANTS = {  # name -> inject options
     "zero": {},

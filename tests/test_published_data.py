@@ -17,7 +17,8 @@ import torch
 
 from tiny import alpaca_records
 from zinit.cli import main as cli
-from zinit.recipes import alpaca, instructions, make_squad_demo, methods, published, squad
+from zinit.methods import registry as methods
+from zinit.recipes import alpaca, instructions, make_squad_demo, published, squad
 from zinit.recipes import scienceqa as sqa
 
 

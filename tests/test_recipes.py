@@ -138,7 +138,7 @@ def test_a_recipe_in_one_file_appears_in_train_eval_and_compare(tmp_path):
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"]
     assert [(r["method"], r["status"]) for r in rows] == [("zinit", "ok"), ("lora", "ok")]
     # --lr-grid ran each method on the recipe's validation split, centred on its default for this recipe: the toy's
-    # own table for zinit, lora's default for causal LMs (zinit.recipes.methods)
+    # own table for zinit, lora's default for causal LMs (zinit.methods)
     assert [r["lr_grid"][0]["blr"] for r in rows] == [0.5, 0.032]
     grid_run = tmp_path / "cmp" / "zinit" / "_lr_grid" / "x1" / "zinit"
     assert (grid_run / "split.txt").read_text() == "val"
@@ -151,10 +151,12 @@ def test_the_core_imports_no_recipe_and_no_benchmark():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
-                assert not name.startswith(("zinit.recipes", "zinit.benchmarks", "recipes", "benchmarks")), \
+                assert not name.startswith(("zinit.recipes", "zinit.benchmarks", "zinit.methods", "recipes",
+                                            "benchmarks", "methods")), \
                     f"{path.relative_to(ROOT)} imports {name}"
     script = ("import sys, zinit, zinit.cli, zinit.lm\n"
-              "print(sorted(m for m in sys.modules if m.startswith(('zinit.recipes', 'zinit.benchmarks'))))")
+              "print(sorted(m for m in sys.modules if m.startswith(('zinit.recipes', 'zinit.benchmarks', "
+              "'zinit.methods'))))")
     done = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
@@ -236,7 +238,7 @@ def test_recipe_validation_and_registry_errors():
 
 
 def test_compare_refuses_lr_grid_for_a_recipe_without_a_validation_split(tmp_path):
-    from zinit.recipes import compare
+    from zinit.methods import compare
 
     def noop(_):
         return 0

@@ -234,7 +234,7 @@ def test_likelihood_scores_prompt_tuning_at_the_last_prompt_token(tmp_path):
     logits after "<prompt>The answer is ", argmax over the option letters."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from zinit.recipes import methods
+    from zinit.methods import registry as methods
 
     folder = save_tiny_causal_lm(tmp_path / "lm", seed=4)  # a model whose choice varies between the questions
     model = AutoModelForCausalLM.from_pretrained(folder)

@@ -245,7 +245,7 @@ def test_the_span_head_is_drawn_from_the_seed(tmp_path, monkeypatch):
     head. Each run stops where the method would be applied (recording the head), before any training."""
     from transformers import RobertaConfig, RobertaModel
 
-    from zinit.recipes import methods
+    from zinit.methods import registry as methods
 
     make_squad_demo.make(tmp_path / "data", train_paragraphs=2, dev_paragraphs=1)
     texts = [t for name in ("train-v1.1.json", "dev-v1.1.json")

@@ -18,7 +18,7 @@ from torch import nn
 import zinit
 from reference import gated_attention, install_reference
 from tiny import edit_adapter_config, tiny_encoder, tiny_llama, tiny_vit, tokens
-from zinit.recipes import methods as M
+from zinit.methods import registry as M
 
 V2 = {"bias_scale": True, "train_norms": True}
 

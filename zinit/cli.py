@@ -46,7 +46,7 @@ INTERRUPT_EXIT = 130
 #: the libraries' bad values, files and disks. Any other error is a bug and keeps its traceback.
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ZinitError, ValueError, OSError, FloatingPointError)
 #: Commands whose code lives outside zinit's core, as ``module:function`` taking the command's own argument list.
-OUTER_COMMANDS = {"compare": "zinit.recipes.compare:main", "ablate": "zinit.recipes.ablate:main",
+OUTER_COMMANDS = {"compare": "zinit.methods.compare:main", "ablate": "zinit.methods.ablate:main",
                   "bench": "zinit.benchmarks.speed:main",
                   "serve": "zinit.serve.cli:main"}
 

@@ -58,9 +58,6 @@ class Backbone:
         description: one line for listings and error messages.
         generic: a catch-all for a whole library (the ``hf`` backbone takes any transformers model): consulted only
             when no other backbone matches the model.
-        peft_targets: module names the PEFT methods that ``zinit compare`` runs through peft should target, for a
-            family peft has no defaults for (peft knows every transformers model type; a timm ViT it does not):
-            ``(("lora", ("qkv",)), ("ia3", ("qkv", "fc2")), ("ia3_feedforward", ("fc2",)))``.
         joint_softmax: the backbone computes ``gate="none"`` adapters: where
             :func:`zinit.joint_prompt_kv` gives prompt keys/values for a module, its attention concatenates
             them before the token keys/values, lets every query see them and runs one softmax over both. A backbone
@@ -76,13 +73,7 @@ class Backbone:
     uninstall: Callable[[nn.Module, Sequence[nn.Module]], None]
     description: str = ""
     generic: bool = False
-    peft_targets: tuple[tuple[str, tuple[str, ...]], ...] = ()
     joint_softmax: bool = False
-
-    def peft_target(self, method: str) -> list[str] | None:
-        """The module names :attr:`peft_targets` gives for ``method`` (None: use peft's own defaults)."""
-        found = dict(self.peft_targets).get(method)
-        return None if found is None else list(found)
 
 
 def load_plugins(package: str | None, group: str | None) -> object:

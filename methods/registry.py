@@ -14,7 +14,7 @@ parameters), which every recipe treats as zinit (its lr, its special cases: :fun
 ``linear`` (the task head only) and ``full`` fine-tuning. Methods that add a task-specific
 head train it too (``ctx.head``). This is the one registry of methods: ``zinit compare`` and the speed benchmark
 (``zinit bench``) both prepare models through :func:`prepare`. peft's target modules come from peft's own defaults for
-the model type, or from the backbone (:attr:`zinit.Backbone.peft_targets`) where peft has none (timm ViTs).
+the model type, or from :data:`PEFT_TARGETS` where peft has none (timm ViTs).
 """
 
 from __future__ import annotations
@@ -253,13 +253,34 @@ _PEFT_TASK = {"causal_lm": "CAUSAL_LM", "question_answering": "QUESTION_ANS", "s
               "image_classification": None}
 
 
+#: Target modules of the peft methods for backbones peft has no defaults for: ``{backbone: {method: modules}}``.
+#: timm ViTs: LoRA on the fused q/k/v projection, IA3 on it and the MLP output (:func:`register_peft_targets`).
+PEFT_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "vit": {"lora": ("qkv",), "ia3": ("qkv", "fc2"), "ia3_feedforward": ("fc2",)},
+}
+
+
+def register_peft_targets(backbone: str, **targets: Sequence[str]) -> None:
+    """Declare the modules peft's methods target on models of ``backbone`` (a family peft has no defaults for), e.g.
+    ``register_peft_targets("mymodel", lora=["q_proj", "v_proj"], ia3=["k_proj", "v_proj", "down_proj"],
+    ia3_feedforward=["down_proj"])``; a method not named keeps peft's defaults.
+
+    >>> register_peft_targets("vit", lora=["qkv"])
+    >>> PEFT_TARGETS["vit"]["lora"], PEFT_TARGETS["vit"]["ia3"]
+    (('qkv',), ('qkv', 'fc2'))
+    """
+    PEFT_TARGETS.setdefault(backbone, {}).update({method: tuple(modules) for method, modules in targets.items()})
+
+
 def _targets(model: nn.Module, method: str) -> list[str] | None:
-    """Target modules of a peft method: what the model's backbone declares (``Backbone.peft_targets``), else None,
+    """Target modules of a peft method: what :data:`PEFT_TARGETS` declares for the model's backbone, else None,
     which lets peft pick its own defaults for the model type (and name the model type if it has none)."""
     try:
-        return zinit.find_backbone(model).peft_target(method)
+        backbone = zinit.find_backbone(model).name
     except ValueError:  # a model no backbone takes: peft's defaults, or its own error
         return None
+    found = PEFT_TARGETS.get(backbone, {}).get(method)
+    return None if found is None else list(found)
 
 
 def _peft_class(name: str) -> Any:
@@ -292,7 +313,7 @@ def _lora(model: nn.Module, ctx: MethodContext) -> nn.Module:
 
 def _ia3_targets(model: nn.Module) -> tuple[list[str] | None, list[str] | None]:
     """IA3's target and feed-forward modules as the IA3 paper places them: keys, values and the FFN's inner activation
-    (the input of the FFN's output layer). From the backbone's ``peft_targets`` or peft's defaults for the model type,
+    (the input of the FFN's output layer). From :data:`PEFT_TARGETS` or peft's defaults for the model type,
     with one correction: peft's BERT/RoBERTa default ``output.dense`` also matches each attention block's output
     projection (``attention.output.dense``), whose input (the attention's context) the paper does not scale; a
     feed-forward match inside an attention module is dropped. Returns full module names, or (None, None) to let peft

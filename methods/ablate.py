@@ -4,7 +4,7 @@ A grid over the gate variant (``zero``: zinit's zero-init gate; ``random``: the 
 random-init ablation; ``none``: no gate, the prompt keys joined to the tokens' softmax), the number of adapted layers
 L, the prompt length K and the epochs, each point trained over several seeds. Each run is
 ``zinit train RECIPE --method M --layers L --K K [--epochs E] --seed S --output OUT/runs/POINT [recipe options]`` in
-its own process (:func:`zinit.recipes.compare.run_method`), so everything a recipe does (its data, schedule, metric,
+its own process (:func:`zinit.methods.compare.run_method`), so everything a recipe does (its data, schedule, metric,
 its choice of the best validation epoch) is what it always does.
 
 The grid is one factor at a time by default (``--grid oat``): a base point, and each axis varied alone around it; the
@@ -41,7 +41,7 @@ from zinit.cliargs import layer_count, positive_float, positive_int, prompt_leng
 from zinit.files import atomic_write, write_json
 
 from . import compare as C
-from . import methods as M
+from . import registry as M
 
 #: gate variant -> the method that trains it
 GATES = {"zero": "zinit", "random": "zinit_random", "none": "zinit_nogate"}

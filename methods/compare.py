@@ -36,7 +36,7 @@ from zinit.cli import build_parser
 from zinit.cliargs import float_list, option_value, positive_int
 from zinit.files import atomic_write, write_json
 
-from . import methods as M
+from . import registry as M
 
 
 def run_method(recipe: str, method: str, out: Path, recipe_args: Sequence[str], nproc: int = 1,
