@@ -34,7 +34,7 @@ from zinit.train.plots import plot_run
 
 from . import instructions
 from .common import TrainingRun, add_flags, add_train_flags
-from .instructions import EMBEDDED_HELDOUT, EMBEDDED_TRAIN, load_records, prompt_of, tokenize
+from .instructions import EMBEDDED_HELDOUT, EMBEDDED_TRAIN, family_of, load_records, prompt_of, tokenize
 from zinit.methods.registry import is_zinit, token_logits, trainable_count
 
 #: The official recipe (LLaMA-7B on the 52K Alpaca set).
@@ -60,7 +60,8 @@ def normalize_answer(text: str) -> str:
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]], max_seq_len: int,
              batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False) -> dict[str, Any]:
-    """Held-out loss (mean over output tokens, teacher forced) and exact match of greedy answers, in the trainer's
+    """Held-out loss (mean over output tokens, teacher forced) and exact match of greedy answers (overall, and per task
+    family of the bundled set in ``by_family``: ``{family: {"correct", "n"}}``), in the trainer's
     precision (:func:`zinit.train.dist.autocast`: bf16 autocast on CUDA), as the other recipes evaluate.
 
     ``progress``: a progress bar over both passes (loss batches, then generation batches), on stderr.
@@ -89,7 +90,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    correct, shown = 0, []
+    correct, shown, families = 0, [], {}
     try:
         for s in range(0, len(records), batch_size):
             chunk = records[s:s + batch_size]
@@ -102,6 +103,11 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
             for r, a in zip(chunk, answers):
                 ok = normalize_answer(a) == normalize_answer(r["output"])
                 correct += ok
+                family = family_of(r)
+                if family is not None:
+                    tally = families.setdefault(family, {"correct": 0, "n": 0})
+                    tally["correct"] += int(ok)
+                    tally["n"] += 1
                 if len(shown) < 6:
                     shown.append({"instruction": r["instruction"], "input": r.get("input", ""),
                                   "expected": r["output"], "answer": a.strip(), "correct": bool(ok)})
@@ -111,7 +117,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
         bar.close()
     model.train(was_training)
     return {"loss": total_loss / max(total_tokens, 1), "exact_match": correct / len(records),
-            "n": len(records), "samples": shown}
+            "n": len(records), "samples": shown, "by_family": families}
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -248,13 +254,24 @@ def write_eval_records(metrics_path: Path, records: Sequence[dict[str, Any]]) ->
     atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _family_lines(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> list[str]:
+    """One line per task family: its exact match before and after tuning (and its size)."""
+    lines = []
+    for family, tally in after.items():
+        was = before.get(family)
+        old = f"{was['correct'] / was['n']:11.1%}" if was else f"{'':>11}"
+        lines.append(f"    {family + ' (' + str(tally['n']) + ')':26s}{old}    {tally['correct'] / tally['n']:11.1%}")
+    return lines
+
+
 def format_report(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
     if before is None:  # --skip-eval-before
         before = {"loss": float("nan"), "exact_match": float("nan")}
     lines = [f"held-out ({after['n']} examples)      before tuning    after tuning",
              f"  loss (output tokens)        {before['loss']:12.4f}    {after['loss']:12.4f}",
-             f"  exact match (greedy)        {before['exact_match']:11.1%}    {after['exact_match']:11.1%}",
-             "  samples after tuning:"]
+             f"  exact match (greedy)        {before['exact_match']:11.1%}    {after['exact_match']:11.1%}"]
+    lines += _family_lines(before.get("by_family") or {}, after.get("by_family") or {})
+    lines.append("  samples after tuning:")
     for s in after["samples"]:
         mark = "ok " if s["correct"] else "bad"
         lines.append(f"    [{mark}] {s['instruction']} {s['input']!r} -> {s['answer']!r} (expected {s['expected']!r})")

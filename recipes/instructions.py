@@ -21,6 +21,25 @@ from . import published
 DATA_DIR = Path(__file__).resolve().parent / "data"
 EMBEDDED_TRAIN = DATA_DIR / "instructions_train.json"
 EMBEDDED_HELDOUT = DATA_DIR / "instructions_heldout.json"
+#: The seven task families of the bundled set, by their instruction (``make_instructions`` writes them).
+FAMILIES = {
+    "What is the capital of this country?": "capital",
+    "Give the opposite of this word.": "opposite",
+    "Which of the two numbers is larger?": "larger",
+    "Write this number in words.": "number in words",
+    "What is the first letter of this word?": "first letter",
+    "Write this word in capital letters.": "capitals",
+    "What is the next number in this sequence?": "next in sequence",
+}
+
+
+def family_of(record: dict[str, str]) -> str | None:
+    """The task family of a record of the bundled set (:data:`FAMILIES`), None for any other instruction.
+
+    >>> family_of({"instruction": "Write this word in capital letters.", "input": "meadow", "output": "MEADOW"})
+    'capitals'
+    """
+    return FAMILIES.get(record.get("instruction", ""))
 #: What ``--data`` of the Alpaca recipe takes, for error messages.
 ACCEPTS = ("alpaca_data.json (a JSON list of {instruction, input, output}), a parquet or JSON Lines file with "
            "those columns, a folder as downloaded from the Hub (tatsu-lab/alpaca: data/train-*.parquet; "

@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from .instructions import FAMILIES
+
 DATA = Path(__file__).resolve().parent / "data"
 SEED = 1234
 
@@ -60,6 +62,9 @@ def _split(items: list, rng: random.Random, heldout: int) -> tuple[list, list]:
     return items[heldout:], items[:heldout]
 
 
+_TEXT = {family: text for text, family in FAMILIES.items()}
+
+
 def make(seed: int = SEED) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """The (train, held-out) records."""
     rng = random.Random(seed)
@@ -68,18 +73,18 @@ def make(seed: int = SEED) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
 
     cap_train, cap_test = _split(CAPITALS, rng, 10)
     for pool, out in ((cap_train, train), (cap_test, test)):
-        out += [_record("What is the capital of this country?", c, k) for c, k in pool]
+        out += [_record(_TEXT["capital"], c, k) for c, k in pool]
     opp_train, opp_test = _split(OPPOSITES, rng, 10)
     for pool, out in ((opp_train, train), (opp_test, test)):
-        out += [_record("Give the opposite of this word.", a, b) for a, b in pool]
-        out += [_record("Give the opposite of this word.", b, a) for a, b in pool]
+        out += [_record(_TEXT["opposite"], a, b) for a, b in pool]
+        out += [_record(_TEXT["opposite"], b, a) for a, b in pool]
     word_train, word_test = _split(WORDS, rng, 12)
     for pool, out in ((word_train, train), (word_test, test)):
-        out += [_record("What is the first letter of this word?", w, w[0]) for w in pool]
-        out += [_record("Write this word in capital letters.", w, w.upper()) for w in pool]
+        out += [_record(_TEXT["first letter"], w, w[0]) for w in pool]
+        out += [_record(_TEXT["capitals"], w, w.upper()) for w in pool]
     num_train, num_test = _split(list(range(len(NUMBER_WORDS))), rng, 5)
     for pool, out in ((num_train, train), (num_test, test)):
-        out += [_record("Write this number in words.", str(n), NUMBER_WORDS[n]) for n in pool]
+        out += [_record(_TEXT["number in words"], str(n), NUMBER_WORDS[n]) for n in pool]
 
     seen: set[tuple[int, int]] = set()
     for out, count in ((train, 80), (test, 16)):
@@ -88,7 +93,7 @@ def make(seed: int = SEED) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
             if (a, b) in seen:
                 continue
             seen.add((a, b))
-            out.append(_record("Which of the two numbers is larger?", f"{a}, {b}", str(max(a, b))))
+            out.append(_record(_TEXT["larger"], f"{a}, {b}", str(max(a, b))))
             count -= 1
     seen_seq: set[tuple[int, int]] = set()
     for out, count in ((train, 80), (test, 16)):
@@ -98,7 +103,7 @@ def make(seed: int = SEED) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
                 continue
             seen_seq.add((start, step))
             terms = [start + i * step for i in range(4)]
-            out.append(_record("What is the next number in this sequence?", ", ".join(map(str, terms)),
+            out.append(_record(_TEXT["next in sequence"], ", ".join(map(str, terms)),
                                str(start + 4 * step)))
             count -= 1
     rng.shuffle(train)
