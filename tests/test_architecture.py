@@ -431,3 +431,38 @@ def test_trainer_and_adapter_options_come_from_their_dataclasses(tmp_path):
     for name, value in given.items():
         assert getattr(config, name) == (value if name == "device" else type(getattr(config, name) or 0.0)(value)), \
             name
+
+
+def test_configs_from_files_and_hands_meet_every_rule(tmp_path):
+    """Found by review: a config path must check what the keyword path checks (the task head's names against the
+    model), malformed fields are field errors (not a TypeError), the visual widths come together, options beside a
+    folder or config are refused, and a record pickled before the one adapter state still loads."""
+    import pickle
+
+    from tiny import edit_adapter_config
+
+    vit = tiny_vit()
+    config = zinit.injection(zinit.inject(tiny_vit(), 1, K=2, train_modules=["head"])).config
+    with pytest.raises(ZinitValueError, match=r"train_modules: VisionTransformer has no submodule 'classifier'"):
+        zinit.inject(vit, config.replace(train_modules=("classifier",)))
+    assert not zinit.is_injected(vit) and all(p.requires_grad for p in vit.parameters())
+    folder = zinit.save_adapter(zinit.inject(tiny_llama(), 2, K=3), tmp_path / "a")
+    edit_adapter_config(folder, layers=[[2], [3]])
+    with pytest.raises(ZinitValueError, match=r"field 'layers' must be a non-empty list of distinct layer indices"):
+        zinit.load_adapter(tiny_llama(), folder)
+    base = dict(backbone="llama", hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=4, K=3)
+    with pytest.raises(ZinitValueError, match="visual_dim=6 and visual_hidden=None: give both"):
+        zinit.AdapterConfig(**base, layers=(3,), visual_dim=6)
+    assert zinit.AdapterConfig(**base, layers=[3, 1]).layers == (1, 3)  # as the keyword path sorts them
+    with pytest.raises(ZinitValueError, match=r"takes every option from the source; drop \['gate', 'gate_init'\]"):
+        zinit.add_adapter(tiny_llama(), "a", folder.parent / "a", gate="layer", gate_init="random")
+    from zinit import quant
+    with pytest.raises(KeyError, match="unknown quantization scheme 'int3'"):
+        quant.SCHEMES["int3"]
+    model = zinit.inject(tiny_llama(), 2, K=3)
+    old = pickle.loads(pickle.dumps(zinit.injection(model)))
+    old.__dict__ = {k: v for k, v in zinit.injection(model).__dict__.items()
+                    if k not in ("configs", "active", "dims", "routing", "installed")}
+    old.__dict__["config"] = zinit.injection(model).config  # the record as zinit wrote it before this change
+    revived = pickle.loads(pickle.dumps(old))
+    assert revived.active == "default" and revived.config == zinit.injection(model).config and revived.K == 3

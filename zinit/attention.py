@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor
 
+from .errors import ZinitValueError
+
 GATE_FUNCTIONS = ("tanh", "identity")
 
 
@@ -35,7 +37,7 @@ def gate_values(gate: Tensor, gate_fn: str, num_heads: int) -> Tensor:
     elif gate_fn == "identity":
         g = gate
     else:
-        raise ValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
+        raise ZinitValueError(f"gate_fn={gate_fn!r} is not one of {GATE_FUNCTIONS}")
     return g.expand(num_heads)
 
 
@@ -48,7 +50,7 @@ def _expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
     if kv_heads == num_heads:
         return x
     if num_heads % kv_heads:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {kv_heads} key/value heads")
+        raise ZinitValueError(f"{num_heads} query heads are not a multiple of {kv_heads} key/value heads")
     return repeat(x, "... hkv k d -> ... (hkv group) k d", group=num_heads // kv_heads)
 
 
@@ -89,7 +91,7 @@ def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: f
     - one query per sequence (a decoding step): one ``scaled_dot_product_attention`` call (2x fewer µs).
     """
     if key.dim() == 4 and key.shape[0] != query.shape[0]:
-        raise ValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
+        raise ZinitValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
     if query.shape[-2] == 1 and softcap is None:
         if key.dim() == 3:
             shape = (query.shape[0], *key.shape)
@@ -128,7 +130,7 @@ def joint_mask(mask: Tensor | None, prompt_len: int, q_len: int, kv_len: int, ca
         tokens = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril()
         return torch.cat([torch.ones(q_len, prompt_len, dtype=torch.bool, device=device), tokens], dim=-1)[None, None]
     if not isinstance(mask, Tensor):
-        raise ValueError(f"gate='none' joins the prompt keys to an attention mask given as a tensor; this attention "
+        raise ZinitValueError(f"gate='none' joins the prompt keys to an attention mask given as a tensor; this attention "
                          f"gives a {type(mask).__name__}: use an implementation with tensor masks (Hugging Face: "
                          "attn_implementation='sdpa' or 'eager'), or gate='head' or 'layer'")
     pad_shape = (*mask.shape[:-1], prompt_len)

@@ -122,7 +122,7 @@ def adapter_names(model: nn.Module) -> list[str]:
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or not name or len(name) > 128 or any(c in name for c in "./\\\0") \
             or name != name.strip():
-        raise ValueError(f"adapter name {name!r}: use a non-empty string of at most 128 characters without '.', '/', "
+        raise ZinitValueError(f"adapter name {name!r}: use a non-empty string of at most 128 characters without '.', '/', "
                          "'\\' or surrounding spaces (e.g. 'math-v2')")
     return name
 
@@ -362,7 +362,7 @@ def use_adapters(model: nn.Module, names: str | None | Sequence[str | None]) -> 
         every = None
         check = list(chosen)
         if not chosen:
-            raise ValueError("use_adapters got an empty list: give one adapter name (or None) per row")
+            raise ZinitValueError("use_adapters got an empty list: give one adapter name (or None) per row")
     unknown = sorted({n for n in check if n is not None and n not in state.named}, key=str)
     bad = [n for n in check if n is not None and not isinstance(n, str)]
     if bad:

@@ -93,10 +93,11 @@ class AdapterConfig:
     train_norms: bool = False  #: LLaMA-Adapter V2: the normalisation layers are trained
 
     def __post_init__(self) -> None:
-        """Check every field (:func:`check_fields`: the one place the rules live); lists become tuples."""
+        """Check every field (:func:`check_fields`: the one place the rules live); lists become tuples, the layers
+        ascending."""
         check_fields({f.name: getattr(self, f.name) for f in fields(self)})
-        for key in ("layers", "train_modules"):
-            object.__setattr__(self, key, tuple(getattr(self, key)))
+        object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+        object.__setattr__(self, "train_modules", tuple(self.train_modules))
 
     @classmethod
     def for_model(cls, backbone: str, dims: Dims, layers: tuple[int, ...], K: int, **options: Any) -> "AdapterConfig":
@@ -147,23 +148,25 @@ class AdapterConfig:
         """Read and check the fields :meth:`to_json` writes (extra keys, such as the weights' size and digest, are
         ignored). Errors name ``source``, the field, the bad value and the fix."""
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
-            raise ValueError(f"{source} is not a zinit adapter description (no \"format\": \"{FORMAT}\")")
+            raise ZinitValueError(f"{source} is not a zinit adapter description (no \"format\": \"{FORMAT}\")")
         version = data.get("format_version", 0)
         if not _is_int(version):
             raise _field_error(source, "format_version", f"an int (this zinit reads versions up to {FORMAT_VERSION})",
                                version)
         if version > FORMAT_VERSION:
-            raise ValueError(f"{source} has format_version {version}, newer than this zinit ({__version__}) reads "
+            raise ZinitValueError(f"{source} has format_version {version}, newer than this zinit ({__version__}) reads "
                              f"({FORMAT_VERSION}); upgrade zinit")
         required = ["backbone", "layers", "K", "gate", "gate_fn", *DIM_FIELDS]
         missing = [key for key in required if key not in data]
         if missing:
-            raise ValueError(f"{source} lacks the fields {missing}; {_AGAIN}")
+            raise ZinitValueError(f"{source} lacks the fields {missing}; {_AGAIN}")
         _check_file_fields(data, source)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         if values.get("visual_dim") is None:
             values["visual_dim"] = values["visual_hidden"] = None
+        elif values.get("visual_hidden") is None:  # files that recorded only visual_dim: the default hidden width
+            values["visual_hidden"] = 128
         try:
             config = cls(**values)
         except FieldError as exc:
@@ -182,8 +185,8 @@ class AdapterConfig:
 
 
 def _field_error(source: str, key: str, want: str, value: Any) -> ZinitValueError:
-    return ZinitValueError(f"{source}: field {key!r} must be {want}, got {json.dumps(value)} ({type(value).__name__}); "
-                      f"correct it or {_AGAIN}")
+    return ZinitValueError(f"{source}: field {key!r} must be {want}, got {json.dumps(value, default=repr)} "
+                           f"({type(value).__name__}); correct it or {_AGAIN}")
 
 
 class FieldError(ZinitValueError):
@@ -210,8 +213,8 @@ def _rules(values: Mapping[str, Any]) -> list[tuple[str, Callable[[Any], bool], 
     return [
         ("backbone", lambda v: isinstance(v, str) and bool(v), "a backbone name such as \"llama\""),
         *[(key, _int_at_least_1, "an int >= 1") for key in DIM_FIELDS],
-        ("layers", lambda v: (isinstance(v, (list, tuple)) and bool(v) and len(set(v)) == len(v)
-                              and all(_is_int(n) and 0 <= n < depth for n in v)),
+        ("layers", lambda v: (isinstance(v, (list, tuple)) and bool(v) and all(_is_int(n) and 0 <= n < depth for n in v)
+                              and len(set(v)) == len(v)),
          f"a non-empty list of distinct layer indices in {span}"),
         ("K", _int_at_least_1, "an int >= 1 (the prompt length)"),
         ("gate", lambda v: v in GATE_KINDS, f"one of {list(GATE_KINDS)}"),
@@ -235,6 +238,11 @@ def check_fields(values: Mapping[str, Any]) -> None:
     for key, test, want in _rules(values):
         if key in values and not test(values[key]):
             raise FieldError(key, want, values[key])
+    if (values.get("visual_dim") is None) != (values.get("visual_hidden") is None):
+        key = "visual_hidden"
+        raise FieldError(key, "set exactly when visual_dim is (the visual projection's hidden width)", values.get(key),
+                         f"visual_dim={values.get('visual_dim')!r} and visual_hidden={values.get(key)!r}: give both "
+                         "(the projection's input and hidden widths) or neither")
     if values.get("gate") == "none":
         for key, default in (("gate_init", "zero"), ("gate_fn", "tanh")):
             if values.get(key, default) != default:
@@ -263,7 +271,7 @@ def resolve_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, .
         raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices")
     if isinstance(layers, int):
         if not 1 <= layers <= num_layers:
-            raise ValueError(
+            raise ZinitValueError(
                 f"layers={layers} is out of range: this model has {num_layers} layers, so L must be in 1..{num_layers}"
             )
         return tuple(range(num_layers - layers, num_layers))
@@ -272,14 +280,14 @@ def resolve_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, .
     except TypeError:
         raise TypeError(f"layers={layers!r}: pass an int L (the top L layers) or a list of layer indices") from None
     if not chosen:
-        raise ValueError("layers=[] is empty: pass at least one layer index, or an int L for the top L layers")
+        raise ZinitValueError("layers=[] is empty: pass at least one layer index, or an int L for the top L layers")
     for n in chosen:
         if isinstance(n, bool) or not isinstance(n, int):
             raise TypeError(f"layer index {n!r} is not an int")
         if not 0 <= n < num_layers:
-            raise ValueError(f"layer index {n} is out of range: this model has layers 0..{num_layers - 1}")
+            raise ZinitValueError(f"layer index {n} is out of range: this model has layers 0..{num_layers - 1}")
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"layers={chosen} names a layer twice")
+        raise ZinitValueError(f"layers={chosen} names a layer twice")
     return tuple(sorted(chosen))
 
 

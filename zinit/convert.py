@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import AdapterConfig
-from .errors import ZinitKeyError
+from .errors import ZinitKeyError, ZinitValueError
 
 _V1_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.attention\.gate$")
 _V1_QUERY = re.compile(r"(?:^|\.)adapter_query\.weight$")
@@ -38,7 +38,7 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise ZinitValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
 
 
@@ -60,16 +60,16 @@ def from_llama_adapter_v1(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
     """
     queries = [k for k in state_dict if _V1_QUERY.search(k)]
     if len(queries) != 1:
-        raise ValueError(
+        raise ZinitValueError(
             f"expected exactly one 'adapter_query.weight' in an official LLaMA-Adapter v1 state dict, found {queries}"
         )
     gates = {int(m.group(1)): v for k, v in state_dict.items() if (m := _V1_GATE.search(k))}
     if not gates:
-        raise ValueError("no 'layers.N.attention.gate' keys: not an official LLaMA-Adapter v1 state dict")
+        raise ZinitValueError("no 'layers.N.attention.gate' keys: not an official LLaMA-Adapter v1 state dict")
     prompts = state_dict[queries[0]]
     layers = sorted(gates)
     if prompts.dim() != 2 or prompts.shape[0] % len(layers):
-        raise ValueError(
+        raise ZinitValueError(
             f"adapter_query.weight has shape {tuple(prompts.shape)}: its rows must be L·K for the {len(layers)} gated layers"
         )
     K = prompts.shape[0] // len(layers)
@@ -99,15 +99,15 @@ def from_peft(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if m:
             found.setdefault(int(m.group(1)), {})[m.group(2)] = value
     if not found:
-        raise ValueError("no '...layers.N.self_attn.adaption_prompt' keys: not a peft adaption-prompt state dict")
+        raise ZinitValueError("no '...layers.N.self_attn.adaption_prompt' keys: not a peft adaption-prompt state dict")
     out: dict[str, Tensor] = {}
     for n in sorted(found):
         parts = found[n]
         if set(parts) != {"adaption_prompt", "adaption_gate"}:
-            raise ValueError(f"layer {n} has {sorted(parts)} but needs both adaption_prompt and adaption_gate")
+            raise ZinitValueError(f"layer {n} has {sorted(parts)} but needs both adaption_prompt and adaption_gate")
         prompt = parts["adaption_prompt"]
         if prompt.dim() != 3 or prompt.shape[0] != 1:
-            raise ValueError(f"layer {n}: adaption_prompt has shape {tuple(prompt.shape)}, expected [1, K, C]")
+            raise ZinitValueError(f"layer {n}: adaption_prompt has shape {tuple(prompt.shape)}, expected [1, K, C]")
         out[f"layers.{n}.prompt"] = prompt[0].clone()
         out[f"layers.{n}.gate"] = parts["adaption_gate"].reshape(1).clone()
     return out
@@ -129,25 +129,25 @@ def _peft_config(config: AdapterConfig | Mapping[str, Any], prefix: str) -> Adap
         raise TypeError(f"config must be the adapter's AdapterConfig (zinit.injection(model).config) or its zinit.json "
                         f"fields (zinit.read_adapter_config(folder)), not {type(config).__name__}")
     if not isinstance(prefix, str) or (prefix and not prefix.endswith(".")):
-        raise ValueError(f"prefix={prefix!r} must be a key prefix ending in '.' (peft's around a causal LM: "
+        raise ZinitValueError(f"prefix={prefix!r} must be a key prefix ending in '.' (peft's around a causal LM: "
                          f"{PEFT_CAUSAL_LM_PREFIX!r}) or ''")
     if config.gate != "layer" or config.gate_fn != "identity":
-        raise ValueError(f"this adapter has gate={config.gate!r}, gate_fn={config.gate_fn!r}, but peft's adaption "
+        raise ZinitValueError(f"this adapter has gate={config.gate!r}, gate_fn={config.gate_fn!r}, but peft's adaption "
                          "prompt multiplies each layer's prompt term by one raw gate, so it has no equivalent in peft. "
                          f"An adapter is peft-representable when trained that way: {_REPRESENTABLE}")
     top = tuple(range(config.num_layers - len(config.layers), config.num_layers))
     if tuple(config.layers) != top:
-        raise ValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but peft's "
+        raise ZinitValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but peft's "
                          f"adapter_layers=L always adapts the top L layers ({list(top)} for L={len(config.layers)}); "
                          f"{_REPRESENTABLE}")
     if config.visual_dim is not None or config.train_modules or config.bias_scale or config.train_norms:
         extra = ("a visual projection" if config.visual_dim is not None
                  else f"train_modules {list(config.train_modules)}" if config.train_modules
                  else "LLaMA-Adapter V2's bias/scale or trained norms (bias_scale / train_norms)")
-        raise ValueError(f"this adapter has {extra}, which peft's adaption prompt cannot hold: convert an adapter "
+        raise ZinitValueError(f"this adapter has {extra}, which peft's adaption prompt cannot hold: convert an adapter "
                          "of prompts and gates only")
     if config.backbone != "llama":
-        raise ValueError(f"this adapter is for the {config.backbone!r} backbone; peft's adaption prompt computes the "
+        raise ZinitValueError(f"this adapter is for the {config.backbone!r} backbone; peft's adaption prompt computes the "
                          "LLaMA/Mistral attention only (zinit's 'llama' backbone)")
     return config
 
@@ -168,7 +168,7 @@ def _peft_tensors(state_dict: Mapping[str, Tensor], config: AdapterConfig, prefi
         for key, value in ((f"layers.{n}.prompt", prompt), (f"layers.{n}.gate", gate)):
             if not isinstance(value, Tensor) or tuple(value.shape) != expected[key]:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"{key} has shape {shape}, but its config says {expected[key]}")
+                raise ZinitValueError(f"{key} has shape {shape}, but its config says {expected[key]}")
         out[f"{prefix}layers.{n}.self_attn.adaption_prompt"] = prompt.detach()[None].clone()
         out[f"{prefix}layers.{n}.self_attn.adaption_gate"] = gate.detach().reshape(1).clone()
     return out
@@ -232,23 +232,23 @@ def _litgpt_checks(config: AdapterConfig | Mapping[str, Any], what: str) -> Adap
         raise TypeError(f"config must be the adapter's AdapterConfig (zinit.injection(model).config) or its zinit.json "
                         f"fields, not {type(config).__name__}")
     if config.backbone != "llama":
-        raise ValueError(f"this adapter is for the {config.backbone!r} backbone; litgpt's adapter naming is converted "
+        raise ZinitValueError(f"this adapter is for the {config.backbone!r} backbone; litgpt's adapter naming is converted "
                          "for zinit's 'llama' backbone (LlamaForCausalLM) only")
     if config.gate != "head" or config.gate_fn != "identity":
-        raise ValueError(f"this adapter has gate={config.gate!r}, gate_fn={config.gate_fn!r}, but litgpt's adapter "
+        raise ZinitValueError(f"this adapter has gate={config.gate!r}, gate_fn={config.gate_fn!r}, but litgpt's adapter "
                          f"has one raw gating_factor per head; {_LITGPT_FORM}")
     if config.bias_scale == "blocks":
-        raise ValueError('this adapter has bias_scale="blocks", but litgpt\'s adapter_v2 has a bias/scale on the LM '
+        raise ZinitValueError('this adapter has bias_scale="blocks", but litgpt\'s adapter_v2 has a bias/scale on the LM '
                          f'head too; {_LITGPT_FORM}')
     if config.visual_dim is not None or config.train_modules:
-        raise ValueError("this adapter has a visual projection or train_modules, which litgpt's adapter cannot hold")
+        raise ZinitValueError("this adapter has a visual projection or train_modules, which litgpt's adapter cannot hold")
     top = tuple(range(config.num_layers - len(config.layers), config.num_layers))
     if tuple(config.layers) != top:
-        raise ValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but litgpt "
+        raise ZinitValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but litgpt "
                          f"adapts the layers from adapter_start_layer up, the top L ({list(top)} for L="
                          f"{len(config.layers)}: adapter_start_layer={top[0]}); {_LITGPT_FORM}")
     if (config.bias_scale is None) != (not config.train_norms):
-        raise ValueError("litgpt's adapter_v2 has both the bias/scale and trained norms, its adapter neither; this "
+        raise ZinitValueError("litgpt's adapter_v2 has both the bias/scale and trained norms, its adapter neither; this "
                          f"adapter has bias_scale={config.bias_scale!r}, train_norms={config.train_norms}: "
                          f"{_LITGPT_FORM}")
     return config
@@ -340,7 +340,7 @@ def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mappin
         if m:
             found[m.group(1)] = value
     if not found:
-        raise ValueError("no 'transformer.h.N.attn.adapter_wte.weight' (or other litgpt adapter) keys: not a litgpt "
+        raise ZinitValueError("no 'transformer.h.N.attn.adapter_wte.weight' (or other litgpt adapter) keys: not a litgpt "
                          "adapter state dict")
     pairs = _litgpt_pairs(config)
     out: dict[str, Tensor] = {}
@@ -363,7 +363,7 @@ def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mappin
                 key = f"transformer.h.{n}.attn.qkv.adapter_{w}"
                 fused = found[key]
                 if fused.shape != (sum(widths),):
-                    raise ValueError(f"{key} has shape {tuple(fused.shape)}, but this model's q/k/v give "
+                    raise ZinitValueError(f"{key} has shape {tuple(fused.shape)}, but this model's q/k/v give "
                                      f"({sum(widths)},)")
                 for p, part in zip(_QKV, fused.split(widths)):
                     out[f"linears.{b}.{n}.{p}.{w}"] = part.clone()

@@ -41,9 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from .attention import joint_mask
+from .errors import ZinitStateError, ZinitValueError
 from .prompts import ADAPTER_ATTR, joint_prompt_kv, prompt_term
 from .v2 import remove_hook
-from .errors import ZinitStateError
 
 PREFIX = "zinit_"
 #: Keyword under which the pre-hook hands the layer's KV cache (the prompt K/V scope) to the wrapper.
@@ -132,7 +132,7 @@ def _make_wrapper(original: str) -> Callable[..., tuple[Tensor, Any]]:
         if joint is not None:  # gate="none": one softmax over [prompt; tokens], on the implementation's own kernel
             _check_joint(module, original)
             if kwargs.get("position_bias") is not None:
-                raise ValueError(f"{type(module).__qualname__} passes a position bias to its attention, which zinit "
+                raise ZinitValueError(f"{type(module).__qualname__} passes a position bias to its attention, which zinit "
                                  "cannot extend to the prompt keys of gate='none'; use gate='head' or 'layer'")
             prompt_key, prompt_value = joint
             K = prompt_key.shape[-2]
@@ -168,7 +168,7 @@ def _sdpa_causal(module: nn.Module, query: Tensor, attention_mask: Any, kwargs: 
 
 def _check_joint(module: nn.Module, implementation: str) -> None:
     if implementation not in JOINT_IMPLEMENTATIONS:
-        raise ValueError(
+        raise ZinitValueError(
             f"gate='none' joins the prompt keys to the token keys inside the attention kernel, which zinit does for "
             f"the {' and '.join(map(repr, JOINT_IMPLEMENTATIONS))} implementations; {type(module).__qualname__} "
             f"uses {implementation!r}: load the model with attn_implementation='sdpa' (or call "

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from ._version import __version__
 from .config import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from .embedded import EMBEDDED_BASE, EMBEDDED_GGUF, EMBEDDED_NAME, embedded_locations
+from .errors import ZinitValueError
 from .files import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,15 +141,15 @@ def resolve_adapter(source: str | os.PathLike[str], *, revision: str | None = No
     if found is None:
         if revision is not None:
             if os.path.exists(source):
-                raise ValueError(f"revision={revision!r} is for a Hub repo id, but {source} is a local path (an "
+                raise ZinitValueError(f"revision={revision!r} is for a Hub repo id, but {source} is a local path (an "
                                  "existing local path always wins over a repo id): drop revision, or pass the repo "
                                  "id from a folder where no such path exists")
-            raise ValueError(f"revision={revision!r} is for a Hub repo id, but {source} is neither a local folder nor "
+            raise ZinitValueError(f"revision={revision!r} is for a Hub repo id, but {source} is neither a local folder nor "
                              "shaped like a repo id (org/name)")
         return Path(source)
     repo_id, pinned = found
     if pinned is not None and revision is not None and pinned != revision:
-        raise ValueError(f"{source} names revision {pinned!r}, but revision={revision!r} was passed too: give one")
+        raise ZinitValueError(f"{source} names revision {pinned!r}, but revision={revision!r} was passed too: give one")
     revision = pinned if pinned is not None else revision
     return _download(repo_id, revision, cache_dir, token, local_files_only, tuple(extra_files))
 
@@ -443,7 +444,7 @@ def push_target(folder: str | os.PathLike[str], push_to_hub: bool | str) -> str:
         path = Path(folder).resolve()
         repo_id = path.parent.name if path.name == "adapter" else path.name
     if repo_id.count("/") > 1 or not _valid_repo_id(repo_id):
-        raise ValueError(f"push_to_hub: {repo_id!r} is not a Hub repo id (org/name: letters, digits, '-', '_', '.'); "
+        raise ZinitValueError(f"push_to_hub: {repo_id!r} is not a Hub repo id (org/name: letters, digits, '-', '_', '.'); "
                          "pass push_to_hub='org/name'")
     return repo_id
 
@@ -469,7 +470,7 @@ def upload_adapter(folder: str | os.PathLike[str], repo_id: str, config: Mapping
     """
     folder = Path(folder)
     if repo_id.count("/") > 1 or not _valid_repo_id(repo_id):
-        raise ValueError(f"push_adapter: {repo_id!r} is not a Hub repo id (org/name)")
+        raise ZinitValueError(f"push_adapter: {repo_id!r} is not a Hub repo id (org/name)")
     missing = [name for name in extra_files if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"push_adapter: {folder} has no {missing} (extra_files)")

@@ -158,6 +158,7 @@ def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise ZinitStateError("this model carries named adapters (zinit.add_adapter); inject one into a model without "
                               "them, or add this one by name: zinit.add_adapter(model, name, layers=..., K=...)")
     spec = check_fits(config, model, "the given AdapterConfig", "inject it into a model of its sizes")
+    _check_train_modules(model, config.train_modules)
     if config.gate == "none" and not spec.joint_softmax:
         raise ZinitValueError(f"gate='none' joins the prompt keys into the layer's own softmax, which backbone "
                               f"{spec.name!r} does not do (Backbone.joint_softmax is False); use gate='head' or 'layer'")
@@ -273,10 +274,10 @@ def visual_features(model: nn.Module, features: Tensor, has_image: Tensor | Sequ
     """
     state = injection(model)
     if state.visual is None:
-        raise ValueError("this model was injected without visual_dim: call zinit.inject(model, L, K, visual_dim=D)")
+        raise ZinitValueError("this model was injected without visual_dim: call zinit.inject(model, L, K, visual_dim=D)")
     if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != state.visual_dim:
         shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"image features must be a tensor [batch, {state.visual_dim}], got {shape}")
+        raise ZinitValueError(f"image features must be a tensor [batch, {state.visual_dim}], got {shape}")
     projection = model.get_submodule(VISUAL_ATTR)
     device = next(projection.parameters()).device
     features = features.to(device)
@@ -284,7 +285,7 @@ def visual_features(model: nn.Module, features: Tensor, has_image: Tensor | Sequ
     if has_image is not None:
         mask = torch.as_tensor(has_image, dtype=torch.bool, device=device)
         if mask.shape != (features.shape[0],):
-            raise ValueError(f"has_image has shape {tuple(mask.shape)}; expected ({features.shape[0]},), one per row")
+            raise ZinitValueError(f"has_image has shape {tuple(mask.shape)}; expected ({features.shape[0]},), one per row")
         tokens = torch.where(mask[:, None], tokens, torch.zeros_like(tokens))
     token = state.visual.var.set((next(_SERIAL), tokens))
     try:
@@ -302,13 +303,13 @@ def _check_train_modules(model: nn.Module, names: Sequence[str]) -> tuple[str, .
             module = model.get_submodule(name)
         except AttributeError:
             children = [n for n, _ in model.named_children()]
-            raise ValueError(
+            raise ZinitValueError(
                 f"train_modules: {type(model).__name__} has no submodule {name!r} (its children: {children})"
             ) from None
         if not any(True for _ in module.parameters()):
-            raise ValueError(f"train_modules: submodule {name!r} ({type(module).__name__}) has no parameters")
+            raise ZinitValueError(f"train_modules: submodule {name!r} ({type(module).__name__}) has no parameters")
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"train_modules={list(chosen)} names a module twice")
+        raise ZinitValueError(f"train_modules={list(chosen)} names a module twice")
     return chosen
 
 
@@ -356,7 +357,7 @@ def layer_adapters(model: nn.Module) -> dict[int, LayerAdapter]:
     modules = state.backbone.attention_modules(model)
     adapters = {n: getattr(modules[n], ADAPTER_ATTR, None) for n in state.layers}
     if any(a is None for a in adapters.values()):
-        raise ValueError("the zinit adapters of this model are disabled (peft's disable_adapter() or transformers' "
+        raise ZinitValueError("the zinit adapters of this model are disabled (peft's disable_adapter() or transformers' "
                          "disable_adapters()): enable them first (enable_adapters(), or leave the disable_adapter() "
                          "block)")
     return adapters

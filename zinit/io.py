@@ -83,7 +83,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     shown in the card.
 
     ``push_to_hub``: a repo id (``"org/name"``), or True for one named after the folder (see
-    :func:`zinit.hub.push_target`); after the folder is saved it is uploaded with :func:`zinit.hub.push_adapter`
+    :func:`zinit.hub.push_target`); after the folder is saved it is uploaded with :func:`zinit.push_adapter`
     (``revision`` = the branch to push to, created if needed; ``private``, ``token``, ``commit_message`` as in
     ``huggingface_hub``). If the upload fails, the folder stays saved and the error says how to push it again.
 
@@ -363,7 +363,7 @@ def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: 
     for key, value in tensors.items():
         if not value.is_floating_point():
             dtype = str(value.dtype).replace("torch.", "")
-            raise ValueError(f"adapter weights {source}: tensor {key!r} has dtype {dtype}; adapter tensors are "
+            raise ZinitValueError(f"adapter weights {source}: tensor {key!r} has dtype {dtype}; adapter tensors are "
                              f"floating point (zinit writes float32); {_AGAIN}")
     expected = layer_shapes(config)
     groups = _extra_groups(config)
@@ -406,7 +406,7 @@ def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: 
             else:
                 why = f"gate={config.gate!r}" + (f", num_heads={config.num_heads}" if config.gate == "head" else "")
                 fields_ = "gate"
-            raise ValueError(f"{source}: tensor {key!r} has shape {list(got)}; {CONFIG_NAME} beside it ({why}) says "
+            raise ZinitValueError(f"{source}: tensor {key!r} has shape {list(got)}; {CONFIG_NAME} beside it ({why}) says "
                              f"{list(shape)}; write the tensor in that shape, or correct {fields_} in {CONFIG_NAME}")
 
 
@@ -443,7 +443,7 @@ def _read_weights(weights: Path, config: Mapping[str, Any], adapter: AdapterConf
         recorded = config.get("weights_bytes")
         size_note = f"; it is {len(data)} bytes, {CONFIG_NAME} records {recorded}" if recorded not in (
             None, len(data)) else ""
-        raise ValueError(f"adapter weights {weights} cannot be read as safetensors: {exc}{size_note}; "
+        raise ZinitValueError(f"adapter weights {weights} cannot be read as safetensors: {exc}{size_note}; "
                          f"{_AGAIN}") from None
     reason = _different_saves(config, data)
     if reason is not None:
@@ -518,7 +518,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, revisio
         if differ:
             key, (have, want) = next(iter(differ.items()))
             others = f" (also {', '.join(list(differ)[1:])})" if len(differ) > 1 else ""
-            raise ValueError(
+            raise ZinitValueError(
                 f"adapter/model mismatch on {key}: the adapter in {directory} has {key}={_shown(want)}, "
                 f"the model is injected with {key}={_shown(have)}{others}; eject it first or load into a fresh model"
             )
@@ -559,6 +559,12 @@ def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] 
         return build_adapter(model, name, config)
     if layers is not None or K is not None:
         raise ZinitValueError("add_adapter takes either an adapter folder or layers= and K= for a new adapter, not both")
+    changed = sorted(k for k, v, default in (("gate", gate, "head"), ("gate_fn", gate_fn, "tanh"),
+                                             ("backbone", backbone, None), ("gate_init", gate_init, "zero"))
+                     if v != default)
+    if changed:
+        raise ZinitValueError(f"add_adapter(model, name, source) takes every option from the source; drop {changed} "
+                              "(or change them in an AdapterConfig with config.replace(...))")
     if isinstance(source, AdapterConfig):  # a new zero-init adapter of that configuration
         check_fits(source, model, "the given AdapterConfig", "add it to a model of its sizes")
         return build_adapter(model, name, source)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import gate_values, prepare_prompt_kv, prompt_attention
+from .errors import ZinitValueError
 
 #: Name of the submodule that holds a layer's adapter, on that layer's attention module.
 ADAPTER_ATTR = "zinit_adapter"
@@ -145,7 +146,7 @@ class LayerAdapter(nn.Module):
         """The per-head multiplier ``[H]`` (``tanh(gate)`` or ``gate``, broadcast for a layer gate); an error for
         ``gate="none"``, which has no gate."""
         if self.gate is None:
-            raise ValueError("this adapter was injected with gate='none': it has no gate (its prompt keys join the "
+            raise ZinitValueError("this adapter was injected with gate='none': it has no gate (its prompt keys join the "
                              "tokens' softmax)")
         return gate_values(self.gate, self.gate_fn, self.num_heads)
 
@@ -161,7 +162,7 @@ class LayerAdapter(nn.Module):
         if tokens.shape[0] == batch:
             return serial, tokens
         if batch % tokens.shape[0]:
-            raise ValueError(f"image features were given for {tokens.shape[0]} examples, but the forward has a batch "
+            raise ZinitValueError(f"image features were given for {tokens.shape[0]} examples, but the forward has a batch "
                              f"of {batch}; pass one feature row per example")
         return serial, tokens.repeat_interleave(batch // tokens.shape[0], dim=0)  # generate() with beams
 
@@ -203,7 +204,7 @@ class LayerAdapter(nn.Module):
         A ``gate="none"`` adapter has no separate term: its backbone joins :meth:`joint_kv` to the token keys.
         """
         if self.gate is None:
-            raise ValueError("a gate='none' adapter has no separate prompt term: its prompt keys and values join the "
+            raise ZinitValueError("a gate='none' adapter has no separate prompt term: its prompt keys and values join the "
                              "layer's token keys (zinit.joint_prompt_kv); this backbone called prompt_term")
         key, value = self._kv(query, attention, scope)
         return prompt_attention(query, key, value, scaling, softcap)
@@ -214,7 +215,7 @@ class LayerAdapter(nn.Module):
         to its token keys and values for one softmax. Projected once per call, or kept on ``scope`` for the
         one-token decoding steps of a KV cache exactly as :meth:`attend` keeps a gated adapter's."""
         if self.gate is not None:
-            raise ValueError(f"this adapter has a {self.gate_kind!r} gate: its prompt term is zinit.prompt_term, "
+            raise ZinitValueError(f"this adapter has a {self.gate_kind!r} gate: its prompt term is zinit.prompt_term, "
                              "added to the attention output; joint_kv is for gate='none'")
         key, value = self._kv(query, attention, scope)
         if key.dim() == 3:  # one prompt for the batch

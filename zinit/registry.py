@@ -22,7 +22,7 @@ from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 from torch import Tensor, nn
 
-from .errors import ZinitValueError
+from .errors import ZinitKeyError, ZinitValueError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,10 @@ class Registry(Generic[T]):
         return len(self._items)
 
     def __getitem__(self, name: str) -> T:
-        return self.get(name)
+        try:
+            return self.get(name)
+        except ZinitValueError as exc:  # a mapping's lookup raises KeyError (ZinitKeyError is one), with the names
+            raise ZinitKeyError(str(exc)) from None
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self.names())})"
@@ -252,11 +255,11 @@ def find_backbone(model: nn.Module) -> Backbone:
         return found[0]
     cls = type(model)
     if not found:
-        raise ValueError(
+        raise ZinitValueError(
             f"zinit has no backbone for {cls.__module__}.{cls.__qualname__}; registered backbones: "
             f"{', '.join(BACKBONES.names())}. Pass backbone=NAME to force one, or add a backbone: one file calling "
             f"zinit.register_backbone(zinit.Backbone(...)) (README: 'Adding a backbone')."
         )
-    raise ValueError(
+    raise ZinitValueError(
         f"several backbones match {cls.__qualname__}: {', '.join(b.name for b in found)}; pass backbone=NAME"
     )

@@ -121,6 +121,15 @@ class AdapterState:
         """The names of the adapters rows choose per forward (every adapter but the active one), in order."""
         return [name for name in self.configs if name != self.active]
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a record pickled by zinit before the one adapter state (an ``Injection``: one ``config``, no
+        ``configs``) becomes the state of that one active adapter."""
+        if "configs" not in state and "config" in state:
+            config = state.pop("config")
+            state.update(dims=config.dims, routing=Routing(), configs={DEFAULT_ADAPTER: config}, active=DEFAULT_ADAPTER,
+                         installed=set(config.layers))
+        self.__dict__.update(state)
+
     def __getattr__(self, name: str) -> Any:  # only for names this record does not hold itself
         configs, active = self.__dict__.get("configs"), self.__dict__.get("active")
         config = configs.get(active) if configs is not None and active is not None else None
