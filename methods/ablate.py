@@ -41,7 +41,6 @@ from zinit.cliargs import layer_count, positive_float, positive_int, prompt_leng
 from zinit.files import atomic_write, write_json
 
 from . import compare as C
-from . import registry as M
 
 #: gate variant -> the method that trains it
 GATES = {"zero": "zinit", "random": "zinit_random", "none": "zinit_nogate"}

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from . import quant
 from .attention import prompt_attention
-from .config import AdapterConfig, layer_shapes, resolve_layers
-from .errors import ZinitKeyError, ZinitStateError, ZinitValueError
+from .config import AdapterConfig, layer_shapes
+from .errors import ZinitKeyError, ZinitValueError
 from .prompts import BANK_ATTR, LayerAdapter, PromptStore
 from .registry import Backbone, find_backbone, get_backbone
 from .state import (AdapterState, Route, Routing, abandon, adapter_state, attach, canonical_state,
@@ -167,9 +167,7 @@ def new_adapter_config(model: nn.Module, layers: int | Sequence[int], K: int, *,
     state = adapter_state(model)
     spec = state.backbone if state is not None and backbone is None else (
         get_backbone(backbone) if backbone is not None else find_backbone(model))
-    dims = spec.dims(model)
-    config = AdapterConfig.for_model(spec.name, dims, resolve_layers(layers, dims.num_layers), K, gate=gate,
-                                     gate_fn=gate_fn, gate_init=gate_init)
+    config = AdapterConfig.on_model(model, spec, layers, K, gate=gate, gate_fn=gate_fn, gate_init=gate_init)
     why = single_only(config)
     if why is not None:
         raise ZinitValueError(f"a named adapter cannot have {why}: inject it alone with zinit.inject")

@@ -17,6 +17,7 @@ older zinit reads every adapter it can compute correctly and refuses, with "upgr
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -104,6 +105,15 @@ class AdapterConfig:
         """The configuration of an adapter on a model of sizes ``dims`` (``options``: the other fields)."""
         return cls(backbone=backbone, **{f: getattr(dims, f) for f in DIM_FIELDS}, layers=tuple(layers), K=K,
                    **options)
+
+    @classmethod
+    def on_model(cls, model: nn.Module, spec: "Backbone", layers: int | Sequence[int], K: int,
+                 **options: Any) -> "AdapterConfig":
+        """The configuration of an adapter on ``model`` of backbone ``spec``, its sizes read from the model and
+        ``layers`` (an int L for the top L layers, or indices) resolved against its depth (``options``: the other
+        fields). What :func:`zinit.inject` and :func:`zinit.add_adapter` build from their keyword arguments."""
+        dims = spec.dims(model)
+        return cls.for_model(spec.name, dims, resolve_layers(layers, dims.num_layers), K, **options)
 
     @property
     def dims(self) -> Dims:
@@ -262,6 +272,18 @@ def _check_file_fields(data: Mapping[str, Any], source: str) -> None:
     sha = data.get("weights_sha256")
     if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
         raise _field_error(source, "weights_sha256", "the sha256 of adapter.safetensors (64 hex digits)", sha)
+
+
+def changed_options(function: Callable[..., Any], given: Mapping[str, Any]) -> list[str]:
+    """The names in ``given`` whose value is not ``function``'s default for that keyword, sorted: the options a call
+    passed beside a config (or an adapter folder) that already says every option.
+
+    >>> def f(config, *, K=None, gate="head"): ...
+    >>> changed_options(f, {"K": None, "gate": "layer"})
+    ['gate']
+    """
+    defaults = inspect.signature(function).parameters
+    return sorted(key for key, value in given.items() if value != defaults[key].default)
 
 
 def resolve_layers(layers: int | Sequence[int], num_layers: int) -> tuple[int, ...]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import quant, v2
 from .bank import remove_adapter as remove_named
-from .config import AdapterConfig, check_fits, resolve_layers
+from .config import AdapterConfig, changed_options, check_fits
 from .errors import ZinitStateError, ZinitValueError
 from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
 from .registry import Backbone, find_backbone, get_backbone
@@ -40,11 +40,6 @@ Injection = AdapterState
 
 __all__ = ["Injection", "STATE_ATTR", "adapter_state_dict", "copy_adapter_state", "eject", "inject", "injection",
            "is_injected", "layer_adapters", "load_adapter_state_dict", "trainable_parameters", "visual_features"]
-
-
-#: inject's keyword defaults (an AdapterConfig given to inject comes with none of them changed).
-_DEFAULTS = {"K": None, "backbone": None, "gate": "head", "gate_fn": "tanh", "train_modules": (), "visual_dim": None,
-             "visual_hidden": 128, "gate_init": "zero", "bias_scale": False, "train_norms": False}
 
 
 def inject(
@@ -121,8 +116,8 @@ def inject(
                "visual_hidden": visual_hidden, "gate_init": gate_init, "bias_scale": bias_scale,
                "train_norms": train_norms}
     if isinstance(layers, AdapterConfig):
-        given = {**options, "K": K, "backbone": backbone, "train_modules": tuple(train_modules)}
-        extra = sorted(k for k, v in given.items() if v != _DEFAULTS[k])
+        extra = changed_options(inject, {**options, "K": K, "backbone": backbone,
+                                         "train_modules": tuple(train_modules)})
         if extra:
             raise ZinitValueError(f"inject(model, config) takes every option from the AdapterConfig; drop {extra} "
                                   "(or change them with config.replace(...))")
@@ -142,12 +137,10 @@ def _config_of(model: nn.Module, layers: int | Sequence[int], K: int, backbone: 
     found, the layer count resolved against the model, the task head's names against its submodules; every field is
     then checked by the config itself."""
     spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
-    dims = spec.dims(model)
-    return AdapterConfig.for_model(
-        spec.name, dims, resolve_layers(layers, dims.num_layers), K, train_modules=_check_train_modules(model,
-                                                                                                        train_modules),
-        visual_dim=visual_dim, visual_hidden=visual_hidden if visual_dim is not None else None,
-        bias_scale=_check_v2(bias_scale), **options)
+    return AdapterConfig.on_model(model, spec, layers, K, train_modules=_check_train_modules(model, train_modules),
+                                  visual_dim=visual_dim,
+                                  visual_hidden=visual_hidden if visual_dim is not None else None,
+                                  bias_scale=_check_v2(bias_scale), **options)
 
 
 def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:

@@ -34,14 +34,14 @@ from safetensors.torch import load as _load_safetensors, save_file
 from torch import Tensor, nn
 
 from ._version import __version__
-from .config import _AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterConfig, check_fits, layer_shapes
+from .config import (_AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterConfig, changed_options, check_fits,
+                     layer_shapes)
 from .files import DISK_FULL, discard, fsync_dir, read_json, stage
 from . import hub
 from .bank import (PreparedAdapter, build_adapter, install_adapter, named_adapter_config, named_adapter_state_dict,
                    new_adapter_config, single_only)
 from .errors import ZinitKeyError, ZinitValueError
 from .inject import adapter_state_dict, eject, inject, injection, is_injected, load_adapter_state_dict
-from .registry import Backbone, get_backbone
 
 #: The key of the save id, in ``zinit.json`` and in the safetensors metadata of ``adapter.safetensors`` alike.
 SAVE_ID = "save_id"
@@ -559,9 +559,8 @@ def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] 
         return build_adapter(model, name, config)
     if layers is not None or K is not None:
         raise ZinitValueError("add_adapter takes either an adapter folder or layers= and K= for a new adapter, not both")
-    changed = sorted(k for k, v, default in (("gate", gate, "head"), ("gate_fn", gate_fn, "tanh"),
-                                             ("backbone", backbone, None), ("gate_init", gate_init, "zero"))
-                     if v != default)
+    changed = changed_options(prepare_adapter, {"gate": gate, "gate_fn": gate_fn, "backbone": backbone,
+                                                "gate_init": gate_init})
     if changed:
         raise ZinitValueError(f"add_adapter(model, name, source) takes every option from the source; drop {changed} "
                               "(or change them in an AdapterConfig with config.replace(...))")
