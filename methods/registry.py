@@ -72,9 +72,9 @@ class Method:
     #: a recipe's own table, the embedded Alpaca run's lr, VTAB's lr grid, ScienceQA's image path), see
     #: :func:`defaults_of`
     variant_of: str | None = None
-    #: zinit and its variants: the :func:`zinit.inject` options beyond layers, K and the task head (``gate``,
-    #: ``gate_init``); None for every other method
-    inject_options: dict[str, Any] | None = None
+    #: zinit and its variants: the adapter they inject (its layers, K and task head are the run's, see
+    #: :func:`zinit_method`); None for every other method
+    adapter: zinit.AdapterConfig | None = None
 
 
 #: The methods registry (the one registry type, :class:`zinit.Registry`): the built-in methods register below, a
@@ -179,19 +179,19 @@ def is_zinit(name: str) -> bool:
     return defaults_of(name) == "zinit"
 
 
-def zinit_options(name: str) -> dict[str, Any]:
-    """The :func:`zinit.inject` options (``gate``, ``gate_init``) of zinit or a zinit variant, for a recipe that
-    injects itself (ScienceQA, with its visual projection).
+def zinit_config(name: str) -> zinit.AdapterConfig:
+    """The :class:`~zinit.AdapterConfig` of zinit or a zinit variant (its options; a run sets the layers, K and task
+    head), for a recipe that injects itself (ScienceQA, with its visual projection).
 
-    >>> zinit_options("zinit"), zinit_options("zinit_random"), zinit_options("zinit_nogate")
-    ({}, {'gate_init': 'random'}, {'gate': 'none'})
-    >>> zinit_options("zinit_v2")
-    {'bias_scale': True, 'train_norms': True}
+    >>> zinit_config("zinit") == zinit.AdapterConfig(), zinit_config("zinit_random").gate_init
+    (True, 'random')
+    >>> zinit_config("zinit_nogate").gate, zinit_config("zinit_v2").bias_scale, zinit_config("zinit_v2").train_norms
+    ('none', 'blocks', True)
     """
-    options = get_method(name).inject_options
-    if options is None:
-        raise ValueError(f"method {name!r} does not inject zinit (zinit_options is for zinit and its variants)")
-    return dict(options)
+    config = get_method(name).adapter
+    if config is None:
+        raise ValueError(f"method {name!r} does not inject zinit (zinit_config is for zinit and its variants)")
+    return config
 
 
 def recipe_blr(recipe: str, method: str, args: Any = None) -> float | None:
@@ -231,22 +231,31 @@ def _adapted_layers(model: nn.Module, ctx: MethodContext) -> int:
     return min(ctx.layers, depth)
 
 
-def _zinit_with(**options: Any) -> Callable[[nn.Module, MethodContext], nn.Module]:
-    """The ``prepare`` of zinit with these :func:`zinit.inject` options (none: the method itself)."""
+def _injecting(adapter: zinit.AdapterConfig) -> Callable[[nn.Module, MethodContext], nn.Module]:
+    """The ``prepare`` of a zinit method: inject ``adapter`` with the run's layers (:func:`_adapted_layers`), K and
+    task head."""
 
     def prepare_(model: nn.Module, ctx: MethodContext) -> nn.Module:
+        config = adapter.replace(layers=_adapted_layers(model, ctx), K=ctx.K, train_modules=tuple(ctx.head))
         try:
-            return zinit.inject(model, layers=_adapted_layers(model, ctx), K=ctx.K, train_modules=list(ctx.head),
-                                **options)
+            return zinit.inject(model, config)
         except ValueError as exc:  # a backbone or attention kernel that cannot join the prompt keys: say so
-            if options.get("gate") == "none" and str(exc).startswith("gate='none'"):
+            if config.gate == "none" and str(exc).startswith("gate='none'"):
                 raise NotApplicable(str(exc)) from None
             raise
 
     return prepare_
 
 
-_zinit = _zinit_with()
+def zinit_method(name: str, adapter: zinit.AdapterConfig, description: str, **settings: Any) -> Method:
+    """A zinit method (``adapter``: its options, declared once) at zinit's learning rates; every one but zinit itself
+    is a variant of zinit (:attr:`Method.variant_of`).
+
+    >>> zinit_method("zinit_layergate", zinit.AdapterConfig(gate="layer"), "one gate per layer").variant_of
+    'zinit'
+    """
+    settings = {"blr": {_IMG: 1e-2, _QA: 1e-2}, "variant_of": None if name == "zinit" else "zinit", **settings}
+    return Method(name, _injecting(adapter), description=description, adapter=adapter, **settings)
 
 
 _PEFT_TASK = {"causal_lm": "CAUSAL_LM", "question_answering": "QUESTION_ANS", "sequence_classification": "SEQ_CLS",
@@ -510,7 +519,7 @@ def _full(model: nn.Module, ctx: MethodContext) -> nn.Module:
 #: defaults are the official ones (Alpaca and ScienceQA 9e-3; the embedded Alpaca run 0.6).
 _LM, _IMG, _QA = "causal_lm", "image_classification", "question_answering"
 for _m in (
-    Method("zinit", _zinit, {_IMG: 1e-2, _QA: 1e-2}, "zero-init gated prompts (this library)", inject_options={}),
+    zinit_method("zinit", zinit.AdapterConfig(), "zero-init gated prompts (this library)"),
     Method("lora", _lora, {_LM: 0.032, _IMG: 4e-3, _QA: 2e-3},
            "LoRA r=8 on the query/value projections (a timm ViT's fused qkv: keys too)"),
     Method("ia3", _ia3, {_LM: 0.1, _IMG: 1e-2, _QA: 1e-2},
@@ -523,15 +532,13 @@ for _m in (
     Method("linear", _linear, {_IMG: 1e-2, _QA: 1e-2}, "the task head only"),
     Method("full", _full, {_LM: 6.4e-4, _IMG: 1e-4, _QA: 1e-4}, "every parameter"),
     # the paper's ablations, with zinit's lrs (only the gate differs); listed after the methods zinit is compared to
-    Method("zinit_random", _zinit_with(gate_init="random"), {_IMG: 1e-2, _QA: 1e-2},
-           "zinit with the gate drawn at random, N(0, 1), instead of 0", "zinit", {"gate_init": "random"}),
-    Method("zinit_nogate", _zinit_with(gate="none"), {_IMG: 1e-2, _QA: 1e-2},
-           "zinit's prompts without a gate, joined to the tokens' softmax (prefix attention)", "zinit",
-           {"gate": "none"}),
+    zinit_method("zinit_random", zinit.AdapterConfig(gate_init="random"),
+                 "zinit with the gate drawn at random, N(0, 1), instead of 0"),
+    zinit_method("zinit_nogate", zinit.AdapterConfig(gate="none"),
+                 "zinit's prompts without a gate, joined to the tokens' softmax (prefix attention)"),
     # LLaMA-Adapter V2's additions on top of zinit, at zinit's lrs
-    Method("zinit_v2", _zinit_with(bias_scale=True, train_norms=True), {_IMG: 1e-2, _QA: 1e-2},
-           "zinit + LLaMA-Adapter V2: bias/scale on every block's linear layers, trained norms", "zinit",
-           {"bias_scale": True, "train_norms": True}),
+    zinit_method("zinit_v2", zinit.AdapterConfig(bias_scale=True, train_norms=True),
+                 "zinit + LLaMA-Adapter V2: bias/scale on every block's linear layers, trained norms"),
 ):
     register_method(_m)
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import zinit
-from zinit.cliargs import layer_count, options_of, positive_int
+from zinit.cliargs import options_of, positive_int
 from zinit.quant import QUANTIZE_FLAG
 from zinit.train import TrainConfig
 from zinit.train import dist as D
@@ -42,14 +42,13 @@ from zinit.methods import registry as methods
 
 #: The options several recipes take, each declared once: name -> (flag, argparse keywords). The trainer's settings
 #: come from :class:`zinit.train.TrainConfig`'s own fields (each declares its flag, type and help beside its default,
-#: :func:`zinit.cliargs.option`); the others are declared here. A recipe sets its own default with
-#: ``add_flags(p, "epochs", epochs=20.0)``; ``%(default)s`` in a help text shows it.
+#: :func:`zinit.cliargs.option`), as do :class:`zinit.AdapterConfig`'s ``--layers`` and ``--K``; the others are
+#: declared here. A recipe sets its own default with ``add_flags(p, "epochs", epochs=20.0)``; ``%(default)s`` in a
+#: help text shows it.
 FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "output": ("--output", {"required": True, "help": "output folder (re-running the command there resumes)"}),
     "method": ("--method", {}),  # methods.add_method_arg: checked against the registered methods
-    "layers": ("--layers", {"type": layer_count, "default": 30,
-                            "help": "adapt the top L layers, capped at the depth (default %(default)s)"}),
-    **options_of(zinit.AdapterConfig),  # --K
+    **options_of(zinit.AdapterConfig),  # --layers, --K
     **options_of(TrainConfig),
     "max_seq_len": ("--max-seq-len", {"type": positive_int, "default": 512,
                                       "help": "truncate examples to this many tokens (default %(default)s)"}),

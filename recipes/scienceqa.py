@@ -659,8 +659,8 @@ def _train_model(args: argparse.Namespace, run: TrainingRun, dim: int | None) ->
     if methods.is_zinit(args.method):  # the image features enter through zinit's visual projection
         run.layers = min(args.layers, zinit.find_backbone(model).dims(model).num_layers)
         torch.manual_seed(args.seed)
-        zinit.inject(model, layers=run.layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden,
-                     **methods.zinit_options(args.method))
+        zinit.inject(model, methods.zinit_config(args.method).replace(
+            layers=run.layers, K=args.K, visual_dim=dim, visual_hidden=args.visual_hidden if dim is not None else None))
         methods.train_in_float32(model)  # the precision policy every method's setup goes through (zinit: float32)
     else:
         model = run.prepare(model)

@@ -22,7 +22,7 @@ from .inject import (
     visual_features,
 )
 from .io import add_adapter, load_adapter, push_adapter, read_adapter_config, save_adapter
-from .config import AdapterConfig
+from .config import AdapterConfig, FittedConfig
 from .prompts import LayerAdapter, VisualProjection, joint_prompt_kv, prompt_term
 from .recipe import Recipe, get_recipe, list_recipes, register_recipe
 from .registry import Backbone, Dims, Registry, find_backbone, get_backbone, list_backbones, register_backbone
@@ -31,6 +31,7 @@ __all__ = [
     "AdapterConfig",
     "Backbone",
     "Dims",
+    "FittedConfig",
     "Injection",
     "LayerAdapter",
     "Recipe",

@@ -36,7 +36,7 @@ from .attention import prompt_attention
 from .config import AdapterConfig, layer_shapes
 from .errors import ZinitKeyError, ZinitValueError
 from .prompts import BANK_ATTR, LayerAdapter, PromptStore
-from .registry import Backbone, find_backbone, get_backbone
+from .registry import Backbone, Dims, get_backbone
 from .state import (AdapterState, Route, Routing, abandon, adapter_state, attach, canonical_state,
                     copy_adapter_state, freeze, release)
 
@@ -134,7 +134,7 @@ class PreparedAdapter:
 
     name: str
     spec: Backbone
-    config: AdapterConfig
+    config: AdapterConfig  #: resolved against the model (:meth:`~zinit.AdapterConfig.bind`)
     layers: dict[int, LayerAdapter]  #: the adapter of each adapted layer, bottom to top
 
 
@@ -162,12 +162,12 @@ def single_only(config: AdapterConfig) -> str | None:
 
 def new_adapter_config(model: nn.Module, layers: int | Sequence[int], K: int, *, gate: str = "head",
                        gate_fn: str = "tanh", backbone: str | None = None, gate_init: str = "zero") -> AdapterConfig:
-    """The configuration of a new zero-init named adapter on ``model`` (its backbone: the one its adapters already use,
-    else ``backbone`` or the detected one), after checking every option."""
+    """The configuration of a new zero-init named adapter (its backbone: ``backbone``, else the one the model's
+    adapters already use, else detected when it is built), after checking every option."""
     state = adapter_state(model)
-    spec = state.backbone if state is not None and backbone is None else (
-        get_backbone(backbone) if backbone is not None else find_backbone(model))
-    config = AdapterConfig.on_model(model, spec, layers, K, gate=gate, gate_fn=gate_fn, gate_init=gate_init)
+    if backbone is None and state is not None:
+        backbone = state.backbone.name
+    config = AdapterConfig(layers=layers, K=K, gate=gate, gate_fn=gate_fn, gate_init=gate_init, backbone=backbone)
     why = single_only(config)
     if why is not None:
         raise ZinitValueError(f"a named adapter cannot have {why}: inject it alone with zinit.inject")
@@ -188,12 +188,12 @@ def _check_free(model: nn.Module, name: str) -> AdapterState | None:
     return state
 
 
-def _check_shapes(config: AdapterConfig, tensors: Mapping[str, Tensor], source: str) -> None:
+def _check_shapes(config: AdapterConfig, dims: Dims, tensors: Mapping[str, Tensor], source: str) -> None:
     """The tensors of an adapter against the shapes its configuration implies, before anything of those sizes is
     allocated: K and the gate of an adapter file are untrusted until its weights agree with them (a K of 2**40 must
     be an error, not an allocation), even if the file reader's own check (:func:`zinit.io.check_weights`) let them
     through."""
-    expected = layer_shapes(config)
+    expected = layer_shapes(config, dims)
     missing = [k for k in expected if k not in tensors]
     unexpected = sorted(k for k in tensors if k not in expected)
     if missing or unexpected:
@@ -208,31 +208,35 @@ def _check_shapes(config: AdapterConfig, tensors: Mapping[str, Tensor], source: 
         if tuple(value.shape) != shape:
             field_ = "K" if key.endswith(".prompt") else "gate"
             raise ZinitValueError(f"adapter weights in {source}: {key!r} has shape {list(value.shape)}, but zinit.json "
-                                  f"(K={config.K}, hidden_size={config.hidden_size}, gate={config.gate!r}) says "
+                                  f"(K={config.K}, hidden_size={dims.hidden_size}, gate={config.gate!r}) says "
                                   f"{list(shape)}; correct {field_} in zinit.json or save the adapter again")
 
 
 def build_adapter(model: nn.Module, name: str, config: AdapterConfig, tensors: Mapping[str, Tensor] | None = None,
                   source: str | os.PathLike[str] = "the given state") -> PreparedAdapter:
-    """Build the named adapter ``config`` describes for ``model`` (with ``tensors``' values, checked strictly against
-    ``config`` before anything is allocated, or zero-init), without touching the model; :func:`install_adapter`
-    attaches it. The model's sizes must be the configuration's (:func:`zinit.io.check_fits` checks that for a file);
-    ``source`` names the tensors' origin in errors."""
+    """Build the named adapter ``config`` describes for ``model`` (resolved against it: :meth:`AdapterConfig.bind`;
+    a config that names no backbone takes the one the model's adapters use), with ``tensors``' values, checked
+    strictly against ``config`` before anything is allocated, or zero-init, without touching the model;
+    :func:`install_adapter` attaches it. The sizes are the model's (:func:`zinit.config.check_fits` checks a file's
+    against them); ``source`` names the tensors' origin in errors."""
     state = _check_free(model, name)
     why = single_only(config)
     if why is not None:
         raise ZinitValueError(f"adapter {name!r} has {why}: load it alone with zinit.load_adapter")
+    if config.backbone is None and state is not None:
+        config = config.replace(backbone=state.backbone.name)
+    config, dims = config.bind(model)
     spec = get_backbone(config.backbone)
     if state is not None and spec.name != state.backbone.name:
         raise ZinitValueError(f"this model's adapters use backbone {state.backbone.name!r}; the adapter {name!r} uses "
                               f"{spec.name!r}: add adapters of one backbone to a model")
     if tensors is not None:
-        _check_shapes(config, tensors, str(source))
+        _check_shapes(config, dims, tensors, str(source))
     modules = spec.attention_modules(model)
     built: dict[int, LayerAdapter] = {}
     for n in config.layers:
         device = next(modules[n].parameters()).device
-        built[n] = LayerAdapter(config.K, config.hidden_size, config.num_heads, gate=config.gate,
+        built[n] = LayerAdapter(config.K, dims.hidden_size, dims.num_heads, gate=config.gate,
                                 gate_fn=config.gate_fn, project=spec.project, device=device,
                                 gate_init=config.gate_init)
     if tensors is not None:

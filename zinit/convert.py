@@ -16,8 +16,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .config import AdapterConfig
+from .config import AdapterConfig, FittedConfig
 from .errors import ZinitKeyError, ZinitValueError
+from .registry import Dims
 
 _V1_GATE = re.compile(r"(?:^|\.)layers\.(\d+)\.attention\.gate$")
 _V1_QUERY = re.compile(r"(?:^|\.)adapter_query\.weight$")
@@ -121,13 +122,27 @@ _REPRESENTABLE = ('inject with gate="layer", gate_fn="identity" and layers=L (an
                   'ZinitConfig(layers=L, K=K, gate="layer", gate_fn="identity")')
 
 
-def _peft_config(config: AdapterConfig | Mapping[str, Any], prefix: str) -> AdapterConfig:
-    """``config`` as an :class:`AdapterConfig`; an error unless it and ``prefix`` fit an adapter stock peft computes."""
+def _fitted(config: AdapterConfig | Mapping[str, Any], dims: Dims | None, what: str) -> FittedConfig:
+    """The resolved config and the model's sizes a converter is given: an :class:`AdapterConfig` and ``dims``
+    (``zinit.injection(model).config`` and ``.dims``), or the fields of ``zinit.json`` (which hold both)."""
     if isinstance(config, Mapping):
-        config = AdapterConfig.from_json(config, "to_peft's config")
+        return AdapterConfig.from_json(config, f"{what}'s config")
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be the adapter's AdapterConfig (zinit.injection(model).config) or its zinit.json "
                         f"fields (zinit.read_adapter_config(folder)), not {type(config).__name__}")
+    if not isinstance(dims, Dims):
+        raise TypeError(f"{what}(state_dict, config, dims) needs the model's sizes beside an AdapterConfig "
+                        "(zinit.injection(model).dims), or the zinit.json fields as config")
+    if not config.resolved:
+        raise ZinitValueError(f"{what} needs the adapter's resolved config (its backbone and layer indices): "
+                              "zinit.injection(model).config, or config.bind(model).config")
+    return FittedConfig(config, dims)
+
+
+def _peft_config(config: AdapterConfig | Mapping[str, Any], dims: Dims | None, prefix: str) -> FittedConfig:
+    """``config`` (and ``dims``) as a :class:`~zinit.config.FittedConfig`; an error unless it and ``prefix`` fit an
+    adapter stock peft computes."""
+    config, dims = _fitted(config, dims, "to_peft")
     if not isinstance(prefix, str) or (prefix and not prefix.endswith(".")):
         raise ZinitValueError(f"prefix={prefix!r} must be a key prefix ending in '.' (peft's around a causal LM: "
                          f"{PEFT_CAUSAL_LM_PREFIX!r}) or ''")
@@ -135,9 +150,9 @@ def _peft_config(config: AdapterConfig | Mapping[str, Any], prefix: str) -> Adap
         raise ZinitValueError(f"this adapter has gate={config.gate!r}, gate_fn={config.gate_fn!r}, but peft's adaption "
                          "prompt multiplies each layer's prompt term by one raw gate, so it has no equivalent in peft. "
                          f"An adapter is peft-representable when trained that way: {_REPRESENTABLE}")
-    top = tuple(range(config.num_layers - len(config.layers), config.num_layers))
+    top = tuple(range(dims.num_layers - len(config.layers), dims.num_layers))
     if tuple(config.layers) != top:
-        raise ZinitValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but peft's "
+        raise ZinitValueError(f"this adapter adapts layers {list(config.layers)} of 0..{dims.num_layers - 1}, but peft's "
                          f"adapter_layers=L always adapts the top L layers ({list(top)} for L={len(config.layers)}); "
                          f"{_REPRESENTABLE}")
     if config.visual_dim is not None or config.train_modules or config.bias_scale or config.train_norms:
@@ -149,13 +164,14 @@ def _peft_config(config: AdapterConfig | Mapping[str, Any], prefix: str) -> Adap
     if config.backbone != "llama":
         raise ZinitValueError(f"this adapter is for the {config.backbone!r} backbone; peft's adaption prompt computes the "
                          "LLaMA/Mistral attention only (zinit's 'llama' backbone)")
-    return config
+    return FittedConfig(config, dims)
 
 
-def _peft_tensors(state_dict: Mapping[str, Tensor], config: AdapterConfig, prefix: str) -> dict[str, Tensor]:
+def _peft_tensors(state_dict: Mapping[str, Tensor], config: AdapterConfig, dims: Dims, prefix: str
+                  ) -> dict[str, Tensor]:
     """The peft keys and tensors of ``state_dict``, checked against what ``config`` says it holds."""
     expected = {f"layers.{n}.{w}": shape for n in config.layers
-                for w, shape in (("prompt", (config.K, config.hidden_size)), ("gate", (1,)))}
+                for w, shape in (("prompt", (config.K, dims.hidden_size)), ("gate", (1,)))}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
@@ -174,16 +190,16 @@ def _peft_tensors(state_dict: Mapping[str, Tensor], config: AdapterConfig, prefi
     return out
 
 
-def to_peft(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any], *,
+def to_peft(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any], dims: Dims | None = None, *,
             prefix: str = PEFT_CAUSAL_LM_PREFIX) -> dict[str, Tensor]:
     """Canonical → peft adaption-prompt layout, for an adapter stock peft can compute.
 
     Stock peft (``AdaptionPromptConfig(adapter_len=K, adapter_layers=L)``) adapts the top L layers and multiplies each
     layer's prompt term by one raw scalar gate, so only an adapter injected with ``gate="layer"``,
     ``gate_fn="identity"`` and ``layers=L`` (the top L layers) has a peft equivalent; anything else is refused with a
-    ValueError that says so. ``config`` says which variant the tensors are (the gate function is not in them):
-    ``zinit.injection(model).config``, or the ``zinit.json`` fields of a saved adapter
-    (``zinit.read_adapter_config(folder)``).
+    ValueError that says so. ``config`` says which variant the tensors are (the gate function is not in them) and
+    ``dims`` the model's sizes: ``zinit.injection(model).config`` and ``.dims``, or the ``zinit.json`` fields of a
+    saved adapter (``zinit.read_adapter_config(folder)``), which hold both.
 
     Returns ``{prefix}layers.{n}.self_attn.adaption_prompt`` ``[1, K, C]`` and ``...adaption_gate`` ``[1]``, what
     ``peft.get_peft_model_state_dict`` gives for an adaption-prompt model. Load it with
@@ -199,14 +215,14 @@ def to_peft(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[st
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
     ...                   num_attention_heads=4, num_key_value_heads=2)
     >>> model = zinit.inject(LlamaForCausalLM(cfg), layers=2, K=5, gate="layer", gate_fn="identity")
-    >>> state = to_peft(zinit.adapter_state_dict(model), zinit.injection(model).config)
+    >>> state = to_peft(zinit.adapter_state_dict(model), zinit.injection(model).config, zinit.injection(model).dims)
     >>> shapes = {k.removeprefix(PEFT_CAUSAL_LM_PREFIX): tuple(v.shape) for k, v in state.items()}
     >>> shapes  # doctest: +NORMALIZE_WHITESPACE
     {'layers.1.self_attn.adaption_prompt': (1, 5, 32), 'layers.1.self_attn.adaption_gate': (1,),
      'layers.2.self_attn.adaption_prompt': (1, 5, 32), 'layers.2.self_attn.adaption_gate': (1,)}
     """
-    config = _peft_config(config, prefix)
-    return _peft_tensors(state_dict, config, prefix)
+    config, dims = _peft_config(config, dims, prefix)
+    return _peft_tensors(state_dict, config, dims, prefix)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,12 +241,8 @@ _LITGPT_FORM = ('inject with gate="head", gate_fn="identity" (litgpt multiplies 
                 'gate_fn="identity", bias_scale="all", train_norms=True)')
 
 
-def _litgpt_checks(config: AdapterConfig | Mapping[str, Any], what: str) -> AdapterConfig:
-    if isinstance(config, Mapping):
-        config = AdapterConfig.from_json(config, f"{what}'s config")
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be the adapter's AdapterConfig (zinit.injection(model).config) or its zinit.json "
-                        f"fields, not {type(config).__name__}")
+def _litgpt_checks(config: AdapterConfig | Mapping[str, Any], dims: Dims | None, what: str) -> FittedConfig:
+    config, dims = _fitted(config, dims, what)
     if config.backbone != "llama":
         raise ZinitValueError(f"this adapter is for the {config.backbone!r} backbone; litgpt's adapter naming is converted "
                          "for zinit's 'llama' backbone (LlamaForCausalLM) only")
@@ -242,19 +254,19 @@ def _litgpt_checks(config: AdapterConfig | Mapping[str, Any], what: str) -> Adap
                          f'head too; {_LITGPT_FORM}')
     if config.visual_dim is not None or config.train_modules:
         raise ZinitValueError("this adapter has a visual projection or train_modules, which litgpt's adapter cannot hold")
-    top = tuple(range(config.num_layers - len(config.layers), config.num_layers))
+    top = tuple(range(dims.num_layers - len(config.layers), dims.num_layers))
     if tuple(config.layers) != top:
-        raise ZinitValueError(f"this adapter adapts layers {list(config.layers)} of 0..{config.num_layers - 1}, but litgpt "
+        raise ZinitValueError(f"this adapter adapts layers {list(config.layers)} of 0..{dims.num_layers - 1}, but litgpt "
                          f"adapts the layers from adapter_start_layer up, the top L ({list(top)} for L="
                          f"{len(config.layers)}: adapter_start_layer={top[0]}); {_LITGPT_FORM}")
     if (config.bias_scale is None) != (not config.train_norms):
         raise ZinitValueError("litgpt's adapter_v2 has both the bias/scale and trained norms, its adapter neither; this "
                          f"adapter has bias_scale={config.bias_scale!r}, train_norms={config.train_norms}: "
                          f"{_LITGPT_FORM}")
-    return config
+    return FittedConfig(config, dims)
 
 
-def _litgpt_pairs(config: AdapterConfig) -> list[tuple[str, str]]:
+def _litgpt_pairs(config: AdapterConfig, dims: Dims) -> list[tuple[str, str]]:
     """(zinit key, litgpt key) of every tensor but the fused qkv bias/scale (handled by the callers)."""
     b, names = HF_LLAMA_NAMES["blocks"], LITGPT_BLOCK_NAMES
     pairs = []
@@ -262,7 +274,7 @@ def _litgpt_pairs(config: AdapterConfig) -> list[tuple[str, str]]:
         pairs += [(f"layers.{n}.prompt", f"transformer.h.{n}.attn.adapter_wte.weight"),
                   (f"layers.{n}.gate", f"transformer.h.{n}.attn.gating_factor")]
     if config.bias_scale is not None:
-        for n in range(config.num_layers):
+        for n in range(dims.num_layers):
             for ours, theirs in names.items():
                 kind = "norms" if "norm" in ours else "linears"
                 if kind == "norms":
@@ -275,7 +287,8 @@ def _litgpt_pairs(config: AdapterConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def to_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any]) -> dict[str, Tensor]:
+def to_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any], dims: Dims | None = None
+              ) -> dict[str, Tensor]:
     """Canonical → litgpt ``adapter`` / ``adapter_v2`` state naming, for a LLaMA-family ``*ForCausalLM`` adapter.
 
     litgpt keeps ``transformer.h.{n}.attn.adapter_wte.weight`` ``[K, C]`` and ``...attn.gating_factor``
@@ -299,15 +312,15 @@ def to_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[
     >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
     ...                   num_attention_heads=4, num_key_value_heads=2)
     >>> model = zinit.inject(LlamaForCausalLM(cfg), 1, 5, gate_fn="identity", bias_scale="all", train_norms=True)
-    >>> lit = to_litgpt(zinit.adapter_state_dict(model), zinit.injection(model).config)
+    >>> lit = to_litgpt(zinit.adapter_state_dict(model), zinit.injection(model).config, zinit.injection(model).dims)
     >>> {k: tuple(v.shape) for k, v in lit.items() if k.startswith("transformer.h.1.attn")}  # doctest: +NORMALIZE_WHITESPACE
     {'transformer.h.1.attn.adapter_wte.weight': (5, 32), 'transformer.h.1.attn.gating_factor': (1, 1, 4, 1),
      'transformer.h.1.attn.proj.adapter_bias': (32,), 'transformer.h.1.attn.proj.adapter_scale': (32,),
      'transformer.h.1.attn.qkv.adapter_bias': (64,), 'transformer.h.1.attn.qkv.adapter_scale': (64,)}
     """
-    config = _litgpt_checks(config, "to_litgpt")
-    pairs = _litgpt_pairs(config)
-    qkv = [(n, w) for n in range(config.num_layers) for w in ("bias", "scale")] if config.bias_scale else []
+    config, dims = _litgpt_checks(config, dims, "to_litgpt")
+    pairs = _litgpt_pairs(config, dims)
+    qkv = [(n, w) for n in range(dims.num_layers) for w in ("bias", "scale")] if config.bias_scale else []
     b = HF_LLAMA_NAMES["blocks"]
     expected = {ours for ours, _ in pairs} | {f"linears.{b}.{n}.{p}.{w}" for n, w in qkv for p in _QKV}
     missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
@@ -325,15 +338,16 @@ def to_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[
     return dict(sorted(out.items()))
 
 
-def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any]) -> dict[str, Tensor]:
-    """litgpt ``adapter`` / ``adapter_v2`` state naming → canonical, for the model of ``config``: the
-    :class:`~zinit.AdapterConfig` of a ``LlamaForCausalLM`` injected as litgpt computes (see :func:`to_litgpt`:
+def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any], dims: Dims | None = None
+                ) -> dict[str, Tensor]:
+    """litgpt ``adapter`` / ``adapter_v2`` state naming → canonical, for the model of ``config`` and ``dims``: the
+    :class:`~zinit.AdapterConfig` and sizes of a ``LlamaForCausalLM`` injected as litgpt computes (see :func:`to_litgpt`:
     ``gate_fn="identity"``, and ``bias_scale="all"``, ``train_norms=True`` for adapter_v2 keys), into which
     :func:`zinit.load_adapter_state_dict` then loads the result. Keys may carry a prefix (``model.``, Lightning's
     ``_forward_module.``); litgpt's fused qkv bias/scale is split into the q, k and v projections' by the config's
     head counts. A key missing or left over is an error naming it.
     """
-    config = _litgpt_checks(config, "from_litgpt")
+    config, dims = _litgpt_checks(config, dims, "from_litgpt")
     found: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         m = re.search(r"(?:^|\.)((?:transformer\.(?:h\.\d+\.|ln_f\.)|lm_head\.).*)$", key)
@@ -342,14 +356,14 @@ def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mappin
     if not found:
         raise ZinitValueError("no 'transformer.h.N.attn.adapter_wte.weight' (or other litgpt adapter) keys: not a litgpt "
                          "adapter state dict")
-    pairs = _litgpt_pairs(config)
+    pairs = _litgpt_pairs(config, dims)
     out: dict[str, Tensor] = {}
     used = set()
-    widths = [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2
+    widths = [dims.num_heads * dims.head_dim] + [dims.num_kv_heads * dims.head_dim] * 2
     b = HF_LLAMA_NAMES["blocks"]
     wanted = [theirs for _, theirs in pairs]
     if config.bias_scale:
-        wanted += [f"transformer.h.{n}.attn.qkv.adapter_{w}" for n in range(config.num_layers) for w in ("bias", "scale")]
+        wanted += [f"transformer.h.{n}.attn.qkv.adapter_{w}" for n in range(dims.num_layers) for w in ("bias", "scale")]
     missing = [k for k in wanted if k not in found]
     if missing:
         raise ZinitKeyError(f"the litgpt state lacks {missing[:5]} ({len(missing)} keys) for this config (layers "
@@ -358,7 +372,7 @@ def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mappin
         out[ours] = found[theirs].reshape(-1).clone() if theirs.endswith("gating_factor") else found[theirs].clone()
         used.add(theirs)
     if config.bias_scale:
-        for n in range(config.num_layers):
+        for n in range(dims.num_layers):
             for w in ("bias", "scale"):
                 key = f"transformer.h.{n}.attn.qkv.adapter_{w}"
                 fused = found[key]

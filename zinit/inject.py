@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from . import quant, v2
 from .bank import remove_adapter as remove_named
-from .config import AdapterConfig, changed_options, check_fits
+from .config import AdapterConfig, changed_options
 from .errors import ZinitStateError, ZinitValueError
 from .prompts import ADAPTER_ATTR, VISUAL_ATTR, LayerAdapter, VisualInput, VisualProjection
-from .registry import Backbone, find_backbone, get_backbone
+from .registry import Backbone, Dims, get_backbone
 from .state import (DEFAULT_ADAPTER, STATE_ATTR, AdapterState, abandon, adapter_state, attach, canonical_state,
                     copy_adapter_state, freeze, release)
 
@@ -69,9 +69,9 @@ def inject(
         model: a Hugging Face LLaMA/Mistral/Qwen2, RoBERTa/BERT model or a timm ViT/DeiT (see
             :func:`zinit.list_backbones`).
         layers: an int L (the top L layers, the paper's choice) or explicit layer indices (0 = bottom layer); or an
-            :class:`~zinit.AdapterConfig` (``zinit.injection(other).config``, or ``AdapterConfig.from_json`` of
-            ``zinit.read_adapter_config(folder)``), which says everything else, so no other option is given (its
-            model sizes must be ``model``'s).
+            :class:`~zinit.AdapterConfig`, which says everything else, so no other option is given: one built
+            without a model (``zinit.AdapterConfig(layers=2, K=10)``), or ``zinit.injection(other).config`` (any
+            model of a fitting depth and backbone; the sizes are always ``model``'s own).
         K: prompt length (the paper uses 10).
         gate: ``"head"`` (one gate per query head), ``"layer"`` (one per layer, as peft) or ``"none"`` (no gate,
             one joint softmax).
@@ -121,26 +121,13 @@ def inject(
         if extra:
             raise ZinitValueError(f"inject(model, config) takes every option from the AdapterConfig; drop {extra} "
                                   "(or change them with config.replace(...))")
-        config = layers
-    elif K is None:
+        return _inject(model, layers)
+    if K is None:
         raise ZinitValueError("inject needs K (the prompt length, e.g. inject(model, layers=2, K=10)) or an "
                               "AdapterConfig as its second argument")
-    else:
-        config = _config_of(model, layers, K, backbone, **options)
-    return _inject(model, config)
-
-
-def _config_of(model: nn.Module, layers: int | Sequence[int], K: int, backbone: str | None, *,
-               train_modules: Sequence[str], visual_dim: int | None, visual_hidden: int, bias_scale: bool | str,
-               **options: Any) -> AdapterConfig:
-    """The :class:`AdapterConfig` :func:`inject`'s keyword arguments describe for ``model``: the backbone and sizes
-    found, the layer count resolved against the model, the task head's names against its submodules; every field is
-    then checked by the config itself."""
-    spec = get_backbone(backbone) if backbone is not None else find_backbone(model)
-    return AdapterConfig.on_model(model, spec, layers, K, train_modules=_check_train_modules(model, train_modules),
-                                  visual_dim=visual_dim,
-                                  visual_hidden=visual_hidden if visual_dim is not None else None,
-                                  bias_scale=_check_v2(bias_scale), **options)
+    if visual_dim is None:
+        options["visual_hidden"] = None  # the hidden width belongs to a visual projection
+    return _inject(model, AdapterConfig(layers=layers, K=K, backbone=backbone, **options))
 
 
 def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -150,8 +137,8 @@ def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if adapter_state(model) is not None:
         raise ZinitStateError("this model carries named adapters (zinit.add_adapter); inject one into a model without "
                               "them, or add this one by name: zinit.add_adapter(model, name, layers=..., K=...)")
-    spec = check_fits(config, model, "the given AdapterConfig", "inject it into a model of its sizes")
-    _check_train_modules(model, config.train_modules)
+    config, dims = config.bind(model)  # the backbone, the layers' indices and the task head, against the model
+    spec = get_backbone(config.backbone)
     if config.gate == "none" and not spec.joint_softmax:
         raise ZinitValueError(f"gate='none' joins the prompt keys into the layer's own softmax, which backbone "
                               f"{spec.name!r} does not do (Backbone.joint_softmax is False); use gate='head' or 'layer'")
@@ -164,7 +151,7 @@ def _inject(model: nn.Module, config: AdapterConfig) -> nn.Module:
     visual = VisualInput() if config.visual_dim is not None else None
     state, created = freeze(model, spec)
     try:
-        _attach(model, spec, config, targets, visual)
+        _attach(model, spec, config, dims, targets, visual)
         v2.install_bias_scale(linears)
         v2.train_norms_in_float32(model, norms)
         spec.install(model, targets)
@@ -202,34 +189,22 @@ def _v2_targets(model: nn.Module, config: AdapterConfig, modules: list[nn.Module
     return linears, norms
 
 
-def _attach(model: nn.Module, spec: Backbone, config: AdapterConfig, targets: list[nn.Module],
+def _attach(model: nn.Module, spec: Backbone, config: AdapterConfig, dims: Dims, targets: list[nn.Module],
             visual: VisualInput | None) -> None:
     """Hang each adapted layer's adapter on its attention, the visual projection on the model, and make the task
     head trainable."""
     for attention in targets:
         device = next(attention.parameters()).device
         attention.add_module(ADAPTER_ATTR, LayerAdapter(
-            config.K, config.hidden_size, config.num_heads, gate=config.gate, gate_fn=config.gate_fn,
+            config.K, dims.hidden_size, dims.num_heads, gate=config.gate, gate_fn=config.gate_fn,
             project=spec.project, device=device, visual=visual, gate_init=config.gate_init))
     if visual is not None:
         device = next(targets[0].parameters()).device
-        model.add_module(VISUAL_ATTR, VisualProjection(config.visual_dim, config.hidden_size, config.visual_hidden,
+        model.add_module(VISUAL_ATTR, VisualProjection(config.visual_dim, dims.hidden_size, config.visual_hidden,
                                                        device))
     for name in config.train_modules:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
-
-
-def _check_v2(bias_scale: bool | str) -> str | None:
-    """The ``bias_scale`` scope inject's keyword means (None: off; True: ``"blocks"``)."""
-    if bias_scale is True:
-        return "blocks"
-    if bias_scale is False or bias_scale is None:
-        return None
-    if bias_scale not in v2.BIAS_SCALE_SCOPES:
-        raise ZinitValueError(f"bias_scale={bias_scale!r} must be False, True (= 'blocks': the linear layers of the "
-                         "transformer blocks) or 'all' (every linear layer, the LM head too)")
-    return bias_scale
 
 
 _SERIAL = itertools.count(1)
@@ -285,25 +260,6 @@ def visual_features(model: nn.Module, features: Tensor, has_image: Tensor | Sequ
         yield tokens
     finally:
         state.visual.var.reset(token)
-
-
-def _check_train_modules(model: nn.Module, names: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(names, str):
-        raise TypeError(f"train_modules={names!r}: pass a list of submodule names, e.g. [{names!r}]")
-    chosen = tuple(names)
-    for name in chosen:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            children = [n for n, _ in model.named_children()]
-            raise ZinitValueError(
-                f"train_modules: {type(model).__name__} has no submodule {name!r} (its children: {children})"
-            ) from None
-        if not any(True for _ in module.parameters()):
-            raise ZinitValueError(f"train_modules: submodule {name!r} ({type(module).__name__}) has no parameters")
-    if len(set(chosen)) != len(chosen):
-        raise ZinitValueError(f"train_modules={list(chosen)} names a module twice")
-    return chosen
 
 
 def _extra_parameters(model: nn.Module, state: Injection) -> dict[str, nn.Parameter]:

@@ -2,15 +2,16 @@
 an adapter card ``README.md`` beside them; a Hub repo id (``"org/name"``, ``"org/name@revision"``) works wherever a
 folder does, and ``save_adapter(..., push_to_hub=...)`` uploads the folder (:mod:`zinit.hub`).
 
-No pickle anywhere: weights are safetensors, the description is JSON (an :class:`~zinit.AdapterConfig`). Files
-are written through :mod:`zinit.files`: to a temporary name in the target folder, then renamed into place, so an
-interrupted save never leaves a half-written file under the real name, and with the umask's mode. An adapter's two
-files are written as a pair: both go to temporary files first, both carry the same new save id (``zinit.json``'s
-``save_id`` field, the safetensors metadata ``save_id``), and the weights are renamed into place, then the
-description; an error between the two renames puts the earlier weights back, and a crash there (power loss, SIGKILL)
-leaves two files of different saves, which :func:`load_adapter` refuses ("from different saves"), naming the
-leftover files that restore either adapter. The card is staged with the pair and renamed into place after it; it
-describes the adapter and is never read back by a load.
+No pickle anywhere: weights are safetensors, the description is JSON (an :class:`~zinit.AdapterConfig` and the
+model's sizes, :meth:`~zinit.AdapterConfig.to_json`). Files are written through :mod:`zinit.files`: to a temporary
+name in the target folder, then renamed into place, so an interrupted save never leaves a half-written file under
+the real name, and with the umask's mode. An adapter's two files are written as a pair: both go to temporary files
+first, both carry the same new save id (``zinit.json``'s ``save_id`` field, the safetensors metadata ``save_id``),
+and the weights are renamed into place, then the description; an error between the two renames puts the earlier
+weights back, and a crash there (power loss, SIGKILL) leaves two files of different saves, which
+:func:`load_adapter` refuses ("from different saves"), naming the leftover files that restore either adapter. The
+card is staged with the pair and renamed into place after it; it describes the adapter and is never read back by a
+load.
 
 The weights stay editable with standard tools: a file rewritten with ``safetensors.torch.save_file`` (a model soup,
 a cast to bf16) carries no save id, or the one it was copied with, and loads when its tensor names, shapes and
@@ -34,12 +35,13 @@ from safetensors.torch import load as _load_safetensors, save_file
 from torch import Tensor, nn
 
 from ._version import __version__
-from .config import (_AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterConfig, changed_options, check_fits,
-                     layer_shapes)
+from .config import (_AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterConfig, FittedConfig,
+                     changed_options, check_fits, layer_shapes)
+from .registry import Dims
 from .files import DISK_FULL, discard, fsync_dir, read_json, stage
 from . import hub
 from .bank import (PreparedAdapter, build_adapter, install_adapter, named_adapter_config, named_adapter_state_dict,
-                   new_adapter_config, single_only)
+                   named_state, new_adapter_config, single_only)
 from .errors import ZinitKeyError, ZinitValueError
 from .inject import adapter_state_dict, eject, inject, injection, is_injected, load_adapter_state_dict
 
@@ -53,9 +55,10 @@ def new_save_id() -> str:
 
 
 def adapter_config(model: nn.Module) -> dict[str, Any]:
-    """The ``zinit.json`` description of an injected model's adapter: its :class:`~zinit.AdapterConfig` as JSON,
-    and the zinit version that wrote it."""
-    return {**injection(model).config.to_json(), "zinit_version": __version__}
+    """The ``zinit.json`` description of an injected model's adapter: its :class:`~zinit.AdapterConfig` and the
+    model's sizes as JSON, and the zinit version that wrote it."""
+    state = injection(model)
+    return {**state.config.to_json(state.dims), "zinit_version": __version__}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: str | None = None,
@@ -124,7 +127,7 @@ def _to_save(model: nn.Module, name: str | None, base_model: str | None, command
         config = adapter_config(model)
         state = adapter_state_dict(model)
     else:
-        config = {**named_adapter_config(model, name).to_json(), "zinit_version": __version__}
+        config = {**named_adapter_config(model, name).to_json(named_state(model).dims), "zinit_version": __version__}
         state = named_adapter_state_dict(model, name)
     base = base_model if base_model is not None else hub.base_model_of(model)
     if base:
@@ -341,15 +344,17 @@ def _extra_groups(config: AdapterConfig) -> dict[str, str]:
     return groups
 
 
-def _layout(config: AdapterConfig) -> str:
+def _layout(config: AdapterConfig, dims: Dims) -> str:
     """What ``zinit.json`` says the layers' tensors are, for an error message."""
-    gates = {"head": f" and layers.N.gate {[config.num_heads]}", "layer": " and layers.N.gate [1]"}
+    gates = {"head": f" and layers.N.gate {[dims.num_heads]}", "layer": " and layers.N.gate [1]"}
     return (f"{CONFIG_NAME} describes layers {list(config.layers)} with K={config.K}, gate={config.gate!r}: keys "
-            f"layers.N.prompt {[config.K, config.hidden_size]}{gates.get(config.gate, ' and no gates')}")
+            f"layers.N.prompt {[config.K, dims.hidden_size]}{gates.get(config.gate, ' and no gates')}")
 
 
-def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: str | os.PathLike[str]) -> None:
-    """Check that the tensors of an adapter file (``source``, named in the errors) fit its description ``config``:
+def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, dims: Dims,
+                  source: str | os.PathLike[str]) -> None:
+    """Check that the tensors of an adapter file (``source``, named in the errors) fit its description ``config`` on
+    a model of sizes ``dims``:
     floating-point tensors (any float dtype: a load converts them to the adapter's), exactly the layers' keys
     ``config`` implies with the shapes it implies (:func:`layer_shapes`), and the other tensors only under the
     prefixes its fields provide (``visual_proj.*``, ``modules.NAME.*``, ``linears.*``, ``norms.*``).
@@ -365,7 +370,7 @@ def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: 
             dtype = str(value.dtype).replace("torch.", "")
             raise ZinitValueError(f"adapter weights {source}: tensor {key!r} has dtype {dtype}; adapter tensors are "
                              f"floating point (zinit writes float32); {_AGAIN}")
-    expected = layer_shapes(config)
+    expected = layer_shapes(config, dims)
     groups = _extra_groups(config)
     missing = [k for k in expected if k not in tensors]
     listed = {f"layers.{n}." for n in config.layers}
@@ -383,12 +388,12 @@ def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: 
     if missing or unlisted or misnamed or other or empty:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing} ({_layout(config)})")
+            parts.append(f"missing keys {missing} ({_layout(config, dims)})")
         if unlisted:
             parts.append(f"unexpected keys {unlisted} ({CONFIG_NAME} lists layers {list(config.layers)}: to add a "
                          "layer's adapter, add its index to 'layers' there)")
         if misnamed:
-            parts.append(f"unexpected keys {misnamed} ({_layout(config)})")
+            parts.append(f"unexpected keys {misnamed} ({_layout(config, dims)})")
         if other:
             where = (f"describes layers.N.* and {', '.join(f'{p}* ({why})' for p, why in groups.items())} only"
                      if groups else "has no train_modules, visual_dim, bias_scale or train_norms: its keys are "
@@ -402,9 +407,9 @@ def check_weights(tensors: Mapping[str, Tensor], config: AdapterConfig, source: 
         got = tuple(tensors[key].shape)
         if got != shape:
             if key.endswith(".prompt"):
-                why, fields_ = f"K={config.K}, hidden_size={config.hidden_size}", "K"
+                why, fields_ = f"K={config.K}, hidden_size={dims.hidden_size}", "K"
             else:
-                why = f"gate={config.gate!r}" + (f", num_heads={config.num_heads}" if config.gate == "head" else "")
+                why = f"gate={config.gate!r}" + (f", num_heads={dims.num_heads}" if config.gate == "head" else "")
                 fields_ = "gate"
             raise ZinitValueError(f"{source}: tensor {key!r} has shape {list(got)}; {CONFIG_NAME} beside it ({why}) says "
                              f"{list(shape)}; write the tensor in that shape, or correct {fields_} in {CONFIG_NAME}")
@@ -430,7 +435,7 @@ def _dropped_message(source: str | os.PathLike[str], config: AdapterConfig, drop
             f"{keep if config.gate == 'none' else switch}")
 
 
-def _read_weights(weights: Path, config: Mapping[str, Any], adapter: AdapterConfig) -> dict[str, Tensor]:
+def _read_weights(weights: Path, config: Mapping[str, Any], adapter: FittedConfig) -> dict[str, Tensor]:
     """The tensors of ``adapter.safetensors``, checked: a readable safetensors file, of the same save as
     ``zinit.json`` (:func:`_different_saves`), whose tensors fit ``adapter`` (:func:`check_weights`); errors name
     the file and the fix."""
@@ -448,14 +453,15 @@ def _read_weights(weights: Path, config: Mapping[str, Any], adapter: AdapterConf
     reason = _different_saves(config, data)
     if reason is not None:
         raise _torn(weights, config, data, reason)
-    check_weights(tensors, adapter, weights)
+    check_weights(tensors, adapter.config, adapter.dims, weights)
     return tensors
 
 
 def read_adapter(directory: str | os.PathLike[str], *, revision: str | None = None,
                  cache_dir: str | os.PathLike[str] | None = None, token: str | bool | None = None,
-                 local_files_only: bool = False) -> tuple[AdapterConfig, dict[str, Any]]:
-    """The :class:`~zinit.AdapterConfig` and the tensors of an adapter folder (or Hub repo id, as for
+                 local_files_only: bool = False) -> tuple[FittedConfig, dict[str, Any]]:
+    """The :class:`~zinit.config.FittedConfig` (the resolved :class:`~zinit.AdapterConfig` and the sizes of the model
+    it fits) and the tensors of an adapter folder (or Hub repo id, as for
     :func:`read_adapter_config`), both checked: the description's fields, the two files being of one save, and the
     tensors' names, shapes and dtypes against the description (:func:`check_weights`); errors name the file and the
     fix. Nothing is loaded anywhere. Other files in the folder (the ``README.md`` card) are not read.
@@ -464,9 +470,9 @@ def read_adapter(directory: str | os.PathLike[str], *, revision: str | None = No
 
     >>> import tempfile, timm, zinit
     >>> folder = zinit.save_adapter(zinit.inject(timm.create_model("vit_tiny_patch16_224"), 2, 4), tempfile.mkdtemp())
-    >>> config, tensors = read_adapter(folder)
-    >>> config.K, sorted(tensors)[:2]
-    (4, ['layers.10.gate', 'layers.10.prompt'])
+    >>> (config, dims), tensors = read_adapter(folder)
+    >>> config.K, dims.hidden_size, sorted(tensors)[:2]
+    (4, 192, ['layers.10.gate', 'layers.10.prompt'])
     """
     folder = _local(directory, revision, cache_dir, token, local_files_only)
     config = read_adapter_config(folder)
@@ -508,8 +514,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], *, revisio
     (10, 11)
     """
     folder = _local(directory, revision, cache_dir, token, local_files_only)
-    wanted, tensors = read_adapter(folder)
-    check_fits(wanted, model, directory)
+    (wanted, dims), tensors = read_adapter(folder)
+    check_fits(wanted, dims, model, directory)
     injected_here = not is_injected(model)
     if injected_here:
         inject(model, wanted)
@@ -564,14 +570,13 @@ def prepare_adapter(model: nn.Module, name: str, source: str | os.PathLike[str] 
     if changed:
         raise ZinitValueError(f"add_adapter(model, name, source) takes every option from the source; drop {changed} "
                               "(or change them in an AdapterConfig with config.replace(...))")
-    if isinstance(source, AdapterConfig):  # a new zero-init adapter of that configuration
-        check_fits(source, model, "the given AdapterConfig", "add it to a model of its sizes")
+    if isinstance(source, AdapterConfig):  # a new zero-init adapter of that configuration, of the model's sizes
         return build_adapter(model, name, source)
-    config, tensors = read_adapter(source)  # check_weights: the tensors fit zinit.json before anything is built
+    (config, dims), tensors = read_adapter(source)  # check_weights: the tensors fit zinit.json before anything is built
     why = single_only(config)
     if why is not None:
         raise ZinitValueError(f"the adapter in {source} has {why}: load it alone with zinit.load_adapter")
-    check_fits(config, model, source, "add it to the model it was trained on")
+    check_fits(config, dims, model, source, "add it to the model it was trained on")
     return build_adapter(model, name, config, tensors, source)
 
 

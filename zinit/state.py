@@ -1,8 +1,8 @@
 """The adapter state of a model: one record, whatever adapters the model carries.
 
 A model zinit has touched carries one :class:`AdapterState` (``model._zinit``). It holds the backbone, the model's
-sizes, every base parameter's ``requires_grad`` from before the first adapter froze it, and the configuration of each
-adapter by name, in the order they were added:
+sizes (``dims``, beside the configurations, which hold none), every base parameter's ``requires_grad`` from before
+the first adapter froze it, and the resolved configuration of each adapter by name, in the order they were added:
 
 - :func:`zinit.inject` / :func:`zinit.load_adapter` add one adapter under :data:`DEFAULT_ADAPTER` and make it the
   *active* one: every row of every forward uses it. Only an adapter alone on its model may use the options that change
@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .config import AdapterConfig
+from .config import DIM_FIELDS, AdapterConfig
 from .errors import ZinitKeyError, ZinitValueError
 from .prompts import LayerAdapter, VisualInput
 from .registry import Backbone, Dims
@@ -89,15 +89,17 @@ class Route:
 class AdapterState:
     """Every adapter of a model and what adding them changed; kept on the model as ``model._zinit``.
 
-    ``config`` and the config's fields (``.layers``, ``.K``, ``.dims`` ...) read through to the active adapter's
-    configuration (the one :func:`zinit.inject` added), as the record of earlier versions did.
+    ``config`` and the config's fields (``.layers``, ``.K`` ...) read through to the active adapter's resolved
+    configuration (the one :func:`zinit.inject` added), as the record of earlier versions did; the model's sizes are
+    ``dims``, beside every configuration.
     """
 
     backbone: Backbone
     dims: Dims
     requires_grad: dict[str, bool]  #: each base parameter's flag before the first adapter froze it
     routing: Routing = field(default_factory=Routing)
-    configs: dict[str, AdapterConfig] = field(default_factory=dict)  #: by name, in the order they were added
+    #: each adapter's resolved configuration (:meth:`AdapterConfig.bind`), by name, in the order they were added
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: str | None = None  #: the adapter every row uses (inject's); None: rows choose with use_adapters
     installed: set[int] = field(default_factory=set)  #: layers whose attention the backbone's hook routes
     # What only an adapter alone on its model may change (the active one):
@@ -123,11 +125,16 @@ class AdapterState:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle; a record pickled by zinit before the one adapter state (an ``Injection``: one ``config``, no
-        ``configs``) becomes the state of that one active adapter."""
+        ``configs``) becomes the state of that one active adapter, and configurations pickled when they still held
+        the model's sizes (:func:`split_sizes`) give them to ``dims``."""
         if "configs" not in state and "config" in state:
             config = state.pop("config")
-            state.update(dims=config.dims, routing=Routing(), configs={DEFAULT_ADAPTER: config}, active=DEFAULT_ADAPTER,
+            state.update(routing=Routing(), configs={DEFAULT_ADAPTER: config}, active=DEFAULT_ADAPTER,
                          installed=set(config.layers))
+        for name, config in list(state.get("configs", {}).items()):
+            state["configs"][name], dims = split_sizes(config)
+            if dims is not None:
+                state.setdefault("dims", dims)
         self.__dict__.update(state)
 
     def __getattr__(self, name: str) -> Any:  # only for names this record does not hold itself
@@ -136,6 +143,13 @@ class AdapterState:
         if config is None or name.startswith("_") or not hasattr(config, name):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(config, name)
+
+
+def split_sizes(config: AdapterConfig) -> tuple[AdapterConfig, Dims | None]:
+    """A configuration unpickled from zinit before the model's sizes left :class:`AdapterConfig` (they come back as
+    stray attributes) as the configuration alone and those sizes (None for a configuration of this zinit)."""
+    stray = {key: config.__dict__.pop(key) for key in DIM_FIELDS if key in config.__dict__}
+    return config, (Dims(**stray) if len(stray) == len(DIM_FIELDS) else None)
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:

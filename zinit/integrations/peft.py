@@ -49,7 +49,7 @@ import functools
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,8 @@ from zinit.v2 import remove_hook
 if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # pragma: no cover - depends on the environment
     raise ZinitImportError(f"zinit.integrations.peft needs peft >= 0.21 (found {_peft.__version__}): pip install -U peft")
 
-__all__ = ["CARD_LINE", "NAME", "PREFIX", "STATUS_ATTR", "ZinitConfig", "ZinitLayerStatus", "ZinitModel", "register",
-           "write_card_line"]
+__all__ = ["CARD_LINE", "NAME", "OPTIONS", "PREFIX", "STATUS_ATTR", "ZinitConfig", "ZinitLayerStatus", "ZinitModel",
+           "register", "write_card_line"]
 
 #: The method's name in peft's registry (``PeftType.ZINIT``).
 NAME = "zinit"
@@ -122,10 +122,24 @@ def _extend_peft_type(name: str) -> PeftType:
 ZINIT = _extend_peft_type(NAME.upper())
 
 
+#: The :class:`~zinit.AdapterConfig` options a :class:`ZinitConfig` carries, as flat fields (peft's
+#: ``adapter_config.json``): the ones a peft adapter can have (V2's bias/scale and norms, image features and task
+#: heads change the model beyond what peft's ``disable_adapter()`` undoes).
+OPTIONS = ("layers", "K", "gate", "gate_fn", "gate_init", "backbone")
+_ADAPTER_FIELDS = {f.name: f for f in fields(zinit.AdapterConfig)}
+
+
+def _option(name: str) -> Any:
+    """The :class:`ZinitConfig` field of the :class:`~zinit.AdapterConfig` option ``name``: its default and help text
+    (so the two cannot drift)."""
+    return field(default=_ADAPTER_FIELDS[name].default, metadata={"help": _ADAPTER_FIELDS[name].metadata["help"]})
+
+
 @dataclass
 class ZinitConfig(PeftConfig):
-    """The peft configuration of a zinit adapter: the options of :func:`zinit.inject`, which also checks them (a bad
-    value is refused by ``get_peft_model`` with zinit's own message).
+    """The peft configuration of a zinit adapter: the options of an :class:`~zinit.AdapterConfig`
+    (:attr:`adapter`), flat as peft stores them, with its defaults; :func:`zinit.inject` applies it (a bad value is
+    refused by ``get_peft_model`` with zinit's own message).
 
     Saved as ``adapter_config.json`` beside the weights (``"peft_type": "ZINIT"``, ``"layers"``, ``"K"``, ``"gate"``,
     ``"gate_fn"``, ``"gate_init"``, ``"backbone"`` and peft's common fields), and read back by
@@ -136,8 +150,8 @@ class ZinitConfig(PeftConfig):
     which peft's ``disable_adapter()`` would not undo): use ``zinit.inject(..., bias_scale=True, train_norms=True)``
     and :func:`zinit.save_adapter` for those.
 
-    Args:
-        layers: an int L (the top L layers) or a list of layer indices (0 = bottom layer).
+    Args (the :class:`~zinit.AdapterConfig` fields of :data:`OPTIONS`, with their defaults):
+        layers: an int L (the top L layers), a list of layer indices (0 = bottom layer), or None (every layer).
         K: prompt length (the paper uses 10).
         gate: ``"head"`` (one gate per query head, the paper), ``"layer"`` (one per layer, as peft's adaption prompt)
             or ``"none"`` (no gate: the prompt keys join the tokens' softmax, plain prefix attention).
@@ -150,23 +164,27 @@ class ZinitConfig(PeftConfig):
     >>> config = ZinitConfig(layers=2, K=10, task_type="CAUSAL_LM")
     >>> config.peft_type.value, config.gate, config.gate_fn, config.gate_init
     ('ZINIT', 'head', 'tanh', 'zero')
+    >>> config.adapter == zinit.AdapterConfig(layers=2, K=10)
+    True
     """
 
-    layers: int | list[int] | None = field(
-        default=None, metadata={"help": "An int L (the top L layers) or a list of layer indices (0 = bottom)"}
-    )
-    K: int | None = field(default=None, metadata={"help": "Prompt length (the paper uses 10)"})
-    gate: str = field(default="head", metadata={
-        "help": "'head' (one gate per query head), 'layer' (one per layer) or 'none' (no gate: prefix attention)"})
-    gate_fn: str = field(default="tanh", metadata={"help": "'tanh' (the paper) or 'identity' (a raw gate)"})
-    gate_init: str = field(default="zero", metadata={"help": "'zero' (the method) or 'random' (the paper's ablation)"})
-    backbone: str | None = field(default=None, metadata={"help": "zinit backbone name; None detects it from the model"})
+    layers: int | list[int] | None = _option("layers")
+    K: int = _option("K")
+    gate: str = _option("gate")
+    gate_fn: str = _option("gate_fn")
+    gate_init: str = _option("gate_init")
+    backbone: str | None = _option("backbone")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = ZINIT
         if isinstance(self.layers, (tuple, range)):  # what JSON gives back, so a loaded config compares equal
             self.layers = list(self.layers)
+
+    @property
+    def adapter(self) -> zinit.AdapterConfig:
+        """The :class:`~zinit.AdapterConfig` these fields describe (checked as any config is when made)."""
+        return zinit.AdapterConfig(**{name: getattr(self, name) for name in OPTIONS})
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
         """peft's ``save_pretrained`` (``adapter_config.json``), then :func:`write_card_line`: the folder's
@@ -413,8 +431,7 @@ class ZinitModel(BaseTuner):
             if hasattr(model, STATUS_ATTR) and not _ours(model):
                 raise ZinitStateError(f"the model already has an attribute {STATUS_ATTR!r}; zinit's peft method needs "
                                    "that name")
-            zinit.inject(model, config.layers, config.K, gate=config.gate, gate_fn=config.gate_fn,
-                         gate_init=config.gate_init, backbone=config.backbone)
+            zinit.inject(model, config.adapter)
         except BaseException:
             # transformers' load_adapter / add_adapter go through a fresh tuner whose peft_config is the model's own
             # dict: take the refused name out of it again (PeftModel.add_adapter does the same for its copy)
