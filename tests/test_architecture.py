@@ -8,6 +8,8 @@ that break each rule, so a checker that stopped seeing a circle would fail too.
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 import zinit
 from zinit import cli
+from zinit import config as config_module
 from zinit.errors import ZinitError, ZinitKeyError, ZinitStateError, ZinitValueError
 from zinit.state import STATE_ATTR, AdapterState
 
@@ -349,32 +352,36 @@ def test_one_registry_type_for_backbones_recipes_methods_and_schemes():
 
 def test_one_config_checked_once_and_taken_as_input(tmp_path):
     """AdapterConfig checks itself when made (the one place its rules live: keyword arguments, zinit.json and a
-    hand-made config meet the same rule); inject and add_adapter take one as input."""
-    base = dict(backbone="llama", hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=4,
-                layers=(2, 3), K=3)
+    hand-made config meet the same rule), needs no model (rules that need the depth wait for bind), and inject and
+    add_adapter take one as input; the model's sizes sit beside it (Dims), never in it."""
+    from dataclasses import fields as fields_of
+
+    assert not {f.name for f in fields_of(zinit.AdapterConfig)} & set(config_module.DIM_FIELDS)
+    assert zinit.AdapterConfig() == zinit.AdapterConfig(layers=None, K=10, gate="head", gate_init="zero")
+    base = dict(layers=(2, 3), K=3)
     with pytest.raises(ZinitValueError, match=r"K=0 must be an int >= 1 \(the prompt length\)"):
         zinit.AdapterConfig(**{**base, "K": 0})
-    with pytest.raises(ZinitValueError, match=r"layers=\(2, 9\) must be a non-empty list of distinct layer indices in "
-                                              r"0\.\.3"):
-        zinit.AdapterConfig(**{**base, "layers": (2, 9)})
     with pytest.raises(ZinitValueError, match="gate='none' has no gate, so gate_init='random' does not apply"):
         zinit.AdapterConfig(**{**base, "gate": "none", "gate_init": "random"})
     with pytest.raises(ZinitValueError, match=r"K=0 must be an int >= 1 \(the prompt length\)"):  # the same rule
         zinit.inject(tiny_llama(), 2, K=0)
-    config = zinit.AdapterConfig(**{**base, "layers": [2, 3]})
-    assert config.layers == (2, 3)  # a list is kept as a tuple: the config stays hashable and comparable
+    deep = zinit.AdapterConfig(**{**base, "layers": (2, 9)})  # a fine config: only a model can say 9 is too deep
+    with pytest.raises(ZinitValueError, match=r"layer index 9 is out of range: this model has layers 0\.\.3"):
+        zinit.inject(tiny_llama(), deep)
+    config = zinit.AdapterConfig(**{**base, "layers": [3, 2]})
+    assert config.layers == (2, 3)  # a list is kept as a sorted tuple: the config stays hashable and comparable
     model = zinit.inject(tiny_llama(), config)
-    assert zinit.injection(model).config == config
+    assert zinit.injection(model).config == config.replace(backbone="llama")  # resolved: the backbone named
     folder = zinit.save_adapter(model, tmp_path / "a")
-    saved = zinit.AdapterConfig.from_json(zinit.read_adapter_config(folder))
-    assert saved == config and zinit.injection(zinit.inject(tiny_llama(), saved)).config == config
+    saved, dims = zinit.AdapterConfig.from_json(zinit.read_adapter_config(folder))
+    assert saved == zinit.injection(model).config and dims == zinit.injection(model).dims
+    assert zinit.injection(zinit.inject(tiny_llama(), saved)).config == saved
     with pytest.raises(ZinitValueError, match=r"takes every option from the AdapterConfig; drop \['K', 'gate'\]"):
         zinit.inject(tiny_llama(), config, K=4, gate="layer")
-    with pytest.raises(ZinitValueError, match="mismatch on hidden_size: the adapter in the given AdapterConfig has "
-                                              "hidden_size=32, the model has hidden_size=64"):
-        zinit.inject(tiny_llama(hidden=64), config)
+    wide = zinit.inject(tiny_llama(hidden=64), config)  # the sizes are the model's: a config fits any of them
+    assert zinit.injection(wide).dims.hidden_size == 64 and zinit.injection(wide).config == saved
     named = zinit.add_adapter(tiny_llama(), "a", config)
-    assert zinit.bank.named_adapter_config(named, "a") == config
+    assert zinit.bank.named_adapter_config(named, "a") == saved
 
 
 def long_functions(root: Path, packages: dict[str, str], limit: int = 60) -> list[tuple[str, str, int]]:
@@ -450,10 +457,9 @@ def test_configs_from_files_and_hands_meet_every_rule(tmp_path):
     edit_adapter_config(folder, layers=[[2], [3]])
     with pytest.raises(ZinitValueError, match=r"field 'layers' must be a non-empty list of distinct layer indices"):
         zinit.load_adapter(tiny_llama(), folder)
-    base = dict(backbone="llama", hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=4, K=3)
     with pytest.raises(ZinitValueError, match="visual_dim=6 and visual_hidden=None: give both"):
-        zinit.AdapterConfig(**base, layers=(3,), visual_dim=6)
-    assert zinit.AdapterConfig(**base, layers=[3, 1]).layers == (1, 3)  # as the keyword path sorts them
+        zinit.AdapterConfig(layers=(3,), K=3, visual_dim=6)
+    assert zinit.AdapterConfig(layers=[3, 1], K=3).layers == (1, 3)  # as the keyword path sorts them
     with pytest.raises(ZinitValueError, match=r"takes every option from the source; drop \['gate', 'gate_init'\]"):
         zinit.add_adapter(tiny_llama(), "a", folder.parent / "a", gate="layer", gate_init="random")
     from zinit import quant
@@ -463,6 +469,9 @@ def test_configs_from_files_and_hands_meet_every_rule(tmp_path):
     old = pickle.loads(pickle.dumps(zinit.injection(model)))
     old.__dict__ = {k: v for k, v in zinit.injection(model).__dict__.items()
                     if k not in ("configs", "active", "dims", "routing", "installed")}
-    old.__dict__["config"] = zinit.injection(model).config  # the record as zinit wrote it before this change
+    sized = copy.copy(zinit.injection(model).config)  # an AdapterConfig as pickled when it held the model's sizes
+    sized.__dict__.update(dataclasses.asdict(zinit.injection(model).dims))
+    old.__dict__["config"] = sized  # the record as zinit wrote it before the one adapter state
     revived = pickle.loads(pickle.dumps(old))
     assert revived.active == "default" and revived.config == zinit.injection(model).config and revived.K == 3
+    assert revived.dims == zinit.injection(model).dims and "hidden_size" not in revived.config.__dict__

@@ -429,7 +429,8 @@ def test_variant_methods_prepare_their_variant(family):
         config = zinit.injection(model).config
         assert (config.gate, config.gate_init) == (options.get("gate", "head"), options.get("gate_init", "zero"))
         assert M.trainable_count(model) == count
-        assert M.is_zinit(method) and M.defaults_of(method) == "zinit" and M.zinit_options(method) == options
+        assert M.is_zinit(method) and M.defaults_of(method) == "zinit"
+        assert M.zinit_config(method) == zinit.AdapterConfig(**options)
 
 
 def test_variant_methods_take_zinits_learning_rates():
@@ -447,7 +448,7 @@ def test_variant_methods_take_zinits_learning_rates():
         ["train", "alpaca", "--method", "zinit_nogate", "--output", "-"])) == 0.6  # the embedded run's
     assert M.recipe_blr("scienceqa", "zinit_random") == 9e-3  # the recipe's own table, under zinit's name
     with pytest.raises(ValueError, match="does not inject zinit"):
-        M.zinit_options("lora")
+        M.zinit_config("lora")
 
 
 def test_zinit_train_with_a_variant_method(tmp_path, tiny_model_dir, alpaca_file, capsys):

@@ -237,20 +237,38 @@ def test_merge_and_a_second_adapter_are_refused(trained, tmp_path):
 
 
 @pytest.mark.parametrize("options, error, match", [
-    (dict(K=K), TypeError, r"layers=None: pass an int L"),
     (dict(layers=2, K=0), ValueError, r"K=0 must be an int >= 1"),
     (dict(layers=9, K=K), ValueError, r"layers=9 is out of range: this model has 4 layers"),
     (dict(layers=2, K=K, gate="row"), ValueError, r"gate='row' must be one of"),
     (dict(layers=2, K=K, gate_fn="relu"), ValueError, r"gate_fn='relu' must be one of"),
     (dict(layers=2, K=K, gate_init="ones"), ValueError, r"gate_init='ones'"),
     (dict(layers=2, K=K, backbone="gpt9"), (KeyError, ValueError), r"gpt9"),
-], ids=["no-layers", "K0", "layers-out-of-range", "bad-gate", "bad-gate_fn", "bad-gate_init",
+], ids=["K0", "layers-out-of-range", "bad-gate", "bad-gate_fn", "bad-gate_init",
     "unknown-backbone"])
 def test_bad_config_is_refused_by_zinit_inject_and_the_model_is_left_as_it_was(base, options, error, match):
     model = clone(base)
     with pytest.raises(error, match=match):
         get_peft_model(model, zp.ZinitConfig(**options))
     assert not zinit.is_injected(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_zinit_config_carries_an_adapter_config_and_takes_its_defaults_and_help(base):
+    """ZinitConfig's option fields are AdapterConfig's (the ones peft can hold), with the same defaults and help: if
+    either dataclass changes an option, this fails until both agree. Its injection goes through the AdapterConfig."""
+    from dataclasses import fields
+
+    adapter = {f.name: f for f in fields(zinit.AdapterConfig)}
+    ours = {f.name: f for f in fields(zp.ZinitConfig) if f.name in adapter}
+    assert tuple(ours) == zp.OPTIONS
+    for name, f in ours.items():
+        assert (f.default, f.metadata["help"]) == (adapter[name].default, adapter[name].metadata["help"]), name
+    assert zp.ZinitConfig().adapter == zinit.AdapterConfig()
+    config = zp.ZinitConfig(layers=[3, 2], K=4, gate="layer", gate_fn="identity", gate_init="random",
+                            backbone="llama")
+    assert config.adapter == zinit.AdapterConfig(layers=(2, 3), K=4, gate="layer", gate_fn="identity",
+                                                 gate_init="random", backbone="llama")
+    model = get_peft_model(clone(base), zp.ZinitConfig(K=K)).get_base_model()  # every layer, as AdapterConfig()
+    assert zinit.injection(model).config == zinit.AdapterConfig(layers=(0, 1, 2, 3), K=K, backbone="llama")
 
 
 # ---------------------------------------------------------------- registration
@@ -297,7 +315,8 @@ def test_an_adapter_trained_through_the_front_door_loads_into_stock_peft(base, i
     model = get_peft_model(clone(base), zp.ZinitConfig(layers=2, K=K, gate="layer", gate_fn="identity"))
     randomize_adapter(model.get_base_model())
     inner = model.get_base_model()
-    state = zinit.convert.to_peft(zinit.adapter_state_dict(inner), zinit.injection(inner).config)
+    state = zinit.convert.to_peft(zinit.adapter_state_dict(inner), zinit.injection(inner).config,
+                                  zinit.injection(inner).dims)
     assert set(state) == {f"base_model.model.model.layers.{n}.self_attn.adaption_{w}" for n in (2, 3)
                           for w in ("prompt", "gate")}
     stock = _stock_peft(base, 2)
@@ -329,16 +348,18 @@ def test_stock_peft_adaption_prompt_converts_to_zinit_and_back(base, ids, tmp_pa
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
+DIMS = zinit.Dims(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=4)
+
+
 def _config(**changes) -> zinit.AdapterConfig:
-    fields = dict(backbone="llama", hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, num_layers=4,
-                  layers=(2, 3), K=K, gate="layer", gate_fn="identity")
+    fields = dict(backbone="llama", layers=(2, 3), K=K, gate="layer", gate_fn="identity")
     return zinit.AdapterConfig(**{**fields, **changes})
 
 
 def _state(config) -> dict[str, torch.Tensor]:
-    gate = (config.num_heads,) if config.gate == "head" else (1,)
+    gate = (DIMS.num_heads,) if config.gate == "head" else (1,)
     return {f"layers.{n}.{w}": torch.ones(shape) for n in config.layers
-            for w, shape in (("prompt", (config.K, config.hidden_size)), ("gate", gate))}
+            for w, shape in (("prompt", (config.K, DIMS.hidden_size)), ("gate", gate))}
 
 
 REPRESENTABLE = r'gate="layer", gate_fn="identity" and layers=L'
@@ -356,21 +377,25 @@ REPRESENTABLE = r'gate="layer", gate_fn="identity" and layers=L'
 def test_to_peft_refuses_what_stock_peft_cannot_compute(changes, error, match):
     config = _config(**changes)
     with pytest.raises(error, match=match):
-        zinit.convert.to_peft(_state(config), config)
+        zinit.convert.to_peft(_state(config), config, DIMS)
 
 
 def test_to_peft_refuses_bad_input():
     config = _config()
     state = _state(config)
-    assert len(zinit.convert.to_peft(state, config, prefix="base_model.model.")) == 4
+    assert len(zinit.convert.to_peft(state, config, DIMS, prefix="base_model.model.")) == 4
     with pytest.raises(KeyError, match=r"missing keys \['layers.2.gate'\], unexpected keys \['layers.1.gate'\]"):
         zinit.convert.to_peft({**{k: v for k, v in state.items() if k != "layers.2.gate"},
-                               "layers.1.gate": torch.ones(1)}, config)
+                               "layers.1.gate": torch.ones(1)}, config, DIMS)
     with pytest.raises(ValueError, match=r"layers.3.gate has shape \(4,\), but its config says \(1,\)"):
-        zinit.convert.to_peft({**state, "layers.3.gate": torch.ones(4)}, config)
+        zinit.convert.to_peft({**state, "layers.3.gate": torch.ones(4)}, config, DIMS)
     with pytest.raises(TypeError, match="config must be the adapter's AdapterConfig"):
         zinit.convert.to_peft(state, "llama")
+    with pytest.raises(TypeError, match=r"needs the model's sizes beside an AdapterConfig"):
+        zinit.convert.to_peft(state, config)
+    with pytest.raises(ValueError, match=r"needs the adapter's resolved config"):
+        zinit.convert.to_peft(state, zinit.AdapterConfig(layers=2, gate="layer", gate_fn="identity"), DIMS)
     with pytest.raises(ValueError, match="not a zinit adapter description"):
         zinit.convert.to_peft(state, {"layers": [2, 3]})
     with pytest.raises(ValueError, match="prefix='base_model' must be a key prefix ending in '.'"):
-        zinit.convert.to_peft(state, config, prefix="base_model")
+        zinit.convert.to_peft(state, config, DIMS, prefix="base_model")

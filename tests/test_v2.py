@@ -204,8 +204,8 @@ def test_litgpt_adapter_v2_naming_round_trips_and_refuses_what_litgpt_cannot_hol
     base = tiny_llama(layers=3).eval()
     model = zinit.inject(copy.deepcopy(base), 2, 4, gate_fn="identity", bias_scale="all", train_norms=True)
     _randomize_v2(model)
-    state, config = zinit.adapter_state_dict(model), zinit.injection(model).config
-    lit = zinit.convert.to_litgpt(state, config)
+    state, config, dims = zinit.adapter_state_dict(model), zinit.injection(model).config, zinit.injection(model).dims
+    lit = zinit.convert.to_litgpt(state, config, dims)
     H, Hkv, d, C, inter, V = 4, 2, 8, 32, 64, 96
     assert lit["transformer.h.2.attn.gating_factor"].shape == (1, 1, H, 1)
     assert lit["transformer.h.0.attn.qkv.adapter_bias"].shape == ((H + 2 * Hkv) * d,)  # every layer, adapted or not
@@ -220,22 +220,22 @@ def test_litgpt_adapter_v2_naming_round_trips_and_refuses_what_litgpt_cannot_hol
     litgpt_filter = ("adapter_wte", "gating_factor", "adapter_scale", "adapter_bias", "norm_1", "norm_2", "ln_f")
     assert all(any(s in k for s in litgpt_filter) for k in lit)
     assert sum(v.numel() for v in lit.values()) == sum(v.numel() for v in state.values())
-    back = zinit.convert.from_litgpt({f"_forward_module.{k}": v for k, v in lit.items()}, config)
+    back = zinit.convert.from_litgpt({f"_forward_module.{k}": v for k, v in lit.items()}, config, dims)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
     with pytest.raises(ValueError, match="gate_fn='tanh'.*raw gating_factor"):
-        zinit.convert.to_litgpt(state, config.replace(gate_fn="tanh"))
+        zinit.convert.to_litgpt(state, config.replace(gate_fn="tanh"), dims)
     with pytest.raises(ValueError, match='bias_scale="blocks".*LM head'):
-        zinit.convert.to_litgpt(state, config.replace(bias_scale="blocks"))
+        zinit.convert.to_litgpt(state, config.replace(bias_scale="blocks"), dims)
     with pytest.raises(KeyError, match="lacks.*transformer.h.0.attn.qkv.adapter_bias"):
-        zinit.convert.from_litgpt({k: v for k, v in lit.items() if "h.0.attn.qkv.adapter_bias" not in k}, config)
+        zinit.convert.from_litgpt({k: v for k, v in lit.items() if "h.0.attn.qkv.adapter_bias" not in k}, config, dims)
     # litgpt's v1 adapter: prompts and raw gates only
     v1 = zinit.inject(copy.deepcopy(base), 2, 4, gate_fn="identity")
     v1_config = zinit.injection(v1).config
-    v1_lit = zinit.convert.to_litgpt(zinit.adapter_state_dict(v1), v1_config)
+    v1_lit = zinit.convert.to_litgpt(zinit.adapter_state_dict(v1), v1_config, dims)
     assert sorted(v1_lit) == sorted(f"transformer.h.{n}.attn.{w}" for n in (1, 2)
                                     for w in ("adapter_wte.weight", "gating_factor"))
     with pytest.raises(KeyError, match="no place for"):
-        zinit.convert.from_litgpt(lit, v1_config)
+        zinit.convert.from_litgpt(lit, v1_config, dims)
 
 
 def _meta_llama2_7b():
@@ -279,7 +279,7 @@ def test_zinit_v2_method_prepares_the_v2_adapter():
     assert inj.config.bias_scale == "blocks" and inj.config.train_norms
     per_layer = 2 * (32 + 16 + 16 + 32 + 64 + 64 + 32)  # bias + scale on q, k, v (2 KV heads of 8), o, gate, up, down
     assert M.trainable_count(model) == 2 * (3 * 32 + 4) + 4 * per_layer + 9 * 32
-    assert M.defaults_of("zinit_v2") == "zinit" and M.zinit_options("zinit_v2") == V2
+    assert M.defaults_of("zinit_v2") == "zinit" and M.zinit_config("zinit_v2") == zinit.AdapterConfig(**V2)
     assert math.isclose(M.recipe_blr("vtab", "zinit_v2"), M.recipe_blr("vtab", "zinit"))
 
 
@@ -384,7 +384,7 @@ def test_v2_leaves_an_inner_injection_alone_and_litgpt_needs_the_top_layers():
     assert [n for n, m in model.named_modules() if hasattr(m, "zinit_bias_scale")] == hooked  # nothing undone
     low = zinit.inject(tiny_llama(), [0, 1], 4, gate_fn="identity")
     with pytest.raises(ValueError, match=r"litgpt adapts the layers from adapter_start_layer up.*\[2, 3\]"):
-        zinit.convert.to_litgpt(zinit.adapter_state_dict(low), zinit.injection(low).config)
+        zinit.convert.to_litgpt(zinit.adapter_state_dict(low), zinit.injection(low).config, zinit.injection(low).dims)
 
 
 def test_v2_concurrent_first_forwards_after_a_cast_upcast_a_norm_once(monkeypatch):
