@@ -341,7 +341,7 @@ def to_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[
 def from_litgpt(state_dict: Mapping[str, Tensor], config: AdapterConfig | Mapping[str, Any], dims: Dims | None = None
                 ) -> dict[str, Tensor]:
     """litgpt ``adapter`` / ``adapter_v2`` state naming → canonical, for the model of ``config`` and ``dims``: the
-    :class:`~zinit.AdapterConfig` and sizes of a ``LlamaForCausalLM`` injected as litgpt computes (see :func:`to_litgpt`:
+    :class:`~zinit.AdapterConfig` and sizes of a ``LlamaForCausalLM`` injected as litgpt computes (:func:`to_litgpt`:
     ``gate_fn="identity"``, and ``bias_scale="all"``, ``train_norms=True`` for adapter_v2 keys), into which
     :func:`zinit.load_adapter_state_dict` then loads the result. Keys may carry a prefix (``model.``, Lightning's
     ``_forward_module.``); litgpt's fused qkv bias/scale is split into the q, k and v projections' by the config's
