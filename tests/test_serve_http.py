@@ -233,3 +233,53 @@ def openai_error(r, status: int, *words: str) -> dict:
     for word in words:
         assert word in error["message"], error
     return error
+
+
+def test_each_adapter_is_prompted_in_the_format_it_was_trained_with(setup):
+    """An adapter whose zinit.json says it was trained on the Alpaca prompt gets a chat request as that prompt (its
+    one user message as the instruction), token-identical to generate() on the Alpaca prompt alone; a "chat" adapter
+    and one that records no format get the tokenizer's chat template; the format comes and goes with the adapter."""
+    folder, adapters = setup
+    for name, fmt in (("alp", "alpaca"), ("cht", "chat")):
+        model, _ = lm.load_model(str(folder), torch.device("cpu"))
+        zinit.inject(model, 2, 4)
+        randomize_adapter(model, seed=50, scale=1.5)
+        zinit.save_adapter(model, adapters / name, prompt_format=fmt)
+    assert zinit.read_adapter_config(adapters / "alp")["prompt_format"] == "alpaca"
+    running = Running(setup, server_kwargs={"prompt_formats": {"math": "alpaca"}})
+    try:
+        c = running.client
+        messages = [{"role": "user", "content": "Write a line."}]
+        alpaca_ids = _ids(running, lm.format_prompt("Write a line."))
+        chat_ids = running.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+        assert alpaca_ids != chat_ids
+
+        def chat(model):
+            r = c.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 8,
+                                                     "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens"], r.json()["choices"][0]["message"]["content"]
+
+        assert chat("math") == (len(alpaca_ids), _solo(setup, "math", alpaca_ids, 8))  # preloaded, format given
+        for name in ("alp", "cht", "poems"):
+            assert c.post("/v1/adapters", json={"name": name, "path": name}).status_code == 200
+        assert running.server.prompt_formats == {"math": "alpaca", "alp": "alpaca", "cht": "chat"}
+        assert chat("alp") == (len(alpaca_ids), _solo(setup, "alp", alpaca_ids, 8))
+        assert chat("cht") == (len(chat_ids), _solo(setup, "cht", chat_ids, 8))
+        assert chat("poems")[0] == len(chat_ids)  # no recorded format: the chat template, as before
+        r = c.post("/v1/chat/completions", json={"model": "alp", "max_tokens": 4, "messages": [
+            {"role": "system", "content": "Be brief."}, *messages]})
+        assert r.status_code == 400 and "trained on the Alpaca prompt" in r.json()["error"]["message"]
+        assert c.delete("/v1/adapters/alp").status_code == 200
+        assert "alp" not in running.server.prompt_formats
+        (adapters / "bad").mkdir()
+        for f in ("adapter.safetensors", "zinit.json"):
+            (adapters / "bad" / f).write_bytes((adapters / "cht" / f).read_bytes())
+        description = json.loads((adapters / "bad" / "zinit.json").read_text())
+        (adapters / "bad" / "zinit.json").write_text(json.dumps({**description, "prompt_format": "vicuna"}))
+        r = c.post("/v1/adapters", json={"name": "bad", "path": "bad"})
+        assert r.status_code == 400 and "prompt_format" in r.json()["error"]["message"], r.text
+        assert "bad" not in running.server.prompt_formats and "bad" not in running.engine.adapters()
+    finally:
+        running.stop()

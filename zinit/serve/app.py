@@ -28,17 +28,20 @@ import hmac
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 from fastapi import FastAPI, Request as HTTPRequest  # FastAPI resolves handler annotations by name, here
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..io import read_adapter_config
+from ..lm import format_prompt
 from .engine import GREEDY_BELOW, Engine, QueueFull, Request, ShuttingDown
 
 log = logging.getLogger("zinit.serve")
@@ -279,11 +282,16 @@ class Server:
         context: the model's context length (prompt + completion tokens).
         api_key: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>`` (401 otherwise).
         max_body_bytes: the largest request body (413 beyond).
+        prompt_formats: ``{adapter name: the prompt format it was trained with}`` (``zinit.json``'s
+            ``"prompt_format"``, :data:`zinit.config.PROMPT_FORMATS`) of the adapters the engine already holds; a chat
+            request to an ``"alpaca"`` adapter is put in the Alpaca prompt, to any other (or the base model) in the
+            tokenizer's chat template. Adapters loaded at run time add their own.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any, *, base_name: str = "base", adapters_dir: str | None = None,
                  max_tokens: int = 512, context: int = 2048, api_key: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 prompt_formats: Mapping[str, str | None] | None = None) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
         if api_key is not None and not api_key:
@@ -296,6 +304,8 @@ class Server:
         weight = getattr(embeddings, "weight", None)
         self.vocab = int(weight.shape[0]) if weight is not None else len(tokenizer)
         self._token_texts: dict[int, str] = {}
+        self.prompt_formats: dict[str, str] = {k: v for k, v in (prompt_formats or {}).items() if v is not None}
+        self._managing = threading.Lock()
 
     # ------------------------------------------------------------------ requests
 
@@ -330,7 +340,7 @@ class Server:
                                 "Unicode text: send the character it was meant to pair into, or drop it") from None
         return body
 
-    def _chat_prompt(self, body: dict[str, Any]) -> list[int]:
+    def _chat_prompt(self, body: dict[str, Any], adapter: str | None) -> list[int]:
         messages = body.get("messages")
         shape = ("'messages' must be a non-empty list of {\"role\": \"user\", \"content\": \"...\"} (content a string "
                  "or a list of {\"type\": \"text\", \"text\": \"...\"} parts)")
@@ -359,6 +369,8 @@ class Server:
                 raise APIError(400, f"messages[{i}].name must be a string, got {_shown(m['name'])}",
                                param="messages")
             flat.append({**m, "content": content})
+        if self.prompt_formats.get(adapter) == "alpaca":
+            return self._alpaca_prompt(flat, adapter)
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions", param="messages")
         try:
@@ -370,6 +382,15 @@ class Server:
         if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):
             prompt = prompt["input_ids"]
         return list(prompt)
+
+    def _alpaca_prompt(self, messages: list[dict[str, Any]], adapter: str | None) -> list[int]:
+        """The token ids of a chat request to an adapter trained on the Alpaca prompt: its one user message as the
+        instruction (the prompt has no system part and no earlier turns, so anything else is a 400)."""
+        if len(messages) != 1 or messages[0]["role"] != "user":
+            roles = [m["role"] for m in messages]
+            raise APIError(400, f"adapter {adapter!r} was trained on the Alpaca prompt, which holds one instruction: "
+                                f"send exactly one user message (got roles {roles})", param="messages")
+        return list(self.tokenizer(format_prompt(messages[0]["content"]))["input_ids"])
 
     def _completion_prompts(self, body: dict[str, Any]) -> tuple[list[list[int]], list[str | None]]:
         """Each prompt's token ids, and its text when it was given as text (``prompt``: a string, a list of token
@@ -408,11 +429,12 @@ class Server:
                 raise APIError(400, f"{shape}; one of them is {_shown(item)}", param="prompt")
         return ids, texts
 
-    def _prompts(self, body: dict[str, Any], chat: bool, stream: bool
+    def _prompts(self, body: dict[str, Any], chat: bool, stream: bool, adapter: str | None
                  ) -> tuple[list[list[int]], list[str | None]]:
-        """Each prompt's token ids and its text when given as text (a chat request: its one templated prompt)."""
+        """Each prompt's token ids and its text when given as text (a chat request: its one prompt, in the format
+        ``adapter`` was trained with)."""
         if chat:
-            prompts, texts = [self._chat_prompt(body)], [None]
+            prompts, texts = [self._chat_prompt(body, adapter)], [None]
         else:
             prompts, texts = self._completion_prompts(body)
             if stream and len(prompts) > 1:
@@ -443,7 +465,7 @@ class Server:
         temperature, top_p, seed = _sampling(body)
         echo, logprobs = _echo_and_logprobs(body, chat)
         stops = _stops(body)
-        prompts, texts = self._prompts(body, chat, stream)
+        prompts, texts = self._prompts(body, chat, stream, adapter)
         max_tokens = self._max_tokens_of(body, chat, echo, prompts)
         requests = [Request(prompt, adapter, max_tokens, on_token=lambda t, r: None, temperature=temperature,
                             top_p=top_p, seed=seed, logprobs=logprobs,
@@ -618,25 +640,33 @@ class Server:
         except (OSError, ValueError) as exc:
             raise APIError(400, f"'path' {_shown(path)} is not a usable folder name: {exc}; give the name of a "
                                 "folder inside the adapters folder", param="path") from None
-        if name == self.base_name or name in self.engine.adapters():
-            raise APIError(400, f"a model named {name!r} is already served; unload it first", param="name")
-        try:
-            self.engine.add_adapter(name, str(folder))
-        except (OSError, ValueError, KeyError, OverflowError, MemoryError) as exc:
-            message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-            raise APIError(400, message.replace(str(root), "<adapters>"), param="path") from None
+        with self._managing:  # one load or unload at a time: its prompt format and its modules change together
+            if name == self.base_name or name in self.engine.adapters():
+                raise APIError(400, f"a model named {name!r} is already served; unload it first", param="name")
+            try:
+                # recorded before the modules are attached: no request reaches the adapter before its format
+                prompt_format = read_adapter_config(folder).get("prompt_format")
+                if prompt_format is not None:
+                    self.prompt_formats[name] = prompt_format
+                self.engine.add_adapter(name, str(folder))
+            except (OSError, ValueError, KeyError, OverflowError, MemoryError) as exc:
+                self.prompt_formats.pop(name, None)
+                message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+                raise APIError(400, message.replace(str(root), "<adapters>"), param="path") from None
         return {"id": name, "object": "model", "owned_by": "zinit"}
 
     def unload(self, name: str) -> dict[str, Any]:
         self._managed("unloading")
         if name not in self.engine.adapters():
             raise APIError(404, f"no adapter named {name!r} is served", code="model_not_found")
-        try:
-            self.engine.remove_adapter(name)
-        except RuntimeError as exc:
-            raise APIError(409, str(exc), kind="conflict_error") from None
-        except KeyError:
-            raise APIError(404, f"no adapter named {name!r} is served", code="model_not_found") from None
+        with self._managing:
+            try:
+                self.engine.remove_adapter(name)
+            except RuntimeError as exc:
+                raise APIError(409, str(exc), kind="conflict_error") from None
+            except KeyError:
+                raise APIError(404, f"no adapter named {name!r} is served", code="model_not_found") from None
+            self.prompt_formats.pop(name, None)
         return {"id": name, "object": "model", "deleted": True}
 
 

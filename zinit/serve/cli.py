@@ -85,8 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(names)) != len(names) or args.base_name in names:
         raise SystemExit(f"zinit serve: error: adapter names must be distinct and not {args.base_name!r}: {names}")
     folders = {name: resolve_adapter(source) for name, source in args.adapters}  # a Hub repo id: fetched once
-    for folder in folders.values():
-        read_adapter_config(folder)  # a missing or broken adapter fails before the model loads
+    # a missing or broken adapter fails before the model loads
+    formats = {name: read_adapter_config(folder).get("prompt_format") for name, folder in folders.items()}
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = api_key(args)
     server = Server(engine, tokenizer, base_name=args.base_name, adapters_dir=args.adapters_dir,
                     max_tokens=args.max_tokens, context=context, api_key=key,
-                    max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+                    max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, prompt_formats=formats)
     print(f"zinit serve: {type(model).__name__} with adapters {names or '(none)'} on http://{args.host}:{args.port}"
           " (OpenAI-compatible: /v1/completions, /v1/chat/completions, /v1/models)"
           + ("; /v1 routes need the API key" if key else ""), flush=True)
