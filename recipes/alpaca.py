@@ -19,7 +19,7 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ import zinit
 from zinit.embedded import EMBEDDED_NAME
 from zinit.config import PROMPT_FORMATS
 from zinit.lm import adds_special_tokens, check_prompt_format, default_prompt_format, load_model
-from zinit.cliargs import option_value, without_options
+from zinit.cliargs import int_at_least, option_value, without_options
 from zinit.files import atomic_write, write_json
 from zinit.train import Task, TrainResult, causal_lm_loss, train
 from zinit.train import dist as D
@@ -61,6 +61,28 @@ def normalize_answer(text: str) -> str:
 
 
 @torch.no_grad()
+def heldout_loss(model: nn.Module, tokenizer: Any, items: Sequence[dict[str, list[int]]], batch_size: int = 16,
+                 on_batch: Callable[[int], Any] = lambda n: None) -> float:
+    """The mean loss over the output tokens of tokenized examples (:func:`zinit.recipes.instructions.tokenize`),
+    teacher forced, in the trainer's precision (:func:`zinit.train.dist.autocast`); ``on_batch(1)`` after each batch.
+    The model is used as it is (call ``model.eval()`` first)."""
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    for s in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in pad_collate(items[s:s + batch_size], tokenizer.pad_token_id).items()}
+        with D.autocast(device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        logits = token_logits(logits, batch["input_ids"])  # prompt tuning returns the K virtual positions too
+        target = batch["labels"][:, 1:]
+        losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
+                                             reduction="sum")
+        total_loss += losses.item()
+        total_tokens += int((target != -100).sum())
+        on_batch(1)
+    return total_loss / max(total_tokens, 1)
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]], max_seq_len: int,
              batch_size: int = 16, max_new_tokens: int = 16, progress: bool = False,
              prompt_format: str = "alpaca") -> dict[str, Any]:
@@ -80,18 +102,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
     n_batches = -(-len(items) // batch_size) + -(-len(records) // batch_size)
     bar = tqdm(total=n_batches, desc=f"held-out eval ({len(records)} examples)", unit="batch", dynamic_ncols=True,
                disable=not progress)
-    total_loss, total_tokens = 0.0, 0
-    for s in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in pad_collate(items[s:s + batch_size], tokenizer.pad_token_id).items()}
-        with D.autocast(device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        logits = token_logits(logits, batch["input_ids"])  # prompt tuning returns the K virtual positions too
-        target = batch["labels"][:, 1:]
-        losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
-                                             reduction="sum")
-        total_loss += losses.item()
-        total_tokens += int((target != -100).sum())
-        bar.update(1)
+    loss = heldout_loss(model, tokenizer, items, batch_size, bar.update)
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -122,7 +133,7 @@ def evaluate(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, str]]
         tokenizer.padding_side = side
         bar.close()
     model.train(was_training)
-    return {"loss": total_loss / max(total_tokens, 1), "exact_match": correct / len(records),
+    return {"loss": loss, "exact_match": correct / len(records),
             "n": len(records), "samples": shown, "by_family": families}
 
 
@@ -154,6 +165,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "weighs tokens differently from the official random batches). Default: on, off with "
                         "--pad-to-max (the official code: random batches, every one padded to --max-seq-len)")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen model with FSDP2 (torchrun, N>1)")
+    p.add_argument("--eval-every", type=int_at_least(0), default=None,
+                   help="score the held-out loss every N optimizer steps while training: the held-out curve, in "
+                        "metrics.jsonl, report.json and loss_lr.png (default: twice per epoch when there is a held-out "
+                        "set; 0: only before and after; not with --fsdp)")
     p.add_argument("--skip-eval-before", action="store_true",
                    help="do not score the held-out set before tuning (zinit compare does not use that score)")
 
@@ -202,6 +217,41 @@ def _alpaca_task(args: argparse.Namespace, run: TrainingRun, s: dict[str, Any], 
     )
 
 
+CURVE_FILE = "heldout_curve.json"
+
+
+def heldout_curve(model: nn.Module, tokenizer: Any, heldout: Sequence[dict[str, str]], s: dict[str, Any],
+                  out: Path, every: int) -> Callable[[int, dict[str, Any]], None]:
+    """A training callback that scores the held-out loss (:func:`heldout_loss`) every ``every`` steps into
+    ``out/heldout_curve.json`` (``[{"step", "eval_loss"}]``, kept across a resume: a step scored again replaces its
+    point), the model put back in training mode after each."""
+    items = tokenize(heldout, tokenizer, s["max_seq_len"], s["prompt_format"])
+    path = out / CURVE_FILE
+    points = {r["step"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+
+    def score(step: int, record: dict[str, Any]) -> None:
+        if every <= 0 or step % every:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            points[step] = {"step": step, "eval_loss": heldout_loss(model, tokenizer, items)}
+        finally:
+            model.train(was_training)
+        write_json(path, [points[k] for k in sorted(points)])
+
+    return score
+
+
+def _curve_every(args: argparse.Namespace, s: dict[str, Any], examples: int, world: int) -> int:
+    """``--eval-every``, or by default twice per epoch (0 under FSDP, whose forwards need every process)."""
+    if args.fsdp:
+        return 0
+    if args.eval_every is not None:
+        return args.eval_every
+    return max(1, examples // (s["batch_size"] * world) // 2)
+
+
 def _score_and_report(args: argparse.Namespace, run: TrainingRun, model: nn.Module, tokenizer: Any,
                       s: dict[str, Any], result: TrainResult, heldout: list[dict[str, str]] | None,
                       eval_path: Path | None, before_path: Path, report_path: Path) -> None:
@@ -217,8 +267,12 @@ def _score_and_report(args: argparse.Namespace, run: TrainingRun, model: nn.Modu
         if after is not None:
             before = json.loads(before_path.read_text()) if before_path.exists() else None
             report.update(heldout=str(eval_path), before=before, after=after)
-            evals = ([{"step": 0, "eval_loss": before["loss"]}] if before is not None else []) + [
+            curve_file = out / CURVE_FILE
+            curve = [r for r in json.loads(curve_file.read_text()) if 0 < r["step"] < result.steps] \
+                if curve_file.is_file() else []
+            evals = ([{"step": 0, "eval_loss": before["loss"]}] if before is not None else []) + curve + [
                 {"step": result.steps, "eval_loss": after["loss"]}]
+            report["heldout_curve"] = evals
             write_eval_records(result.metrics_path, evals)
             plot_run(result.metrics_path, out)
             print(format_report(before, after))
@@ -256,7 +310,9 @@ def run_train(args: argparse.Namespace) -> int:
                                   prompt_format=s["prompt_format"])
                 before_path.write_text(json.dumps(before, indent=2) + "\n")
             D.barrier()
-            result = train(model, task, config)
+            every = _curve_every(args, s, len(task.examples), run.env.world_size) if heldout else 0
+            callbacks = [heldout_curve(model, tokenizer, heldout, s, out, every)] if every and run.is_main else []
+            result = train(model, task, config, callbacks=callbacks)
             report_path = out / "report.json"
             if result.finished_earlier and report_path.exists():  # written last: the whole run is complete
                 if run.is_main:

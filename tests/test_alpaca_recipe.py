@@ -164,3 +164,41 @@ def test_a_chat_model_trains_through_its_template_and_the_adapter_records_it(tmp
     finally:
         mp.undo()
     assert asked == [expected, "alpaca", "alpaca", "chat"]
+
+
+def test_the_held_out_curve_is_scored_while_training_and_survives_a_resume(tmp_path, tiny_model_dir, alpaca_file):
+    """``--eval-every N`` scores the held-out loss every N steps (teacher forced, the same number the final evaluation
+    reports at the last step); the points land in report.json and metrics.jsonl between the before and after scores,
+    each step once, also when the run is interrupted and resumed."""
+    import json
+
+    from zinit.cli import main as cli
+
+    out = tmp_path / "out"
+    command = ["train", "alpaca", "--model", str(tiny_model_dir), "--data", str(alpaca_file), "--eval-data",
+               str(alpaca_file), "--output", str(out), "--layers", "1", "--K", "2", "--epochs", "2", "--batch-size",
+               "4", "--max-seq-len", "256", "--no-progress", "--device", "cpu", "--eval-every", "4", "--blr", "0.5"]
+    calls, real = [], alpaca.heldout_loss
+
+    def dies_at_step_8(*a, **k):  # the before-score, step 4, then the run is killed while scoring step 8
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(alpaca, "heldout_loss", dies_at_step_8)
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            cli(command)
+    finally:
+        mp.undo()
+    assert [r["step"] for r in json.loads((out / "heldout_curve.json").read_text())] == [4]
+    assert cli(command) == 0  # resumed from its last checkpoint: the steps after it run (and are scored) again
+    report = json.loads((out / "report.json").read_text())
+    curve = report["heldout_curve"]
+    assert [r["step"] for r in curve] == [0, 4, 8, report["steps"]] and report["steps"] == 12
+    assert curve[0]["eval_loss"] == report["before"]["loss"] and curve[-1]["eval_loss"] == report["after"]["loss"]
+    assert curve[2]["eval_loss"] < curve[0]["eval_loss"]  # it learns: the curve is the model's, not a constant
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 4, 8, 12]

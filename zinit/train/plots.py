@@ -36,8 +36,8 @@ def plot_run(metrics_path: str | Path, folder: str | Path) -> list[Path]:
     ax_loss.grid(alpha=0.3)
     evals = [r for r in read_metrics(metrics_path) if "eval_loss" in r]
     if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o", ms=7, color="tab:orange",
-                     label="held-out loss")
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=6, lw=1.4,
+                     color="tab:orange", label="held-out loss")
     ax_loss.legend()
     ax_lr.plot(steps, [r["lr"] for r in records], lw=1, color="tab:green")
     ax_lr.set_ylabel("learning rate")
