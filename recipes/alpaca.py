@@ -32,6 +32,7 @@ from zinit.cliargs import int_at_least, option_value, without_options
 from zinit.files import atomic_write, write_json
 from zinit.train import Task, TrainResult, causal_lm_loss, train
 from zinit.train import dist as D
+from zinit.train.checkpoint import CHECKPOINT_NAME
 from zinit.train.data import pad_collate
 from zinit.train.plots import plot_run
 
@@ -213,7 +214,9 @@ def _alpaca_task(args: argparse.Namespace, run: TrainingRun, s: dict[str, Any], 
         collate=lambda batch: pad_collate(batch, pad_id, pad_to), loss=causal_lm_loss,
         fingerprint={"recipe": "alpaca", "method": args.method, "model": args.model or EMBEDDED_NAME,
                      "data": str(data_path), "examples": len(items), "layers": run.layers, "K": args.K,
-                     "max_seq_len": s["max_seq_len"], "prompt_format": s["prompt_format"]},
+                     "max_seq_len": s["max_seq_len"],
+                     # only when not the Alpaca prompt, which every run before the option used: those resume
+                     **({"prompt_format": s["prompt_format"]} if s["prompt_format"] != "alpaca" else {})},
     )
 
 
@@ -227,7 +230,10 @@ def heldout_curve(model: nn.Module, tokenizer: Any, heldout: Sequence[dict[str, 
     point), the model put back in training mode after each."""
     items = tokenize(heldout, tokenizer, s["max_seq_len"], s["prompt_format"])
     path = out / CURVE_FILE
-    points = {r["step"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+    resuming = (out / CHECKPOINT_NAME).is_file()  # a fresh run (no checkpoint to resume) starts a fresh curve
+    points = {r["step"]: r for r in json.loads(path.read_text())} if resuming and path.is_file() else {}
+    if not resuming:
+        path.unlink(missing_ok=True)
 
     def score(step: int, record: dict[str, Any]) -> None:
         if every <= 0 or step % every:
@@ -243,13 +249,14 @@ def heldout_curve(model: nn.Module, tokenizer: Any, heldout: Sequence[dict[str, 
     return score
 
 
-def _curve_every(args: argparse.Namespace, s: dict[str, Any], examples: int, world: int) -> int:
-    """``--eval-every``, or by default twice per epoch (0 under FSDP, whose forwards need every process)."""
+def _curve_every(args: argparse.Namespace, s: dict[str, Any], examples: int, world: int, grad_accum: int) -> int:
+    """``--eval-every``, or by default twice per epoch of optimizer steps (0 under FSDP, whose forwards need every
+    process)."""
     if args.fsdp:
         return 0
     if args.eval_every is not None:
         return args.eval_every
-    return max(1, examples // (s["batch_size"] * world) // 2)
+    return max(1, examples // (s["batch_size"] * world * grad_accum) // 2)
 
 
 def _score_and_report(args: argparse.Namespace, run: TrainingRun, model: nn.Module, tokenizer: Any,
@@ -310,7 +317,8 @@ def run_train(args: argparse.Namespace) -> int:
                                   prompt_format=s["prompt_format"])
                 before_path.write_text(json.dumps(before, indent=2) + "\n")
             D.barrier()
-            every = _curve_every(args, s, len(task.examples), run.env.world_size) if heldout else 0
+            every = (_curve_every(args, s, len(task.examples), run.env.world_size, config.grad_accum) if heldout
+                     else 0)
             callbacks = [heldout_curve(model, tokenizer, heldout, s, out, every)] if every and run.is_main else []
             result = train(model, task, config, callbacks=callbacks)
             report_path = out / "report.json"

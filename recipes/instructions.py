@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zinit.files import atomic_write, read_json
-from zinit.lm import adds_special_tokens, format_prompt, tokenize_pair
+from zinit.lm import adds_special_tokens, chat_answer, format_prompt, tokenize_pair
 
 from . import published
 
@@ -145,9 +145,14 @@ def prompt_of(record: dict[str, str], prompt_format: str = "alpaca", tokenizer: 
 
 def tokenize(records: Sequence[dict[str, str]], tokenizer: Any, max_seq_len: int,
              prompt_format: str = "alpaca") -> list[dict[str, list[int]]]:
-    """:func:`zinit.lm.tokenize_pair` of each record's prompt (in ``prompt_format``) and output; records with no
-    target token left are dropped."""
+    """:func:`zinit.lm.tokenize_pair` of each record's prompt (in ``prompt_format``) and output (in the ``"chat"``
+    format the assistant's turn as the template ends it, :func:`zinit.lm.chat_answer`); records with no target token
+    left are dropped."""
     special = adds_special_tokens(prompt_format)
-    items = [tokenize_pair(prompt_of(r, prompt_format, tokenizer), r["output"], tokenizer, max_seq_len,
-                           add_special_tokens=special) for r in records]
+    items = []
+    for r in records:
+        answer, ends_turn = ((r["output"], False) if prompt_format != "chat" else
+                             chat_answer(tokenizer, r["instruction"], r.get("input", ""), r["output"]))
+        items.append(tokenize_pair(prompt_of(r, prompt_format, tokenizer), answer, tokenizer, max_seq_len,
+                                   add_special_tokens=special, ends_turn=ends_turn))
     return [item for item in items if item is not None]

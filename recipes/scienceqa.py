@@ -699,7 +699,7 @@ def _select_on_val(model: nn.Module, tokenizer: Any, out: Path, per_epoch: int, 
         best = max((h["val_avg"] for h in history), default=-1.0)
         history.append({"step": step, "epoch": record["epoch"], "val_avg": avg})
         if avg > best:
-            methods.save_trained(model, out / "adapter")
+            methods.save_trained(model, out / "adapter", prompt_format="alpaca")  # the Alpaca prompt
             write_json(out / "adapter" / RECIPE_FILE, recipe_info)
         write_json(history_file, history)
         with open(out / "metrics.jsonl", "a") as f:

@@ -46,7 +46,7 @@ def test_length_grouping_is_an_option_off_under_pad_to_max(tmp_path, tiny_model_
 
     seen = {}
 
-    def fake_train(model, task, config):
+    def fake_train(model, task, config, callbacks=()):
         seen["config"] = config
         raise SystemExit(0)
 
@@ -80,7 +80,9 @@ def test_running_a_finished_run_again_changes_nothing(tmp_path, tiny_model_dir, 
     again = json.loads((out / "report.json").read_text())
     assert again["final_train_loss"] == first["final_train_loss"] and again["steps"] == first["steps"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "eval_loss" in r] == [0, first["steps"]]  # once each
+    steps = [r["step"] for r in records if "eval_loss" in r]
+    assert steps == [r["step"] for r in first["heldout_curve"]] == sorted(set(steps))  # once each
+    assert steps[0] == 0 and steps[-1] == first["steps"]
 
     files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
@@ -121,9 +123,9 @@ def test_a_chat_model_trains_through_its_template_and_the_adapter_records_it(tmp
     seen = {}
     real_train = alpaca.train
 
-    def spy(model, task, config):
+    def spy(model, task, config, callbacks=()):
         seen["task"] = task
-        return real_train(model, task, config)
+        return real_train(model, task, config, callbacks=callbacks)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(alpaca, "train", spy)
@@ -143,7 +145,9 @@ def test_a_chat_model_trains_through_its_template_and_the_adapter_records_it(tmp
     item = seen["task"].examples[1]
     assert item["input_ids"] == prompt_ids + answer_ids + [tokenizer.eos_token_id]
     assert item["labels"] == [-100] * len(prompt_ids) + answer_ids + [tokenizer.eos_token_id]
-    assert seen["task"].fingerprint["prompt_format"] == expected
+    # a chat run's checkpoint says so; an Alpaca run's is what every run before the option wrote (those resume)
+    assert seen["task"].fingerprint.get("prompt_format", "alpaca") == expected
+    assert ("prompt_format" in seen["task"].fingerprint) == (expected == "chat")
     description = zinit.read_adapter_config(out / "adapter")
     assert description["prompt_format"] == expected
 
@@ -202,3 +206,19 @@ def test_the_held_out_curve_is_scored_while_training_and_survives_a_resume(tmp_p
     assert curve[2]["eval_loss"] < curve[0]["eval_loss"]  # it learns: the curve is the model's, not a constant
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 4, 8, 12]
+
+    (out / "checkpoint.pt").unlink()  # the error's advice for another configuration: start afresh, same folder
+    (out / "report.json").unlink()
+    assert cli([*command[:-4], "--eval-every", "3", "--blr", "0.5"]) == 0
+    fresh = json.loads((out / "report.json").read_text())["heldout_curve"]
+    assert [r["step"] for r in fresh] == [0, 3, 6, 9, 12]  # none of the earlier run's points
+
+
+@pytest.mark.parametrize("grad_accum, every", [(1, 3), (2, 1), (4, 1)])
+def test_the_default_curve_spacing_is_half_an_epoch_of_optimizer_steps(grad_accum, every):
+    import argparse
+
+    args = argparse.Namespace(fsdp=False, eval_every=None)
+    # 24 examples, batch 4, one process: 6 micro-batches per epoch, 6 / grad_accum optimizer steps
+    assert alpaca._curve_every(args, {"batch_size": 4}, 24, 1, grad_accum) == every
+    assert alpaca._curve_every(argparse.Namespace(fsdp=True, eval_every=5), {"batch_size": 4}, 24, 1, 1) == 0

@@ -212,3 +212,10 @@ def test_the_methods_registry_declares_each_zinit_variant_once():
     options = [(k.arg, ast.literal_eval(k.value)) for call in calls for k in call.keywords]
     assert sorted(options) == sorted({*options})  # no option written twice
     assert "inject_options" not in source and "zinit_options" not in source
+
+
+def test_layer_indices_given_as_a_range_or_a_generator_are_read_once_into_a_tuple():
+    import zinit
+
+    configs = [zinit.AdapterConfig(layers=v) for v in (range(1, 3), (i for i in (2, 1)), [2, 1], (1, 2))]
+    assert all(c == configs[-1] and c.layers == (1, 2) for c in configs)

@@ -161,7 +161,7 @@ def test_alpaca_trains_on_the_published_layout_as_on_the_official_file(tmp_path,
     tatsu = write_tatsu(tmp_path / "tatsu", records)
     seen = []
 
-    def fake_train(model, task, config):
+    def fake_train(model, task, config, callbacks=()):
         seen.append(task)
         raise SystemExit(0)
 

@@ -264,10 +264,12 @@ def test_each_adapter_is_prompted_in_the_format_it_was_trained_with(setup):
         assert chat("math") == (len(alpaca_ids), _solo(setup, "math", alpaca_ids, 8))  # preloaded, format given
         for name in ("alp", "cht", "poems"):
             assert c.post("/v1/adapters", json={"name": name, "path": name}).status_code == 200
-        assert running.server.prompt_formats == {"math": "alpaca", "alp": "alpaca", "cht": "chat"}
+        # "poems" records no format: the Alpaca prompt every zinit recipe trained such an adapter with, as generate
+        assert running.server.prompt_formats == {"math": "alpaca", "alp": "alpaca", "cht": "chat", "poems": "alpaca"}
         assert chat("alp") == (len(alpaca_ids), _solo(setup, "alp", alpaca_ids, 8))
         assert chat("cht") == (len(chat_ids), _solo(setup, "cht", chat_ids, 8))
-        assert chat("poems")[0] == len(chat_ids)  # no recorded format: the chat template, as before
+        assert chat("poems") == (len(alpaca_ids), _solo(setup, "poems", alpaca_ids, 8))
+        assert chat("base")[0] == len(chat_ids)  # the base model: its chat template
         r = c.post("/v1/chat/completions", json={"model": "alp", "max_tokens": 4, "messages": [
             {"role": "system", "content": "Be brief."}, *messages]})
         assert r.status_code == 400 and "trained on the Alpaca prompt" in r.json()["error"]["message"]

@@ -101,3 +101,36 @@ def test_a_token_merging_across_the_boundary_keeps_the_prompt_as_generation_sees
     pair = lm.tokenize_pair("Q:", ":A", Merging(), 16)
     assert pair["input_ids"] == [ord("Q"), ord(":"), ord(":"), ord("A"), 0]
     assert pair["labels"] == [-100, -100, ord(":"), ord("A"), 0]
+
+
+LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("template_end", ["<|eot_id|>", "</s>"])
+def test_a_chat_example_has_one_bos_and_ends_the_turn_as_its_template_does(template_end):
+    """In the ``"chat"`` format the prompt is the template's text (which writes its own BOS: the tokenizer adds no
+    second one) and the answer ends as the template ends the assistant's turn: with an end-of-turn token that is
+    not EOS (LLaMA-3's ``<|eot_id|>``) that token is the last target and no EOS follows; with EOS itself, EOS once.
+    The training prompt is token for token what ``zinit generate`` and ``zinit serve`` send."""
+    from tiny import char_tokenizer
+    from zinit.recipes.instructions import tokenize
+
+    tokenizer = char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>",
+                                                                "<|eot_id|>"]})
+    tokenizer.chat_template = LLAMA3_STYLE.replace("<|eot_id|>", template_end)
+    record = {"instruction": "Say yes.", "input": "now", "output": "yes"}
+    item = tokenize([record], tokenizer, 512, "chat")[0]
+    prompt = lm.format_prompt("Say yes.", "now", "chat", tokenizer)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    served = tokenizer.apply_chat_template([{"role": "user", "content": "Say yes.\n\nnow"}], add_generation_prompt=True,
+                                           tokenize=True)
+    served = list(served["input_ids"] if hasattr(served, "keys") else served)
+    assert served == prompt_ids and prompt_ids.count(tokenizer.bos_token_id) == 1
+    end = tokenizer.convert_tokens_to_ids(template_end)
+    targets = [t for t in item["labels"] if t != -100]
+    assert item["input_ids"] == prompt_ids + targets
+    assert tokenizer.decode(targets[:-1]) == "yes" and targets[-1] == end
+    assert targets.count(tokenizer.eos_token_id) == (1 if end == tokenizer.eos_token_id else 0)

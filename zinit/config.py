@@ -25,7 +25,7 @@ import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from torch import nn
 
@@ -126,6 +126,8 @@ class AdapterConfig:
         check every field (:func:`check_fields`: the one place the rules live)."""
         if self.bias_scale is True or self.bias_scale is False:
             object.__setattr__(self, "bias_scale", "blocks" if self.bias_scale else None)
+        if isinstance(self.layers, (range, Iterator)):  # read once, here: a range or a generator of indices
+            object.__setattr__(self, "layers", tuple(self.layers))
         check_fields({f.name: getattr(self, f.name) for f in fields(self)})
         if isinstance(self.layers, (list, tuple)):
             object.__setattr__(self, "layers", tuple(sorted(self.layers)))

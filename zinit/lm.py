@@ -89,7 +89,7 @@ def format_prompt(instruction: str, input: str = "", prompt_format: str = "alpac
 
 
 def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int, *,
-                  add_special_tokens: bool = True) -> dict[str, list[int]] | None:
+                  add_special_tokens: bool = True, ends_turn: bool = False) -> dict[str, list[int]] | None:
     """``input_ids`` = prompt + answer + EOS and ``labels`` with the prompt masked (-100), truncated to max_seq_len;
     None when the prompt fills the whole length (no target token left).
 
@@ -101,7 +101,8 @@ def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int, *,
     answer's first).
 
     ``add_special_tokens=False`` for a prompt that already holds them as text (a chat template's, which writes its
-    own BOS): the tokenizer adds none, so there is no second BOS.
+    own BOS): the tokenizer adds none, so there is no second BOS. ``ends_turn=True`` for an answer that already ends
+    with its end-of-turn token (a chat template's, :func:`chat_answer`): it is the last target, and no EOS is added.
 
     >>> class Chars:  # a stand-in tokenizer: one id per character, EOS = 0
     ...     eos_token_id = 0
@@ -117,14 +118,42 @@ def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int, *,
     joint = list(tokenizer(prompt + answer, **special)["input_ids"])
     if joint[:len(prompt_ids)] == prompt_ids and not (prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id):
         answer_ids = joint[len(prompt_ids):]
-        if answer_ids and answer_ids[-1] == tokenizer.eos_token_id:  # a tokenizer that appends EOS itself
+        if answer_ids and answer_ids[-1] == tokenizer.eos_token_id and not ends_turn:  # a tokenizer that appends EOS
             answer_ids = answer_ids[:-1]
     else:
         answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    answer_ids = answer_ids + [tokenizer.eos_token_id]
+    if not ends_turn:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_seq_len]
     labels = ([-100] * len(prompt_ids) + answer_ids)[:max_seq_len]
     return {"input_ids": ids, "labels": labels} if any(t != -100 for t in labels) else None
+
+
+def chat_answer(tokenizer: Any, instruction: str, input: str, answer: str) -> tuple[str, bool]:
+    """The target text of ``answer`` in the ``"chat"`` format, as the tokenizer's chat template writes the assistant's
+    turn after :func:`format_prompt`'s prompt (trailing whitespace after it dropped), and whether that text ends the
+    turn with a special token (``<|im_end|>``, ``<|eot_id|>`` ...), which then is the last target instead of EOS: the
+    model learns to end its turn as the template does. ``(answer, False)`` when the template does not write the answer
+    right after the prompt.
+
+    >>> class ChatML:  # a stand-in for a tokenizer's apply_chat_template
+    ...     chat_template, all_special_tokens = "chatml", ["<|im_end|>"]
+    ...     def apply_chat_template(self, messages, tokenize, add_generation_prompt=False):
+    ...         turns = "".join(f"<|im_start|>{m['role']}\\n{m['content']}<|im_end|>\\n" for m in messages)
+    ...         return turns + ("<|im_start|>assistant\\n" if add_generation_prompt else "")
+    >>> chat_answer(ChatML(), "Say hi.", "", "Hi")
+    ('Hi<|im_end|>', True)
+    """
+    prompt = format_prompt(instruction, input, "chat", tokenizer)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": user_message(instruction, input)},
+                                          {"role": "assistant", "content": answer}], tokenize=False)
+    if not full.startswith(prompt):
+        return answer, False
+    tail = full[len(prompt):].rstrip()
+    ends = [t for t in getattr(tokenizer, "all_special_tokens", []) if t and tail.endswith(t)]
+    if not ends or not tail[:-len(max(ends, key=len))].rstrip().endswith(answer.rstrip()):
+        return answer, False
+    return tail, True
 
 
 def load_model(name_or_path: str | None, device: torch.device, quantize: str | None = None
@@ -173,7 +202,6 @@ def load_model(name_or_path: str | None, device: torch.device, quantize: str | N
     return (model if quantized else model.to(device)).eval(), tokenizer
 
 
-@torch.no_grad()
 def adds_special_tokens(prompt_format: str) -> bool:
     """Whether a prompt of ``prompt_format`` is tokenized with the tokenizer's special tokens: the Alpaca prompt is
     plain text (yes); a chat template writes its own into the text (no, or BOS would come twice)."""
@@ -189,6 +217,7 @@ def adapter_prompt_format(description: dict[str, Any] | None, tokenizer: Any) ->
     return check_prompt_format(description.get("prompt_format", "alpaca"), tokenizer)
 
 
+@torch.no_grad()
 def answer(model: nn.Module, tokenizer: Any, instruction: str, input: str = "", *, greedy: bool = False,
            temperature: float = 0.1, top_p: float = 0.75, max_new_tokens: int = 256, seed: int = 0,
            prompt_format: str = "alpaca") -> str:

@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..io import read_adapter_config
-from ..lm import format_prompt
+from ..lm import adapter_prompt_format, format_prompt
 from .engine import GREEDY_BELOW, Engine, QueueFull, Request, ShuttingDown
 
 log = logging.getLogger("zinit.serve")
@@ -282,10 +282,11 @@ class Server:
         context: the model's context length (prompt + completion tokens).
         api_key: when set, every ``/v1`` route needs ``Authorization: Bearer <api_key>`` (401 otherwise).
         max_body_bytes: the largest request body (413 beyond).
-        prompt_formats: ``{adapter name: the prompt format it was trained with}`` (``zinit.json``'s
-            ``"prompt_format"``, :data:`zinit.config.PROMPT_FORMATS`) of the adapters the engine already holds; a chat
-            request to an ``"alpaca"`` adapter is put in the Alpaca prompt, to any other (or the base model) in the
-            tokenizer's chat template. Adapters loaded at run time add their own.
+        prompt_formats: ``{adapter name: the prompt format it was trained with}`` (:data:`zinit.config.PROMPT_FORMATS`;
+            :func:`zinit.lm.adapter_prompt_format` of its ``zinit.json``: ``"alpaca"`` when it records none) of the
+            adapters the engine already holds; a chat request to an ``"alpaca"`` adapter is put in the Alpaca prompt,
+            to any other (one not listed, or the base model) in the tokenizer's chat template. An adapter loaded at
+            run time adds its own, by the same rule.
     """
 
     def __init__(self, engine: Engine, tokenizer: Any, *, base_name: str = "base", adapters_dir: str | None = None,
@@ -645,14 +646,15 @@ class Server:
                 raise APIError(400, f"a model named {name!r} is already served; unload it first", param="name")
             try:
                 # recorded before the modules are attached: no request reaches the adapter before its format
-                prompt_format = read_adapter_config(folder).get("prompt_format")
-                if prompt_format is not None:
-                    self.prompt_formats[name] = prompt_format
+                self.prompt_formats[name] = adapter_prompt_format(read_adapter_config(folder), self.tokenizer)
                 self.engine.add_adapter(name, str(folder))
             except (OSError, ValueError, KeyError, OverflowError, MemoryError) as exc:
                 self.prompt_formats.pop(name, None)
                 message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
                 raise APIError(400, message.replace(str(root), "<adapters>"), param="path") from None
+            except BaseException:  # anything else: the format goes with the adapter that never came
+                self.prompt_formats.pop(name, None)
+                raise
         return {"id": name, "object": "model", "owned_by": "zinit"}
 
     def unload(self, name: str) -> dict[str, Any]:

@@ -86,12 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"zinit serve: error: adapter names must be distinct and not {args.base_name!r}: {names}")
     folders = {name: resolve_adapter(source) for name, source in args.adapters}  # a Hub repo id: fetched once
     # a missing or broken adapter fails before the model loads
-    formats = {name: read_adapter_config(folder).get("prompt_format") for name, folder in folders.items()}
+    descriptions = {name: read_adapter_config(folder) for name, folder in folders.items()}
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     env = D.setup(args.device)
     model, tokenizer = lm.load_model(args.model, env.device, args.quantize)
+    formats = {name: lm.adapter_prompt_format(d, tokenizer) for name, d in descriptions.items()}  # as zinit generate
     for name, folder in folders.items():
         io.add_adapter(model, name, folder)
     eos = {tokenizer.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
