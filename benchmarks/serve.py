@@ -467,7 +467,9 @@ def _fault_references(args: argparse.Namespace, model: Any, tokenizer: Any, name
     # model (the server loads it from the folder while serving)
     zinit.add_adapter(model, CHURN, layers=min(args.L, depth), K=max(1, args.K // 2))
     _open_gates(model, CHURN, args.gate)
-    zinit.save_adapter(model, folder / "churn", name=CHURN)
+    # its chat references use the tokenizer's chat template: say so (an adapter that records no format gets the
+    # Alpaca prompt, which the benchmark's numeric stand-in tokenizer cannot read)
+    zinit.save_adapter(model, folder / "churn", name=CHURN, prompt_format="chat")
     pairs = sorted({(item["model"], item["prompt"], item["chat"]) for item in plan if item["kind"] == "ok"})
     preflight = [(name, prompt, prompt % 2 == 1) for name in [BASE] + names[:3] for prompt in range(2)]
     pairs = sorted(set(pairs) | set(preflight))

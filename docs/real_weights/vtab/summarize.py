@@ -1,0 +1,113 @@
+"""One table and one plot from the per-task ``zinit compare vtab`` runs of docs/real_weights/vtab/README.md.
+
+``zinit compare`` tabulates one run (one --num-classes, so one of these tasks) and shows each method's mean over
+seeds; this reads every task's ``compare.json`` and each method's ``<task>/result.json`` (per-seed test top-1, the lr
+the grid chose) and writes ``summary.md`` / ``summary.json`` / ``summary.png``: mean ± std over seeds, train images/s
+and wall per row, and the paper's ordering (zinit ≥ VPT-deep, zinit ≥ linear probe + 2 points) checked per task.
+
+    python docs/real_weights/vtab/summarize.py /tmp/vtabcmp docs/real_weights/vtab
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+TASKS = ("digits", "fashion_mnist", "fashion_rotation")
+
+
+def collect(root: Path) -> dict:
+    tasks = {}
+    for task in TASKS:
+        report = root / task / "compare.json"
+        if not report.is_file():
+            continue
+        rows = {}
+        for row in json.loads(report.read_text())["rows"]:
+            result_file = root / task / row["method"] / task / "result.json"
+            if row["status"] != "ok" or not result_file.is_file():
+                rows[row["method"]] = {"status": row["status"], "reason": row.get("reason", "")}
+                continue
+            result = json.loads(result_file.read_text())
+            rows[row["method"]] = {
+                "status": "ok", "test_top1": result["test_top1"], "mean": result["mean"], "std": result["std"],
+                "best_blr": result["best"]["blr"], "best_val_top1": result["best"]["val_top1"],
+                "search": {f"{s['blr']:g}": s["val_top1"] for s in result["search"]},
+                "trainable_parameters": row["trainable_parameters"], "images_per_s": row["throughput"],
+                "wall_min": row["wall_s"] / 60}
+        tasks[task] = rows
+    return tasks
+
+
+def ordering(rows: dict) -> dict:
+    z, v, lin = (rows.get(m, {}).get("mean") for m in ("zinit", "vpt", "linear"))
+    return {"zinit>=vpt": None if z is None or v is None else z >= v,
+            "zinit>=linear+2": None if z is None or lin is None else z >= lin + 2}
+
+
+def table(tasks: dict) -> str:
+    lines = []
+    for task, rows in tasks.items():
+        lines += [f"### {task}", "", "| method | test top-1 % (mean ± std, 3 seeds) | per seed | lr chosen (blr; val200 %) "
+                  "| trainable | train images/s | wall |", "|---|---|---|---|---|---|---|"]
+        for method, r in rows.items():
+            if r["status"] != "ok":
+                lines.append(f"| {method} | {r['status']}: {r['reason'].splitlines()[0] if r['reason'] else ''} "
+                             "| | | | | |")
+                continue
+            seeds = " / ".join(f"{a:.1f}" for a in r["test_top1"])
+            speed = "–" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}"
+            lines.append(f"| {method} | {r['mean']:.2f} ± {r['std']:.2f} | {seeds} | {r['best_blr']:g} "
+                         f"({r['best_val_top1']:.1f}) | {r['trainable_parameters']:,} | {speed} | "
+                         f"{r['wall_min']:.1f} min |")
+        check = ordering(rows)
+        lines += ["", "paper's ordering: " + ", ".join(f"{k} {'yes' if ok else 'NO' if ok is False else 'n/a'}"
+                                                       for k, ok in check.items()), ""]
+    return "\n".join(lines)
+
+
+def plot(tasks: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(m for rows in tasks.values() for m, r in rows.items() if r["status"] == "ok"))
+    lowest = min(r["mean"] - r["std"] for rows in tasks.values() for r in rows.values() if r["status"] == "ok")
+    fig, ax = plt.subplots(figsize=(1.6 + 2.4 * len(tasks), 4))
+    w = 0.8 / max(len(methods), 1)
+    for j, method in enumerate(methods):
+        xs, means, stds = [], [], []
+        for i, rows in enumerate(tasks.values()):
+            r = rows.get(method)
+            if r and r["status"] == "ok":
+                xs.append(i + (j - (len(methods) - 1) / 2) * w)
+                means.append(r["mean"])
+                stds.append(r["std"])
+        ax.bar(xs, means, w, yerr=stds, label=method, capsize=2)
+    ax.set_xticks(range(len(tasks)), list(tasks))
+    ax.set_ylim(max(0.0, lowest - 5), 100)  # the differences are a few points: do not start the axis at 0
+    ax.set_ylabel("test top-1 % (mean ± std, 3 seeds)")
+    ax.set_title("DINOv2 ViT-S/14, VTAB-1k layout, each method's lr chosen on train800 → val200", fontsize=9)
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    root, out = Path(argv[0]), Path(argv[1] if len(argv) > 1 else argv[0])
+    tasks = collect(root)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(
+        {"tasks": tasks, "ordering": {t: ordering(rows) for t, rows in tasks.items()}}, indent=1) + "\n")
+    (out / "summary.md").write_text(table(tasks) + "\n")
+    plot(tasks, out / "summary.png")
+    print(table(tasks))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
