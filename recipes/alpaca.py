@@ -43,9 +43,11 @@ from zinit.methods.registry import is_zinit, token_logits, trainable_count
 
 #: The official recipe (LLaMA-7B on the 52K Alpaca set).
 OFFICIAL_DEFAULTS = {"blr": 9e-3, "epochs": 5.0, "warmup_epochs": 2.0, "batch_size": 4, "max_seq_len": 512}
-#: The embedded run trains ~340 examples instead of 52K: it keeps the official recipe but a larger base lr (the
-#: official lr assumes 8×4 examples per step over 8K steps) and fewer epochs, to finish in minutes on 2 cores.
-EMBEDDED_DEFAULTS = {"blr": 0.6, "epochs": 3.0, "warmup_epochs": 0.5, "batch_size": 8, "max_seq_len": 256}
+#: The embedded run trains ~340 examples instead of 52K: it keeps the official recipe's 5 epochs but a larger base lr
+#: (the official lr assumes 8×4 examples per step over 8K steps) and a shorter warmup, to finish in minutes on 2 cores.
+#: 5 epochs rather than 3: the held-out loss was still falling at the end of 3 (0.64), and 5 reach 0.46 and 78.0 %
+#: exact match against 65.9 % (README, "The Alpaca recipe").
+EMBEDDED_DEFAULTS = {"blr": 0.6, "epochs": 5.0, "warmup_epochs": 0.5, "batch_size": 8, "max_seq_len": 256}
 
 
 def resolve_data(spec: str) -> Path:
