@@ -151,8 +151,9 @@ def tokenize(records: Sequence[dict[str, str]], tokenizer: Any, max_seq_len: int
     special = adds_special_tokens(prompt_format)
     items = []
     for r in records:
+        prompt = prompt_of(r, prompt_format, tokenizer)
         answer, ends_turn = ((r["output"], False) if prompt_format != "chat" else
-                             chat_answer(tokenizer, r["instruction"], r.get("input", ""), r["output"]))
-        items.append(tokenize_pair(prompt_of(r, prompt_format, tokenizer), answer, tokenizer, max_seq_len,
-                                   add_special_tokens=special, ends_turn=ends_turn))
+                             chat_answer(tokenizer, r["instruction"], r.get("input", ""), r["output"], prompt))
+        items.append(tokenize_pair(prompt, answer, tokenizer, max_seq_len, add_special_tokens=special,
+                                   ends_turn=ends_turn))
     return [item for item in items if item is not None]

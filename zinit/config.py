@@ -25,7 +25,7 @@ import inspect
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from torch import nn
 
@@ -57,6 +57,15 @@ BIAS_SCALES = (None, "blocks", "all")
 #: turn in the tokenizer's own chat template followed by the assistant's turn (as TRL's SFT trains a chat model).
 #: ``zinit generate`` and ``zinit serve`` prompt the adapter the same way (:mod:`zinit.lm`).
 PROMPT_FORMATS = ("alpaca", "chat")
+
+
+def check_prompt_format(prompt_format: Any) -> str:
+    """``prompt_format`` itself after checking it is one of :data:`PROMPT_FORMATS` (a
+    :class:`~zinit.errors.ZinitValueError` naming the value otherwise)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ZinitValueError(f"prompt format {prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
+    return prompt_format
+
 #: The ``zinit.json`` fields that describe the model an adapter fits (the :class:`~zinit.registry.Dims` of its
 #: backbone), written between the backbone and the options.
 DIM_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "num_layers")
@@ -126,10 +135,10 @@ class AdapterConfig:
         check every field (:func:`check_fields`: the one place the rules live)."""
         if self.bias_scale is True or self.bias_scale is False:
             object.__setattr__(self, "bias_scale", "blocks" if self.bias_scale else None)
-        if isinstance(self.layers, (range, Iterator)):  # read once, here: a range or a generator of indices
-            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.layers, Iterable) and not isinstance(self.layers, (str, bytes)):
+            object.__setattr__(self, "layers", tuple(self.layers))  # any collection or generator of indices, read once
         check_fields({f.name: getattr(self, f.name) for f in fields(self)})
-        if isinstance(self.layers, (list, tuple)):
+        if isinstance(self.layers, tuple):
             object.__setattr__(self, "layers", tuple(sorted(self.layers)))
         object.__setattr__(self, "train_modules", tuple(self.train_modules))
 

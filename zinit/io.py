@@ -35,8 +35,8 @@ from safetensors.torch import load as _load_safetensors, save_file
 from torch import Tensor, nn
 
 from ._version import __version__
-from .config import (_AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, PROMPT_FORMATS, WEIGHTS_NAME, AdapterConfig,
-                     FittedConfig, changed_options, check_fits, layer_shapes)
+from .config import (_AGAIN, CARD_NAME, CONFIG_NAME, FORMAT, WEIGHTS_NAME, AdapterConfig, FittedConfig,
+                     changed_options, check_fits, check_prompt_format, layer_shapes)
 from .registry import Dims
 from .files import DISK_FULL, discard, fsync_dir, read_json, stage
 from . import hub
@@ -105,8 +105,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], *, name: s
     """
     folder = Path(directory)
     push_id = hub.push_target(folder, push_to_hub) if push_to_hub else None  # a bad repo id fails before writing
-    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
-        raise ZinitValueError(f"prompt_format={prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
+    if prompt_format is not None:
+        check_prompt_format(prompt_format)
     config, tensors = _to_save(model, name, base_model, command)
     if prompt_format is not None:
         config["prompt_format"] = prompt_format

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import hub, quant
+from . import config
 from .config import PROMPT_FORMATS
 from .cliargs import check_model_folder, positive_float, positive_int, unit_float
 from .io import load_adapter, read_adapter_config
@@ -47,11 +48,11 @@ def default_prompt_format(tokenizer: Any) -> str:
 
 
 def check_prompt_format(prompt_format: str, tokenizer: Any = None) -> str:
-    """``prompt_format`` itself after checking it is one of :data:`PROMPT_FORMATS` (and, for ``"chat"``, that the
-    tokenizer has a chat template); errors name the value and the fix."""
-    if prompt_format not in PROMPT_FORMATS:
-        raise ZinitValueError(f"prompt format {prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
-    if prompt_format == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+    """``prompt_format`` itself after checking it is one of :data:`PROMPT_FORMATS`
+    (:func:`zinit.config.check_prompt_format`) and, for ``"chat"``, that the tokenizer has a chat template; errors
+    name the value and the fix."""
+    known = config.check_prompt_format(prompt_format)
+    if known == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         raise ZinitValueError("prompt format 'chat' needs a tokenizer with a chat template, and this model's has "
                               "none: use --prompt-format alpaca (or a chat model)")
     return prompt_format
@@ -129,12 +130,14 @@ def tokenize_pair(prompt: str, answer: str, tokenizer: Any, max_seq_len: int, *,
     return {"input_ids": ids, "labels": labels} if any(t != -100 for t in labels) else None
 
 
-def chat_answer(tokenizer: Any, instruction: str, input: str, answer: str) -> tuple[str, bool]:
+def chat_answer(tokenizer: Any, instruction: str, input: str, answer: str, prompt: str | None = None
+                ) -> tuple[str, bool]:
     """The target text of ``answer`` in the ``"chat"`` format, as the tokenizer's chat template writes the assistant's
     turn after :func:`format_prompt`'s prompt (trailing whitespace after it dropped), and whether that text ends the
     turn with a special token (``<|im_end|>``, ``<|eot_id|>`` ...), which then is the last target instead of EOS: the
     model learns to end its turn as the template does. ``(answer, False)`` when the template does not write the answer
-    right after the prompt.
+    right after the prompt. ``prompt``: :func:`format_prompt`'s ``"chat"`` prompt of the instruction, when the caller
+    has it already.
 
     >>> class ChatML:  # a stand-in for a tokenizer's apply_chat_template
     ...     chat_template, all_special_tokens = "chatml", ["<|im_end|>"]
@@ -144,7 +147,7 @@ def chat_answer(tokenizer: Any, instruction: str, input: str, answer: str) -> tu
     >>> chat_answer(ChatML(), "Say hi.", "", "Hi")
     ('Hi<|im_end|>', True)
     """
-    prompt = format_prompt(instruction, input, "chat", tokenizer)
+    prompt = prompt if prompt is not None else format_prompt(instruction, input, "chat", tokenizer)
     full = tokenizer.apply_chat_template([{"role": "user", "content": user_message(instruction, input)},
                                           {"role": "assistant", "content": answer}], tokenize=False)
     if not full.startswith(prompt):

@@ -648,13 +648,12 @@ class Server:
                 # recorded before the modules are attached: no request reaches the adapter before its format
                 self.prompt_formats[name] = adapter_prompt_format(read_adapter_config(folder), self.tokenizer)
                 self.engine.add_adapter(name, str(folder))
-            except (OSError, ValueError, KeyError, OverflowError, MemoryError) as exc:
+            except BaseException as exc:  # whatever failed, the format goes with the adapter that never came
                 self.prompt_formats.pop(name, None)
+                if not isinstance(exc, (OSError, ValueError, KeyError, OverflowError, MemoryError)):
+                    raise
                 message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
                 raise APIError(400, message.replace(str(root), "<adapters>"), param="path") from None
-            except BaseException:  # anything else: the format goes with the adapter that never came
-                self.prompt_formats.pop(name, None)
-                raise
         return {"id": name, "object": "model", "owned_by": "zinit"}
 
     def unload(self, name: str) -> dict[str, Any]:
