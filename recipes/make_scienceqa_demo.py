@@ -28,6 +28,8 @@ from typing import Any
 from zinit.cliargs import positive_int
 from zinit.files import atomic_write
 
+from .make_vtab_demo import FASHION_SOURCE, load_fashion
+
 COLOURS = {"red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 210), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
 ANIMALS = [("cow", "mammal"), ("trout", "fish"), ("eagle", "bird"), ("horse", "mammal"), ("salmon", "fish"),
@@ -47,8 +49,6 @@ class Photos:
 
     def __init__(self, source: str | Path, seed: int) -> None:
         import numpy as np
-
-        from .make_vtab_demo import load_fashion
 
         data = load_fashion(source)
         rng = np.random.default_rng(seed)
@@ -145,8 +145,6 @@ def make(out: str | Path, sizes: dict[str, int] | None = None, seed: int = 0, im
     rng = random.Random(seed)
     photos = None
     if images == "fashion-mnist":
-        from .make_vtab_demo import FASHION_SOURCE
-
         photos = Photos(fashion_source or FASHION_SOURCE, seed)
     problems, splits, pid = {}, {}, 1000
     for split, n in sizes.items():

@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"zinit": "zinit", "backbones": "zinit.backbones", "recipes": "zinit.recipes", "methods": "zinit.methods",
             "benchmarks": "zinit.benchmarks"}
 #: Imports of zinit modules that stay inside a function, each for a reason: fastapi/uvicorn are the optional serve
-#: extra.
-ALLOWED_INNER = {("zinit.serve.cli", "zinit.serve.app"), ("zinit.benchmarks.serve", "zinit.serve.app")}
+#: extra (zinit serve --help works without it), ray the optional ray extra.
+ALLOWED_INNER = {("zinit.serve.cli", "zinit.serve.app"), ("zinit.serve.options", "zinit.serve.app"),
+                 ("zinit.serve.cli", "zinit.serve.ray"), ("zinit.benchmarks.serve", "zinit.serve.app")}
 
 
 def modules_of(root: Path, packages: dict[str, str]) -> dict[str, Path]:

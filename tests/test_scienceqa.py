@@ -256,3 +256,70 @@ def test_likelihood_scores_prompt_tuning_at_the_last_prompt_token(tmp_path):
             expected.append(int(logits[letters].argmax()))
     assert [choice for choice, _ in got] == expected
     assert len(set(expected)) > 1  # not one constant letter, which a scorer could get right by chance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the demo with real photos (make_scienceqa_demo --images fashion-mnist) and a timm encoder's input size
+
+
+def _marked_fashion(folder, n_train=60, n_test=20):
+    """A Fashion-MNIST folder (original idx layout) whose every image says where it came from: pixel (0, 27) is
+    1 in the training file and 2 in the test file, (1, 27) its label, (2, 27) its index there."""
+    import numpy as np
+    from test_vtab import write_idx
+
+    folder.mkdir(parents=True)
+    for prefix, n, mark in (("train", n_train, 1), ("t10k", n_test, 2)):
+        labels = np.arange(n) % 10
+        images = np.zeros((n, 28, 28), np.uint8)
+        images[:, 0, 27], images[:, 1, 27], images[:, 2, 27] = mark, labels, np.arange(n)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
+def test_demo_with_real_photos_asks_the_garment_each_photo_shows(tmp_path):
+    from zinit.recipes import make_scienceqa_demo as demo
+
+    source = _marked_fashion(tmp_path / "fashion")
+    root = demo.make(tmp_path / "sqa", {"train": 16, "val": 8, "test": 8}, images="fashion-mnist",
+                     fashion_source=source)
+    data = sqa.load_scienceqa(root)  # the release format, checked on load
+    seen = set()
+    for split in ("train", "val", "test"):
+        pids = data.split(split, images=True)
+        photos = [pid for pid in pids if data.problems[pid]["image"]]
+        assert len(photos) == len(pids) // 2
+        for pid in photos:
+            problem = data.problems[pid]
+            assert problem["choices"] == list(demo.GARMENTS.values())
+            with Image.open(data.image_path(pid, split)) as im:
+                pixels = im.convert("L").load()
+            origin, label, index = pixels[27, 0], pixels[27, 1], pixels[27, 2]
+            assert origin == (2 if split == "test" else 1)  # test photos come from the test file only
+            assert problem["choices"][problem["answer"]] == demo.GARMENTS[label]  # the answer is the photo's garment
+            assert (origin, index) not in seen  # each photo is used once
+            seen.add((origin, index))
+    with pytest.raises(ValueError, match="no photo left for split 'test'"):
+        demo.make(tmp_path / "big", {"train": 2, "val": 2, "test": 40}, images="fashion-mnist", fashion_source=source)
+    with pytest.raises(SystemExit):  # a missing source is the parser's error, naming the folder
+        demo.main([str(tmp_path / "x"), "--images", "fashion-mnist", "--fashion-source", str(tmp_path / "none")])
+
+
+def test_a_timm_encoders_input_size_is_recorded_and_eval_uses_it(release, tmp_path):
+    root, model, _ = release
+    small = sqa.ImageEncoder("timm:vit_tiny_patch16_224", img_size=32)
+    assert small.model.patch_embed.img_size == (32, 32) and small.transform.transforms[1].size == (32, 32)
+    assert small.fingerprint() != sqa.ImageEncoder("timm:vit_tiny_patch16_224").fingerprint()  # another cache
+    with pytest.raises(ValueError, match="--visual-img-size applies to a timm"):
+        sqa.ImageEncoder(str(release[2]), img_size=32)
+    out = tmp_path / "run"
+    args = _train_args(root, model, "timm:vit_tiny_patch16_224", out, "--visual-img-size", "32", "--epochs", "1")
+    assert cli(["train", "scienceqa", *args]) == 0
+    assert json.loads((out / "adapter" / sqa.RECIPE_FILE).read_text())["visual_img_size"] == 32
+    report = json.loads((out / "report.json").read_text())
+    assert cli(["eval", "scienceqa", "--model", str(model), "--data", str(root), "--adapter", str(out / "adapter"),
+                "--split", "test", "--feature-cache", str(tmp_path / "cache2"), "--output", str(tmp_path / "ev"),
+                "--no-progress", "--device", "cpu"]) == 0  # its own cache: the features are computed again
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["table"] == report["table"]
+    assert [p.name for p in (tmp_path / "cache2").iterdir()] == [small.fingerprint()]  # by the 32-pixel encoder

@@ -73,7 +73,7 @@ def test_zinit_serve_process_answers_and_stops_on_sigterm(tmp_path):
 
 def test_api_key_and_body_limit_flags(monkeypatch):
     """--api-key, else ZINIT_API_KEY (so the key need not show in ps), else none; --max-body-bytes."""
-    from zinit.serve.cli import api_key, parser
+    from zinit.serve.options import api_key, parser
 
     monkeypatch.delenv("ZINIT_API_KEY", raising=False)
     assert api_key(parser().parse_args([])) is None

@@ -616,8 +616,9 @@ class Server:
 
     def _managed(self, action: str) -> Path:
         if self.adapters_dir is None:
-            raise APIError(403, f"{action} adapters at run time is off: start zinit serve with --adapters-dir DIR",
-                           kind="permission_error")
+            raise APIError(403, f"{action} adapters at run time is off: this server was started without "
+                                "--adapters-dir DIR (a Ray Serve deployment never has it: deploy again with the new "
+                                "adapter list)", kind="permission_error")
         return self.adapters_dir
 
     def load(self, body: dict[str, Any]) -> dict[str, Any]:
