@@ -14,7 +14,11 @@ ratio to the reference row. Suites:
   infer      inference forward of zinit vs the base model.
   generate   greedy generation with KV cache (batch 1 and 8, --new-tokens tokens): zinit, peft adaption prompt, base.
   adapters   N requests on one model carrying N named adapters (--adapters, default 8), greedy decoding: one batch
-             mixing the N adapters vs a batch of one adapter vs the base model vs the N requests one at a time.
+             mixing the N adapters vs a batch of one adapter vs the base model vs the N requests one at a time,
+             and vs peft LoRA's mixed batch (N LoRA adapters r=8 on q,v; generate(adapter_names=[...])).
+  engine     zinit serve's engine on 16 requests (16-48 prompt tokens, --new-tokens each), no adapter and mixing
+             --adapters adapters, vs one static left-padded generate() batch and transformers' continuous batching
+             (generate_batch) of the base model.
   memory     peak memory of a training step of each method, in a fresh subprocess per method: on CPU the
              process's peak RSS during the step (VmHWM reset just before it), so it includes the model; on CUDA
              torch.cuda.max_memory_allocated.
@@ -325,45 +329,145 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
+def _named_zinit_adapters(base: nn.Module, n: int, L: int, K: int) -> tuple[nn.Module, list[str]]:
+    """A copy of ``base`` carrying ``n`` named zinit adapters with open gates (so each computes its prompt term)."""
+    model = copy.deepcopy(base)
+    names = [f"adapter{i}" for i in range(n)]
+    for name in names:
+        zinit.add_adapter(model, name, layers=L, K=K)
+        with torch.no_grad():
+            for p in zinit.adapter_parameters(model, name):
+                if p.ndim <= 1:
+                    p.fill_(0.1)
+    return model, names
+
+
+def _peft_lora_adapters(base: nn.Module, names: list[str]) -> nn.Module:
+    """A copy of ``base`` carrying one peft LoRA adapter (r=8 on q, v) per name, B non-zero so each computes."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), config, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config)
+    return model.eval()
+
+
+def _greedy(m: nn.Module, rows: torch.Tensor, new_tokens: int, route: Any = False, **kwargs: Any) -> None:
+    """Greedy decoding of exactly ``new_tokens`` tokens, inside ``zinit.use_adapters(m, route)`` unless False."""
+    from contextlib import nullcontext
+
+    with torch.no_grad(), (zinit.use_adapters(m, route) if route is not False else nullcontext()):
+        m.generate(input_ids=rows, attention_mask=torch.ones_like(rows), do_sample=False, max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, pad_token_id=0, **kwargs)
+
+
 def suite_adapters(args, shape: str) -> dict:
     """Decode throughput of N requests on one frozen model carrying N named adapters (zinit.add_adapter): one batch
     mixing all N adapters vs one batch of N requests of one adapter vs the base model alone (a copy with no adapter
-    at all) vs serving the N requests one at a time, each with its adapter."""
+    at all) vs serving the N requests one at a time, each with its adapter; and the peer's mixed batch: peft LoRA
+    (r=8 on q, v) with N adapters, ``generate(adapter_names=[...])``, the one mixed-batch path a peer ships."""
     dtype = getattr(torch, args.dtype)
     base = llama(shape, args.model, dtype, args.device)
     L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
     n = args.adapters
-    model = copy.deepcopy(base)
-    names = [f"adapter{i}" for i in range(n)]
-    for name in names:
-        zinit.add_adapter(model, name, layers=L, K=args.K)
-        with torch.no_grad():  # open gates, so every adapter really computes its prompt term
-            for p in zinit.adapter_parameters(model, name):
-                if p.ndim <= 1:
-                    p.fill_(0.1)
+    model, names = _named_zinit_adapters(base, n, L, args.K)
+    lora = _peft_lora_adapters(base, names)
     prompt = torch.randint(0, base.config.vocab_size, (n, args.gen_prompt), device=args.device)
-
-    def generate(m: nn.Module, route: Any, rows: torch.Tensor) -> None:
-        from contextlib import nullcontext
-
-        with torch.no_grad(), (zinit.use_adapters(m, route) if route is not False else nullcontext()):
-            m.generate(input_ids=rows, attention_mask=torch.ones_like(rows), do_sample=False,
-                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
-
+    new = args.new_tokens
     fns = {
-        "base model": lambda: generate(base, False, prompt),
-        "one adapter": lambda: generate(model, names[0], prompt),
-        f"{n} adapters mixed": lambda: generate(model, names, prompt),
-        "one at a time": lambda: [generate(model, names[i], prompt[i:i + 1]) for i in range(n)],
+        "base model": lambda: _greedy(base, prompt, new),
+        "one adapter": lambda: _greedy(model, prompt, new, names[0]),
+        f"{n} adapters mixed": lambda: _greedy(model, prompt, new, names),
+        "one at a time": lambda: [_greedy(model, prompt[i:i + 1], new, names[i]) for i in range(n)],
+        f"peft LoRA {n} mixed": lambda: _greedy(lora, prompt, new, adapter_names=names),
     }
     stats = interleaved(fns, max(1, args.repeats // 2), args.device)
-    rate = {k: n * args.new_tokens / s["median"] for k, s in stats.items()}
-    report(f"many adapters, greedy decoding [{shape}, {n} requests x {args.new_tokens} new tokens, L={L}, "
+    rate = {k: n * new / s["median"] for k, s in stats.items()}
+    report(f"many adapters, greedy decoding [{shape}, {n} requests x {new} new tokens, L={L}, "
            f"K={args.K}]", stats, "one adapter", extra={k: f"{rate[k]:.1f} tokens/s" for k in rate})
     mixed = rate[f"{n} adapters mixed"]
     print(f"  mixed batch = {mixed / rate['one adapter']:.3f} x one-adapter batch, "
-          f"{mixed / rate['one at a time']:.2f} x one at a time, {mixed / rate['base model']:.3f} x base model")
+          f"{mixed / rate['one at a time']:.2f} x one at a time, {mixed / rate['base model']:.3f} x base model, "
+          f"{mixed / rate[f'peft LoRA {n} mixed']:.3f} x peft LoRA mixed")
     return {"requests": n, "seconds": stats, "tokens_per_s": rate}
+
+
+def _engine_run(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> None:
+    """The 16 requests through zinit serve's engine (stepped on this thread, no server): every row admitted at
+    the first step, decoded to exactly ``new_tokens`` tokens (no end-of-sequence token)."""
+    from zinit.serve.engine import Engine, Request
+
+    engine = Engine(model, eos_token_ids=[], max_batch=len(prompts), max_queue=len(prompts),
+                    prefill_tokens=sum(map(len, prompts)))
+    done: list[str] = []
+    for ids, adapter in zip(prompts, adapters):
+        engine.submit(Request(prompt=ids, adapter=adapter, max_tokens=new_tokens,
+                              on_token=lambda token, reason: done.append(reason) if reason else None))
+    while engine.step():
+        pass
+    if done != ["length"] * len(prompts):
+        raise RuntimeError(f"the engine finished {done}, not {len(prompts)} x length")
+
+
+def _static_run(model: nn.Module, prompts: list[list[int]], new_tokens: int) -> None:
+    """The same requests as one left-padded ``generate()`` batch (static batching: what the engine must match)."""
+    longest = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=0)
+
+
+def _cb_run(model: nn.Module, prompts: list[list[int]], new_tokens: int) -> None:
+    """transformers' own continuous batching (``generate_batch``, its paged cache) of the base model, its cache
+    sized for these requests and a step's tokens for all their prompts (as the engine's ``prefill_tokens``): by
+    default it sizes the cache from free memory, which on CPU spends seconds zeroing gigabytes per call."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    paged = ContinuousBatchingConfig(num_blocks=4 * len(prompts), max_batch_tokens=sum(map(len, prompts)))
+    with torch.no_grad():
+        out = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=paged,
+                                   progress_bar=False)
+    if len(out) != len(prompts):
+        raise RuntimeError(f"generate_batch answered {len(out)} of {len(prompts)} requests")
+
+
+def suite_engine(args, shape: str) -> dict:
+    """zinit serve's engine against static batching and transformers' continuous batching, on the same 16 requests
+    (prompts of 16-48 tokens, ``--new-tokens`` greedy tokens each): one left-padded ``generate()`` batch of the base
+    model (static), ``generate_batch`` of the base model (transformers CB), the engine with no adapter, and the
+    engine mixing ``--adapters`` adapters over the requests."""
+    dtype = getattr(torch, args.dtype)
+    base = llama(shape, args.model, dtype, args.device)
+    L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
+    model, names = _named_zinit_adapters(base, args.adapters, L, args.K)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(16, 49, (16,), generator=gen).tolist()
+    prompts = [torch.randint(1, base.config.vocab_size, (t,), generator=gen).tolist() for t in lengths]
+    new = args.new_tokens
+    fns = {
+        "static generate": lambda: _static_run(base, prompts, new),
+        "transformers CB": lambda: _cb_run(base, prompts, new),
+        "engine, no adapter": lambda: _engine_run(base, prompts, [None] * len(prompts), new),
+        f"engine, {len(names)} mixed": lambda: _engine_run(model, prompts, [names[i % len(names)]
+                                                                             for i in range(len(prompts))], new),
+    }
+    stats = interleaved(fns, max(1, args.repeats // 2), args.device)
+    rate = {k: len(prompts) * new / s["median"] for k, s in stats.items()}
+    report(f"serving engine, greedy [{shape}, 16 requests of 16-48 prompt tokens x {new} new tokens, L={L}, "
+           f"K={args.K}]", stats, "static generate", extra={k: f"{rate[k]:.1f} tokens/s" for k in rate})
+    engine, mixed = rate["engine, no adapter"], rate[f"engine, {len(names)} mixed"]
+    print(f"  engine = {engine / rate['static generate']:.3f} x static generate, "
+          f"{engine / rate['transformers CB']:.2f} x transformers CB; {len(names)} adapters mixed = "
+          f"{mixed / engine:.3f} x the engine with no adapter")
+    return {"requests": len(prompts), "seconds": stats, "tokens_per_s": rate}
 
 
 def _peak_memory(args, shape: str, method: str, model: str | None, base: str | None = None) -> dict[str, float]:
@@ -516,7 +620,7 @@ def suite_roberta(args) -> dict:
     return {"seconds": stats, "n/a": skipped}
 
 
-SUITES = ("train", "infer", "generate", "adapters", "memory", "scaling", "quantized", "vit", "roberta")
+SUITES = ("train", "infer", "generate", "adapters", "engine", "memory", "scaling", "quantized", "vit", "roberta")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -563,7 +667,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                                "threads": torch.get_num_threads()}
     per_shape = {"train": suite_train, "infer": suite_infer, "generate": suite_generate, "adapters": suite_adapters,
-                 "memory": suite_memory, "scaling": suite_scaling, "quantized": suite_quantized}
+                 "engine": suite_engine, "memory": suite_memory, "scaling": suite_scaling, "quantized": suite_quantized}
     for suite in suites:
         if suite in per_shape:
             shapes = args.shapes if suite in ("train", "memory") else args.shapes[:1]

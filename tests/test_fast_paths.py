@@ -148,10 +148,12 @@ def test_speed_benchmark_runs_every_suite_on_tiny_shapes(tmp_path, capsys, monke
                  "vit_tiny_patch16_224", "--vit-batch", "1", "--tiny-roberta", "--roberta-seq", "8",
                  "--bases", "int8", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results) >= {"train", "infer", "generate", "adapters", "memory", "scaling", "quantized", "vit",
-                            "roberta"}
+    assert set(results) >= {"train", "infer", "generate", "adapters", "engine", "memory", "scaling", "quantized",
+                            "vit", "roberta"}
     assert set(results["adapters"][0]["tokens_per_s"]) == {"base model", "one adapter", "8 adapters mixed",
-                                                           "one at a time"}
+                                                           "one at a time", "peft LoRA 8 mixed"}
+    assert set(results["engine"][0]["tokens_per_s"]) == {"static generate", "transformers CB", "engine, no adapter",
+                                                         "engine, 8 mixed"}
     train = results["train"][0]
     assert set(train["seconds"]) == {"floor", "zinit", "zinit_generic", "adaption_prompt", "lora"}
     assert train["trainable"]["zinit"] == 3 * 4 * 64 + 3 * 4 and train["trainable"]["floor"] == 64
