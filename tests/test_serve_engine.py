@@ -433,3 +433,34 @@ def test_max_tokens_0_scores_the_prompt_only(folders):
     assert sink.reason == "length" and sink.tokens == [] and len(request.prompt_token_logprobs) == len(PROMPTS[0])
     with pytest.raises(ValueError, match="max_tokens"):
         engine.submit(_request(PROMPTS[0], "a", 0)[0])
+
+
+def test_a_prefill_projects_only_the_last_positions_logits_unless_a_row_scores_its_prompt(folders, monkeypatch):
+    """The vocabulary projection of every prompt position costs more than the rest of a small model's prefill: the
+    engine asks for the last position's logits only (``logits_to_keep=1``), and for all of them when a row of the
+    admitted group wants its prompt's log-probabilities; the answers are the same either way."""
+    engine = _served(folders)
+    seen = []
+    forward = engine.model.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs["input_ids"].shape[1] > 1:  # a prefill
+            seen.append((kwargs.get("logits_to_keep"), tuple(out.logits.shape[:2])))
+        return out
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    plain, plain_sink = _request([5, 6, 7, 8], "a", 3)
+    engine.submit(plain)
+    while engine.step():
+        pass
+    scored, scored_sink = _request([5, 6, 7, 8], "a", 3, prompt_logprobs=2)
+    other, other_sink = _request([9, 10, 11], "b", 3)
+    engine.submit(scored)
+    engine.submit(other)
+    while engine.step():
+        pass
+    assert seen == [(1, (1, 1)), (None, (2, 4))]
+    assert plain_sink.tokens == scored_sink.tokens == _solo(folders, "a", [5, 6, 7, 8], 3)
+    assert other_sink.tokens == _solo(folders, "b", [9, 10, 11], 3)
+    assert len(scored.prompt_token_logprobs) == 4

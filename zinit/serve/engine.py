@@ -257,6 +257,9 @@ class Engine:
         params = inspect.signature(type(model).forward).parameters
         # transformers >= 5.24 names the KV cache argument ``cache`` (``past_key_values`` before)
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # a prefill needs the logits of each row's last position only (unless a row scores its prompt): the vocabulary
+        # projection of every prompt position would cost more than the rest of a small model's prefill
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     # ------------------------------------------------------------------ public
 
@@ -458,10 +461,11 @@ class Engine:
             ids[i, length - len(r.prompt):] = torch.tensor(r.prompt, device=self.device)
             mask[i, length - len(r.prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = {} if any(r.prompt_logprobs is not None for r in new) else self._last_logits
         try:
             with torch.no_grad(), self._routing(new):
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                 **{self._cache_kwarg: DynamicCache()})
+                                 **{self._cache_kwarg: DynamicCache()}, **keep)
         except Exception as exc:  # noqa: BLE001 - these requests fail with the reason; the running batch goes on
             for r in new:
                 r.on_token(None, f"error: {type(exc).__name__}: {exc}")
