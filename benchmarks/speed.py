@@ -50,6 +50,7 @@ from torch import nn
 
 import zinit
 from zinit import quant
+from zinit.serve.engine import Engine, Request
 from zinit.methods import registry as methods
 
 SHAPES = {
@@ -396,8 +397,6 @@ def suite_adapters(args, shape: str) -> dict:
 def _engine_run(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> None:
     """The 16 requests through zinit serve's engine (stepped on this thread, no server): every row admitted at
     the first step, decoded to exactly ``new_tokens`` tokens (no end-of-sequence token)."""
-    from zinit.serve.engine import Engine, Request
-
     engine = Engine(model, eos_token_ids=[], max_batch=len(prompts), max_queue=len(prompts),
                     prefill_tokens=sum(map(len, prompts)))
     done: list[str] = []
