@@ -66,6 +66,24 @@ def _prompt_ids(folder: Path, text: str) -> list[int]:
     return AutoTokenizer.from_pretrained(str(folder))(text)["input_ids"]
 
 
+def test_the_api_key_is_the_drivers_and_a_replicas_environment_adds_none(setup, monkeypatch):  # noqa: F811
+    """The key is read where ``zinit serve`` runs; a replica on a node whose environment has ZINIT_API_KEY must not
+    start requiring a key the operator never set."""
+    folder, _ = setup
+    captured = {}
+    monkeypatch.setattr(ray_serve, "replica_app", lambda options, adapters: captured.setdefault("o", options) and None)
+    monkeypatch.setattr(ray_serve.serve, "ingress", lambda app: (lambda: type("Ingress", (), {})))
+    monkeypatch.setattr(ray_serve.serve, "deployment", lambda cls, **kw: type("D", (), {"bind": lambda self: "app"})())
+    monkeypatch.delenv("ZINIT_API_KEY", raising=False)
+    ray_serve.application(_options("--ray-replicas", "1", "--model", str(folder)))
+    monkeypatch.setenv("ZINIT_API_KEY", "replica-env")  # the replica's environment
+    from zinit.serve.options import api_key
+    assert api_key(captured["o"]) is None
+    captured.clear()
+    ray_serve.application(_options("--ray-replicas", "1", "--model", str(folder)))  # the driver's env has a key now
+    assert captured["o"].api_key == "replica-env"
+
+
 def test_bad_ray_options_are_refused_before_ray_starts(setup, tmp_path, monkeypatch):  # noqa: F811
     folder, adapters = setup
     with pytest.raises(ValueError, match="--adapters-dir"):

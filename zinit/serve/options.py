@@ -100,7 +100,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 def build_server(args: argparse.Namespace, folders: Mapping[str, str | Path]) -> Any:
     """The :class:`~zinit.serve.app.Server` that ``args`` (:func:`parser`'s options) describe, holding the adapters
     of ``folders`` (``{name: adapter folder}``): the base model loaded, each adapter added to it, the engine built (not
-    started: the app's lifespan starts it). Used by :func:`main` and by each Ray Serve replica
+    started: the app's lifespan starts it). Used by :func:`zinit.serve.cli.main` and by each Ray Serve replica
     (:mod:`zinit.serve.ray`)."""
     from .app import DEFAULT_MAX_BODY_BYTES, Server  # fastapi: the optional serve extra
 

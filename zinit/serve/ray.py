@@ -104,8 +104,8 @@ def application(options: argparse.Namespace, folders: Mapping[str, str | Path] |
     if folders is None:
         folders = {name: resolve_adapter(source) for name, source in options.adapters}
     adapters = adapter_files(folders)
-    # the key is read here, once: a replica on another node has another environment
-    options = argparse.Namespace(**{**vars(options), "api_key": api_key(options), "adapters": []})
+    # the key is read here, once: a replica on another node has another environment ("" = no key, never its own)
+    options = argparse.Namespace(**{**vars(options), "api_key": api_key(options) or "", "adapters": []})
     if options.ray_max_replicas is not None and options.ray_max_replicas > replicas:
         scaling: dict[str, Any] = {"autoscaling_config": {
             "min_replicas": replicas, "max_replicas": options.ray_max_replicas,
