@@ -50,7 +50,7 @@ from torch import nn
 
 import zinit
 from zinit import quant
-from zinit.serve.engine import Engine, Request
+from zinit.serve.engine import Engine, Request, left_padded
 from zinit.methods import registry as methods
 
 SHAPES = {
@@ -395,7 +395,7 @@ def suite_adapters(args, shape: str) -> dict:
 
 
 def _engine_run(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> None:
-    """The 16 requests through zinit serve's engine (stepped on this thread, no server): every row admitted at
+    """The requests through zinit serve's engine (stepped on this thread, no server): every row admitted at
     the first step, decoded to exactly ``new_tokens`` tokens (no end-of-sequence token)."""
     engine = Engine(model, eos_token_ids=[], max_batch=len(prompts), max_queue=len(prompts),
                     prefill_tokens=sum(map(len, prompts)))
@@ -411,12 +411,7 @@ def _engine_run(model: nn.Module, prompts: list[list[int]], adapters: list[str |
 
 def _static_run(model: nn.Module, prompts: list[list[int]], new_tokens: int) -> None:
     """The same requests as one left-padded ``generate()`` batch (static batching: what the engine must match)."""
-    longest = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
+    ids, mask = left_padded(prompts)
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, pad_token_id=0)

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -120,6 +120,24 @@ def _layers(cache: Any) -> list[Any]:
 def _returned_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def left_padded(prompts: Sequence[Sequence[int]], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Prompts of different lengths as one batch: token ids ``[N, T]`` left-padded with 0 to the longest, and the
+    attention mask ``[N, T]`` (1 on each prompt's tokens), as a prefill (the engine's, or ``generate()``) takes them.
+
+    >>> left_padded([[5, 6], [7]])
+    (tensor([[5, 6],
+            [0, 7]]), tensor([[1, 1],
+            [0, 1]]))
+    """
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        mask[i, length - len(p):] = 1
+    return ids, mask
 
 
 def _left_pad(x: Tensor, length: int, dim: int) -> Tensor:
@@ -454,12 +472,8 @@ class Engine:
             return
         from transformers import DynamicCache
 
-        length = max(len(r.prompt) for r in new)
-        ids = torch.zeros(len(new), length, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(new), length, dtype=torch.long, device=self.device)
-        for i, r in enumerate(new):
-            ids[i, length - len(r.prompt):] = torch.tensor(r.prompt, device=self.device)
-            mask[i, length - len(r.prompt):] = 1
+        ids, mask = left_padded([r.prompt for r in new], self.device)
+        length = ids.shape[1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = {} if any(r.prompt_logprobs is not None for r in new) else self._last_logits
         try:
