@@ -177,3 +177,32 @@ def test_decoding_steps_match_a_full_forward_with_open_gates():
         full = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=positions).logits
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, full[:, ids.shape[1] - 1 + step], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_decoding_steps_prompt_term_is_each_rows_own_attention(rows, dtype):
+    """The decoding-step kernel (one query per row; the rows passed as the queries of one sequence when they share
+    the prompt, or one prompt per row with padded positions masked) against each row's attention written out."""
+    from zinit.attention import prompt_attention
+
+    gen = torch.Generator().manual_seed(rows)
+    heads, K, d, scaling = 3, 4, 8, 0.3  # not SDPA's default 1/sqrt(d)
+    query = torch.randn(rows, heads, 1, d, generator=gen).to(dtype)
+    shared_key, shared_value = (torch.randn(heads, K, d, generator=gen).to(dtype) for _ in range(2))
+    per_row_key, per_row_value = (torch.randn(rows, heads, K, d, generator=gen).to(dtype) for _ in range(2))
+    real = torch.ones(rows, K, dtype=torch.bool)
+    real[0, K - 1:] = False  # row 0's prompt is one position shorter (a mixed batch of different K)
+
+    def expected(b, key, value, keep):
+        scores = (query[b].float() @ key.float().transpose(-1, -2)) * scaling  # [H, 1, K]
+        scores = scores.masked_fill(~keep, float("-inf"))
+        return scores.softmax(-1) @ value.float()  # [H, 1, d]
+
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    shared = prompt_attention(query, shared_key, shared_value, scaling)
+    per_row = prompt_attention(query, per_row_key, per_row_value, scaling, mask=real)
+    assert shared.shape == per_row.shape == (rows, heads, 1, d) and shared.dtype == per_row.dtype == dtype
+    for b in range(rows):
+        torch.testing.assert_close(shared[b].float(), expected(b, shared_key, shared_value, real[b] | True), **tol)
+        torch.testing.assert_close(per_row[b].float(), expected(b, per_row_key[b], per_row_value[b], real[b]), **tol)

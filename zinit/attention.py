@@ -88,14 +88,18 @@ def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: f
     - many queries (training, prefill): scores laid out ``[..., K, T]``, so the softmax over the K prompt keys
       runs along contiguous T; 3.6x faster forward than an SDPA call over K keys, whose kernel is built for long
       key sequences, and faster than ``[..., T, K]`` scores, whose softmax rows are only K long;
-    - one query per sequence (a decoding step): one ``scaled_dot_product_attention`` call (2x fewer µs).
+    - one query per sequence (a decoding step): one ``scaled_dot_product_attention`` call. With one prompt for the
+      whole batch, the B rows are passed as the B queries of one sequence against the ``[H, K, d]`` prompt, never
+      copied per row: in a 30-layer decoding loop at 16 rows this costs 63 µs per layer and step against 80 µs for
+      the prompt expanded to every row (8 rows: 48 vs 53 µs; 64 rows: 169 vs 260 µs).
     """
     if key.dim() == 4 and key.shape[0] != query.shape[0]:
         raise ZinitValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
-    if query.shape[-2] == 1 and softcap is None:
-        if key.dim() == 3:
-            shape = (query.shape[0], *key.shape)
-            key, gated_value = key.expand(shape), gated_value.expand(shape)
+    if query.shape[-2] == 1 and softcap is None:  # a decoding step: one fused kernel call
+        if key.dim() == 3:  # one prompt [H, K, d] for every row: the rows are the queries of one sequence
+            rows = query.permute(2, 1, 0, 3)  # [1, H, B, d]
+            out = F.scaled_dot_product_attention(rows, key[None], gated_value[None], scale=scaling)
+            return out.permute(2, 1, 0, 3)  # [B, H, 1, d]
         attn_mask = None if mask is None else mask[:, None, None, :]
         return F.scaled_dot_product_attention(query, key, gated_value, attn_mask=attn_mask, scale=scaling)
     # scores [..., H, K, T] = einsum("h k d, b h t d -> b h k t"), written as a matmul: on CPU einsum (torch's or
