@@ -206,3 +206,22 @@ def test_a_decoding_steps_prompt_term_is_each_rows_own_attention(rows, dtype):
     for b in range(rows):
         torch.testing.assert_close(shared[b].float(), expected(b, shared_key, shared_value, real[b] | True), **tol)
         torch.testing.assert_close(per_row[b].float(), expected(b, per_row_key[b], per_row_value[b], real[b]), **tol)
+
+
+def test_decode_cost_times_every_decoding_call_of_the_prompt_term(tmp_path):
+    """benchmarks/decode_cost.py (the in-situ split of a decoding step's adapter cost) times each adapted layer's
+    prompt term at every decoding step, none of the base model's, and leaves the wrapper as it found it."""
+    import zinit.hf
+    import zinit.prompts
+    from zinit.benchmarks.decode_cost import main
+
+    out = tmp_path / "cost.json"
+    main(["--shape", "tiny", "--rows", "2", "--rounds", "1", "--new-tokens", "3", "--adapters", "2", "--json", str(out)])
+    result = json.loads(out.read_text())[0]
+    rows = result["rows_of"]
+    assert set(rows) == {"base model", "adapters carried, none used", "one adapter", "2 adapters mixed"}
+    assert rows["base model"]["decode_calls"] == 0 and "prompt_term_us_in_situ" not in rows["base model"]
+    for key in ("adapters carried, none used", "one adapter", "2 adapters mixed"):
+        assert rows[key]["decode_calls"] == (3 - 1) * result["layers"]  # the prefill makes the first token
+        assert rows[key]["prompt_term_us_in_situ"] > 0 and rows[key]["prompt_term_us_alone"] > 0
+    assert zinit.hf.prompt_term is zinit.prompts.prompt_term

@@ -1,11 +1,13 @@
-"""One table and one plot from the per-task ``zinit compare vtab`` runs of docs/real_weights/vtab/README.md.
+"""One table and one plot from the ``zinit compare vtab`` runs of docs/real_weights/vtab/README.md.
 
-``zinit compare`` tabulates one run (one --num-classes, so one of these tasks) and shows each method's mean over
-seeds; this reads every task's ``compare.json`` and each method's ``<task>/result.json`` (per-seed test top-1, the lr
-the grid chose) and writes ``summary.md`` / ``summary.json`` / ``summary.png``: mean ± std over seeds, train images/s
-and wall per row, and the paper's ordering (zinit ≥ VPT-deep, zinit ≥ linear probe + 2 points) checked per task.
+``zinit compare`` tabulates one run (one task, one --num-classes) and shows each method's mean over seeds; this
+reads the ``compare.json`` of every run given and each method's ``<task>/result.json`` (per-seed test top-1, the lr
+the grid chose) and writes ``summary.md`` / ``summary.json`` / ``summary.png`` into DEST: mean ± std over seeds, train
+images/s and wall per row, and the paper's ordering (zinit ≥ VPT-deep, zinit ≥ linear probe + 2 points) checked per
+task. Each run's task is read from its compare.json; several runs of one task add up (rows in the order given, a
+method's later row replacing an earlier one), so methods run later (``--methods full``) join the task's table.
 
-    python docs/real_weights/vtab/summarize.py /tmp/vtabcmp docs/real_weights/vtab
+    python docs/real_weights/vtab/summarize.py docs/real_weights/vtab out/vtab-dinov2/digits out/vtab-dinov2/full-digits ...
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from pathlib import Path
 TASKS = ("digits", "fashion_mnist", "fashion_rotation")
 
 
-def collect(root: Path) -> dict:
-    tasks = {}
-    for task in TASKS:
-        report = root / task / "compare.json"
-        if not report.is_file():
-            continue
-        rows = {}
-        for row in json.loads(report.read_text())["rows"]:
-            result_file = root / task / row["method"] / task / "result.json"
+def _task(report: dict) -> str:
+    args = report["recipe_args"]
+    return args[args.index("--task") + 1] if "--task" in args else "?"
+
+
+def collect(runs: list[Path]) -> dict:
+    """``{task: {method: row}}`` from the compare.json of each run folder, tasks in :data:`TASKS` order."""
+    tasks: dict[str, dict] = {}
+    for run in runs:
+        report = json.loads((run / "compare.json").read_text())
+        task = _task(report)
+        rows = tasks.setdefault(task, {})
+        for row in report["rows"]:
+            result_file = run / row["method"] / task / "result.json"
             if row["status"] != "ok" or not result_file.is_file():
-                rows[row["method"]] = {"status": row["status"], "reason": row.get("reason", "")}
+                if rows.get(row["method"], {}).get("status") != "ok":  # never hide a finished row behind a failed one
+                    rows[row["method"]] = {"status": row["status"], "reason": row.get("reason", "")}
                 continue
             result = json.loads(result_file.read_text())
             rows[row["method"]] = {
@@ -37,8 +45,7 @@ def collect(root: Path) -> dict:
                 "search": {f"{s['blr']:g}": s["val_top1"] for s in result["search"]},
                 "trainable_parameters": row["trainable_parameters"], "images_per_s": row["throughput"],
                 "wall_min": row["wall_s"] / 60}
-        tasks[task] = rows
-    return tasks
+    return {t: tasks[t] for t in sorted(tasks, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS))}
 
 
 def ordering(rows: dict) -> dict:
@@ -99,8 +106,13 @@ def plot(tasks: dict, path: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    root, out = Path(argv[0]), Path(argv[1] if len(argv) > 1 else argv[0])
-    tasks = collect(root)
+    if len(argv) < 2:
+        sys.exit("usage: summarize.py DEST RUN [RUN ...]  (RUN: a `zinit compare vtab` output folder)")
+    out, runs = Path(argv[0]), [Path(a) for a in argv[1:]]
+    missing = [str(r) for r in runs if not (r / "compare.json").is_file()]
+    if missing:
+        sys.exit(f"no compare.json in {', '.join(missing)}: give the --output folders of `zinit compare vtab`")
+    tasks = collect(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(
         {"tasks": tasks, "ordering": {t: ordering(rows) for t, rows in tasks.items()}}, indent=1) + "\n")

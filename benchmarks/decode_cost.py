@@ -1,0 +1,154 @@
+"""Where a decoding step's adapter cost goes: zinit's prompt term timed inside a real ``generate()`` loop, and the
+same calls timed alone.
+
+The ``adapters`` suite of :mod:`zinit.benchmarks.speed` gives the end-to-end ratio (decoding with adapters vs the
+base model). This splits it: for one adapter on every row and for N adapters mixed over the rows, the time spent in
+zinit's prompt term per adapted layer and decoding step *in situ* (the ``generate()`` of the whole model, every
+call of the attention wrapper's ``prompt_term`` timed), the same term replayed alone in a tight loop on the very
+same inputs (caches warm), and the base model's own time per layer and step for scale::
+
+    python -m zinit.benchmarks.decode_cost --shape smollm2 --rows 8,16 --threads 2
+
+It patches the attention wrapper's reference to ``prompt_term`` while it runs (a diagnostic, not a library path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
+
+import torch
+
+import zinit
+import zinit.hf
+
+from .speed import SHAPES, _named_zinit_adapters, llama
+
+
+@contextmanager
+def _timed_prompt_term(record: list[tuple[float, tuple, dict]]) -> Iterator[None]:
+    """Time every decoding-step call (one query per row) of the wrapper's prompt term; keep the last call's inputs."""
+    inner = zinit.hf.prompt_term
+
+    def timed(module, query, scaling, **kwargs):
+        start = time.perf_counter()
+        out = inner(module, query, scaling, **kwargs)
+        if query.shape[-2] == 1:
+            record.append((time.perf_counter() - start, (module, query, scaling), kwargs))
+        return out
+
+    zinit.hf.prompt_term = timed
+    try:
+        yield
+    finally:
+        zinit.hf.prompt_term = inner
+
+
+def _alone_us(call: tuple[float, tuple, dict], repeats: int = 300) -> float:
+    """Microseconds per call of the same prompt term on the same inputs, replayed in a tight loop (best of 3)."""
+    _, args, kwargs = call
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                zinit.hf.prompt_term(*args, **kwargs)
+            best = min(best, (time.perf_counter() - start) / repeats)
+    return best * 1e6
+
+
+def measure(shape: str, rows: int, new_tokens: int, prompt_len: int, adapters: int, K: int, rounds: int) -> dict:
+    """The ``generate()`` seconds of the base model, of the adapted model serving the base (route None), one adapter
+    and ``adapters`` mixed (medians of ``rounds`` interleaved rounds), and the prompt term's µs per adapted layer and
+    decoding step in situ and alone."""
+    base = llama(shape, None, torch.float32, "cpu")
+    layers = zinit.find_backbone(base).dims(base).num_layers
+    model, names = _named_zinit_adapters(base, adapters, layers, K)
+    prompt = torch.randint(0, base.config.vocab_size, (rows, prompt_len))
+    mixed = [names[i % len(names)] for i in range(rows)]
+    routes: dict[str, Any] = {"base model": False, "adapters carried, none used": None, "one adapter": names[0],
+                              f"{adapters} adapters mixed": mixed}
+
+    def generate(route: Any) -> None:
+        target = base if route is False else model
+        with torch.no_grad(), (nullcontext() if route is False else zinit.use_adapters(model, route)):
+            target.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    seconds: dict[str, list[float]] = {k: [] for k in routes}
+    in_situ: dict[str, list[float]] = {k: [] for k in routes}
+    last: dict[str, tuple] = {}
+    calls: dict[str, int] = {}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for key, route in routes.items():
+            record: list = []
+            with _timed_prompt_term(record):
+                start = time.perf_counter()
+                generate(route)
+                took = time.perf_counter() - start
+            if round_:
+                seconds[key].append(took)
+                if record:
+                    in_situ[key].append(sum(r[0] for r in record) / len(record) * 1e6)
+                    last[key] = record[-1]
+                calls[key] = len(record)
+    out: dict[str, Any] = {"shape": shape, "rows": rows, "layers": layers, "new_tokens": new_tokens, "K": K,
+                           "threads": torch.get_num_threads(), "rows_of": {}}
+    base_s = statistics.median(seconds["base model"])
+    for key in routes:
+        s = statistics.median(seconds[key])
+        row = {"seconds": s, "vs_base": base_s / s, "decode_calls": calls[key]}
+        if in_situ[key]:
+            with zinit.use_adapters(model, routes[key]):
+                alone = _alone_us(last[key])
+            row |= {"prompt_term_us_in_situ": statistics.median(in_situ[key]), "prompt_term_us_alone": alone}
+        out["rows_of"][key] = row
+    # the base model's own time per layer and decoding step, for scale (the prefill and the LM head included)
+    out["base_us_per_layer_step"] = base_s / (new_tokens * layers) * 1e6
+    return out
+
+
+def print_report(result: dict) -> None:
+    print(f"\n[{result['shape']}, {result['rows']} rows x {result['new_tokens']} new tokens, {result['layers']} layers "
+          f"adapted, K={result['K']}, {result['threads']} threads]  base model: "
+          f"{result['base_us_per_layer_step']:.0f} µs per layer and step (all its work / (steps x layers))")
+    print(f"  {'':30s} {'generate s':>10s} {'vs base':>8s} {'prompt term µs per layer-step':>32s}")
+    for key, row in result["rows_of"].items():
+        term = ""
+        if "prompt_term_us_in_situ" in row:
+            situ, alone = row["prompt_term_us_in_situ"], row["prompt_term_us_alone"]
+            term = f"{situ:8.1f} in situ, {alone:6.1f} alone ({situ / alone:.1f}x)"
+        print(f"  {key:30s} {row['seconds']:10.3f} {row['vs_base']:7.3f}x {term:>32s}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    p.add_argument("--rows", default="8,16", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--K", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    results = []
+    for rows in (int(r) for r in a.rows.split(",")):
+        results.append(measure(a.shape, rows, a.new_tokens, a.prompt_len, a.adapters, a.K, a.rounds))
+        print_report(results[-1])
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
