@@ -1,13 +1,14 @@
 """Where a decoding step's adapter cost goes: zinit's prompt term timed inside a real ``generate()`` loop, and the
-same calls timed alone.
+same calls timed alone, against the base model's own decoder layer.
 
 The ``adapters`` suite of :mod:`zinit.benchmarks.speed` gives the end-to-end ratio (decoding with adapters vs the
 base model). This splits it: for one adapter on every row and for N adapters mixed over the rows, the time spent in
 zinit's prompt term per adapted layer and decoding step *in situ* (the ``generate()`` of the whole model, every
 call of the attention wrapper's ``prompt_term`` timed), the same term replayed alone in a tight loop on the very
-same inputs (caches warm), and the base model's own time per layer and step for scale::
+same inputs (caches warm), and the base model's own decoder layer per decoding step (timed by hooks) for scale::
 
     python -m zinit.benchmarks.decode_cost --shape smollm2 --rows 8,16 --threads 2
+    python -m zinit.benchmarks.decode_cost --shape llama7b --layers 2 --rows 16   # LLaMA-7B's width, 2 of its layers
 
 It patches the attention wrapper's reference to ``prompt_term`` while it runs (a diagnostic, not a library path).
 """
@@ -27,7 +28,7 @@ import torch
 import zinit
 import zinit.hf
 
-from .speed import SHAPES, _named_zinit_adapters, llama
+from .speed import SHAPES, _named_zinit_adapters
 
 
 @contextmanager
@@ -49,6 +50,31 @@ def _timed_prompt_term(record: list[tuple[float, tuple, dict]]) -> Iterator[None
         zinit.hf.prompt_term = inner
 
 
+@contextmanager
+def _timed_layers(model: torch.nn.Module, record: list[float]) -> Iterator[None]:
+    """Time each decoder layer's forward at the decoding steps (one new token per row), by forward hooks."""
+    started: list[float] = []
+
+    def before(module, args, kwargs):
+        started.append(time.perf_counter())
+
+    def after(module, args, kwargs, output):
+        took = time.perf_counter() - started.pop()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.shape[1] == 1:
+            record.append(took)
+
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(layer.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _alone_us(call: tuple[float, tuple, dict], repeats: int = 300) -> float:
     """Microseconds per call of the same prompt term on the same inputs, replayed in a tight loop (best of 3)."""
     _, args, kwargs = call
@@ -62,11 +88,22 @@ def _alone_us(call: tuple[float, tuple, dict], repeats: int = 300) -> float:
     return best * 1e6
 
 
-def measure(shape: str, rows: int, new_tokens: int, prompt_len: int, adapters: int, K: int, rounds: int) -> dict:
+def base_model(shape: str, layers: int | None = None) -> torch.nn.Module:
+    """A random-weight LLaMA of one of :data:`~zinit.benchmarks.speed.SHAPES` (float32, CPU), with ``layers``
+    layers instead of the shape's own when given (the width, and so each layer's cost, stays the shape's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    sizes = SHAPES[shape] | ({} if layers is None else {"num_hidden_layers": layers})
+    return LlamaForCausalLM(LlamaConfig(**sizes, max_position_embeddings=4096, tie_word_embeddings=True)).eval()
+
+
+def measure(shape: str, rows: int, new_tokens: int, prompt_len: int, adapters: int, K: int, rounds: int,
+            layers: int | None = None) -> dict:
     """The ``generate()`` seconds of the base model, of the adapted model serving the base (route None), one adapter
     and ``adapters`` mixed (medians of ``rounds`` interleaved rounds), and the prompt term's µs per adapted layer and
-    decoding step in situ and alone."""
-    base = llama(shape, None, torch.float32, "cpu")
+    decoding step in situ and alone; every layer adapted."""
+    base = base_model(shape, layers)
     layers = zinit.find_backbone(base).dims(base).num_layers
     model, names = _named_zinit_adapters(base, adapters, layers, K)
     prompt = torch.randint(0, base.config.vocab_size, (rows, prompt_len))
@@ -84,21 +121,26 @@ def measure(shape: str, rows: int, new_tokens: int, prompt_len: int, adapters: i
     in_situ: dict[str, list[float]] = {k: [] for k in routes}
     last: dict[str, tuple] = {}
     calls: dict[str, int] = {}
+    layer_us: list[float] = []
     for round_ in range(rounds + 1):  # round 0 warms up
         for key, route in routes.items():
             record: list = []
-            with _timed_prompt_term(record):
+            layer_times: list[float] = []
+            with _timed_prompt_term(record), (_timed_layers(base, layer_times) if route is False else nullcontext()):
                 start = time.perf_counter()
                 generate(route)
                 took = time.perf_counter() - start
             if round_:
                 seconds[key].append(took)
+                if layer_times:
+                    layer_us.append(sum(layer_times) / len(layer_times) * 1e6)
                 if record:
                     in_situ[key].append(sum(r[0] for r in record) / len(record) * 1e6)
                     last[key] = record[-1]
                 calls[key] = len(record)
-    out: dict[str, Any] = {"shape": shape, "rows": rows, "layers": layers, "new_tokens": new_tokens, "K": K,
-                           "threads": torch.get_num_threads(), "rows_of": {}}
+    width = base.config.hidden_size
+    out: dict[str, Any] = {"shape": shape, "hidden_size": width, "rows": rows, "layers": layers,
+                           "new_tokens": new_tokens, "K": K, "threads": torch.get_num_threads(), "rows_of": {}}
     base_s = statistics.median(seconds["base model"])
     for key in routes:
         s = statistics.median(seconds[key])
@@ -108,27 +150,29 @@ def measure(shape: str, rows: int, new_tokens: int, prompt_len: int, adapters: i
                 alone = _alone_us(last[key])
             row |= {"prompt_term_us_in_situ": statistics.median(in_situ[key]), "prompt_term_us_alone": alone}
         out["rows_of"][key] = row
-    # the base model's own time per layer and decoding step, for scale (the prefill and the LM head included)
-    out["base_us_per_layer_step"] = base_s / (new_tokens * layers) * 1e6
+    # the base model's own decoder layer per decoding step (its whole forward: attention, MLP, norms), for scale
+    out["base_layer_us"] = statistics.median(layer_us)
     return out
 
 
 def print_report(result: dict) -> None:
-    print(f"\n[{result['shape']}, {result['rows']} rows x {result['new_tokens']} new tokens, {result['layers']} layers "
-          f"adapted, K={result['K']}, {result['threads']} threads]  base model: "
-          f"{result['base_us_per_layer_step']:.0f} µs per layer and step (all its work / (steps x layers))")
-    print(f"  {'':30s} {'generate s':>10s} {'vs base':>8s} {'prompt term µs per layer-step':>32s}")
+    print(f"\n[{result['shape']} (width {result['hidden_size']}), {result['rows']} rows x {result['new_tokens']} new "
+          f"tokens, {result['layers']} layers adapted, K={result['K']}, {result['threads']} threads]  the base "
+          f"model's decoder layer: {result['base_layer_us']:.0f} µs per decoding step")
+    print(f"  {'':30s} {'generate s':>10s} {'vs base':>8s}   prompt term per layer and decoding step")
     for key, row in result["rows_of"].items():
         term = ""
         if "prompt_term_us_in_situ" in row:
             situ, alone = row["prompt_term_us_in_situ"], row["prompt_term_us_alone"]
-            term = f"{situ:8.1f} in situ, {alone:6.1f} alone ({situ / alone:.1f}x)"
-        print(f"  {key:30s} {row['seconds']:10.3f} {row['vs_base']:7.3f}x {term:>32s}")
+            term = (f"{situ:7.1f} µs in situ ({situ / result['base_layer_us']:.1%} of the layer), {alone:6.1f} µs "
+                    f"alone")
+        print(f"  {key:30s} {row['seconds']:10.3f} {row['vs_base']:7.3f}x   {term}")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="layers of the shape to build (default: all of them)")
     p.add_argument("--rows", default="8,16", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=16)
@@ -143,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     results = []
     for rows in (int(r) for r in a.rows.split(",")):
-        results.append(measure(a.shape, rows, a.new_tokens, a.prompt_len, a.adapters, a.K, a.rounds))
+        results.append(measure(a.shape, rows, a.new_tokens, a.prompt_len, a.adapters, a.K, a.rounds, a.layers))
         print_report(results[-1])
     if a.json:
         with open(a.json, "w") as f:

@@ -216,8 +216,11 @@ def test_decode_cost_times_every_decoding_call_of_the_prompt_term(tmp_path):
     from zinit.benchmarks.decode_cost import main
 
     out = tmp_path / "cost.json"
-    main(["--shape", "tiny", "--rows", "2", "--rounds", "1", "--new-tokens", "3", "--adapters", "2", "--json", str(out)])
+    main(["--shape", "tiny", "--layers", "3", "--rows", "2", "--rounds", "1", "--new-tokens", "3", "--adapters", "2",
+          "--json", str(out)])
     result = json.loads(out.read_text())[0]
+    assert result["layers"] == 3 and result["hidden_size"] == 64  # the tiny shape's width, 3 of its 4 layers
+    assert result["base_layer_us"] > 0
     rows = result["rows_of"]
     assert set(rows) == {"base model", "adapters carried, none used", "one adapter", "2 adapters mixed"}
     assert rows["base model"]["decode_calls"] == 0 and "prompt_term_us_in_situ" not in rows["base model"]
