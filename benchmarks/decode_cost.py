@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -31,16 +32,27 @@ import zinit.hf
 from .speed import SHAPES, _named_zinit_adapters
 
 
+@dataclass
+class _Tally:
+    """Calls timed: how many, their seconds in all, and the last call's inputs (kept for the replay alone)."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    last: tuple[tuple, dict] | None = None
+
+
 @contextmanager
-def _timed_prompt_term(record: list[tuple[float, tuple, dict]]) -> Iterator[None]:
-    """Time every decoding-step call (one query per row) of the wrapper's prompt term; keep the last call's inputs."""
+def _timed_prompt_term(tally: _Tally) -> Iterator[None]:
+    """Time every decoding-step call (one query per row) of the wrapper's prompt term, whatever it raises."""
     inner = zinit.hf.prompt_term
 
     def timed(module, query, scaling, **kwargs):
         start = time.perf_counter()
         out = inner(module, query, scaling, **kwargs)
         if query.shape[-2] == 1:
-            record.append((time.perf_counter() - start, (module, query, scaling), kwargs))
+            tally.calls += 1
+            tally.seconds += time.perf_counter() - start
+            tally.last = ((module, query, scaling), kwargs)
         return out
 
     zinit.hf.prompt_term = timed
@@ -52,7 +64,8 @@ def _timed_prompt_term(record: list[tuple[float, tuple, dict]]) -> Iterator[None
 
 @contextmanager
 def _timed_layers(model: torch.nn.Module, record: list[float]) -> Iterator[None]:
-    """Time each decoder layer's forward at the decoding steps (one new token per row), by forward hooks."""
+    """Time each decoder layer's forward at the decoding steps (one new token per row), by forward hooks (every
+    model timed carries them, so their few µs weigh on every row alike)."""
     started: list[float] = []
 
     def before(module, args, kwargs):
@@ -75,17 +88,19 @@ def _timed_layers(model: torch.nn.Module, record: list[float]) -> Iterator[None]
             h.remove()
 
 
-def _alone_us(call: tuple[float, tuple, dict], repeats: int = 300) -> float:
-    """Microseconds per call of the same prompt term on the same inputs, replayed in a tight loop (best of 3)."""
-    _, args, kwargs = call
+def _alone_us(call: tuple[tuple, dict], repeats: int = 300) -> tuple[float, bool]:
+    """Microseconds per call of the same prompt term on the same inputs, replayed in a tight loop (best of 3), and
+    whether the replay computed a term (it runs under the route of the measured rows)."""
+    args, kwargs = call
     best = float("inf")
     with torch.no_grad():
+        computed = zinit.hf.prompt_term(*args, **kwargs) is not None
         for _ in range(3):
             start = time.perf_counter()
             for _ in range(repeats):
                 zinit.hf.prompt_term(*args, **kwargs)
             best = min(best, (time.perf_counter() - start) / repeats)
-    return best * 1e6
+    return best * 1e6, computed
 
 
 def base_model(shape: str, layers: int | None = None) -> torch.nn.Module:
@@ -108,8 +123,9 @@ def measure(shape: str, rows: int, new_tokens: int, prompt_len: int, adapters: i
     model, names = _named_zinit_adapters(base, adapters, layers, K)
     prompt = torch.randint(0, base.config.vocab_size, (rows, prompt_len))
     mixed = [names[i % len(names)] for i in range(rows)]
-    routes: dict[str, Any] = {"base model": False, "adapters carried, none used": None, "one adapter": names[0],
-                              f"{adapters} adapters mixed": mixed}
+    routes: dict[str, Any] = {"base model": False, "adapters carried, none used": None, "one adapter": names[0]}
+    if len(set(mixed)) > 1:
+        routes[f"{len(set(mixed))} adapters mixed"] = mixed
 
     def generate(route: Any) -> None:
         target = base if route is False else model
@@ -119,36 +135,33 @@ def measure(shape: str, rows: int, new_tokens: int, prompt_len: int, adapters: i
 
     seconds: dict[str, list[float]] = {k: [] for k in routes}
     in_situ: dict[str, list[float]] = {k: [] for k in routes}
-    last: dict[str, tuple] = {}
-    calls: dict[str, int] = {}
+    tallies: dict[str, _Tally] = {}
     layer_us: list[float] = []
     for round_ in range(rounds + 1):  # round 0 warms up
         for key, route in routes.items():
-            record: list = []
-            layer_times: list[float] = []
-            with _timed_prompt_term(record), (_timed_layers(base, layer_times) if route is False else nullcontext()):
+            tally, layer_times = _Tally(), []
+            with _timed_prompt_term(tally), _timed_layers(base if route is False else model, layer_times):
                 start = time.perf_counter()
                 generate(route)
                 took = time.perf_counter() - start
             if round_:
                 seconds[key].append(took)
-                if layer_times:
+                if tally.calls:
+                    in_situ[key].append(tally.seconds / tally.calls * 1e6)
+                if route is False:
                     layer_us.append(sum(layer_times) / len(layer_times) * 1e6)
-                if record:
-                    in_situ[key].append(sum(r[0] for r in record) / len(record) * 1e6)
-                    last[key] = record[-1]
-                calls[key] = len(record)
-    width = base.config.hidden_size
-    out: dict[str, Any] = {"shape": shape, "hidden_size": width, "rows": rows, "layers": layers,
+            tallies[key] = tally
+    out: dict[str, Any] = {"shape": shape, "hidden_size": base.config.hidden_size, "rows": rows, "layers": layers,
                            "new_tokens": new_tokens, "K": K, "threads": torch.get_num_threads(), "rows_of": {}}
     base_s = statistics.median(seconds["base model"])
     for key in routes:
-        s = statistics.median(seconds[key])
-        row = {"seconds": s, "vs_base": base_s / s, "decode_calls": calls[key]}
+        took = statistics.median(seconds[key])
+        row = {"seconds": took, "vs_base": base_s / took, "decode_calls": tallies[key].calls}
         if in_situ[key]:
             with zinit.use_adapters(model, routes[key]):
-                alone = _alone_us(last[key])
-            row |= {"prompt_term_us_in_situ": statistics.median(in_situ[key]), "prompt_term_us_alone": alone}
+                alone, computed = _alone_us(tallies[key].last)
+            row |= {"prompt_term_us_in_situ": statistics.median(in_situ[key]), "prompt_term_us_alone": alone,
+                    "computes_a_term": computed}
         out["rows_of"][key] = row
     # the base model's own decoder layer per decoding step (its whole forward: attention, MLP, norms), for scale
     out["base_layer_us"] = statistics.median(layer_us)
@@ -182,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
+    for name in ("rounds", "new_tokens", "adapters", "K") + (("threads",) if a.threads is not None else ()):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: give at least 1")
+    if a.prompt_len < 2:  # a 1-token prompt's prefill would count as a decoding step
+        p.error(f"--prompt-len {a.prompt_len}: give at least 2")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)

@@ -183,7 +183,8 @@ def test_decoding_steps_match_a_full_forward_with_open_gates():
 @pytest.mark.parametrize("rows", [1, 5])
 def test_a_decoding_steps_prompt_term_is_each_rows_own_attention(rows, dtype):
     """The decoding-step kernel (one query per row; the rows passed as the queries of one sequence when they share
-    the prompt, or one prompt per row with padded positions masked) against each row's attention written out."""
+    the prompt; a shared prompt with a mask per row; one prompt per row with padded positions masked) against each
+    row's attention written out, for a contiguous query and one strided as a model's attention hands it over."""
     from zinit.attention import prompt_attention
 
     gen = torch.Generator().manual_seed(rows)
@@ -194,26 +195,32 @@ def test_a_decoding_steps_prompt_term_is_each_rows_own_attention(rows, dtype):
     real = torch.ones(rows, K, dtype=torch.bool)
     real[0, K - 1:] = False  # row 0's prompt is one position shorter (a mixed batch of different K)
 
-    def expected(b, key, value, keep):
-        scores = (query[b].float() @ key.float().transpose(-1, -2)) * scaling  # [H, 1, K]
+    def expected(q, b, key, value, keep):
+        scores = (q[b].float() @ key.float().transpose(-1, -2)) * scaling  # [H, 1, K]
         scores = scores.masked_fill(~keep, float("-inf"))
         return scores.softmax(-1) @ value.float()  # [H, 1, d]
 
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
-    shared = prompt_attention(query, shared_key, shared_value, scaling)
-    per_row = prompt_attention(query, per_row_key, per_row_value, scaling, mask=real)
-    assert shared.shape == per_row.shape == (rows, heads, 1, d) and shared.dtype == per_row.dtype == dtype
-    for b in range(rows):
-        torch.testing.assert_close(shared[b].float(), expected(b, shared_key, shared_value, real[b] | True), **tol)
-        torch.testing.assert_close(per_row[b].float(), expected(b, per_row_key[b], per_row_value[b], real[b]), **tol)
+    strided = torch.randn(rows, 1, heads, d, generator=gen).to(dtype).transpose(1, 2)  # as a model's query arrives
+    every = torch.ones(K, dtype=torch.bool)
+    cases = [(query, shared_key, shared_value, None), (strided, shared_key, shared_value, None),
+             (query, shared_key, shared_value, real), (query, per_row_key, per_row_value, real)]
+    for q, key, value, mask in cases:
+        out = prompt_attention(q, key, value, scaling, mask=mask)
+        assert out.shape == (rows, heads, 1, d) and out.dtype == dtype
+        for b in range(rows):
+            want = expected(q, b, key if key.dim() == 3 else key[b], value if value.dim() == 3 else value[b],
+                            every if mask is None else mask[b])
+            torch.testing.assert_close(out[b].float(), want, **tol)
 
 
 def test_decode_cost_times_every_decoding_call_of_the_prompt_term(tmp_path):
     """benchmarks/decode_cost.py (the in-situ split of a decoding step's adapter cost) times each adapted layer's
-    prompt term at every decoding step, none of the base model's, and leaves the wrapper as it found it."""
+    prompt term at every decoding step, none of the base model's, replays it under the measured route, and leaves
+    the wrapper as it found it, also when the timed run raises."""
     import zinit.hf
     import zinit.prompts
-    from zinit.benchmarks.decode_cost import main
+    from zinit.benchmarks.decode_cost import _Tally, _timed_prompt_term, main
 
     out = tmp_path / "cost.json"
     main(["--shape", "tiny", "--layers", "3", "--rows", "2", "--rounds", "1", "--new-tokens", "3", "--adapters", "2",
@@ -227,4 +234,8 @@ def test_decode_cost_times_every_decoding_call_of_the_prompt_term(tmp_path):
     for key in ("adapters carried, none used", "one adapter", "2 adapters mixed"):
         assert rows[key]["decode_calls"] == (3 - 1) * result["layers"]  # the prefill makes the first token
         assert rows[key]["prompt_term_us_in_situ"] > 0 and rows[key]["prompt_term_us_alone"] > 0
+        assert rows[key]["computes_a_term"] == (key != "adapters carried, none used")
+    assert zinit.hf.prompt_term is zinit.prompts.prompt_term
+    with pytest.raises(RuntimeError, match="boom"), _timed_prompt_term(_Tally()):
+        raise RuntimeError("boom")
     assert zinit.hf.prompt_term is zinit.prompts.prompt_term

@@ -96,10 +96,15 @@ def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: f
     if key.dim() == 4 and key.shape[0] != query.shape[0]:
         raise ZinitValueError(f"per-example prompt batch {key.shape[0]} does not match the query batch {query.shape[0]}")
     if query.shape[-2] == 1 and softcap is None:  # a decoding step: one fused kernel call
-        if key.dim() == 3:  # one prompt [H, K, d] for every row: the rows are the queries of one sequence
+        if key.dim() == 3 and mask is None:  # one prompt [H, K, d] for every row: the rows are one sequence's queries
             rows = query.permute(2, 1, 0, 3)  # [1, H, B, d]
+            if rows.device.type == "mps":  # MPS's SDPA has given wrong results on permuted inputs (pytorch#163597)
+                rows = rows.contiguous()
             out = F.scaled_dot_product_attention(rows, key[None], gated_value[None], scale=scaling)
             return out.permute(2, 1, 0, 3)  # [B, H, 1, d]
+        if key.dim() == 3:  # one prompt, a mask per row
+            shape = (query.shape[0], *key.shape)
+            key, gated_value = key.expand(shape), gated_value.expand(shape)
         attn_mask = None if mask is None else mask[:, None, None, :]
         return F.scaled_dot_product_attention(query, key, gated_value, attn_mask=attn_mask, scale=scaling)
     # scores [..., H, K, T] = einsum("h k d, b h t d -> b h k t"), written as a matmul: on CPU einsum (torch's or

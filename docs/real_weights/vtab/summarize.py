@@ -20,9 +20,15 @@ from pathlib import Path
 TASKS = ("digits", "fashion_mnist", "fashion_rotation")
 
 
-def _task(report: dict) -> str:
-    args = report["recipe_args"]
-    return args[args.index("--task") + 1] if "--task" in args else "?"
+def _tasks(run: Path, report: dict) -> list[str]:
+    """The tasks of one run: the ``--task`` it was given (``--task X`` or ``--task=X``, a comma list), or, for
+    ``all``, the task folders its methods wrote."""
+    from zinit.cliargs import option_value
+
+    named = option_value(report["recipe_args"], "--task") or "all"
+    if named != "all":
+        return named.split(",")
+    return sorted({p.parent.name for p in run.glob("*/*/result.json")}, key=lambda t: (t not in TASKS, t))
 
 
 def collect(runs: list[Path]) -> dict:
@@ -30,21 +36,22 @@ def collect(runs: list[Path]) -> dict:
     tasks: dict[str, dict] = {}
     for run in runs:
         report = json.loads((run / "compare.json").read_text())
-        task = _task(report)
-        rows = tasks.setdefault(task, {})
-        for row in report["rows"]:
-            result_file = run / row["method"] / task / "result.json"
-            if row["status"] != "ok" or not result_file.is_file():
-                if rows.get(row["method"], {}).get("status") != "ok":  # never hide a finished row behind a failed one
-                    rows[row["method"]] = {"status": row["status"], "reason": row.get("reason", "")}
-                continue
-            result = json.loads(result_file.read_text())
-            rows[row["method"]] = {
-                "status": "ok", "test_top1": result["test_top1"], "mean": result["mean"], "std": result["std"],
-                "best_blr": result["best"]["blr"], "best_val_top1": result["best"]["val_top1"],
-                "search": {f"{s['blr']:g}": s["val_top1"] for s in result["search"]},
-                "trainable_parameters": row["trainable_parameters"], "images_per_s": row["throughput"],
-                "wall_min": row["wall_s"] / 60}
+        for task in _tasks(run, report):
+            rows = tasks.setdefault(task, {})
+            for row in report["rows"]:
+                result_file = run / row["method"] / task / "result.json"
+                if row["status"] != "ok" or not result_file.is_file():
+                    status = row["status"] if row["status"] != "ok" else f"no {result_file}"
+                    if rows.get(row["method"], {}).get("status") != "ok":  # a failed row never hides a finished one
+                        rows[row["method"]] = {"status": status, "reason": row.get("reason", "")}
+                    continue
+                result = json.loads(result_file.read_text())
+                rows[row["method"]] = {
+                    "status": "ok", "test_top1": result["test_top1"], "mean": result["mean"], "std": result["std"],
+                    "best_blr": result["best"]["blr"], "best_val_top1": result["best"]["val_top1"],
+                    "search": {f"{s['blr']:g}": s["val_top1"] for s in result["search"]},
+                    "trainable_parameters": row["trainable_parameters"], "images_per_s": row["throughput"],
+                    "wall_min": row["wall_s"] / 60}
     return {t: tasks[t] for t in sorted(tasks, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS))}
 
 
@@ -57,7 +64,7 @@ def ordering(rows: dict) -> dict:
 def table(tasks: dict) -> str:
     lines = []
     for task, rows in tasks.items():
-        lines += [f"### {task}", "", "| method | test top-1 % (mean ± std, 3 seeds) | per seed | lr chosen (blr; val200 %) "
+        lines += [f"### {task}", "", "| method | test top-1 % (mean ± std over seeds) | per seed | lr chosen (blr; val200 %) "
                   "| trainable | train images/s | wall |", "|---|---|---|---|---|---|---|"]
         for method, r in rows.items():
             if r["status"] != "ok":
@@ -96,7 +103,7 @@ def plot(tasks: dict, path: Path) -> None:
         ax.bar(xs, means, w, yerr=stds, label=method, capsize=2)
     ax.set_xticks(range(len(tasks)), list(tasks))
     ax.set_ylim(max(0.0, lowest - 5), 100)  # the differences are a few points: do not start the axis at 0
-    ax.set_ylabel("test top-1 % (mean ± std, 3 seeds)")
+    ax.set_ylabel("test top-1 % (mean ± std over seeds)")
     ax.set_title("DINOv2 ViT-S/14, VTAB-1k layout, each method's lr chosen on train800 → val200", fontsize=9)
     ax.legend(fontsize=7, ncol=3)
     ax.grid(axis="y", alpha=0.3)
