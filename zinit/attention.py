@@ -98,8 +98,8 @@ def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: f
     if query.shape[-2] == 1 and softcap is None:  # a decoding step: one fused kernel call
         if key.dim() == 3 and mask is None:  # one prompt [H, K, d] for every row: the rows are one sequence's queries
             rows = query.permute(2, 1, 0, 3)  # [1, H, B, d]
-            if rows.device.type == "mps":  # MPS's SDPA has given wrong results on permuted inputs (pytorch#163597)
-                rows = rows.contiguous()
+            if rows.device.type != "cpu":  # fused GPU kernels have returned wrong results for permuted inputs
+                rows = rows.contiguous()  # (pytorch#181133 MPS, #112577 CUDA mem-efficient); B·H·d values, cheap
             out = F.scaled_dot_product_attention(rows, key[None], gated_value[None], scale=scaling)
             return out.permute(2, 1, 0, 3)  # [B, H, 1, d]
         if key.dim() == 3:  # one prompt, a mask per row
