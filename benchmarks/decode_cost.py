@@ -29,7 +29,7 @@ import torch
 import zinit
 import zinit.hf
 
-from .speed import SHAPES, _named_zinit_adapters
+from .speed import SHAPES, _named_zinit_adapters, llama
 
 
 @dataclass
@@ -103,22 +103,12 @@ def _alone_us(call: tuple[tuple, dict], repeats: int = 300) -> tuple[float, bool
     return best * 1e6, computed
 
 
-def base_model(shape: str, layers: int | None = None) -> torch.nn.Module:
-    """A random-weight LLaMA of one of :data:`~zinit.benchmarks.speed.SHAPES` (float32, CPU), with ``layers``
-    layers instead of the shape's own when given (the width, and so each layer's cost, stays the shape's)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    sizes = SHAPES[shape] | ({} if layers is None else {"num_hidden_layers": layers})
-    return LlamaForCausalLM(LlamaConfig(**sizes, max_position_embeddings=4096, tie_word_embeddings=True)).eval()
-
-
 def measure(shape: str, rows: int, new_tokens: int, prompt_len: int, adapters: int, K: int, rounds: int,
             layers: int | None = None) -> dict:
     """The ``generate()`` seconds of the base model, of the adapted model serving the base (route None), one adapter
     and ``adapters`` mixed (medians of ``rounds`` interleaved rounds), and the prompt term's µs per adapted layer and
     decoding step in situ and alone; every layer adapted."""
-    base = base_model(shape, layers)
+    base = llama(shape, None, torch.float32, "cpu", layers)
     layers = zinit.find_backbone(base).dims(base).num_layers
     model, names = _named_zinit_adapters(base, adapters, layers, K)
     prompt = torch.randint(0, base.config.vocab_size, (rows, prompt_len))

@@ -68,13 +68,16 @@ SHAPES = {
 # ---------------------------------------------------------------- models and methods
 
 
-def llama(shape: str, model_path: str | None, dtype: torch.dtype, device: str) -> nn.Module:
+def llama(shape: str, model_path: str | None, dtype: torch.dtype, device: str, layers: int | None = None) -> nn.Module:
+    """A random-weight LLaMA of ``SHAPES[shape]`` (or the checkpoint ``model_path``), with ``layers`` layers instead
+    of the shape's own when given (the width, and so each layer's cost, stays the shape's)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     if model_path:
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True)
+    sizes = SHAPES[shape] | ({} if layers is None else {"num_hidden_layers": layers})
+    cfg = LlamaConfig(**sizes, max_position_embeddings=4096, tie_word_embeddings=True)
     with torch.device(device):
         return LlamaForCausalLM(cfg).to(dtype).eval()
 
