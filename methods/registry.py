@@ -379,6 +379,19 @@ def _prompt_learning(kind: str) -> Callable[[nn.Module, MethodContext], nn.Modul
     return prepare_
 
 
+def _peft_cache_name() -> str:
+    """The name under which the installed peft passes a cache to transformers and reads it back.
+
+    peft up to 0.21 always says ``past_key_values``; peft 0.22 asks transformers and says ``cache`` from transformers
+    5.24 on (``peft.import_utils.get_transformers_cache_name``). The two shims below bridge the rename only where
+    peft still uses the old name: on a peft that knows the new one, they would hand it the name it no longer reads."""
+    try:
+        from peft.import_utils import get_transformers_cache_name
+    except ImportError:  # peft <= 0.21
+        return "past_key_values"
+    return get_transformers_cache_name()
+
+
 def _accept_past_key_values(peft_model: nn.Module) -> None:
     """Let peft's question-answering prefix tuning run on transformers >= 5.24.
 
@@ -386,9 +399,12 @@ def _accept_past_key_values(peft_model: nn.Module) -> None:
     ``forward`` signature names that argument; transformers 5.24 renamed it ``cache`` (still accepting the old name
     until 5.40), so the check refuses a model that would run. Where the encoder's forward takes ``cache`` and not
     ``past_key_values``, its instance gets a forward with an explicit ``past_key_values`` that passes it on as
-    ``cache``: the computation is exactly what peft does on earlier transformers."""
+    ``cache``: the computation is exactly what peft does on earlier transformers. A peft that itself passes ``cache``
+    (0.22 with transformers >= 5.24) is left alone."""
     import inspect
 
+    if _peft_cache_name() != "past_key_values":
+        return
     name = getattr(peft_model, "transformer_backbone_name", None)
     if not name:
         return
@@ -418,7 +434,10 @@ def _generate_with_cache_argument(peft_model: nn.Module) -> None:
     ``prepare_inputs_for_generation`` hands peft the cache under the old name and gives the model back the result
     under the new one: what peft does on earlier transformers. Training forwards are not concerned (peft's forward
     passes the prefix as ``past_key_values=``, which the model still accepts as ``cache`` until transformers 5.40).
+    A peft that itself reads ``cache`` (0.22 with transformers >= 5.24) is left alone.
     """
+    if _peft_cache_name() != "past_key_values":
+        return
     cls_prepare = type(peft_model).prepare_inputs_for_generation
 
     def prepare_inputs_for_generation(*args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -4,9 +4,9 @@
 adapter folder, on a model loaded the way users hold one (``from_pretrained`` of a saved base); and a process that
 never imported zinit.
 
-transformers 5.x gates every one of these methods but ``load_adapter`` on peft >= 0.22 (``check_peft_version``), a
-release that does not exist yet (peft 0.21.2 is the newest); the ``mixin`` fixture lifts that check alone, so the
-methods' own code runs against zinit's layers."""
+transformers 5.x gates every one of these methods but ``load_adapter`` on peft >= 0.22 (``check_peft_version``). On
+peft 0.22 (the pinned release) the check runs as users get it; on peft 0.21 the ``mixin`` fixture lifts that check
+alone, so the methods' own code still runs against zinit's layers."""
 
 from __future__ import annotations
 
@@ -87,9 +87,13 @@ def adapter(base_dir, tmp_path_factory):
 
 @pytest.fixture
 def mixin(monkeypatch):
-    """transformers' PeftAdapterMixin methods with its peft >= 0.22 version check lifted (see the module docstring)."""
+    """transformers' PeftAdapterMixin methods, with its peft >= 0.22 version check lifted on an older peft only (see the
+    module docstring)."""
     import transformers.integrations.peft as integration
+    from packaging.version import Version
 
+    if Version(peft.__version__) >= Version("0.22"):
+        return
     monkeypatch.setattr(integration, "check_peft_version", lambda min_version: None)
 
 
