@@ -12,8 +12,9 @@ requests of different adapters::
 
 How a mixed batch is computed (exact, and about as fast as a batch of one adapter): the token attention is the
 model's own and shared by every row; at each adapted layer the prompt keys and values of the adapters the batch uses
-are projected once, padded to the longest K, and gathered per row (``[B, H, K, d]``), so the prompt term is one small
-attention for the whole batch. Padded prompt positions are masked out of the softmax; a row whose adapter does not
+are projected once, padded to the longest K, and gathered per row (``[B, Hkv, K, d]``, with each row's gates
+``[B, H]``), so the prompt term is one small attention for the whole batch (a decoding step: one SDPA call sharing
+each KV head over its query heads, and one multiply by the gates). Padded prompt positions are masked out of the softmax; a row whose adapter does not
 adapt this layer (or that uses none) gets a zero term, exactly. Each row's output is therefore what that adapter
 loaded alone computes, and a row with no adapter is the base model's.
 
@@ -32,10 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
-from .attention import prompt_attention
+from .attention import DecodingStep, _expand_kv_heads, prompt_attention
 from .config import AdapterConfig, layer_shapes
 from .errors import ZinitKeyError, ZinitValueError
-from .prompts import BANK_ATTR, LayerAdapter, PromptStore
+from .prompts import BANK_ATTR, STORE_ATTR, LayerAdapter, PromptStore
 from .registry import Backbone, Dims, get_backbone
 from .state import (AdapterState, Route, Routing, abandon, adapter_state, attach, canonical_state,
                     copy_adapter_state, freeze, release)
@@ -59,44 +60,60 @@ class BankLayer(nn.Module):
         if route is None:
             return None
         rows = route.rows(query.shape[0])
+        step_call = query.shape[-2] == 1 and softcap is None
+        if step_call and scope is not None:  # a decoding step of a loop that kept this batch's prompts
+            store = getattr(scope, STORE_ATTR, None)
+            entry = store.get(self) if isinstance(store, PromptStore) else None  # one read, never half-seen
+            if (entry is not None and entry[0] == (route.serial, len(rows), query.dtype, query.device)
+                    and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+                return entry[1](query, scaling)
         used = [name for name in dict.fromkeys(rows) if name is not None and name in self.adapters]
         if not used:
             return None
+        decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        store = PromptStore.on(scope) if decoding else None
         if len(used) == 1 and all(name == used[0] for name in rows):  # one adapter for the whole batch
-            return self.adapters[used[0]].attend(query, attention, scaling, scope=scope, softcap=softcap)
-        key, value, mask = self._mixed(route, rows, used, attention, query, scope)
+            adapter = self.adapters[used[0]]
+            out = adapter.attend(query, attention, scaling, scope=scope, softcap=softcap)
+            kept = store.get(adapter) if store is not None else None  # what this call kept on the cache
+            if kept is not None and kept[3] is not None:  # its decoding steps start here, as for a mixed batch
+                store[self] = ((route.serial, len(rows), query.dtype, query.device), kept[3])
+            return out
+        key, value, gates, mask = self._mixed(rows, used, attention, query)
+        gates = gates[:, :, None, None]
+        if store is not None or step_call:
+            step = DecodingStep(key, value, gates=gates, mask=mask)
+            if store is not None:  # kept for the decoding steps of this loop (the same route and rows)
+                store[self] = ((route.serial, len(rows), query.dtype, query.device), step)
+            if step_call:
+                return step(query, scaling)
+        heads = query.shape[1]  # many queries: the gated values for every query head, as one adapter's
+        key, value = _expand_kv_heads(key, heads), _expand_kv_heads(value, heads) * gates
         return prompt_attention(query, key, value, scaling, softcap, mask=mask)
 
-    def _mixed(self, route: Route, rows: tuple[str | None, ...], used: list[str], attention: nn.Module,
-               query: Tensor, scope: object | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Each row's prompt keys and gated values ``[B, H, Kmax, d]`` (its adapter's, padded to the longest K of the
-        batch; zeros for a row with no adapter at this layer) and the mask of real positions ``[B, Kmax]`` (None
-        when every K is the same). Kept on the KV cache for the one-token decoding steps of a ``generate()``, as
-        :meth:`LayerAdapter.attend` keeps a single adapter's, so a decoding step gathers nothing."""
-        decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        stamp = (route.serial, len(rows), query.dtype, query.device)
-        store = PromptStore.on(scope) if decoding else None
-        entry = store.get(self) if store is not None else None
-        if query.shape[-2] == 1 and entry is not None and entry[0] == stamp:
-            return entry[1]
-        prepared = [self.adapters[name]._prepared(attention, query, None) for name in used]  # [H, K_a, d] each
-        longest = max(k.shape[-2] for k, _ in prepared)
-        heads, dim = prepared[0][0].shape[0], prepared[0][0].shape[-1]
-        keys = query.new_zeros(len(used) + 1, heads, longest, dim)
-        values = query.new_zeros(len(used) + 1, heads, longest, prepared[0][1].shape[-1])
+    def _mixed(self, rows: tuple[str | None, ...], used: list[str], attention: nn.Module,
+               query: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Each row's prompt keys and (ungated) values ``[B, Hkv, Kmax, d]`` (its adapter's, padded to the longest K
+        of the batch; zeros for a row with no adapter at this layer), each row's per-head gates ``[B, H]`` (zeros for
+        such a row) and the mask of real positions ``[B, Kmax]`` (None when every K is the same). The prompts of
+        the adapters the batch uses are projected once each and gathered by row; a decoding loop keeps the result
+        (as a :class:`~zinit.attention.DecodingStep`) on its KV cache, so a decoding step gathers nothing."""
+        heads = query.shape[1]
+        projected = [self.adapters[name].prompt_kv(attention, query.dtype) for name in used]  # [Hkv, K_a, d] each
+        longest = max(k.shape[-2] for k, _ in projected)
+        keys = [nn.functional.pad(k, (0, 0, 0, longest - k.shape[-2])) for k, _ in projected]
+        values = [nn.functional.pad(v, (0, 0, 0, longest - v.shape[-2])) for _, v in projected]
+        keys.append(torch.zeros_like(keys[0]))  # the slot of a row with no adapter here: a zero term, exactly
+        values.append(torch.zeros_like(values[0]))
+        gates = [self.adapters[name].gate_values().to(query.dtype) for name in used]
+        gates.append(query.new_zeros(heads))
         mask = torch.ones(len(used) + 1, longest, dtype=torch.bool, device=query.device)
-        keys, values = list(keys.unbind(0)), list(values.unbind(0))
-        for slot, (k, v) in enumerate(prepared):
-            pad = longest - k.shape[-2]
-            keys[slot] = nn.functional.pad(k, (0, 0, 0, pad))
-            values[slot] = nn.functional.pad(v, (0, 0, 0, pad))
+        for slot, (k, _) in enumerate(projected):
             mask[slot, k.shape[-2]:] = False
         slots = {name: slot for slot, name in enumerate(used)}
         index = torch.tensor([slots.get(name, len(used)) for name in rows], device=query.device)
-        result = (torch.stack(keys)[index], torch.stack(values)[index], None if bool(mask.all()) else mask[index])
-        if store is not None:
-            store[self] = (stamp, result)
-        return result
+        return (torch.stack(keys)[index], torch.stack(values)[index], torch.stack(gates)[index],
+                None if bool(mask.all()) else mask[index])
 
 
 def named_state(model: nn.Module) -> AdapterState:

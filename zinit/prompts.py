@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .attention import gate_values, prepare_prompt_kv, prompt_attention
+from .attention import DecodingStep, gate_values, prepare_prompt_kv, prompt_attention
 from .errors import ZinitValueError
 
 #: Name of the submodule that holds a layer's adapter, on that layer's attention module.
@@ -203,11 +203,27 @@ class LayerAdapter(nn.Module):
 
         A ``gate="none"`` adapter has no separate term: its backbone joins :meth:`joint_kv` to the token keys.
         """
+        if scope is not None and softcap is None and query.shape[-2] == 1:  # a decoding step: one kernel call
+            step = self._kept_step(scope, query)
+            if step is not None:
+                return step(query, scaling)
         if self.gate is None:
             raise ZinitValueError("a gate='none' adapter has no separate prompt term: its prompt keys and values join the "
                              "layer's token keys (zinit.joint_prompt_kv); this backbone called prompt_term")
         key, value = self._kv(query, attention, scope)
         return prompt_attention(query, key, value, scaling, softcap)
+
+    def _kept_step(self, scope: object, query: Tensor) -> DecodingStep | None:
+        """The :class:`DecodingStep` kept on ``scope`` by the call that filled it, if it still serves ``query`` (the
+        same dtype, device and image features, no gradients, not compiling); None otherwise."""
+        store = getattr(scope, STORE_ATTR, None)
+        entry = store.get(self) if isinstance(store, PromptStore) else None
+        if entry is None or entry[3] is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        serial, tokens = self._image_tokens(query.shape[0]) if self._visual is not None else (0, None)
+        if entry[0] != (query.dtype, query.device, serial, None if tokens is None else tokens.shape[0]):
+            return None
+        return entry[3]
 
     def joint_kv(self, query: Tensor, attention: nn.Module, scope: object | None = None) -> tuple[Tensor, Tensor]:
         """``gate="none"``: the prompt keys and values ``[B, Hkv, K, d]`` (in the query's dtype, no positional
@@ -234,7 +250,8 @@ class LayerAdapter(nn.Module):
         if query.shape[-2] == 1 and entry is not None and entry[0] == stamp:  # a decoding step
             return entry[1], entry[2]
         key, value = self._prepared(attention, query, tokens)
-        store[self] = (stamp, key, value)
+        # a gated adapter's decoding steps go straight to the kept DecodingStep (see attend)
+        store[self] = (stamp, key, value, None if self.gate is None else DecodingStep(key, value))
         return key, value
 
 
@@ -300,7 +317,8 @@ STORE_ATTR = "_zinit_prompt_kv"
 
 
 class PromptStore(dict):
-    """``{adapter: (stamp, key, value)}`` kept on one KV cache. A copy or a pickle of the cache gets an empty store
+    """``{adapter: (stamp, key, value, decoding step)}`` kept on one KV cache (a :class:`~zinit.bank.BankLayer`
+    keeps ``(stamp, decoding step)``). A copy or a pickle of the cache gets an empty store
     (the prompt is projected again on its next use), so copying a cache never copies adapters."""
 
     @staticmethod
