@@ -120,10 +120,12 @@ class DecodingStep:
     ``mask``: ``[B, K]`` booleans, True at the prompt positions that exist (prompts of different K padded to one
     length); None when all exist.
 
-    >>> key, value = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
-    >>> query = torch.randn(2, 4, 1, 8)
-    >>> step = DecodingStep(key, value)
-    >>> torch.allclose(step(query, 0.35), prompt_attention(query.expand(2, 4, 5, 8), key, value, 0.35)[:, :, :1])
+    >>> g = torch.Generator().manual_seed(0)
+    >>> key, value = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g)
+    >>> query = torch.randn(2, 4, 1, 8, generator=g)
+    >>> step = DecodingStep(key, value)  # one prompt (4 heads, K=3) for both rows
+    >>> many = prompt_attention(query.expand(2, 4, 5, 8), key, value, 0.35)  # the many-query formulation
+    >>> torch.allclose(step(query, 0.35), many[:, :, :1], atol=1e-6)
     True
     """
 

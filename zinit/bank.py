@@ -14,9 +14,9 @@ How a mixed batch is computed (exact, and about as fast as a batch of one adapte
 model's own and shared by every row; at each adapted layer the prompt keys and values of the adapters the batch uses
 are projected once, padded to the longest K, and gathered per row (``[B, Hkv, K, d]``, with each row's gates
 ``[B, H]``), so the prompt term is one small attention for the whole batch (a decoding step: one SDPA call sharing
-each KV head over its query heads, and one multiply by the gates). Padded prompt positions are masked out of the softmax; a row whose adapter does not
-adapt this layer (or that uses none) gets a zero term, exactly. Each row's output is therefore what that adapter
-loaded alone computes, and a row with no adapter is the base model's.
+each KV head over its query heads, and one multiply by the gates). Padded prompt positions are masked out of the
+softmax; a row whose adapter does not adapt this layer (or that uses none) gets a zero term, exactly. Each row's
+output is therefore what that adapter loaded alone computes, and a row with no adapter is the base model's.
 
 An adapter costs its own parameters only (its prompts and gates). Adding or removing one never touches the others.
 Adapters are added and removed between forwards, not during one (the server does that on its scheduling thread).
