@@ -85,6 +85,63 @@ def test_mixed_generate_with_cache_left_padding_and_beams_equals_each_adapter_al
             assert torch.equal(mixed[r], want[0]), (kwargs, name)
 
 
+def test_a_bf16_mixed_generate_is_bit_identical_to_each_adapter_alone(tmp_path):
+    """bf16 (what a GPU server runs): every decoding step's logits of each row of a mixed batch are bit-identical to
+    the same batch through its adapter alone, so a request's tokens never depend on which adapters share its batch
+    (a mixed step that gated its output instead of its values rounded twice and changed greedy tokens)."""
+    folders = _saved(tiny_llama, tmp_path)
+    model = _bank(tiny_llama, folders).to(torch.bfloat16)
+    ids, mask = padded_batch("left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=0, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+    for rows in (ROWS, ["c", "a", "b"]):
+        with torch.no_grad(), zinit.use_adapters(model, rows):
+            mixed = model.generate(input_ids=ids, **kwargs)
+        for r, name in enumerate(rows):
+            solo = (tiny_llama() if name is None else _alone(tiny_llama, folders[name])).to(torch.bfloat16)
+            with torch.no_grad():
+                want = solo.generate(input_ids=ids, **kwargs)
+            assert torch.equal(mixed.sequences[r], want.sequences[r]), (rows, name)
+            for step, (got, ref) in enumerate(zip(mixed.logits, want.logits)):
+                assert torch.equal(got[r], ref[r]), (rows, name, step)
+
+
+@pytest.mark.parametrize("rows", ["a", ["a", "b", None]], ids=["one-adapter-route", "mixed-route"])
+@pytest.mark.parametrize("replace", [True, False], ids=["replaced", "removed"])
+def test_a_decoding_step_after_an_adapter_is_replaced_or_removed_never_serves_the_old_one(rows, replace):
+    """An adapter removed (or removed and added again with other weights) between two decoding steps of one cache,
+    inside one use_adapters block: the next step computes what a fresh cache holding the same token keys computes
+    (the new adapter, or no term for a removed one), never the prompts kept from the old adapter."""
+    from transformers import DynamicCache
+
+    def randomized(name: str, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in zinit.bank.named_adapter_layers(model, name).values():
+                layer.prompt.copy_(torch.randn(layer.prompt.shape, generator=g))
+                layer.gate.copy_(torch.randn(layer.gate.shape, generator=g))
+
+    model = tiny_llama()
+    zinit.add_adapter(model, "a", layers=[2], K=3)
+    zinit.add_adapter(model, "b", layers=[1, 2], K=5)
+    randomized("a", 3)
+    randomized("b", 4)
+    ids, nxt = torch.randint(1, 60, (3, 6)), torch.randint(1, 60, (3, 1))
+    cache = DynamicCache()
+    with torch.no_grad(), zinit.use_adapters(model, rows):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        tokens = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        before = model(input_ids=nxt, past_key_values=DynamicCache(ddp_cache_data=tokens), use_cache=True).logits
+        zinit.remove_adapter(model, "a")
+        if replace:
+            zinit.add_adapter(model, "a", layers=[2], K=3)
+            randomized("a", 99)
+        step = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+        fresh = model(input_ids=nxt, past_key_values=DynamicCache(ddp_cache_data=tokens), use_cache=True).logits
+    torch.testing.assert_close(step, fresh, rtol=0, atol=1e-6)
+    assert (step - before).abs().max() > 1e-3  # the change is visible: the old adapter's prompts are not served
+
+
 def test_decoding_steps_reuse_the_mixed_prompt_projection_and_match_a_full_forward(tmp_path):
     """Prompt keys/values are projected by the prefill and reused by the one-token steps (as for one adapter); the
     cached decoding equals a full forward at every step."""

@@ -214,39 +214,6 @@ def test_a_decoding_steps_prompt_term_is_each_rows_own_attention(rows, dtype):
             torch.testing.assert_close(out[b].float(), want, **tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("masked", [False, True])
-def test_a_mixed_decoding_step_shares_kv_heads_and_gates_each_rows_output(masked, dtype):
-    """A mixed batch's decoding step (zinit.attention.DecodingStep with per-row prompts): each row's keys and ungated
-    values over fewer KV heads than query heads (SDPA's enable_gqa), and each row's own gate per query head applied
-    to the output, against each row's attention written out with its KV head repeated for its query heads (HF
-    repeat_kv's order) and its gate folded into the values."""
-    from zinit.attention import DecodingStep
-
-    gen = torch.Generator().manual_seed(7)
-    rows, heads, kv_heads, K, d, scaling = 3, 6, 2, 4, 8, 0.3
-    query = torch.randn(rows, 1, heads, d, generator=gen).to(dtype).transpose(1, 2)  # strided, as a model's
-    key, value = (torch.randn(rows, kv_heads, K, d, generator=gen).to(dtype) for _ in range(2))
-    gates = torch.randn(rows, heads, generator=gen).to(dtype)
-    gates[2] = 0  # a row with no adapter at this layer: zero keys/values and gates
-    key[2], value[2] = 0, 0
-    real = torch.ones(rows, K, dtype=torch.bool)
-    real[0, K - 2:] = False
-    mask = real if masked else None
-    out = DecodingStep(key, value, gates=gates[:, :, None, None], mask=mask)(query, scaling)
-    assert out.shape == (rows, heads, 1, d) and out.dtype == dtype
-    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
-    for b in range(rows):
-        for h in range(heads):
-            kv = h // (heads // kv_heads)
-            scores = (query[b, h].float() @ key[b, kv].float().T) * scaling  # [1, K]
-            if masked:
-                scores = scores.masked_fill(~real[b], float("-inf"))
-            want = scores.softmax(-1) @ (value[b, kv].float() * gates[b, h].float())
-            torch.testing.assert_close(out[b, h].float(), want, **tol)
-    assert out[2].abs().max() == 0  # exactly zero for the row without an adapter
-
-
 def test_decode_cost_times_every_decoding_call_of_the_prompt_term(tmp_path):
     """benchmarks/decode_cost.py (the in-situ split of a decoding step's adapter cost) times each adapted layer's
     prompt term at every decoding step, none of the base model's, replays it under the measured route, and leaves

@@ -109,16 +109,13 @@ def prompt_attention(query: Tensor, key: Tensor, gated_value: Tensor, scaling: f
 class DecodingStep:
     """The prompt term of a decoding step (one query per row, no soft-capping) on prompt keys/values prepared once:
     a decoding loop keeps one per adapted layer on its KV cache and calls it at every step, so a step runs one
-    ``scaled_dot_product_attention`` call and (for per-row prompts with their own gates) one multiply, with nothing
-    else to decide. ``step(query, scaling)`` is ``[B, H, 1, d]``, what :func:`prompt_attention` computes.
+    ``scaled_dot_product_attention`` call with nothing else to decide. ``step(query, scaling)`` is ``[B, H, 1, d]``,
+    what :func:`prompt_attention` computes.
 
-    ``key``/``value``: one prompt for every row ``[H, K, d]`` with the gate folded into the values (as
-    :func:`prepare_prompt_kv` makes them): the B rows are passed as the B queries of one sequence against it, never
-    copied per row. Or per-row prompts ``[B, Hkv, K, d]``: with ``gates`` ``[B, H, 1, 1]`` the values are ungated and
-    ``Hkv`` may be fewer than the query heads (the kernel shares each KV head over its group, as the layer's own
-    attention does, instead of a copy per query head); the gates then scale the output, exactly the same term.
-    ``mask``: ``[B, K]`` booleans, True at the prompt positions that exist (prompts of different K padded to one
-    length); None when all exist.
+    ``key``/``gated_value``: one prompt for every row ``[H, K, d]`` (as :func:`prepare_prompt_kv` makes it, the gate
+    folded into the values): the B rows are passed as the B queries of one sequence against it, never copied per row.
+    Or one prompt per row ``[B, H, K, d]`` (a batch mixing adapters). ``mask``: ``[B, K]`` booleans, True at the
+    prompt positions that exist (prompts of different K padded to one length); None when all exist.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> key, value = torch.randn(4, 3, 8, generator=g), torch.randn(4, 3, 8, generator=g)
@@ -129,22 +126,16 @@ class DecodingStep:
     True
     """
 
-    __slots__ = ("key", "value", "gates", "mask", "shared", "gqa")
+    __slots__ = ("key", "value", "mask", "shared")
 
-    def __init__(self, key: Tensor, value: Tensor, *, gates: Tensor | None = None,
-                 mask: Tensor | None = None) -> None:
-        self.shared = key.dim() == 3 and mask is None and gates is None
-        if key.dim() == 3 and not self.shared:  # one prompt, but a mask per row: as per-row prompts
-            shape = (mask.shape[0], *key.shape) if mask is not None else None
-            if shape is None:
-                raise ZinitValueError("DecodingStep: gates for one shared prompt are folded into its values; pass "
-                                      "per-row prompts [B, Hkv, K, d] with gates [B, H, 1, 1]")
-            key, value = key.expand(shape), value.expand(shape)
+    def __init__(self, key: Tensor, gated_value: Tensor, *, mask: Tensor | None = None) -> None:
+        self.shared = key.dim() == 3 and mask is None
+        if key.dim() == 3 and mask is not None:  # one prompt, a mask per row: as one prompt per row
+            shape = (mask.shape[0], *key.shape)
+            key, gated_value = key.expand(shape), gated_value.expand(shape)
         self.key = key[None] if self.shared else key
-        self.value = value[None] if self.shared else value
-        self.gates = gates
+        self.value = gated_value[None] if self.shared else gated_value
         self.mask = None if mask is None else mask[:, None, None, :]
-        self.gqa = gates is not None and key.shape[-3] != gates.shape[1]
 
     def __call__(self, query: Tensor, scaling: float) -> Tensor:
         if self.shared:  # the rows are one sequence's queries: [1, H, B, d] against [1, H, K, d]
@@ -152,12 +143,7 @@ class DecodingStep:
             if rows.device.type != "cpu":  # fused GPU kernels have returned wrong results for permuted inputs
                 rows = rows.contiguous()  # (pytorch#181133 MPS, #112577 CUDA mem-efficient); B·H·d values, cheap
             return F.scaled_dot_product_attention(rows, self.key, self.value, scale=scaling).permute(2, 1, 0, 3)
-        if self.gqa:
-            out = F.scaled_dot_product_attention(query, self.key, self.value, attn_mask=self.mask, scale=scaling,
-                                                 enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(query, self.key, self.value, attn_mask=self.mask, scale=scaling)
-        return out if self.gates is None else out * self.gates
+        return F.scaled_dot_product_attention(query, self.key, self.value, attn_mask=self.mask, scale=scaling)
 
 
 def joint_mask(mask: Tensor | None, prompt_len: int, q_len: int, kv_len: int, causal: bool,

@@ -12,11 +12,11 @@ requests of different adapters::
 
 How a mixed batch is computed (exact, and about as fast as a batch of one adapter): the token attention is the
 model's own and shared by every row; at each adapted layer the prompt keys and values of the adapters the batch uses
-are projected once, padded to the longest K, and gathered per row (``[B, Hkv, K, d]``, with each row's gates
-``[B, H]``), so the prompt term is one small attention for the whole batch (a decoding step: one SDPA call sharing
-each KV head over its query heads, and one multiply by the gates). Padded prompt positions are masked out of the
-softmax; a row whose adapter does not adapt this layer (or that uses none) gets a zero term, exactly. Each row's
-output is therefore what that adapter loaded alone computes, and a row with no adapter is the base model's.
+are projected once, padded to the longest K, and gathered per row (``[B, H, K, d]``), so the prompt term is one small
+attention for the whole batch (a decoding step: one SDPA call, kept ready on the KV cache). Padded prompt positions
+are masked out of the softmax; a row whose adapter does not adapt this layer (or that uses none) gets a zero term,
+exactly. Each row's output is therefore what that adapter loaded alone computes, and a row with no adapter is the
+base model's.
 
 An adapter costs its own parameters only (its prompts and gates). Adding or removing one never touches the others.
 Adapters are added and removed between forwards, not during one (the server does that on its scheduling thread).
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import quant
-from .attention import DecodingStep, _expand_kv_heads, prompt_attention
+from .attention import DecodingStep, prompt_attention
 from .config import AdapterConfig, layer_shapes
 from .errors import ZinitKeyError, ZinitValueError
 from .prompts import BANK_ATTR, STORE_ATTR, LayerAdapter, PromptStore
@@ -60,12 +60,15 @@ class BankLayer(nn.Module):
         if route is None:
             return None
         rows = route.rows(query.shape[0])
+        # what a kept step depends on: the route (its serial), the rows, dtype, device and this layer's adapters
+        # (one removed, replaced or added since the step was kept must never be served from it)
+        stamp = (route.serial, len(rows), query.dtype, query.device, tuple(self.adapters._modules.values()))
         step_call = query.shape[-2] == 1 and softcap is None
         if step_call and scope is not None:  # a decoding step of a loop that kept this batch's prompts
             store = getattr(scope, STORE_ATTR, None)
             entry = store.get(self) if isinstance(store, PromptStore) else None  # one read, never half-seen
-            if (entry is not None and entry[0] == (route.serial, len(rows), query.dtype, query.device)
-                    and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            if (entry is not None and entry[0] == stamp and not torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling()):
                 return entry[1](query, scaling)
         used = [name for name in dict.fromkeys(rows) if name is not None and name in self.adapters]
         if not used:
@@ -77,43 +80,33 @@ class BankLayer(nn.Module):
             out = adapter.attend(query, attention, scaling, scope=scope, softcap=softcap)
             kept = store.get(adapter) if store is not None else None  # what this call kept on the cache
             if kept is not None and kept[3] is not None:  # its decoding steps start here, as for a mixed batch
-                store[self] = ((route.serial, len(rows), query.dtype, query.device), kept[3])
+                store[self] = (stamp, kept[3])
             return out
-        key, value, gates, mask = self._mixed(rows, used, attention, query)
-        gates = gates[:, :, None, None]
-        if store is not None or step_call:
-            step = DecodingStep(key, value, gates=gates, mask=mask)
-            if store is not None:  # kept for the decoding steps of this loop (the same route and rows)
-                store[self] = ((route.serial, len(rows), query.dtype, query.device), step)
-            if step_call:
-                return step(query, scaling)
-        heads = query.shape[1]  # many queries: the gated values for every query head, as one adapter's
-        key, value = _expand_kv_heads(key, heads), _expand_kv_heads(value, heads) * gates
+        key, value, mask = self._mixed(rows, used, attention, query)
+        if store is not None:  # kept for the decoding steps of this loop (the same route, rows and adapters)
+            store[self] = (stamp, DecodingStep(key, value, mask=mask))
         return prompt_attention(query, key, value, scaling, softcap, mask=mask)
 
     def _mixed(self, rows: tuple[str | None, ...], used: list[str], attention: nn.Module,
-               query: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Each row's prompt keys and (ungated) values ``[B, Hkv, Kmax, d]`` (its adapter's, padded to the longest K
-        of the batch; zeros for a row with no adapter at this layer), each row's per-head gates ``[B, H]`` (zeros for
-        such a row) and the mask of real positions ``[B, Kmax]`` (None when every K is the same). The prompts of
-        the adapters the batch uses are projected once each and gathered by row; a decoding loop keeps the result
-        (as a :class:`~zinit.attention.DecodingStep`) on its KV cache, so a decoding step gathers nothing."""
-        heads = query.shape[1]
-        projected = [self.adapters[name].prompt_kv(attention, query.dtype) for name in used]  # [Hkv, K_a, d] each
-        longest = max(k.shape[-2] for k, _ in projected)
-        keys = [nn.functional.pad(k, (0, 0, 0, longest - k.shape[-2])) for k, _ in projected]
-        values = [nn.functional.pad(v, (0, 0, 0, longest - v.shape[-2])) for _, v in projected]
+               query: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Each row's prompt keys and gated values ``[B, H, Kmax, d]`` (its adapter's, padded to the longest K of the
+        batch; zeros for a row with no adapter at this layer) and the mask of real positions ``[B, Kmax]`` (None
+        when every K is the same). Each adapter's keys and values are prepared exactly as when it is alone (the gate
+        folded into the values for every query head), so each row's term is, bit for bit in every dtype, the one
+        that adapter alone computes. A decoding loop keeps the result (as a
+        :class:`~zinit.attention.DecodingStep`) on its KV cache, so a decoding step gathers nothing."""
+        prepared = [self.adapters[name]._prepared(attention, query, None) for name in used]  # [H, K_a, d] each
+        longest = max(k.shape[-2] for k, _ in prepared)
+        keys = [nn.functional.pad(k, (0, 0, 0, longest - k.shape[-2])) for k, _ in prepared]
+        values = [nn.functional.pad(v, (0, 0, 0, longest - v.shape[-2])) for _, v in prepared]
         keys.append(torch.zeros_like(keys[0]))  # the slot of a row with no adapter here: a zero term, exactly
         values.append(torch.zeros_like(values[0]))
-        gates = [self.adapters[name].gate_values().to(query.dtype) for name in used]
-        gates.append(query.new_zeros(heads))
         mask = torch.ones(len(used) + 1, longest, dtype=torch.bool, device=query.device)
-        for slot, (k, _) in enumerate(projected):
+        for slot, (k, _) in enumerate(prepared):
             mask[slot, k.shape[-2]:] = False
         slots = {name: slot for slot, name in enumerate(used)}
         index = torch.tensor([slots.get(name, len(used)) for name in rows], device=query.device)
-        return (torch.stack(keys)[index], torch.stack(values)[index], torch.stack(gates)[index],
-                None if bool(mask.all()) else mask[index])
+        return torch.stack(keys)[index], torch.stack(values)[index], None if bool(mask.all()) else mask[index]
 
 
 def named_state(model: nn.Module) -> AdapterState:
