@@ -36,7 +36,7 @@ from . import quant
 from .attention import DecodingStep, prompt_attention
 from .config import AdapterConfig, layer_shapes
 from .errors import ZinitKeyError, ZinitValueError
-from .prompts import BANK_ATTR, STORE_ATTR, LayerAdapter, PromptStore
+from .prompts import BANK_ATTR, LayerAdapter, PromptStore
 from .registry import Backbone, Dims, get_backbone
 from .state import (AdapterState, Route, Routing, abandon, adapter_state, attach, canonical_state,
                     copy_adapter_state, freeze, release)
@@ -63,18 +63,15 @@ class BankLayer(nn.Module):
         # what a kept step depends on: the route (its serial), the rows, dtype, device and this layer's adapters
         # (one removed, replaced or added since the step was kept must never be served from it)
         stamp = (route.serial, len(rows), query.dtype, query.device, tuple(self.adapters._modules.values()))
-        step_call = query.shape[-2] == 1 and softcap is None
-        if step_call and scope is not None:  # a decoding step of a loop that kept this batch's prompts
-            store = getattr(scope, STORE_ATTR, None)
-            entry = store.get(self) if isinstance(store, PromptStore) else None  # one read, never half-seen
-            if (entry is not None and entry[0] == stamp and not torch.is_grad_enabled()
-                    and not torch.compiler.is_compiling()):
+        decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        store = PromptStore.on(scope) if decoding else None
+        if store is not None and softcap is None and query.shape[-2] == 1:  # a step of a loop that kept its prompts
+            entry = store.get(self)  # one read: another thread's write can never be half-seen
+            if entry is not None and entry[0] == stamp:
                 return entry[1](query, scaling)
         used = [name for name in dict.fromkeys(rows) if name is not None and name in self.adapters]
         if not used:
             return None
-        decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        store = PromptStore.on(scope) if decoding else None
         if len(used) == 1 and all(name == used[0] for name in rows):  # one adapter for the whole batch
             adapter = self.adapters[used[0]]
             out = adapter.attend(query, attention, scaling, scope=scope, softcap=softcap)

@@ -221,9 +221,7 @@ class LayerAdapter(nn.Module):
         if entry is None or entry[3] is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         serial, tokens = self._image_tokens(query.shape[0]) if self._visual is not None else (0, None)
-        if entry[0] != (query.dtype, query.device, serial, None if tokens is None else tokens.shape[0]):
-            return None
-        return entry[3]
+        return entry[3] if entry[0] == _stamp(query, serial, tokens) else None
 
     def joint_kv(self, query: Tensor, attention: nn.Module, scope: object | None = None) -> tuple[Tensor, Tensor]:
         """``gate="none"``: the prompt keys and values ``[B, Hkv, K, d]`` (in the query's dtype, no positional
@@ -245,7 +243,7 @@ class LayerAdapter(nn.Module):
         store = PromptStore.on(scope)
         if store is None:  # a cache object that takes no attributes: no reuse
             return self._prepared(attention, query, tokens)
-        stamp = (query.dtype, query.device, serial, None if tokens is None else tokens.shape[0])
+        stamp = _stamp(query, serial, tokens)
         entry = store.get(self)  # one read: another thread's write can never be half-seen
         if query.shape[-2] == 1 and entry is not None and entry[0] == stamp:  # a decoding step
             return entry[1], entry[2]
@@ -253,6 +251,12 @@ class LayerAdapter(nn.Module):
         # a gated adapter's decoding steps go straight to the kept DecodingStep (see attend)
         store[self] = (stamp, key, value, None if self.gate is None else DecodingStep(key, value))
         return key, value
+
+
+def _stamp(query: Tensor, serial: int, tokens: Tensor | None) -> tuple:
+    """What prompt keys/values kept on a KV cache depend on besides the weights: the query's dtype and device and the
+    image features (their block's serial number and batch)."""
+    return query.dtype, query.device, serial, None if tokens is None else tokens.shape[0]
 
 
 def prompt_term(module: nn.Module, query: Tensor, scaling: float, *, scope: object | None = None,

@@ -29,8 +29,8 @@ One adapter per model through this door: peft switches adapters by name, zinit's
 ``add_adapter`` / ``load_adapter`` name is refused. Prompts cannot be merged into base weights: ``merge_and_unload()``
 raises, ``unload()`` gives the base model back.
 
-peft's (0.21, 0.22) ``register_peft_method`` accepts only names already in its ``PeftType`` enum, which has no public way to
-grow; this module adds the member ``PeftType.ZINIT`` (value ``"ZINIT"``, what ``adapter_config.json`` stores) the way
+peft's (0.21, 0.22) ``register_peft_method`` accepts only names already in its ``PeftType`` enum, which has no public
+way to grow; this module adds the member ``PeftType.ZINIT`` (value ``"ZINIT"``, what ``adapter_config.json`` stores) the way
 ``aenum.extend_enum`` does, unless the installed peft already has it.
 
 >>> import zinit.integrations.peft as zp
