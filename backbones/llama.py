@@ -8,7 +8,6 @@ has ``num_key_value_heads`` key/value heads, shared by query heads exactly as th
 
 from __future__ import annotations
 
-from einops import rearrange
 from torch import Tensor, nn
 
 from zinit import hf
@@ -43,8 +42,8 @@ def _dims(model: nn.Module) -> Dims:
 
 
 def _project(attn: nn.Module, prompt: Tensor) -> tuple[Tensor, Tensor]:
-    def heads(x: Tensor) -> Tensor:
-        return rearrange(x, "... k (h d) -> ... h k d", d=attn.head_dim)
+    def heads(x: Tensor) -> Tensor:  # "... k (h d) -> ... h k d", a view
+        return x.unflatten(-1, (-1, attn.head_dim)).transpose(-2, -3)
 
     return heads(attn.k_proj(prompt)), heads(attn.v_proj(prompt))
 

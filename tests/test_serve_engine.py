@@ -81,6 +81,48 @@ def test_requests_joining_a_running_batch_match_greedy_generate_alone(folders):
         assert sink.tokens == _solo(folders, adapter, prompt, n), adapter
 
 
+def test_rows_joining_and_leaving_never_project_the_running_rows_prompts_again(folders):
+    """The engine rebuilds its KV cache whenever a row joins or leaves; the prompt keys/values the rows' adapters
+    projected at their prefill go with it (zinit.bank.carry_prompts). So only a prefill projects (each adapter of
+    its requests once per layer), never a decoding step, not even the first one after the batch changed; answers
+    stay those of each adapter alone; and an adapter no running row uses any more leaves the cache's kept prompts."""
+    engine = _served(folders, max_batch=8)
+    layers = {name: zinit.bank.named_adapter_layers(engine.model, name) for name in SPECS}
+    calls = []
+    for name, adapters in layers.items():
+        for adapter in adapters.values():
+            def counted(attn, prompt, inner=adapter._project, name=name):
+                calls.append(name)
+                return inner(attn, prompt)
+
+            adapter._project = counted
+    plan = {0: [(PROMPTS[0], "a", 7), (PROMPTS[1], "b", 3)], 2: [(PROMPTS[2], "a", 6), (PROMPTS[1], None, 5)],
+            4: [(PROMPTS[3], "b", 2)], 5: [(PROMPTS[3], "a", 2)]}
+    sinks, step, shrank = [], 0, 0
+    while plan or engine.running():
+        arriving = plan.pop(step, [])
+        for prompt, adapter, n in arriving:
+            request, sink = _request(prompt, adapter, n)
+            engine.submit(request)
+            sinks.append((prompt, adapter, n, sink))
+        before, rows = len(calls), engine.running() + len(arriving)
+        engine.step()
+        shrank += engine.running() < rows
+        admitted = {adapter for _, adapter, _ in arriving if adapter is not None}
+        assert sorted(calls[before:]) == sorted(n for n in admitted for _ in layers[n]), step
+        batch = engine._batch
+        if batch is not None:
+            kept = getattr(batch.cache, "_zinit_prompt_kv", {})
+            running = {r.adapter for r in batch.rows}
+            for name, adapters in layers.items():
+                held = [a in kept for a in adapters.values()]
+                assert all(held) if name in running else not any(held), (step, name)
+        step += 1
+    assert shrank >= 4 and len(calls) == 3 * 2 + 2 * 2  # "a" admitted 3 times, "b" twice, 2 layers each
+    for prompt, adapter, n, sink in sinks:
+        assert sink.reason == "length" and sink.tokens == _solo(folders, adapter, prompt, n), adapter
+
+
 def test_max_batch_queues_the_rest_and_cancelled_rows_leave_without_disturbing_others(folders):
     engine = _served(folders, max_batch=2)
     r1, s1 = _request(PROMPTS[0], "a", 6)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import repeat
 from torch import Tensor
 
 from .errors import ZinitValueError
@@ -51,7 +50,9 @@ def _expand_kv_heads(x: Tensor, num_heads: int) -> Tensor:
         return x
     if num_heads % kv_heads:
         raise ZinitValueError(f"{num_heads} query heads are not a multiple of {kv_heads} key/value heads")
-    return repeat(x, "... hkv k d -> ... (hkv group) k d", group=num_heads // kv_heads)
+    *lead, _, K, d = x.shape  # as repeat_kv: a view with a group axis, copied once into H heads (no einops: this
+    # runs for every adapter of every layer at each prefill, where its parsing cost more than the copy)
+    return x.unsqueeze(-3).expand(*lead, kv_heads, num_heads // kv_heads, K, d).reshape(*lead, num_heads, K, d)
 
 
 def prepare_prompt_kv(prompt_key: Tensor, prompt_value: Tensor, gate: Tensor, num_heads: int,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ from . import quant
 from .attention import DecodingStep, prompt_attention
 from .config import AdapterConfig, layer_shapes
 from .errors import ZinitKeyError, ZinitValueError
-from .prompts import BANK_ATTR, LayerAdapter, PromptStore
+from .prompts import ADAPTER_ATTR, BANK_ATTR, STORE_ATTR, LayerAdapter, PromptStore
 from .registry import Backbone, Dims, get_backbone
 from .state import (AdapterState, Route, Routing, abandon, adapter_state, attach, canonical_state,
                     copy_adapter_state, freeze, release)
@@ -57,12 +57,12 @@ class BankLayer(nn.Module):
                softcap: float | None = None) -> Tensor | None:
         """The prompt term ``[B, H, T, d]`` of each row's adapter at this layer, or None when no row uses one."""
         route = self._routing.current()
-        if route is None:
+        if route is None or (route.names is None and route.every is None):  # no block, or the base model for all
             return None
         rows = route.rows(query.shape[0])
-        # what a kept step depends on: the route (its serial), the rows, dtype, device and this layer's adapters
-        # (one removed, replaced or added since the step was kept must never be served from it)
-        stamp = (route.serial, len(rows), query.dtype, query.device, tuple(self.adapters._modules.values()))
+        # what a kept step depends on: each row's adapter, dtype, device and this layer's adapters (one removed,
+        # replaced or added since the step was kept must never be served from it)
+        stamp = (rows, query.dtype, query.device, tuple(self.adapters._modules.values()))
         decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         store = PromptStore.on(scope) if decoding else None
         if store is not None and softcap is None and query.shape[-2] == 1:  # a step of a loop that kept its prompts
@@ -79,21 +79,28 @@ class BankLayer(nn.Module):
             if kept is not None and kept[3] is not None:  # its decoding steps start here, as for a mixed batch
                 store[self] = (stamp, kept[3])
             return out
-        key, value, mask = self._mixed(rows, used, attention, query)
-        if store is not None:  # kept for the decoding steps of this loop (the same route, rows and adapters)
+        key, value, mask = self._mixed(rows, used, attention, query, scope)
+        if store is not None:  # kept for the decoding steps of this loop (the same rows and adapters)
             store[self] = (stamp, DecodingStep(key, value, mask=mask))
         return prompt_attention(query, key, value, scaling, softcap, mask=mask)
 
-    def _mixed(self, rows: tuple[str | None, ...], used: list[str], attention: nn.Module,
-               query: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _mixed(self, rows: tuple[str | None, ...], used: list[str], attention: nn.Module, query: Tensor,
+               scope: object | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Each row's prompt keys and gated values ``[B, H, Kmax, d]`` (its adapter's, padded to the longest K of the
         batch; zeros for a row with no adapter at this layer) and the mask of real positions ``[B, Kmax]`` (None
         when every K is the same). Each adapter's keys and values are prepared exactly as when it is alone (the gate
         folded into the values for every query head), so each row's term is, bit for bit in every dtype, the one
-        that adapter alone computes. A decoding loop keeps the result (as a
-        :class:`~zinit.attention.DecodingStep`) on its KV cache, so a decoding step gathers nothing."""
-        prepared = [self.adapters[name]._prepared(attention, query, None) for name in used]  # [H, K_a, d] each
+        that adapter alone computes, and kept on the KV cache ``scope`` as it alone keeps them (so the decoding steps
+        of a new choice of rows on the same cache gather them again without projecting them again). A decoding loop
+        keeps the result (as a :class:`~zinit.attention.DecodingStep`) on its KV cache, so a decoding step gathers
+        nothing."""
+        prepared = [self.adapters[name]._kv(query, attention, scope) for name in used]  # [H, K_a, d] each
+        slots = {name: slot for slot, name in enumerate(used)}
         longest = max(k.shape[-2] for k, _ in prepared)
+        if all(name in slots for name in rows) and all(k.shape[-2] == longest for k, _ in prepared):
+            # the usual case (every row has an adapter here, all of one K): one copy per row, nothing to mask
+            chosen = [prepared[slots[name]] for name in rows]
+            return torch.stack([k for k, _ in chosen]), torch.stack([v for _, v in chosen]), None
         keys = [nn.functional.pad(k, (0, 0, 0, longest - k.shape[-2])) for k, _ in prepared]
         values = [nn.functional.pad(v, (0, 0, 0, longest - v.shape[-2])) for _, v in prepared]
         keys.append(torch.zeros_like(keys[0]))  # the slot of a row with no adapter here: a zero term, exactly
@@ -101,7 +108,6 @@ class BankLayer(nn.Module):
         mask = torch.ones(len(used) + 1, longest, dtype=torch.bool, device=query.device)
         for slot, (k, _) in enumerate(prepared):
             mask[slot, k.shape[-2]:] = False
-        slots = {name: slot for slot, name in enumerate(used)}
         index = torch.tensor([slots.get(name, len(used)) for name in rows], device=query.device)
         return torch.stack(keys)[index], torch.stack(values)[index], None if bool(mask.all()) else mask[index]
 
@@ -292,6 +298,36 @@ def named_adapter_layers(model: nn.Module, name: str) -> dict[int, LayerAdapter]
     return {n: modules[n]._modules[BANK_ATTR].adapters[name] for n in state.configs[name].layers}
 
 
+def carry_prompts(model: nn.Module, source: object, target: object, names: Iterable[str | None]) -> None:
+    """Keep on the KV cache ``target`` the prompt keys and values that the named adapters ``names`` of ``model``
+    kept on the KV cache ``source`` (see :meth:`zinit.LayerAdapter.attend`), for the decoding steps of ``target``.
+
+    A serving engine rebuilds its KV cache whenever rows join or leave its batch (the tensors of the rows that go on,
+    in a new cache object, which starts with no kept prompts): without this, every such step would project the
+    prompts of every adapter in the batch again. The rows that go on are the same decoding loops, so they reuse what
+    their loop kept, exactly as on ``source``; each entry's stamp still decides whether it serves. Entries ``target``
+    already holds win (a fresh prefill's). Only the adapters in ``names`` (unknown names and None skipped) and the
+    injected adapter, which every row uses, are carried: a long-running loop never holds the prompts of adapters
+    its rows no longer use, or that were removed."""
+    kept = getattr(source, STORE_ATTR, None)
+    if not isinstance(kept, PromptStore) or not kept:
+        return
+    state = adapter_state(model)
+    store = PromptStore.on(target)
+    if state is None or store is None:
+        return
+    modules = state.backbone.attention_modules(model)
+    for name in dict.fromkeys([state.active, *names]):  # the injected adapter (every row's), then the named ones
+        if name is None or name not in state.configs:
+            continue
+        for n in state.configs[name].layers:
+            holder = modules[n]._modules.get(ADAPTER_ATTR if name == state.active else BANK_ATTR)
+            adapter = holder if name == state.active or holder is None else holder.adapters._modules.get(name)
+            entry = kept.get(adapter) if adapter is not None else None
+            if entry is not None and adapter not in store:
+                store[adapter] = entry
+
+
 def named_adapter_config(model: nn.Module, name: str) -> AdapterConfig:
     """The :class:`~zinit.AdapterConfig` of the named adapter ``name``."""
     named_adapter_layers(model, name)  # the error names the adapters there are
@@ -379,7 +415,7 @@ def use_adapters(model: nn.Module, names: str | None | Sequence[str | None]) -> 
     if unknown:
         raise ZinitKeyError(f"no adapter named {', '.join(map(repr, unknown))} on this model; it has "
                        f"{state.named} (add one with zinit.add_adapter)")
-    token = state.routing.var.set(Route.new(chosen, every))
+    token = state.routing.var.set(Route(chosen, every))
     try:
         yield
     finally:

@@ -175,8 +175,16 @@ def _check_joint(module: nn.Module, implementation: str) -> None:
             "model.set_attn_implementation('sdpa')), or use gate='head' or 'layer', which every implementation runs")
 
 
+#: ``{implementation: its wrapper's name}``, for the wrappers registered: every adapted attention call looks its
+#: implementation up (through :class:`AdaptedConfig`), so after the first one this is one dict read.
+_NAMES: dict[str, str] = {}
+
+
 def attention_name(original: str) -> str:
     """Register (once) and return the zinit wrapper's name for the attention implementation ``original``."""
+    name = _NAMES.get(original)
+    if name is not None:
+        return name
     if original.startswith(PREFIX):
         raise ZinitStateError(f"attention implementation {original!r} is already zinit's: eject the model first")
     name = PREFIX + original
@@ -184,6 +192,7 @@ def attention_name(original: str) -> str:
 
     if name not in ALL_ATTENTION_FUNCTIONS:  # the public mapping: registered functions of every file
         AttentionInterface.register(name, _make_wrapper(original))
+    _NAMES[original] = name
     return name
 
 

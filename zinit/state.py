@@ -19,7 +19,6 @@ adapter's tensors (``layers.{n}.prompt`` / ``layers.{n}.gate``) are written by :
 
 from __future__ import annotations
 
-import itertools
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -56,21 +55,12 @@ class Routing:
         return self.var.get()
 
 
-_SERIAL = itertools.count(1)
-
-
 @dataclass(frozen=True)
 class Route:
     """The choice of one :func:`zinit.use_adapters` block: one name (or None) per row, or one for every row."""
 
-    serial: int  #: unique per block, so prompt keys/values kept for a decoding loop never serve another choice
     names: tuple[str | None, ...] | None  #: per row (None: ``every`` for all rows)
     every: str | None = None
-
-    @classmethod
-    def new(cls, names: tuple[str | None, ...] | None, every: str | None) -> "Route":
-        """A route with a fresh serial number."""
-        return cls(next(_SERIAL), names, every)
 
     def rows(self, batch: int) -> tuple[str | None, ...]:
         """The name of each of ``batch`` rows (``generate()`` with beams repeats each row's choice)."""

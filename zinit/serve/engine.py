@@ -149,8 +149,9 @@ def _left_pad(x: Tensor, length: int, dim: int) -> Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def _merge(a: _Batch, b: _Batch) -> _Batch:
-    """One batch of the rows of ``a`` then ``b``, their caches left-padded to one length (padding masked)."""
+def _merge(model: nn.Module, a: _Batch, b: _Batch) -> _Batch:
+    """One batch of the rows of ``a`` then ``b``, their caches left-padded to one length (padding masked); the new
+    cache keeps the prompts both loops kept (:func:`zinit.bank.carry_prompts`; ``b``'s, just projected, first)."""
     from transformers import DynamicCache
 
     length = max(a.mask.shape[1], b.mask.shape[1])
@@ -159,12 +160,15 @@ def _merge(a: _Batch, b: _Batch) -> _Batch:
         data.append((torch.cat([_left_pad(la.keys, length, 2), _left_pad(lb.keys, length, 2)]),
                      torch.cat([_left_pad(la.values, length, 2), _left_pad(lb.values, length, 2)])))
     mask = torch.cat([_left_pad(a.mask, length, 1), _left_pad(b.mask, length, 1)])
-    return _Batch(a.rows + b.rows, DynamicCache(ddp_cache_data=data), mask, torch.cat([a.last, b.last]),
-                  torch.cat([a.positions, b.positions]))
+    cache = DynamicCache(ddp_cache_data=data)
+    for part in (b, a):
+        _bank.carry_prompts(model, part.cache, cache, [r.adapter for r in part.rows])
+    return _Batch(a.rows + b.rows, cache, mask, torch.cat([a.last, b.last]), torch.cat([a.positions, b.positions]))
 
 
-def _keep(batch: _Batch, keep: list[int]) -> _Batch:
-    """The rows ``keep`` of ``batch``, with cache columns that no kept row uses trimmed from the left."""
+def _keep(model: nn.Module, batch: _Batch, keep: list[int]) -> _Batch:
+    """The rows ``keep`` of ``batch``, with cache columns that no kept row uses trimmed from the left; the new cache
+    keeps the prompts that the kept rows' adapters kept (:func:`zinit.bank.carry_prompts`)."""
     from transformers import DynamicCache
 
     index = torch.tensor(keep, device=batch.mask.device)
@@ -172,8 +176,10 @@ def _keep(batch: _Batch, keep: list[int]) -> _Batch:
     used = mask.any(dim=0).nonzero()
     start = int(used[0]) if len(used) else mask.shape[1]
     data = [(layer.keys[index, :, start:], layer.values[index, :, start:]) for layer in _layers(batch.cache)]
-    return _Batch([batch.rows[i] for i in keep], DynamicCache(ddp_cache_data=data), mask[:, start:],
-                  batch.last[index], batch.positions[index])
+    rows = [batch.rows[i] for i in keep]
+    cache = DynamicCache(ddp_cache_data=data)
+    _bank.carry_prompts(model, batch.cache, cache, [r.adapter for r in rows])
+    return _Batch(rows, cache, mask[:, start:], batch.last[index], batch.positions[index])
 
 
 #: Temperatures below this are greedy (as vLLM's ``_SAMPLING_EPS``): dividing logits by a smaller one overflows.
@@ -496,7 +502,7 @@ class Engine:
         prefilled = self._emit(_Batch(new, _returned_cache(out), mask, first, positions[:, -1] + 1), failed, extras,
                                prefill=True)
         if prefilled is not None:
-            self._batch = prefilled if self._batch is None else _merge(self._batch, prefilled)
+            self._batch = prefilled if self._batch is None else _merge(self.model, self._batch, prefilled)
             self._reroute()
 
     # ------------------------------------------------------------------ decoding
@@ -515,7 +521,7 @@ class Engine:
             for i, reason in gone.items():
                 batch.rows[i].on_token(None, reason)
             keep = [i for i in range(len(batch.rows)) if i not in gone]
-            self._batch = batch = _keep(batch, keep) if keep else None
+            self._batch = batch = _keep(self.model, batch, keep) if keep else None
             self._reroute()
             if batch is None:
                 return
@@ -560,4 +566,4 @@ class Engine:
             keep.append(i)
         if len(keep) == len(batch.rows):
             return batch
-        return _keep(batch, keep) if keep else None
+        return _keep(self.model, batch, keep) if keep else None
