@@ -153,18 +153,28 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, dict[str, float]]:
-    """Run each function once as warm-up, then ``repeats`` rounds A B C A B C ...; seconds per call."""
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, dict[str, Any]]:
+    """Run each function once as warm-up, then ``repeats`` rounds, alternately in order (A B C) and reversed (C B A)
+    so that no method always runs right after the same one; seconds per call: median, min, max, and each round's
+    (``rounds``, for :func:`paired`)."""
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for round_ in range(repeats + 1):
-        for name, fn in fns.items():
+        for name in names if round_ % 2 == 0 else names[::-1]:
             _sync(device)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             _sync(device)
             if round_:
                 times[name].append(time.perf_counter() - start)
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in times.items()}
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": v} for k, v in times.items()}
+
+
+def paired(stats: dict[str, dict[str, Any]], method: str, reference: str) -> float:
+    """How many times as fast ``method`` ran as ``reference`` (same work): the median over rounds of the two's ratio
+    within one round of :func:`interleaved`, where both ran within seconds of each other, so the slow minutes of a
+    shared machine weigh on both alike (a ratio of two medians can pair a quiet minute with a loaded one)."""
+    return statistics.median(r / m for m, r in zip(stats[method]["rounds"], stats[reference]["rounds"]))
 
 
 def train_step_fn(model: nn.Module, make_loss: Callable[[nn.Module], torch.Tensor], autocast) -> Callable[[], None]:
@@ -273,11 +283,11 @@ def suite_generate(args, shape: str) -> dict:
             return run
 
         stats = interleaved({k: gen(m) for k, m in models.items()}, max(1, args.repeats // 2), args.device)
-        rate = {k: {q: b * args.new_tokens / v for q, v in s.items()} for k, s in stats.items()}
+        rate = {k: {q: b * args.new_tokens / s[q] for q in ("median", "min", "max")} for k, s in stats.items()}
         report(f"greedy generation [{shape}, batch {b}, {args.new_tokens} new tokens]", stats, "base",
                extra={k: f"{rate[k]['median']:.1f} tokens/s" for k in rate})
-        z, base_rate, p = (rate[k]["median"] for k in ("zinit", "base", "adaption_prompt"))
-        print(f"  zinit tokens/s = {z / base_rate:.3f} x base, {z / p:.2f} x peft adaption prompt")
+        print(f"  zinit tokens/s = {paired(stats, 'zinit', 'base'):.3f} x base, "
+              f"{paired(stats, 'zinit', 'adaption_prompt'):.2f} x peft adaption prompt (medians of the rounds' ratios)")
         out[str(b)] = {"seconds": stats, "tokens_per_s": rate}
     return {"shape": shape, "batches": out}
 
@@ -390,11 +400,13 @@ def suite_adapters(args, shape: str) -> dict:
     rate = {k: n * new / s["median"] for k, s in stats.items()}
     report(f"many adapters, greedy decoding [{shape}, {n} requests x {new} new tokens, L={L}, "
            f"K={args.K}]", stats, "one adapter", extra={k: f"{rate[k]:.1f} tokens/s" for k in rate})
-    mixed = rate[f"{n} adapters mixed"]
-    print(f"  mixed batch = {mixed / rate['one adapter']:.3f} x one-adapter batch, "
-          f"{mixed / rate['one at a time']:.2f} x one at a time, {mixed / rate['base model']:.3f} x base model, "
-          f"{mixed / rate[f'peft LoRA {n} mixed']:.3f} x peft LoRA mixed")
-    return {"requests": n, "seconds": stats, "tokens_per_s": rate}
+    mixed = f"{n} adapters mixed"
+    print(f"  mixed batch = {paired(stats, mixed, 'one adapter'):.3f} x one-adapter batch, "
+          f"{paired(stats, mixed, 'one at a time'):.2f} x one at a time, {paired(stats, mixed, 'base model'):.3f} x "
+          f"base model, {paired(stats, mixed, f'peft LoRA {n} mixed'):.3f} x peft LoRA mixed (medians of the "
+          f"{len(stats[mixed]['rounds'])} rounds' ratios)")
+    return {"requests": n, "seconds": stats, "tokens_per_s": rate,
+            "mixed_vs": {k: paired(stats, mixed, k) for k in stats if k != mixed}}
 
 
 def _engine_run(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> None:
@@ -460,11 +472,14 @@ def suite_engine(args, shape: str) -> dict:
     rate = {k: len(prompts) * new / s["median"] for k, s in stats.items()}
     report(f"serving engine, greedy [{shape}, 16 requests of 16-48 prompt tokens x {new} new tokens, L={L}, "
            f"K={args.K}]", stats, "static generate", extra={k: f"{rate[k]:.1f} tokens/s" for k in rate})
-    engine, mixed = rate["engine, no adapter"], rate[f"engine, {len(names)} mixed"]
-    print(f"  engine = {engine / rate['static generate']:.3f} x static generate, "
-          f"{engine / rate['transformers CB']:.2f} x transformers CB; {len(names)} adapters mixed = "
-          f"{mixed / engine:.3f} x the engine with no adapter")
-    return {"requests": len(prompts), "seconds": stats, "tokens_per_s": rate}
+    engine, mixed = "engine, no adapter", f"engine, {len(names)} mixed"
+    print(f"  engine = {paired(stats, engine, 'static generate'):.3f} x static generate, "
+          f"{paired(stats, engine, 'transformers CB'):.2f} x transformers CB; {len(names)} adapters mixed = "
+          f"{paired(stats, mixed, engine):.3f} x the engine with no adapter (medians of the "
+          f"{len(stats[mixed]['rounds'])} rounds' ratios)")
+    return {"requests": len(prompts), "seconds": stats, "tokens_per_s": rate,
+            "engine_vs": {k: paired(stats, engine, k) for k in stats if k != engine},
+            "mixed_vs_engine": paired(stats, mixed, engine)}
 
 
 def _peak_memory(args, shape: str, method: str, model: str | None, base: str | None = None) -> dict[str, float]:

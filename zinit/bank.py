@@ -89,11 +89,12 @@ class BankLayer(nn.Module):
         """Each row's prompt keys and gated values ``[B, H, Kmax, d]`` (its adapter's, padded to the longest K of the
         batch; zeros for a row with no adapter at this layer) and the mask of real positions ``[B, Kmax]`` (None
         when every K is the same). Each adapter's keys and values are prepared exactly as when it is alone (the gate
-        folded into the values for every query head), so each row's term is, bit for bit in every dtype, the one
-        that adapter alone computes, and kept on the KV cache ``scope`` as it alone keeps them (so the decoding steps
-        of a new choice of rows on the same cache gather them again without projecting them again). A decoding loop
-        keeps the result (as a :class:`~zinit.attention.DecodingStep`) on its KV cache, so a decoding step gathers
-        nothing."""
+        folded into the values for every query head), so each row's term is the one that adapter alone computes:
+        bit for bit in bf16 (tested with ``torch.equal`` on CPU), to float32 rounding in float32 (the attention
+        kernel's order of summation depends on the layout: one prompt for the batch, or one per row). They are kept
+        on the KV cache ``scope`` as the adapter alone keeps them, so the decoding steps of a new choice of rows on
+        the same cache gather them again without projecting them again. A decoding loop keeps the result (as a
+        :class:`~zinit.attention.DecodingStep`) on its KV cache, so a decoding step gathers nothing."""
         prepared = [self.adapters[name]._kv(query, attention, scope) for name in used]  # [H, K_a, d] each
         slots = {name: slot for slot, name in enumerate(used)}
         longest = max(k.shape[-2] for k, _ in prepared)
