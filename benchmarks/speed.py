@@ -206,12 +206,11 @@ def lm_loss(batch: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
 
 def report(title: str, stats: dict[str, dict[str, float]], reference: str, unit: str = "s",
            extra: dict[str, str] | None = None) -> list[str]:
-    ref = stats[reference]["median"]
     lines = [f"\n{title}", f"  {'method':18s} {'median ' + unit:>12s} {'(min-max)':>22s} {'vs ' + reference:>12s}"]
     for name, s in stats.items():
         note = f"  {extra[name]}" if extra and name in extra else ""
-        lines.append(f"  {name:18s} {s['median']:12.4f} ({s['min']:9.4f}-{s['max']:9.4f}) {s['median'] / ref:11.3f}x"
-                     + note)
+        ratio = 1 / paired(stats, name, reference)  # this method's time over the reference's, round by round
+        lines.append(f"  {name:18s} {s['median']:12.4f} ({s['min']:9.4f}-{s['max']:9.4f}) {ratio:11.3f}x" + note)
     print("\n".join(lines), flush=True)
     return lines
 
@@ -233,8 +232,8 @@ def suite_train(args, shape: str) -> dict:
     report(f"train step [{shape}, batch {args.batch}x{args.seq}, L={L}, K={args.K}, {args.device} {args.dtype}]",
            stats, "floor", extra=params)
     z, a = stats["zinit"]["median"], stats["adaption_prompt"]["median"]
-    print(f"  zinit / peft adaption prompt = {z / a:.3f}; tokens/s: zinit {args.batch * args.seq / z:.0f}, "
-          f"peft {args.batch * args.seq / a:.0f}")
+    print(f"  zinit / peft adaption prompt = {1 / paired(stats, 'zinit', 'adaption_prompt'):.3f} (time, median of the "
+          f"rounds' ratios); tokens/s: zinit {args.batch * args.seq / z:.0f}, peft {args.batch * args.seq / a:.0f}")
     return {"shape": shape, "batch": args.batch, "seq": args.seq, "L": L, "K": args.K, "seconds": stats,
             "trainable": {m: sum(p.numel() for p in trainable(models[m])) for m in methods}}
 

@@ -142,6 +142,31 @@ def test_a_decoding_step_after_an_adapter_is_replaced_or_removed_never_serves_th
     assert (step - before).abs().max() > 1e-3  # the change is visible: the old adapter's prompts are not served
 
 
+@pytest.mark.parametrize("rows", [["a", "b"], "b"], ids=["mixed-route", "one-adapter-route"])
+def test_a_cache_reused_across_requests_does_not_keep_a_removed_adapter_alive(rows):
+    """A server reusing one KV cache across requests (a StaticCache and reset()): the prompts kept on it for an
+    adapter that is then removed are dropped at the next request's prefill, so unloading adapters frees them."""
+    import gc
+    import weakref
+
+    from transformers import DynamicCache
+
+    model = tiny_llama()
+    for name in "abc":
+        zinit.add_adapter(model, name, layers=[1, 2], K=3)
+    ids = torch.randint(1, 60, (2, 6))
+    cache = DynamicCache()
+    with torch.no_grad(), zinit.use_adapters(model, rows):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    removed = [weakref.ref(a) for a in zinit.bank.named_adapter_layers(model, "b").values()]
+    zinit.remove_adapter(model, "b")
+    with torch.no_grad(), zinit.use_adapters(model, ["a", "c"] if isinstance(rows, list) else "c"):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    gc.collect()
+    assert all(ref() is None for ref in removed)
+    assert len(cache._zinit_prompt_kv) <= 2 + 2 * 2  # this layer's bank entries and the two kept adapters'
+
+
 def test_decoding_steps_reuse_the_mixed_prompt_projection_and_match_a_full_forward(tmp_path):
     """Prompt keys/values are projected by the prefill and reused by the one-token steps (as for one adapter); the
     cached decoding equals a full forward at every step."""

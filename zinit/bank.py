@@ -77,12 +77,23 @@ class BankLayer(nn.Module):
             out = adapter.attend(query, attention, scaling, scope=scope, softcap=softcap)
             kept = store.get(adapter) if store is not None else None  # what this call kept on the cache
             if kept is not None and kept[3] is not None:  # its decoding steps start here, as for a mixed batch
-                store[self] = (stamp, kept[3])
+                self._keep(store, stamp, kept[3])
             return out
         key, value, mask = self._mixed(rows, used, attention, query, scope)
         if store is not None:  # kept for the decoding steps of this loop (the same rows and adapters)
-            store[self] = (stamp, DecodingStep(key, value, mask=mask))
+            self._keep(store, stamp, DecodingStep(key, value, mask=mask))
         return prompt_attention(query, key, value, scaling, softcap, mask=mask)
+
+    def _keep(self, store: PromptStore, stamp: tuple, step: DecodingStep) -> None:
+        """Keep ``step`` on a KV cache's store for this layer's decoding steps, and drop what the store keeps for the
+        adapters that left this layer since its last step was kept: a cache reused across requests (a server's
+        ``StaticCache`` and ``reset()``) must not hold removed adapters and their prompts alive."""
+        old = store.get(self)
+        if old is not None:
+            for adapter in old[0][3]:
+                if adapter not in stamp[3]:
+                    store.pop(adapter, None)
+        store[self] = (stamp, step)
 
     def _mixed(self, rows: tuple[str | None, ...], used: list[str], attention: nn.Module, query: Tensor,
                scope: object | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -93,8 +104,10 @@ class BankLayer(nn.Module):
         bit for bit in bf16 (tested with ``torch.equal`` on CPU), to float32 rounding in float32 (the attention
         kernel's order of summation depends on the layout: one prompt for the batch, or one per row). They are kept
         on the KV cache ``scope`` as the adapter alone keeps them, so the decoding steps of a new choice of rows on
-        the same cache gather them again without projecting them again. A decoding loop keeps the result (as a
-        :class:`~zinit.attention.DecodingStep`) on its KV cache, so a decoding step gathers nothing."""
+        the same cache gather them again without projecting them again (the rule of
+        :meth:`~zinit.LayerAdapter.attend`: every multi-token call projects afresh, one-token calls reuse what the
+        cache keeps). A decoding loop keeps the result (as a :class:`~zinit.attention.DecodingStep`) on its KV
+        cache, so a decoding step gathers nothing."""
         prepared = [self.adapters[name]._kv(query, attention, scope) for name in used]  # [H, K_a, d] each
         slots = {name: slot for slot, name in enumerate(used)}
         longest = max(k.shape[-2] for k, _ in prepared)
