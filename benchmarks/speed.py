@@ -408,14 +408,17 @@ def suite_adapters(args, shape: str) -> dict:
             "mixed_vs": {k: paired(stats, mixed, k) for k in stats if k != mixed}}
 
 
-def _engine_run(model: nn.Module, prompts: list[list[int]], adapters: list[str | None], new_tokens: int) -> None:
+def _engine_run(model: nn.Module, prompts: list[list[int]], adapters: list[str | None],
+                new_tokens: int | list[int]) -> None:
     """The requests through zinit serve's engine (stepped on this thread, no server): every row admitted at
-    the first step, decoded to exactly ``new_tokens`` tokens (no end-of-sequence token)."""
+    the first step, decoded to exactly ``new_tokens`` tokens (no end-of-sequence token; one count per request
+    makes rows finish at different steps, and the batch shrink under the others)."""
     engine = Engine(model, eos_token_ids=[], max_batch=len(prompts), max_queue=len(prompts),
                     prefill_tokens=sum(map(len, prompts)))
+    counts = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
     done: list[str] = []
-    for ids, adapter in zip(prompts, adapters):
-        engine.submit(Request(prompt=ids, adapter=adapter, max_tokens=new_tokens,
+    for ids, adapter, count in zip(prompts, adapters, counts):
+        engine.submit(Request(prompt=ids, adapter=adapter, max_tokens=count,
                               on_token=lambda token, reason: done.append(reason) if reason else None))
     while engine.step():
         pass
@@ -451,7 +454,9 @@ def suite_engine(args, shape: str) -> dict:
     """zinit serve's engine against static batching and transformers' continuous batching, on the same 16 requests
     (prompts of 16-48 tokens, ``--new-tokens`` greedy tokens each): one left-padded ``generate()`` batch of the base
     model (static), ``generate_batch`` of the base model (transformers CB), the engine with no adapter, and the
-    engine mixing ``--adapters`` adapters over the requests."""
+    engine mixing ``--adapters`` adapters over the requests. Then the engine's two again with requests that want
+    from a quarter to 1.75 times ``--new-tokens`` (about the same total), so rows leave the batch one by one as in real
+    serving (each departure rebuilds the KV cache)."""
     dtype = getattr(torch, args.dtype)
     base = llama(shape, args.model, dtype, args.device)
     L = min(args.L, zinit.find_backbone(base).dims(base).num_layers)
@@ -460,25 +465,31 @@ def suite_engine(args, shape: str) -> dict:
     lengths = torch.randint(16, 49, (16,), generator=gen).tolist()
     prompts = [torch.randint(1, base.config.vocab_size, (t,), generator=gen).tolist() for t in lengths]
     new = args.new_tokens
+    mixing = [names[i % len(names)] for i in range(len(prompts))]
+    staggered = [max(1, round(new * (0.25 + 1.5 * i / (len(prompts) - 1)))) for i in range(len(prompts))]
     fns = {
         "static generate": lambda: _static_run(base, prompts, new),
         "transformers CB": lambda: _cb_run(base, prompts, new),
         "engine, no adapter": lambda: _engine_run(base, prompts, [None] * len(prompts), new),
-        f"engine, {len(names)} mixed": lambda: _engine_run(model, prompts, [names[i % len(names)]
-                                                                             for i in range(len(prompts))], new),
+        f"engine, {len(names)} mixed": lambda: _engine_run(model, prompts, mixing, new),
+        "staggered, no adapter": lambda: _engine_run(base, prompts, [None] * len(prompts), staggered),
+        f"staggered, {len(names)} mixed": lambda: _engine_run(model, prompts, mixing, staggered),
     }
     stats = interleaved(fns, max(1, args.repeats // 2), args.device)
-    rate = {k: len(prompts) * new / s["median"] for k, s in stats.items()}
+    rate = {k: (sum(staggered) if k.startswith("staggered") else len(prompts) * new) / s["median"]
+            for k, s in stats.items()}
     report(f"serving engine, greedy [{shape}, 16 requests of 16-48 prompt tokens x {new} new tokens, L={L}, "
            f"K={args.K}]", stats, "static generate", extra={k: f"{rate[k]:.1f} tokens/s" for k in rate})
     engine, mixed = "engine, no adapter", f"engine, {len(names)} mixed"
     print(f"  engine = {paired(stats, engine, 'static generate'):.3f} x static generate, "
           f"{paired(stats, engine, 'transformers CB'):.2f} x transformers CB; {len(names)} adapters mixed = "
-          f"{paired(stats, mixed, engine):.3f} x the engine with no adapter (medians of the "
+          f"{paired(stats, mixed, engine):.3f} x the engine with no adapter; rows leaving one by one: "
+          f"{paired(stats, f'staggered, {len(names)} mixed', 'staggered, no adapter'):.3f} x (medians of the "
           f"{len(stats[mixed]['rounds'])} rounds' ratios)")
-    return {"requests": len(prompts), "seconds": stats, "tokens_per_s": rate,
+    return {"requests": len(prompts), "seconds": stats, "tokens_per_s": rate, "staggered_tokens": staggered,
             "engine_vs": {k: paired(stats, engine, k) for k in stats if k != engine},
-            "mixed_vs_engine": paired(stats, mixed, engine)}
+            "mixed_vs_engine": paired(stats, mixed, engine),
+            "staggered_mixed_vs_engine": paired(stats, f"staggered, {len(names)} mixed", "staggered, no adapter")}
 
 
 def _peak_memory(args, shape: str, method: str, model: str | None, base: str | None = None) -> dict[str, float]:

@@ -153,7 +153,9 @@ def test_speed_benchmark_runs_every_suite_on_tiny_shapes(tmp_path, capsys, monke
     assert set(results["adapters"][0]["tokens_per_s"]) == {"base model", "one adapter", "8 adapters mixed",
                                                            "one at a time", "peft LoRA 8 mixed"}
     assert set(results["engine"][0]["tokens_per_s"]) == {"static generate", "transformers CB", "engine, no adapter",
-                                                         "engine, 8 mixed"}
+                                                         "engine, 8 mixed", "staggered, no adapter",
+                                                         "staggered, 8 mixed"}
+    assert sum(results["engine"][0]["staggered_tokens"]) == 16 * 4  # rows leave one by one, the same total
     train = results["train"][0]
     assert set(train["seconds"]) == {"floor", "zinit", "zinit_generic", "adaption_prompt", "lora"}
     assert train["trainable"]["zinit"] == 3 * 4 * 64 + 3 * 4 and train["trainable"]["floor"] == 64
