@@ -60,11 +60,11 @@ class BankLayer(nn.Module):
         if route is None or (route.names is None and route.every is None):  # no block, or the base model for all
             return None
         rows = route.rows(query.shape[0])
-        # what a kept step depends on: each row's adapter, dtype, device and this layer's adapters (one removed,
-        # replaced or added since the step was kept must never be served from it)
-        stamp = (rows, query.dtype, query.device, tuple(self.adapters._modules.values()))
         decoding = scope is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         store = PromptStore.on(scope) if decoding else None
+        # what a kept step depends on: each row's adapter, dtype, device and this layer's adapters (one removed,
+        # replaced or added since the step was kept must never be served from it); only a decoding loop keeps one
+        stamp = (rows, query.dtype, query.device, tuple(self.adapters._modules.values())) if store is not None else ()
         if store is not None and softcap is None and query.shape[-2] == 1:  # a step of a loop that kept its prompts
             entry = store.get(self)  # one read: another thread's write can never be half-seen
             if entry is not None and entry[0] == stamp:
@@ -330,16 +330,17 @@ def carry_prompts(model: nn.Module, source: object, target: object, names: Itera
     store = PromptStore.on(target)
     if state is None or store is None:
         return
-    modules = state.backbone.attention_modules(model)
-    for name in dict.fromkeys([state.active, *names]):  # the injected adapter (every row's), then the named ones
-        if name is None or name not in state.configs:
-            continue
-        for n in state.configs[name].layers:
-            holder = modules[n]._modules.get(ADAPTER_ATTR if name == state.active else BANK_ATTR)
-            adapter = holder if name == state.active or holder is None else holder.adapters._modules.get(name)
-            entry = kept.get(adapter) if adapter is not None else None
-            if entry is not None and adapter not in store:
-                store[adapter] = entry
+    wanted: list[LayerAdapter | None] = []
+    if state.active is not None:  # the injected adapter, which every row uses
+        modules = state.backbone.attention_modules(model)
+        wanted += [modules[n]._modules.get(ADAPTER_ATTR) for n in state.configs[state.active].layers]
+    for name in dict.fromkeys(names):
+        if name is not None and name in state.named:
+            wanted += named_adapter_layers(model, name).values()
+    for adapter in wanted:
+        entry = kept.get(adapter)
+        if entry is not None and adapter not in store:
+            store[adapter] = entry
 
 
 def named_adapter_config(model: nn.Module, name: str) -> AdapterConfig:
