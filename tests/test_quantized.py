@@ -65,22 +65,96 @@ def folder(tmp_path_factory):
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_q"), layers=3, hidden=64)
 
 
+class _PackedKernel(torch.autograd.Function):
+    """A stand-in for bitsandbytes' AVX512-BF16 ``gemv_4bit``: bfloat16 math on the weight the packed layout holds,
+    and, as that opaque kernel under torch's fallback for operators without autograd, an output in the graph whose
+    backward gives its input nothing."""
+
+    @staticmethod
+    def forward(ctx, A, weight):
+        return torch.nn.functional.linear(A.to(torch.bfloat16), weight.to(torch.bfloat16))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+def _weight_the_packed_kernel_reads(data, state):
+    """The weight bitsandbytes' packed kernel computes with: the codes and the block scales, which packing keeps in
+    bfloat16 (double quantization undone)."""
+    import copy
+
+    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise
+
+    state = copy.deepcopy(state)
+    if state.nested:
+        state.absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset
+        state.nested = False
+    state.absmax = state.absmax.to(torch.bfloat16).float()
+    return dequantize_4bit(data, state)
+
+
 @pytest.fixture
 def cpu_repack(monkeypatch):
     """bitsandbytes packs a 4-bit weight for its CPU inference kernel (``gemv_4bit``, no autograd) on the first
     eval-mode forward without grad, but only where ``has_avx512bf16()``: make that true for the Linear4bit layers
-    built from here on, whatever the CPU, and count the packs (the list returned)."""
+    built from here on, whatever the CPU, and count the packs (the list returned).
+
+    bitsandbytes registers that kernel at import only on such a CPU; elsewhere ``gemv_4bit`` is its default kernel,
+    which dequantizes with plain torch ops (so autograd flows through it) and does not read the packed layout. There,
+    :class:`_PackedKernel` takes its place for packed weights, with the real kernel's contract."""
     packs: list[int] = []
     if not _importable("bitsandbytes"):
         return packs
+    from bitsandbytes import functional
+    from bitsandbytes.nn import modules
+
+    real = modules._convert_weight_packed_for_cpu
+    stand_in = not functional.has_avx512bf16()
+
+    def counting(data, state, *args, **kwargs):
+        packs.append(1)
+        weight = _weight_the_packed_kernel_reads(data, state) if stand_in else None
+        data, state = real(data, state, *args, **kwargs)
+        state.test_packed_weight = weight
+        return data, state
+
+    if stand_in:
+        real_gemv = functional.gemv_4bit
+
+        def gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+            if not getattr(state, "packing_format_for_cpu", False):
+                return real_gemv(A, B, out=out, transposed_A=transposed_A, transposed_B=transposed_B, state=state)
+            return _PackedKernel.apply(A, state.test_packed_weight)
+
+        monkeypatch.setattr(functional, "gemv_4bit", gemv_4bit)
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(modules, "_convert_weight_packed_for_cpu", counting)
+    return packs
+    from bitsandbytes import functional
     from bitsandbytes.nn import modules
 
     real = modules._convert_weight_packed_for_cpu
 
-    def counting(*args, **kwargs):
+    def counting(data, state, *args, **kwargs):
         packs.append(1)
-        return real(*args, **kwargs)
+        weight = functional.dequantize_4bit(data, state) if stand_in else None
+        data, state = real(data, state, *args, **kwargs)
+        state.test_weight_before_packing = weight
+        return data, state
 
+    stand_in = not functional.has_avx512bf16()
+    if stand_in:
+        real_gemv = functional.gemv_4bit
+
+        def packed_kernel(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+            if not getattr(state, "packing_format_for_cpu", False):
+                return real_gemv(A, B, out=out, transposed_A=transposed_A, transposed_B=transposed_B, state=state)
+            with torch.no_grad():  # the real kernel has no autograd: nothing before it gets a gradient through it
+                return torch.nn.functional.linear(A.to(torch.bfloat16),
+                                                  state.test_weight_before_packing.to(torch.bfloat16))
+
+        monkeypatch.setattr(functional, "gemv_4bit", packed_kernel)
     monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)
     monkeypatch.setattr(modules, "_convert_weight_packed_for_cpu", counting)
     return packs
