@@ -206,7 +206,7 @@ def lm_loss(batch: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
 
 def report(title: str, stats: dict[str, dict[str, float]], reference: str, unit: str = "s",
            extra: dict[str, str] | None = None) -> list[str]:
-    lines = [f"\n{title}", f"  {'method':18s} {'median ' + unit:>12s} {'(min-max)':>22s} {'vs ' + reference:>12s}"]
+    lines = [f"\n{title}", f"  {'method':18s} {'median ' + unit:>12s} {'(min-max)':>22s} {'time vs ' + reference:>12s}"]
     for name, s in stats.items():
         note = f"  {extra[name]}" if extra and name in extra else ""
         ratio = 1 / paired(stats, name, reference)  # this method's time over the reference's, round by round
