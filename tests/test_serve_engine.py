@@ -123,6 +123,40 @@ def test_rows_joining_and_leaving_never_project_the_running_rows_prompts_again(f
         assert sink.reason == "length" and sink.tokens == _solo(folders, adapter, prompt, n), adapter
 
 
+def test_an_injected_adapters_prompts_are_carried_when_rows_join_and_leave(folders):
+    """A model served with its one injected adapter (zinit.load_adapter: every row uses it, requests name none):
+    the prompts its prefills projected go with each rebuilt KV cache as a named adapter's do, so no decoding step
+    projects them again, and every answer is generate()'s with that adapter."""
+    model = zinit.load_adapter(tiny_llama(), folders["b"])
+    engine = Engine(model, eos_token_ids=[], max_batch=8)
+    adapters = [m._modules["zinit_adapter"] for m in zinit.find_backbone(model).attention_modules(model)
+                if "zinit_adapter" in m._modules]
+    calls = []
+    for adapter in adapters:
+        def counted(attn, prompt, inner=adapter._project):
+            calls.append(1)
+            return inner(attn, prompt)
+
+        adapter._project = counted
+    plan = {0: [(PROMPTS[0], 7), (PROMPTS[1], 2)], 3: [(PROMPTS[2], 5)], 4: [(PROMPTS[3], 1)]}
+    sinks, step, shrank, prefills = [], 0, 0, 0
+    while plan or engine.running():
+        arriving = plan.pop(step, [])
+        for prompt, n in arriving:
+            request, sink = _request(prompt, None, n)
+            engine.submit(request)
+            sinks.append((prompt, n, sink))
+        before, rows = len(calls), engine.running() + len(arriving)
+        engine.step()
+        shrank += engine.running() < rows
+        prefills += bool(arriving)
+        assert len(calls) - before == (len(adapters) if arriving else 0), step
+        step += 1
+    assert len(adapters) == 2 and shrank >= 3 and prefills == 3
+    for prompt, n, sink in sinks:
+        assert sink.reason == "length" and sink.tokens == _solo(folders, "b", prompt, n)
+
+
 def test_max_batch_queues_the_rest_and_cancelled_rows_leave_without_disturbing_others(folders):
     engine = _served(folders, max_batch=2)
     r1, s1 = _request(PROMPTS[0], "a", 6)
