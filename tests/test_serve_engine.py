@@ -131,6 +131,7 @@ def test_an_injected_adapters_prompts_are_carried_when_rows_join_and_leave(folde
     engine = Engine(model, eos_token_ids=[], max_batch=8)
     adapters = [m._modules["zinit_adapter"] for m in zinit.find_backbone(model).attention_modules(model)
                 if "zinit_adapter" in m._modules]
+    assert len(adapters) == 2
     calls = []
     for adapter in adapters:
         def counted(attn, prompt, inner=adapter._project):
@@ -139,7 +140,7 @@ def test_an_injected_adapters_prompts_are_carried_when_rows_join_and_leave(folde
 
         adapter._project = counted
     plan = {0: [(PROMPTS[0], 7), (PROMPTS[1], 2)], 3: [(PROMPTS[2], 5)], 4: [(PROMPTS[3], 1)]}
-    sinks, step, shrank, prefills = [], 0, 0, 0
+    sinks, step, shrank = [], 0, 0
     while plan or engine.running():
         arriving = plan.pop(step, [])
         for prompt, n in arriving:
@@ -149,10 +150,9 @@ def test_an_injected_adapters_prompts_are_carried_when_rows_join_and_leave(folde
         before, rows = len(calls), engine.running() + len(arriving)
         engine.step()
         shrank += engine.running() < rows
-        prefills += bool(arriving)
         assert len(calls) - before == (len(adapters) if arriving else 0), step
         step += 1
-    assert len(adapters) == 2 and shrank >= 3 and prefills == 3
+    assert shrank >= 3 and len(calls) == 3 * len(adapters)
     for prompt, n, sink in sinks:
         assert sink.reason == "length" and sink.tokens == _solo(folders, "b", prompt, n)
 
