@@ -36,7 +36,7 @@ from . import quant
 from .attention import DecodingStep, prompt_attention
 from .config import AdapterConfig, layer_shapes
 from .errors import ZinitKeyError, ZinitValueError
-from .prompts import ADAPTER_ATTR, BANK_ATTR, STORE_ATTR, LayerAdapter, PromptStore
+from .prompts import BANK_ATTR, STORE_ATTR, LayerAdapter, PromptStore
 from .registry import Backbone, Dims, get_backbone
 from .state import (AdapterState, Route, Routing, abandon, adapter_state, attach, canonical_state,
                     copy_adapter_state, freeze, release)
@@ -332,8 +332,7 @@ def carry_prompts(model: nn.Module, source: object, target: object, names: Itera
         return
     wanted: list[LayerAdapter | None] = []
     if state.active is not None:  # the injected adapter, which every row uses
-        modules = state.backbone.attention_modules(model)
-        wanted += [modules[n]._modules.get(ADAPTER_ATTR) for n in state.configs[state.active].layers]
+        wanted += state.active_layers(model).values()
     for name in dict.fromkeys(names):
         if name is not None and name in state.named:
             wanted += named_adapter_layers(model, name).values()

@@ -302,9 +302,7 @@ def layer_adapters(model: nn.Module) -> dict[int, LayerAdapter]:
 
     Raises a ValueError when the adapters are switched off by peft's ``disable_adapter()`` or transformers'
     ``disable_adapters()`` (each layer's adapter set aside): enable them first."""
-    state = injection(model)
-    modules = state.backbone.attention_modules(model)
-    adapters = {n: getattr(modules[n], ADAPTER_ATTR, None) for n in state.layers}
+    adapters = injection(model).active_layers(model)
     if any(a is None for a in adapters.values()):
         raise ZinitValueError("the zinit adapters of this model are disabled (peft's disable_adapter() or transformers' "
                          "disable_adapters()): enable them first (enable_adapters(), or leave the disable_adapter() "

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .config import DIM_FIELDS, AdapterConfig
 from .errors import ZinitKeyError, ZinitValueError
-from .prompts import LayerAdapter, VisualInput
+from .prompts import ADAPTER_ATTR, LayerAdapter, VisualInput
 from .registry import Backbone, Dims
 
 #: Attribute of a model that holds its :class:`AdapterState`.
@@ -107,6 +107,12 @@ class AdapterState:
         if self.active is None:
             raise ZinitValueError("this model has no zinit adapter: call zinit.inject(model, layers, K) first")
         return self.configs[self.active]
+
+    def active_layers(self, model: nn.Module) -> dict[int, LayerAdapter | None]:
+        """``{layer index: LayerAdapter}`` of the active adapter on ``model`` (the one this state belongs to), bottom
+        to top; None for a layer whose adapter is set aside (peft's ``disable_adapter()``)."""
+        modules = self.backbone.attention_modules(model)
+        return {n: modules[n]._modules.get(ADAPTER_ATTR) for n in self.config.layers}
 
     @property
     def named(self) -> list[str]:
