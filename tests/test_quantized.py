@@ -378,10 +378,8 @@ def test_unpacking_gives_the_autograd_kernel_exactly_the_weights_the_packed_kern
     ones rounded to bfloat16), so training sees the weights inference uses, and packing again gives back the very
     same packed tensors (no drift over evaluate/train cycles). bitsandbytes' own inverse re-quantizes the scales
     (and scrambles them without double quantization), which is why zinit does not use it for them."""
-    import copy
-
     import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit, dequantize_blockwise
+    from bitsandbytes.functional import dequantize_4bit
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4",
@@ -389,13 +387,8 @@ def test_unpacking_gives_the_autograd_kernel_exactly_the_weights_the_packed_kern
     layer.weight = bnb.nn.Params4bit(torch.randn(64, 128), requires_grad=False, quant_type="nf4",
                                      compress_statistics=double_quant, module=layer)
     layer.weight._quantize("cpu")
-    codes, loaded = layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state)
-    expected_state = copy.deepcopy(loaded)
-    if loaded.nested:
-        expected_state.absmax = dequantize_blockwise(loaded.absmax, loaded.state2) + loaded.offset
-        expected_state.nested = False
-    expected_state.absmax = expected_state.absmax.to(torch.bfloat16).float()
-    expected = dequantize_4bit(codes, expected_state)
+    codes = layer.weight.data.clone()
+    expected = _weight_the_packed_kernel_reads(codes, layer.weight.quant_state)
 
     quant.keep_autograd(layer)
     layer.eval()

@@ -81,6 +81,16 @@ def test_requests_joining_a_running_batch_match_greedy_generate_alone(folders):
         assert sink.tokens == _solo(folders, adapter, prompt, n), adapter
 
 
+def _count_projections(adapters, calls: list, label: str) -> None:
+    """Make each of ``adapters`` (LayerAdapters) append ``label`` to ``calls`` whenever it projects its prompt."""
+    for adapter in adapters:
+        def counted(attn, prompt, inner=adapter._project):
+            calls.append(label)
+            return inner(attn, prompt)
+
+        adapter._project = counted
+
+
 def test_rows_joining_and_leaving_never_project_the_running_rows_prompts_again(folders):
     """The engine rebuilds its KV cache whenever a row joins or leaves; the prompt keys/values the rows' adapters
     projected at their prefill go with it (zinit.bank.carry_prompts). So only a prefill projects (each adapter of
@@ -90,12 +100,7 @@ def test_rows_joining_and_leaving_never_project_the_running_rows_prompts_again(f
     layers = {name: zinit.bank.named_adapter_layers(engine.model, name) for name in SPECS}
     calls = []
     for name, adapters in layers.items():
-        for adapter in adapters.values():
-            def counted(attn, prompt, inner=adapter._project, name=name):
-                calls.append(name)
-                return inner(attn, prompt)
-
-            adapter._project = counted
+        _count_projections(adapters.values(), calls, name)
     plan = {0: [(PROMPTS[0], "a", 7), (PROMPTS[1], "b", 3)], 2: [(PROMPTS[2], "a", 6), (PROMPTS[1], None, 5)],
             4: [(PROMPTS[3], "b", 2)], 5: [(PROMPTS[3], "a", 2)]}
     sinks, step, shrank = [], 0, 0
@@ -133,12 +138,7 @@ def test_an_injected_adapters_prompts_are_carried_when_rows_join_and_leave(folde
                 if "zinit_adapter" in m._modules]
     assert len(adapters) == 2
     calls = []
-    for adapter in adapters:
-        def counted(attn, prompt, inner=adapter._project):
-            calls.append(1)
-            return inner(attn, prompt)
-
-        adapter._project = counted
+    _count_projections(adapters, calls, "injected")
     plan = {0: [(PROMPTS[0], 7), (PROMPTS[1], 2)], 3: [(PROMPTS[2], 5)], 4: [(PROMPTS[3], 1)]}
     sinks, step, shrank = [], 0, 0
     while plan or engine.running():
